@@ -1,0 +1,377 @@
+//! giftctl: one request to giftd from the command line. Exit status 0 when giftd answered (approved
+//! or declined), 2 on a usage error, 1 when giftd could not be reached.
+
+use clap::{Parser, Subcommand};
+use giftd::card_number::CardNumber;
+use giftd::client::Client;
+use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnView};
+use giftd::wire::{IdemRef, Reply, Request, HISTORY_PAGE_MAX};
+use serde_json::{json, Map, Value};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "giftctl", version, about = "Talk to giftd")]
+struct Cli {
+    /// giftd's protocol address.
+    #[arg(long, default_value = "127.0.0.1:7420", global = true)]
+    addr: String,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+struct Who {
+    /// Merchant (or operator) id; with --key it identifies the request for idempotency.
+    #[arg(long, default_value = "giftctl")]
+    merchant: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create a card.
+    Issue {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long, default_value = "default")]
+        program: String,
+        /// RFC 3339 time, or "never".
+        #[arg(long, default_value = "never")]
+        expires: String,
+        /// Issue the card already active.
+        #[arg(long)]
+        active: bool,
+        /// Idempotency key (generated when absent).
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Activate an inactive card, optionally loading an initial value.
+    Activate {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        amount: Option<String>,
+        /// The amount's currency (asked of giftd when absent).
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Balance inquiry.
+    Balance {
+        #[arg(long)]
+        number: String,
+    },
+    /// Debit a card now.
+    Redeem {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        invoice: Option<String>,
+        /// Approve what is available when the amount is more.
+        #[arg(long)]
+        partial: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Add value to an active card.
+    Reload {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Suspend a card: fraud, lost, stolen, customer_request or system.
+    Lock {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Lift a suspension.
+    Unlock {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// The card's record and its latest transactions.
+    Lookup {
+        #[arg(long)]
+        number: String,
+    },
+    /// Transactions, newest first, a page at a time.
+    History {
+        #[arg(long)]
+        number: String,
+        /// Show entries before this sequence number (from the previous page's "next_before").
+        #[arg(long, default_value_t = 0)]
+        before: u64,
+        #[arg(long, default_value_t = 20)]
+        limit: u16,
+    },
+}
+
+enum Failure {
+    Usage(String),
+    Connection(anyhow::Error),
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::Usage(msg.into())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("giftctl: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Connection(e)) => {
+            eprintln!("giftctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn number(s: &str) -> Result<CardNumber, Failure> {
+    CardNumber::parse(s).ok_or_else(|| usage("--number must be 12 to 19 digits"))
+}
+
+fn currency(s: &str) -> Result<Currency, Failure> {
+    Currency::parse(s).ok_or_else(|| usage(format!("unknown currency {s:?}")))
+}
+
+fn money(amount: &str, c: Currency) -> Result<Money, Failure> {
+    let minor = parse_amount(amount, c).map_err(|e| usage(format!("--amount {amount:?}: {e}")))?;
+    Ok(Money { currency: c, minor })
+}
+
+fn generated_key() -> String {
+    format!("giftctl-{:016x}", rand::random::<u64>())
+}
+
+fn idem(who: &Who, key: Option<&str>) -> IdemRef {
+    IdemRef { merchant: who.merchant.clone(), key: key.map(str::to_string).unwrap_or_else(generated_key) }
+}
+
+/// The amount's currency: as given, or the card's own (asked with a balance inquiry).
+async fn card_currency(c: &mut Client, given: Option<&str>, n: &CardNumber) -> Result<Currency, Failure> {
+    if let Some(g) = given {
+        return currency(g);
+    }
+    match c.call(&Request::Balance { number: n.clone() }).await.map_err(Failure::Connection)? {
+        Reply::Card(Outcome { card: Some(v), .. }) => Ok(v.currency),
+        // Unknown card: any currency will do, giftd answers card_not_found.
+        _ => currency("USD"),
+    }
+}
+
+fn parse_expiry(s: &str) -> Result<Option<i64>, Failure> {
+    if s == "never" {
+        return Ok(None);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| Some(t.timestamp_millis()))
+        .map_err(|e| usage(format!("--expires {s:?}: {e} (use RFC 3339 or \"never\")")))
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    // Validate everything that needs no server before connecting.
+    let req_without_server = match &cli.cmd {
+        Cmd::Issue { number: n, currency: cur, amount, program, expires, active, key, who } => Some(Request::Issue {
+            idem: idem(who, key.as_deref()),
+            number: number(n)?,
+            program: program.clone(),
+            money: money(amount, currency(cur)?)?,
+            expiry_ms: parse_expiry(expires)?,
+            active: *active,
+        }),
+        Cmd::Balance { number: n } => Some(Request::Balance { number: number(n)? }),
+        Cmd::Lookup { number: n } => Some(Request::Lookup { number: number(n)? }),
+        Cmd::History { number: n, before, limit } => {
+            if *limit == 0 || *limit > HISTORY_PAGE_MAX {
+                return Err(usage(format!("--limit must be 1 to {HISTORY_PAGE_MAX}")));
+            }
+            Some(Request::History { number: number(n)?, before_seq: *before, limit: *limit })
+        }
+        Cmd::Lock { number: n, reason, key, who } => Some(Request::Lock {
+            idem: idem(who, key.as_deref()),
+            number: number(n)?,
+            reason: LockReason::parse(reason)
+                .ok_or_else(|| usage("--reason must be one of fraud, lost, stolen, customer_request, system"))?,
+        }),
+        Cmd::Unlock { number: n, key, who } => {
+            Some(Request::Unlock { idem: idem(who, key.as_deref()), number: number(n)? })
+        }
+        _ => None,
+    };
+    let mut c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
+    let req = match (req_without_server, &cli.cmd) {
+        (Some(r), _) => r,
+        (None, Cmd::Activate { number: n, amount, currency: cur, key, who }) => {
+            let n = number(n)?;
+            let load = match amount {
+                Some(a) => Some(money(a, card_currency(&mut c, cur.as_deref(), &n).await?)?),
+                None => None,
+            };
+            Request::Activate { idem: idem(who, Some(key.as_str())), number: n, load }
+        }
+        (None, Cmd::Redeem { number: n, amount, currency: cur, key, invoice, partial, who }) => {
+            let n = number(n)?;
+            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
+            Request::Redeem {
+                idem: idem(who, Some(key.as_str())),
+                number: n,
+                money: m,
+                allow_partial: *partial,
+                invoice: invoice.clone(),
+            }
+        }
+        (None, Cmd::Reload { number: n, amount, currency: cur, key, who }) => {
+            let n = number(n)?;
+            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
+            Request::Reload { idem: idem(who, Some(key.as_str())), number: n, money: m }
+        }
+        (None, _) => unreachable!("every command without a server round trip is built above"),
+    };
+    let reply = c.call(&req).await.map_err(Failure::Connection)?;
+    let obj = to_json(&reply);
+    if cli.json {
+        println!("{}", Value::Object(obj));
+    } else {
+        println!("{}", sentence(&obj));
+    }
+    Ok(())
+}
+
+fn view_json(obj: &mut Map<String, Value>, v: &CardView) {
+    let amt = |m| Value::String(format_amount(m, v.currency));
+    obj.insert("last4".into(), json!(String::from_utf8_lossy(&v.last4)));
+    obj.insert("status".into(), json!(v.status.name()));
+    if v.reason != LockReason::None {
+        obj.insert("reason".into(), json!(v.reason.name()));
+    }
+    obj.insert("currency".into(), json!(v.currency.as_str()));
+    obj.insert("balance".into(), amt(v.balance_minor));
+    obj.insert("available".into(), amt(v.available_minor()));
+    obj.insert("held".into(), amt(v.held_minor));
+    obj.insert("expires".into(), v.expiry_ms.map(rfc3339).map(Value::String).unwrap_or(json!("never")));
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_else(|| ms.to_string())
+}
+
+fn txns_json(txns: &[TxnView], c: Currency) -> Value {
+    Value::Array(
+        txns.iter()
+            .map(|t| {
+                json!({
+                    "seq": t.seq,
+                    "kind": t.kind.name(),
+                    "amount": format_amount(t.amount_minor, c),
+                    "balance_after": format_amount(t.balance_after_minor, c),
+                    "at": rfc3339(t.at_ms),
+                    "merchant": t.merchant,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn to_json(reply: &Reply) -> Map<String, Value> {
+    let mut obj = Map::new();
+    obj.insert("result".into(), json!(reply.result().name()));
+    obj.insert("code".into(), json!(reply.result() as u16));
+    match reply {
+        Reply::Card(o) => {
+            if let Some(v) = &o.card {
+                view_json(&mut obj, v);
+                obj.insert("approved".into(), json!(format_amount(o.approved_minor, v.currency)));
+            }
+        }
+        Reply::Lookup(l) => {
+            if let Some(v) = &l.card {
+                view_json(&mut obj, v);
+                obj.insert("program".into(), json!(l.program));
+                obj.insert("created".into(), json!(rfc3339(l.created_ms)));
+                obj.insert("updated".into(), json!(rfc3339(l.updated_ms)));
+                obj.insert("transactions".into(), json!(l.txn_count));
+                obj.insert("recent".into(), txns_json(&l.recent, v.currency));
+            }
+        }
+        Reply::History(h) => {
+            if let Some(c) = h.currency {
+                obj.insert("currency".into(), json!(c.as_str()));
+                obj.insert("entries".into(), txns_json(&h.txns, c));
+                obj.insert("next_before".into(), json!(h.next_before_seq));
+            }
+        }
+        Reply::Hello(_) | Reply::Error(_) => {}
+    }
+    obj
+}
+
+fn sentence(obj: &Map<String, Value>) -> String {
+    let s = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut out = s("result");
+    if obj.contains_key("status") {
+        out += &format!(
+            ": card …{} {}{}, balance {} {}, available {}, held {}, expires {}",
+            s("last4"),
+            s("status"),
+            obj.get("reason").map(|r| format!(" ({})", r.as_str().unwrap_or(""))).unwrap_or_default(),
+            s("balance"),
+            s("currency"),
+            s("available"),
+            s("held"),
+            s("expires"),
+        );
+    }
+    if let Some(a) = obj.get("approved").and_then(Value::as_str) {
+        out += &format!("; amount {a}");
+    }
+    for key in ["recent", "entries"] {
+        if let Some(Value::Array(items)) = obj.get(key) {
+            for t in items {
+                out += &format!("\n  {t}");
+            }
+        }
+    }
+    if let Some(n) = obj.get("next_before").and_then(Value::as_u64).filter(|n| *n > 0) {
+        out += &format!("\n  (more: --before {n})");
+    }
+    out
+}

@@ -1,0 +1,158 @@
+//! giftd: load config, recover, serve, and on SIGTERM drain and sync before exiting 0.
+
+use clap::Parser;
+use giftd::card_number::{load_or_create_secret, parse_secret_hex, Keyer};
+use giftd::config::Config;
+use giftd::engine::{Engine, Programs};
+use giftd::metrics::Metrics;
+use giftd::server::{self, Shared};
+use giftd::store::Store;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Exit status for a bad configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when recovered data fails its checks (EX_DATAERR).
+const EXIT_DATA: u8 = 65;
+
+#[derive(Parser, Debug)]
+#[command(name = "giftd", version, about = "Gift-card authorization daemon")]
+struct Args {
+    /// Data directory (RocksDB and the card-number secret). Default ./data.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Protocol listen address. Default 127.0.0.1:7420; port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Metrics (/metrics, /healthz) listen address. Default 127.0.0.1:9420.
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// TOML configuration file (see giftd.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Durability mode: sync (default) or relaxed (opt-in, for comparisons only).
+    #[arg(long)]
+    durability: Option<String>,
+}
+
+fn main() -> ExitCode {
+    // A panic anywhere takes the whole process down: a half-dead runtime is worse than a restart.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("giftd: bad configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(m) = args.metrics_listen {
+        cfg.metrics_listen = m;
+    }
+    if let Some(d) = args.durability {
+        cfg.durability.mode = d;
+    }
+    if let Err(errs) = cfg.validate() {
+        eprintln!("giftd: bad configuration: {}", errs.join("; "));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cfg)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "giftd stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let secret = match &cfg.secret_hex {
+        Some(h) => parse_secret_hex(h).expect("validated"),
+        None => load_or_create_secret(&cfg.data_dir)?,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let durability = cfg.durability();
+    let started = Instant::now();
+    let (store, recovered) = Store::open(&cfg.data_dir, durability, metrics.clone())?;
+    let store = Arc::new(store);
+    let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
+    let totals = recovered.totals;
+    let restored = engine.restore(recovered.cards);
+    for name in &restored.unknown_programs {
+        tracing::warn!(program = %name, "cards reference a program missing from the configuration; default rules apply");
+    }
+    // Conservation: what entered minus what left must equal what the cards hold, per currency.
+    let currencies =
+        totals.keys().chain(restored.balance_minor_by_currency.keys()).collect::<std::collections::BTreeSet<_>>();
+    for c in currencies {
+        let (credit, debit) = totals.get(c).copied().unwrap_or((0, 0));
+        let held = restored.balance_minor_by_currency.get(c).copied().unwrap_or(0);
+        if credit - debit != held {
+            tracing::error!(currency = %c, credit, debit, balances = held, "conservation check failed after recovery");
+            return Ok(ExitCode::from(EXIT_DATA));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    metrics.cards_recovered.set(restored.cards as i64);
+    metrics.recovery_seconds.set(secs);
+    tracing::info!(cards = restored.cards, seconds = secs, "recovered; totals check passed");
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(&cfg.metrics_listen).await?;
+    let (addr, maddr) = (listener.local_addr()?, metrics_listener.local_addr()?);
+    let shared = Arc::new(Shared {
+        engine,
+        store: store.clone(),
+        keyer: Keyer::new(&secret),
+        metrics: metrics.clone(),
+        limits: cfg.limits.clone(),
+    });
+    let shutdown = CancellationToken::new();
+    let http = tokio::spawn(server::http::serve(metrics_listener, metrics, shutdown.clone()));
+    tracing::info!(listen = %addr, metrics = %maddr, durability = %durability.label(), "giftd ready");
+    // One machine-readable line on stdout, for scripts and tests that start giftd on port 0.
+    println!("giftd ready listen={addr} metrics={maddr} durability={}", durability.label());
+
+    let signals = {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            shutdown.cancel();
+        }
+    };
+    tokio::spawn(signals);
+    let drained = server::serve(listener, shared.clone(), shutdown.clone()).await;
+    let _ = http.await;
+    tokio::task::spawn_blocking(move || store.close()).await?;
+    tracing::info!(drained, "stopped; WAL synced");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,100 @@
+//! A card as the engine keeps it, and what of it is persisted.
+
+use super::program::Program;
+use crate::model::{CardView, Currency, LockReason, Status};
+use std::sync::Arc;
+
+/// Where a card is in its life. Suspension and expiry are not here: a suspension is a lock reason
+/// laid over the lifecycle (unlock returns the card to where it was) and expiry is derived from time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Lifecycle {
+    Inactive = 0,
+    Active = 1,
+    Closed = 2,
+}
+
+impl Lifecycle {
+    pub fn from_u8(v: u8) -> Option<Lifecycle> {
+        Some(match v {
+            0 => Lifecycle::Inactive,
+            1 => Lifecycle::Active,
+            2 => Lifecycle::Closed,
+            _ => return None,
+        })
+    }
+}
+
+/// The persisted state of one card. No card number: the key is its keyed hash, and `last4` is all
+/// that is kept for display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardRecord {
+    pub last4: [u8; 4],
+    pub program: Arc<str>,
+    pub currency: Currency,
+    pub balance_minor: i64,
+    pub held_minor: i64,
+    pub lifecycle: Lifecycle,
+    /// `None` unless the card is suspended.
+    pub lock: LockReason,
+    pub pin_locked: bool,
+    pub expiry_ms: Option<i64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// History entries written so far; entry sequence numbers run 1..=txn_count.
+    pub txn_count: u64,
+}
+
+impl CardRecord {
+    /// The status callers see. Precedence: closed, suspended, PIN-locked, expired, then lifecycle.
+    pub fn status(&self, now_ms: i64) -> Status {
+        if self.lifecycle == Lifecycle::Closed {
+            Status::Closed
+        } else if self.lock != LockReason::None {
+            Status::Suspended
+        } else if self.pin_locked {
+            Status::PinLocked
+        } else if self.expiry_ms.is_some_and(|e| e <= now_ms) {
+            Status::Expired
+        } else if self.lifecycle == Lifecycle::Active {
+            Status::Active
+        } else {
+            Status::Inactive
+        }
+    }
+
+    pub fn available_minor(&self) -> i64 {
+        (self.balance_minor - self.held_minor).max(0)
+    }
+
+    pub fn view(&self, now_ms: i64) -> CardView {
+        CardView {
+            last4: self.last4,
+            status: self.status(now_ms),
+            reason: self.lock,
+            currency: self.currency,
+            balance_minor: self.balance_minor,
+            held_minor: self.held_minor,
+            expiry_ms: self.expiry_ms,
+        }
+    }
+
+    /// Invariants checked when a record is written and again when it is read back.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.balance_minor < 0 {
+            return Err("negative balance");
+        }
+        if self.held_minor < 0 || self.held_minor > self.balance_minor {
+            return Err("held outside 0..=balance");
+        }
+        Ok(())
+    }
+}
+
+/// A card in memory: its record, its program's rules, and the commit group of its last change. A
+/// read of the card waits until that group is durable, so no reply shows state a crash could undo.
+pub(crate) struct Card {
+    pub rec: CardRecord,
+    pub program: Arc<Program>,
+    pub last_group: u64,
+}

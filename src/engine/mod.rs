@@ -1,0 +1,279 @@
+//! The engine: every business rule, and the in-memory cards they apply to.
+//!
+//! [`rules`] decides; [`Engine`] serializes decisions per card (dashmap shard locks), enforces
+//! idempotency and invoice uniqueness, and hands each decision's effects to the [`Journal`] while the
+//! card is still locked, so the journal's order matches the order decisions were made in.
+//!
+//! Lock order, always: idempotency slot → invoice slot → card → journal. Nothing here awaits.
+
+pub mod card;
+pub mod journal;
+pub mod program;
+pub mod rules;
+
+pub use card::{CardRecord, Lifecycle};
+pub use journal::{Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal, TxnRecord};
+pub use program::{Program, Programs};
+pub use rules::Op;
+
+use crate::card_number::CardKey;
+use crate::model::{Currency, Outcome, ResultCode, TxnKind};
+use card::Card;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A validated mutation, keyed: the card number is already replaced by its key.
+#[derive(Clone, Debug)]
+pub struct Mutation {
+    pub idem: IdemKey,
+    /// Keyed digest of the request's content: a retry must match it.
+    pub fingerprint: [u8; 16],
+    pub card: CardKey,
+    pub last4: [u8; 4],
+    pub op: Op,
+}
+
+/// The engine's answer: the outcome, and the commit group the reply must wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Executed {
+    pub outcome: Outcome,
+    pub group: u64,
+    pub replayed: bool,
+}
+
+/// A recently used idempotency key, kept in memory at least until its group is durable.
+struct RecentIdem {
+    record: IdemRecord,
+    group: u64,
+    at_ms: i64,
+}
+
+/// What recovery loaded, for the conservation check and the startup log.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub cards: u64,
+    pub balance_minor_by_currency: BTreeMap<Currency, i128>,
+    /// Programs referenced by cards but missing from the configuration (default rules apply).
+    pub unknown_programs: Vec<String>,
+}
+
+pub struct Engine {
+    cards: DashMap<CardKey, Card>,
+    idem: DashMap<IdemKey, RecentIdem>,
+    invoices: DashMap<InvoiceKey, (u64, i64)>,
+    programs: Programs,
+    journal: Arc<dyn Journal>,
+}
+
+impl Engine {
+    pub fn new(programs: Programs, journal: Arc<dyn Journal>) -> Engine {
+        Engine { cards: DashMap::new(), idem: DashMap::new(), invoices: DashMap::new(), programs, journal }
+    }
+
+    /// Loads persisted cards (at startup, before any request).
+    pub fn restore(&self, cards: impl IntoIterator<Item = (CardKey, CardRecord)>) -> Restored {
+        let mut out = Restored::default();
+        for (key, mut rec) in cards {
+            let program = match self.programs.get(&rec.program) {
+                Some(p) => p.clone(),
+                None => {
+                    if !out.unknown_programs.iter().any(|n| **n == *rec.program) {
+                        out.unknown_programs.push(rec.program.to_string());
+                    }
+                    Arc::new(Program::new(&rec.program))
+                }
+            };
+            rec.program = program.name.clone();
+            *out.balance_minor_by_currency.entry(rec.currency).or_default() += rec.balance_minor as i128;
+            out.cards += 1;
+            self.cards.insert(key, Card { rec, program, last_group: 0 });
+        }
+        out
+    }
+
+    pub fn card_count(&self) -> usize {
+        self.cards.len()
+    }
+
+    /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
+    /// content gets the original outcome, with different content `idempotency_mismatch`.
+    pub fn execute(&self, m: Mutation, now_ms: i64) -> Executed {
+        if let Some(recent) = self.idem.get(&m.idem) {
+            return replay(&recent.record, recent.group, &m.fingerprint);
+        }
+        // Keys older than the in-memory window live only in the store; a hit there is durable.
+        if let Some(record) = self.journal.find_idem(&m.idem) {
+            return replay(&record, 0, &m.fingerprint);
+        }
+        let invoice = match &m.op {
+            Op::Redeem { invoice: Some(i), .. } => Some(InvoiceKey::new(m.idem.merchant(), i)),
+            _ => None,
+        };
+        let invoice_durable = invoice.as_ref().is_some_and(|k| self.journal.invoice_used(k));
+
+        let slot = match self.idem.entry(m.idem.clone()) {
+            Entry::Occupied(e) => return replay(&e.get().record, e.get().group, &m.fingerprint),
+            Entry::Vacant(v) => v,
+        };
+        let invoice_slot = invoice.map(|k| self.invoices.entry(k));
+        let invoice_used = invoice_durable || matches!(invoice_slot, Some(Entry::Occupied(_)));
+
+        // The invoice is claimed only by an approved spend, so a declined sale can be retried.
+        let claim = match &invoice_slot {
+            Some(Entry::Vacant(v)) => Some(v.key().clone()),
+            _ => None,
+        };
+        let (outcome, group) = match &m.op {
+            Op::Issue { program, .. } => self.issue(&m, program, now_ms),
+            _ => self.change(&m, invoice_used, claim, now_ms),
+        };
+        let record = IdemRecord { fingerprint: m.fingerprint, outcome };
+        if outcome.result == ResultCode::Approved {
+            if let Some(Entry::Vacant(v)) = invoice_slot {
+                v.insert((group, now_ms));
+            }
+        }
+        slot.insert(RecentIdem { record, group, at_ms: now_ms });
+        Executed { outcome, group, replayed: false }
+    }
+
+    /// Adds the idempotency record to `effects` and appends them to the journal.
+    fn record(&self, m: &Mutation, outcome: Outcome, mut effects: Effects) -> (Outcome, u64) {
+        effects.idem = Some((m.idem.clone(), IdemRecord { fingerprint: m.fingerprint, outcome }));
+        (outcome, self.journal.append(effects))
+    }
+
+    fn txn(
+        m: &Mutation,
+        seq: u64,
+        kind: TxnKind,
+        amount_minor: i64,
+        balance_after_minor: i64,
+        now_ms: i64,
+    ) -> TxnRecord {
+        TxnRecord {
+            card: m.card,
+            seq,
+            kind,
+            amount_minor,
+            balance_after_minor,
+            at_ms: now_ms,
+            merchant: m.idem.merchant().into(),
+        }
+    }
+
+    fn issue(&self, m: &Mutation, program: &str, now_ms: i64) -> (Outcome, u64) {
+        let program = self.programs.get(program);
+        let Op::Issue { money, .. } = &m.op else { unreachable!("issue() is called for Op::Issue") };
+        match self.cards.entry(m.card) {
+            Entry::Occupied(e) => {
+                let outcome = Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms)));
+                self.record(m, outcome, Effects::default())
+            }
+            Entry::Vacant(v) => match rules::decide_issue(false, program, m.last4, &m.op, now_ms) {
+                Err(code) => self.record(m, Outcome::declined(code, None), Effects::default()),
+                Ok(rec) => {
+                    let outcome = Outcome {
+                        result: ResultCode::Approved,
+                        approved_minor: money.minor,
+                        card: Some(rec.view(now_ms)),
+                    };
+                    let effects = Effects {
+                        txn: Some(Self::txn(m, 1, TxnKind::Issue, money.minor, rec.balance_minor, now_ms)),
+                        ledger: Some(LedgerDelta {
+                            currency: money.currency,
+                            credit_minor: money.minor,
+                            debit_minor: 0,
+                        }),
+                        card: Some((m.card, rec.clone())),
+                        ..Effects::default()
+                    };
+                    // Appended while the vacant entry still holds the shard lock.
+                    let (outcome, group) = self.record(m, outcome, effects);
+                    let program = program.expect("decide_issue checked the program").clone();
+                    v.insert(Card { rec, program, last_group: group });
+                    (outcome, group)
+                }
+            },
+        }
+    }
+
+    fn change(&self, m: &Mutation, invoice_used: bool, claim: Option<InvoiceKey>, now_ms: i64) -> (Outcome, u64) {
+        let Some(mut card) = self.cards.get_mut(&m.card) else {
+            return self.record(m, Outcome::declined(ResultCode::CardNotFound, None), Effects::default());
+        };
+        let card = &mut *card;
+        match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
+            Err(code) => self.record(m, Outcome::declined(code, Some(card.rec.view(now_ms))), Effects::default()),
+            Ok(d) => {
+                let seq = d.apply(&mut card.rec, now_ms);
+                assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
+                let outcome = Outcome {
+                    result: ResultCode::Approved,
+                    approved_minor: d.approved_minor,
+                    card: Some(card.rec.view(now_ms)),
+                };
+                let effects = Effects {
+                    txn: Some(Self::txn(m, seq, d.kind, d.delta_minor, card.rec.balance_minor, now_ms)),
+                    ledger: (d.delta_minor != 0).then_some(LedgerDelta {
+                        currency: card.rec.currency,
+                        credit_minor: d.delta_minor.max(0),
+                        debit_minor: (-d.delta_minor).max(0),
+                    }),
+                    card: Some((m.card, card.rec.clone())),
+                    invoice: claim,
+                    ..Effects::default()
+                };
+                // Appended under the card's lock: the journal sees this card's changes in order.
+                let (outcome, group) = self.record(m, outcome, effects);
+                card.last_group = group;
+                (outcome, group)
+            }
+        }
+    }
+
+    /// A balance inquiry, and the group the reply must wait for (the card's last change).
+    pub fn balance(&self, card: &CardKey, now_ms: i64) -> (Outcome, u64) {
+        match self.cards.get(card) {
+            None => (Outcome::declined(ResultCode::CardNotFound, None), 0),
+            Some(c) => (
+                Outcome { result: ResultCode::Approved, approved_minor: 0, card: Some(c.rec.view(now_ms)) },
+                c.last_group,
+            ),
+        }
+    }
+
+    /// A copy of the card's record and the group of its last change.
+    pub fn snapshot(&self, card: &CardKey) -> Option<(CardRecord, u64)> {
+        self.cards.get(card).map(|c| (c.rec.clone(), c.last_group))
+    }
+
+    /// Forgets in-memory idempotency keys and invoices that are durable and older than
+    /// `older_than_ms`; the store answers for them from then on.
+    pub fn evict_recent(&self, durable_group: u64, older_than_ms: i64) {
+        self.idem.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
+        self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
+    }
+
+    /// Σ balances per currency, for the conservation check.
+    pub fn balances(&self) -> BTreeMap<Currency, i128> {
+        let mut out = BTreeMap::new();
+        for c in self.cards.iter() {
+            *out.entry(c.rec.currency).or_default() += c.rec.balance_minor as i128;
+        }
+        out
+    }
+}
+
+fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
+    if record.fingerprint == *fingerprint {
+        Executed { outcome: record.outcome, group, replayed: true }
+    } else {
+        Executed { outcome: Outcome::declined(ResultCode::IdempotencyMismatch, None), group: 0, replayed: false }
+    }
+}
+
+#[cfg(test)]
+mod tests;

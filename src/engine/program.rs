@@ -1,0 +1,56 @@
+//! Programs: the brand or reseller scheme a card belongs to, and the rules it sets.
+
+use crate::model::Currency;
+use rust_decimal::Decimal;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub const DEFAULT_PROGRAM: &str = "default";
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub name: Arc<str>,
+    /// Every spend must carry a POS invoice number, used once per merchant.
+    pub invoice_required: bool,
+    /// Largest balance a card may reach, in the card's currency.
+    pub max_balance: Option<Decimal>,
+}
+
+impl Program {
+    pub fn new(name: &str) -> Program {
+        Program { name: name.into(), invoice_required: false, max_balance: None }
+    }
+
+    /// `max_balance` in minor units of `currency`; a limit finer than the currency rounds down.
+    pub fn max_balance_minor(&self, currency: Currency) -> Option<i64> {
+        self.max_balance.map(|d| {
+            let scaled = (d * Decimal::from(10i64.pow(currency.exponent()))).trunc();
+            i64::try_from(scaled).unwrap_or(i64::MAX)
+        })
+    }
+}
+
+/// The program table. `default` always exists.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    map: HashMap<Arc<str>, Arc<Program>>,
+}
+
+impl Programs {
+    pub fn new(programs: impl IntoIterator<Item = Program>) -> Programs {
+        let mut map: HashMap<Arc<str>, Arc<Program>> =
+            programs.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect();
+        map.entry(DEFAULT_PROGRAM.into()).or_insert_with(|| Arc::new(Program::new(DEFAULT_PROGRAM)));
+        Programs { map }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Program>> {
+        self.map.get(name)
+    }
+}
+
+impl Default for Programs {
+    fn default() -> Programs {
+        Programs::new([])
+    }
+}

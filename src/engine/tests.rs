@@ -1,0 +1,450 @@
+//! Engine rules, table-driven, against the in-memory journal.
+
+use super::*;
+use crate::model::{LockReason, Money, Status};
+use rust_decimal::Decimal;
+
+const NOW: i64 = 1_800_000_000_000;
+const HOUR_MS: i64 = 3_600_000;
+
+fn usd(minor: i64) -> Money {
+    Money { currency: crate::model::Currency::parse("USD").unwrap(), minor }
+}
+
+fn eur(minor: i64) -> Money {
+    Money { currency: crate::model::Currency::parse("EUR").unwrap(), minor }
+}
+
+fn engine() -> (Engine, Arc<MemoryJournal>) {
+    let journal = Arc::new(MemoryJournal::default());
+    let programs = Programs::new([
+        Program { name: "pos".into(), invoice_required: true, max_balance: None },
+        Program { name: "capped".into(), invoice_required: false, max_balance: Some(Decimal::new(50000, 2)) },
+    ]);
+    (Engine::new(programs, journal.clone()), journal)
+}
+
+fn card(n: u8) -> CardKey {
+    CardKey([n; 32])
+}
+
+struct Req {
+    merchant: &'static str,
+    key: String,
+    card: CardKey,
+    op: Op,
+}
+
+fn m(r: Req) -> Mutation {
+    // The fingerprint stands for the request content: derive it from the op's debug form.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{:?}{:?}", r.card, r.op).as_bytes());
+    let mut fingerprint = [0u8; 16];
+    fingerprint.copy_from_slice(&digest[..16]);
+    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: r.card, last4: *b"0042", op: r.op }
+}
+
+fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
+    e.execute(m(Req { merchant: "m1", key: key.into(), card: c, op }), now)
+}
+
+fn issue(e: &Engine, c: CardKey, program: &str, money: Money, expiry_ms: Option<i64>, active: bool) -> Executed {
+    let key = format!("issue-{:?}", c);
+    run(e, &key, c, Op::Issue { program: program.into(), money, expiry_ms, active }, NOW)
+}
+
+fn redeem(minor: i64, partial: bool) -> Op {
+    Op::Redeem { money: usd(minor), allow_partial: partial, invoice: None }
+}
+
+/// One row: a card set up by `setup`, then `op`, expecting `result`, `approved` and the balance after.
+struct Case {
+    name: &'static str,
+    setup: fn(&Engine),
+    op: Op,
+    now: i64,
+    result: ResultCode,
+    approved: i64,
+    balance_after: Option<i64>,
+}
+
+fn active_100(e: &Engine) {
+    issue(e, card(1), "default", usd(10_000), None, true);
+}
+fn inactive_100(e: &Engine) {
+    issue(e, card(1), "default", usd(10_000), None, false);
+}
+fn expiring(e: &Engine) {
+    issue(e, card(1), "default", usd(10_000), Some(NOW + HOUR_MS), true);
+}
+fn locked(e: &Engine) {
+    active_100(e);
+    run(e, "lock", card(1), Op::Lock { reason: LockReason::Lost }, NOW);
+}
+fn pos_card(e: &Engine) {
+    issue(e, card(1), "pos", usd(10_000), None, true);
+}
+fn capped(e: &Engine) {
+    issue(e, card(1), "capped", usd(40_000), None, true);
+}
+fn nothing(_: &Engine) {}
+
+#[test]
+fn rules_table() {
+    use ResultCode::*;
+    let cases = vec![
+        Case {
+            name: "redeem within balance",
+            setup: active_100,
+            op: redeem(2_500, false),
+            now: NOW,
+            result: Approved,
+            approved: 2_500,
+            balance_after: Some(7_500),
+        },
+        Case {
+            name: "redeem exactly the balance",
+            setup: active_100,
+            op: redeem(10_000, false),
+            now: NOW,
+            result: Approved,
+            approved: 10_000,
+            balance_after: Some(0),
+        },
+        Case {
+            name: "redeem over balance",
+            setup: active_100,
+            op: redeem(10_001, false),
+            now: NOW,
+            result: InsufficientFunds,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "partial redeem approves what is available",
+            setup: active_100,
+            op: redeem(15_000, true),
+            now: NOW,
+            result: Approved,
+            approved: 10_000,
+            balance_after: Some(0),
+        },
+        Case {
+            name: "redeem on unknown card",
+            setup: nothing,
+            op: redeem(1, false),
+            now: NOW,
+            result: CardNotFound,
+            approved: 0,
+            balance_after: None,
+        },
+        Case {
+            name: "redeem on inactive card",
+            setup: inactive_100,
+            op: redeem(1, false),
+            now: NOW,
+            result: CardInactive,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "redeem before expiry",
+            setup: expiring,
+            op: redeem(1, false),
+            now: NOW + HOUR_MS - 1,
+            result: Approved,
+            approved: 1,
+            balance_after: Some(9_999),
+        },
+        Case {
+            name: "redeem at expiry",
+            setup: expiring,
+            op: redeem(1, false),
+            now: NOW + HOUR_MS,
+            result: CardExpired,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "redeem on suspended card",
+            setup: locked,
+            op: redeem(1, false),
+            now: NOW,
+            result: CardSuspended,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "redeem in another currency",
+            setup: active_100,
+            op: Op::Redeem { money: eur(1), allow_partial: false, invoice: None },
+            now: NOW,
+            result: CurrencyMismatch,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "program requires an invoice",
+            setup: pos_card,
+            op: redeem(1, false),
+            now: NOW,
+            result: InvoiceRequired,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "invoice given",
+            setup: pos_card,
+            op: Op::Redeem { money: usd(1), allow_partial: false, invoice: Some("INV-1".into()) },
+            now: NOW,
+            result: Approved,
+            approved: 1,
+            balance_after: Some(9_999),
+        },
+        Case {
+            name: "reload",
+            setup: active_100,
+            op: Op::Reload { money: usd(500) },
+            now: NOW,
+            result: Approved,
+            approved: 500,
+            balance_after: Some(10_500),
+        },
+        Case {
+            name: "reload on inactive card",
+            setup: inactive_100,
+            op: Op::Reload { money: usd(500) },
+            now: NOW,
+            result: CardInactive,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "reload up to the program maximum",
+            setup: capped,
+            op: Op::Reload { money: usd(10_000) },
+            now: NOW,
+            result: Approved,
+            approved: 10_000,
+            balance_after: Some(50_000),
+        },
+        Case {
+            name: "reload over the program maximum",
+            setup: capped,
+            op: Op::Reload { money: usd(10_001) },
+            now: NOW,
+            result: MaxBalanceExceeded,
+            approved: 0,
+            balance_after: Some(40_000),
+        },
+        Case {
+            name: "activate an inactive card with a load",
+            setup: inactive_100,
+            op: Op::Activate { load: Some(usd(2_000)) },
+            now: NOW,
+            result: Approved,
+            approved: 2_000,
+            balance_after: Some(12_000),
+        },
+        Case {
+            name: "activate an active card",
+            setup: active_100,
+            op: Op::Activate { load: None },
+            now: NOW,
+            result: AlreadyActive,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "activate with a foreign load",
+            setup: inactive_100,
+            op: Op::Activate { load: Some(eur(1)) },
+            now: NOW,
+            result: CurrencyMismatch,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "lock",
+            setup: active_100,
+            op: Op::Lock { reason: LockReason::Fraud },
+            now: NOW,
+            result: Approved,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "unlock a card that is not locked",
+            setup: active_100,
+            op: Op::Unlock,
+            now: NOW,
+            result: NotSuspended,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "unlock a locked card",
+            setup: locked,
+            op: Op::Unlock,
+            now: NOW,
+            result: Approved,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "issue over an existing number",
+            setup: active_100,
+            op: Op::Issue { program: "default".into(), money: usd(1), expiry_ms: None, active: true },
+            now: NOW,
+            result: CardExists,
+            approved: 0,
+            balance_after: Some(10_000),
+        },
+        Case {
+            name: "issue in an unknown program",
+            setup: nothing,
+            op: Op::Issue { program: "nope".into(), money: usd(1), expiry_ms: None, active: true },
+            now: NOW,
+            result: UnknownProgram,
+            approved: 0,
+            balance_after: None,
+        },
+        Case {
+            name: "issue born expired is accepted",
+            setup: nothing,
+            op: Op::Issue { program: "default".into(), money: usd(700), expiry_ms: Some(NOW - 1), active: true },
+            now: NOW,
+            result: Approved,
+            approved: 700,
+            balance_after: Some(700),
+        },
+        Case {
+            name: "issue over the program maximum",
+            setup: nothing,
+            op: Op::Issue { program: "capped".into(), money: usd(50_001), expiry_ms: None, active: true },
+            now: NOW,
+            result: MaxBalanceExceeded,
+            approved: 0,
+            balance_after: None,
+        },
+    ];
+    for c in cases {
+        let (e, _) = engine();
+        (c.setup)(&e);
+        let got = run(&e, "the-op", card(1), c.op.clone(), c.now);
+        assert_eq!(got.outcome.result, c.result, "{}", c.name);
+        assert_eq!(got.outcome.approved_minor, c.approved, "{}", c.name);
+        let balance = e.snapshot(&card(1)).map(|(r, _)| r.balance_minor);
+        assert_eq!(balance, c.balance_after, "{}", c.name);
+        if let (Some(v), Some(b)) = (got.outcome.card, c.balance_after) {
+            assert_eq!(v.balance_minor, b, "{}: reply shows the balance after", c.name);
+        }
+    }
+}
+
+#[test]
+fn status_precedence() {
+    let (e, _) = engine();
+    issue(&e, card(1), "default", usd(100), Some(NOW - 1), false);
+    let status = |e: &Engine| e.balance(&card(1), NOW).0.card.unwrap().status;
+    assert_eq!(status(&e), Status::Expired, "expired beats inactive");
+    run(&e, "l", card(1), Op::Lock { reason: LockReason::Stolen }, NOW);
+    assert_eq!(status(&e), Status::Suspended, "suspended beats expired");
+    assert_eq!(e.balance(&card(1), NOW).0.card.unwrap().reason, LockReason::Stolen);
+    run(&e, "u", card(1), Op::Unlock, NOW);
+    assert_eq!(status(&e), Status::Expired, "unlock returns to the lifecycle state");
+}
+
+#[test]
+fn idempotent_retry_replays_and_mismatch_declines() {
+    let (e, j) = engine();
+    active_100(&e);
+    let first = run(&e, "k1", card(1), redeem(1_000, false), NOW);
+    let again = run(&e, "k1", card(1), redeem(1_000, false), NOW + 5);
+    assert_eq!(first.outcome, again.outcome);
+    assert!(again.replayed);
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.balance_minor, 9_000, "applied once");
+    let other = run(&e, "k1", card(1), redeem(2_000, false), NOW);
+    assert_eq!(other.outcome.result, ResultCode::IdempotencyMismatch);
+    // The same key from another merchant is another key.
+    let m2 = e.execute(m(Req { merchant: "m2", key: "k1".into(), card: card(1), op: redeem(1_000, false) }), NOW);
+    assert_eq!(m2.outcome.result, ResultCode::Approved);
+    assert!(!m2.replayed);
+    // After the in-memory window, the journal answers.
+    e.evict_recent(u64::MAX, i64::MAX);
+    let late = run(&e, "k1", card(1), redeem(1_000, false), NOW + 10);
+    assert!(late.replayed);
+    assert_eq!(late.outcome, first.outcome);
+    assert_eq!(j.txns().iter().filter(|t| t.kind == TxnKind::Redeem).count(), 2);
+}
+
+#[test]
+fn declines_are_replayed_too() {
+    let (e, _) = engine();
+    active_100(&e);
+    let first = run(&e, "big", card(1), redeem(20_000, false), NOW);
+    assert_eq!(first.outcome.result, ResultCode::InsufficientFunds);
+    run(&e, "topup", card(1), Op::Reload { money: usd(20_000) }, NOW);
+    let again = run(&e, "big", card(1), redeem(20_000, false), NOW);
+    assert_eq!(again.outcome, first.outcome, "a retry gets the original answer");
+}
+
+#[test]
+fn invoice_is_accepted_once_per_merchant_ever() {
+    let (e, _) = engine();
+    pos_card(&e);
+    issue(&e, card(2), "pos", usd(10_000), None, true);
+    let with_invoice =
+        |inv: &str, minor| Op::Redeem { money: usd(minor), allow_partial: false, invoice: Some(inv.into()) };
+    assert_eq!(run(&e, "a", card(1), with_invoice("INV-9", 100), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(run(&e, "b", card(2), with_invoice("INV-9", 100), NOW).outcome.result, ResultCode::InvoiceReused);
+    // A declined sale does not use up its invoice.
+    assert_eq!(
+        run(&e, "c", card(1), with_invoice("INV-10", 1_000_000), NOW).outcome.result,
+        ResultCode::InsufficientFunds
+    );
+    assert_eq!(run(&e, "d", card(1), with_invoice("INV-10", 100), NOW).outcome.result, ResultCode::Approved);
+    // Still refused once only the journal remembers it.
+    e.evict_recent(u64::MAX, i64::MAX);
+    assert_eq!(run(&e, "e", card(2), with_invoice("INV-9", 100), NOW).outcome.result, ResultCode::InvoiceReused);
+    // Another merchant may use the same invoice number.
+    let other =
+        e.execute(m(Req { merchant: "m2", key: "f".into(), card: card(2), op: with_invoice("INV-9", 100) }), NOW);
+    assert_eq!(other.outcome.result, ResultCode::Approved);
+}
+
+#[test]
+fn restore_rebuilds_cards_and_sums() {
+    let (e, j) = engine();
+    active_100(&e);
+    issue(&e, card(2), "default", eur(500), None, true);
+    run(&e, "r", card(1), redeem(1_000, false), NOW);
+    let (e2, _) = engine();
+    let restored = e2.restore(j.cards());
+    assert_eq!(restored.cards, 2);
+    assert_eq!(restored.balance_minor_by_currency.get(&usd(0).currency), Some(&9_000));
+    assert_eq!(restored.balance_minor_by_currency.get(&eur(0).currency), Some(&500));
+    assert_eq!(e2.snapshot(&card(1)).unwrap().0, e.snapshot(&card(1)).unwrap().0);
+}
+
+#[test]
+fn concurrent_redeems_never_overdraw() {
+    let (e, _) = engine();
+    active_100(&e);
+    let e = Arc::new(e);
+    let approved: i64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let e = e.clone();
+                s.spawn(move || {
+                    (0..200)
+                        .map(|i| run(&e, &format!("t{t}-{i}"), card(1), redeem(7, true), NOW).outcome.approved_minor)
+                        .sum::<i64>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let balance = e.snapshot(&card(1)).unwrap().0.balance_minor;
+    assert_eq!(approved + balance, 10_000);
+    assert_eq!(balance, 0, "1600 × 0.07 exceeds 100.00, so the card is drained");
+}

@@ -1,0 +1,407 @@
+//! The shared vocabulary of giftd: words that mean the same thing in the wire format, the engine, the
+//! store, metrics and giftctl. Money is integer minor units of an ISO 4217 currency, never a float.
+
+use rust_decimal::Decimal;
+use std::fmt;
+use std::str::FromStr;
+
+/// An ISO 4217 currency that giftd knows the minor-unit exponent of.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency([u8; 3]);
+
+/// Currencies and their minor-unit exponents. A currency not listed is refused (`unknown_currency`),
+/// because an amount cannot be exact without knowing its exponent.
+const CURRENCIES: &[(&[u8; 3], u32)] = &[
+    (b"AUD", 2),
+    (b"BHD", 3),
+    (b"BRL", 2),
+    (b"CAD", 2),
+    (b"CHF", 2),
+    (b"CLP", 0),
+    (b"CNY", 2),
+    (b"CZK", 2),
+    (b"DKK", 2),
+    (b"EUR", 2),
+    (b"GBP", 2),
+    (b"HKD", 2),
+    (b"HUF", 2),
+    (b"INR", 2),
+    (b"ISK", 0),
+    (b"JOD", 3),
+    (b"JPY", 0),
+    (b"KRW", 0),
+    (b"KWD", 3),
+    (b"MXN", 2),
+    (b"NOK", 2),
+    (b"NZD", 2),
+    (b"OMR", 3),
+    (b"PLN", 2),
+    (b"SEK", 2),
+    (b"SGD", 2),
+    (b"TND", 3),
+    (b"USD", 2),
+    (b"VND", 0),
+    (b"ZAR", 2),
+];
+
+impl Currency {
+    /// Accepts only known codes, so every `Currency` value has an exponent.
+    pub fn from_code(code: [u8; 3]) -> Option<Currency> {
+        CURRENCIES.iter().any(|(c, _)| **c == code).then_some(Currency(code))
+    }
+
+    pub fn parse(s: &str) -> Option<Currency> {
+        let b = s.as_bytes();
+        if b.len() != 3 {
+            return None;
+        }
+        Currency::from_code([b[0], b[1], b[2]])
+    }
+
+    pub fn code(self) -> [u8; 3] {
+        self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only known (ASCII) codes are ever constructed.
+        std::str::from_utf8(&self.0).unwrap_or("???")
+    }
+
+    /// Digits after the decimal point: 2 for USD, 0 for JPY, 3 for KWD.
+    pub fn exponent(self) -> u32 {
+        CURRENCIES.iter().find(|(c, _)| **c == self.0).map(|(_, e)| *e).unwrap_or(2)
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An amount in minor units of a currency (cents for USD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Money {
+    pub currency: Currency,
+    pub minor: i64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AmountError {
+    #[error("not a decimal amount")]
+    NotDecimal,
+    #[error("{currency} has {exponent} decimal places")]
+    TooPrecise { currency: Currency, exponent: u32 },
+    #[error("amount out of range")]
+    OutOfRange,
+    #[error("amount must not be negative")]
+    Negative,
+}
+
+/// Parses "100.00" in `currency` into minor units, exactly. "1.005" USD is refused, not rounded.
+pub fn parse_amount(s: &str, currency: Currency) -> Result<i64, AmountError> {
+    let d = Decimal::from_str(s.trim()).map_err(|_| AmountError::NotDecimal)?;
+    if d.is_sign_negative() && !d.is_zero() {
+        return Err(AmountError::Negative);
+    }
+    let exponent = currency.exponent();
+    let d = d.normalize();
+    if d.scale() > exponent {
+        return Err(AmountError::TooPrecise { currency, exponent });
+    }
+    let scaled = d.checked_mul(Decimal::from(10i64.pow(exponent))).ok_or(AmountError::OutOfRange)?;
+    i64::try_from(scaled).map_err(|_| AmountError::OutOfRange)
+}
+
+/// Formats minor units as a decimal string with the currency's exponent: 10000 USD → "100.00".
+pub fn format_amount(minor: i64, currency: Currency) -> String {
+    Decimal::new(minor, currency.exponent()).to_string()
+}
+
+/// A card's status as callers see it. `Expired` is derived from the expiry time, never stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Status {
+    Inactive = 0,
+    Active = 1,
+    Suspended = 2,
+    PinLocked = 3,
+    Expired = 4,
+    Closed = 5,
+}
+
+impl Status {
+    pub fn from_u8(v: u8) -> Option<Status> {
+        Some(match v {
+            0 => Status::Inactive,
+            1 => Status::Active,
+            2 => Status::Suspended,
+            3 => Status::PinLocked,
+            4 => Status::Expired,
+            5 => Status::Closed,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Inactive => "inactive",
+            Status::Active => "active",
+            Status::Suspended => "suspended",
+            Status::PinLocked => "pin_locked",
+            Status::Expired => "expired",
+            Status::Closed => "closed",
+        }
+    }
+}
+
+/// Why a card is suspended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum LockReason {
+    None = 0,
+    Fraud = 1,
+    Lost = 2,
+    Stolen = 3,
+    CustomerRequest = 4,
+    System = 5,
+}
+
+impl LockReason {
+    pub const ALL: [LockReason; 5] =
+        [LockReason::Fraud, LockReason::Lost, LockReason::Stolen, LockReason::CustomerRequest, LockReason::System];
+
+    pub fn from_u8(v: u8) -> Option<LockReason> {
+        Some(match v {
+            0 => LockReason::None,
+            1 => LockReason::Fraud,
+            2 => LockReason::Lost,
+            3 => LockReason::Stolen,
+            4 => LockReason::CustomerRequest,
+            5 => LockReason::System,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LockReason::None => "none",
+            LockReason::Fraud => "fraud",
+            LockReason::Lost => "lost",
+            LockReason::Stolen => "stolen",
+            LockReason::CustomerRequest => "customer_request",
+            LockReason::System => "system",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LockReason> {
+        LockReason::ALL.into_iter().find(|r| r.name() == s)
+    }
+}
+
+/// What a history entry records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TxnKind {
+    Issue = 1,
+    Activate = 2,
+    Redeem = 3,
+    Reload = 4,
+    Lock = 5,
+    Unlock = 6,
+}
+
+impl TxnKind {
+    pub fn from_u8(v: u8) -> Option<TxnKind> {
+        Some(match v {
+            1 => TxnKind::Issue,
+            2 => TxnKind::Activate,
+            3 => TxnKind::Redeem,
+            4 => TxnKind::Reload,
+            5 => TxnKind::Lock,
+            6 => TxnKind::Unlock,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TxnKind::Issue => "issue",
+            TxnKind::Activate => "activate",
+            TxnKind::Redeem => "redeem",
+            TxnKind::Reload => "reload",
+            TxnKind::Lock => "lock",
+            TxnKind::Unlock => "unlock",
+        }
+    }
+}
+
+macro_rules! result_codes {
+    ($($name:ident = $num:literal, $text:literal;)*) => {
+        /// Result codes, numbered for the wire. A number is never reused; the declaration order is the
+        /// precedence order (when several apply, the first listed is returned). protocol/results.md
+        /// documents them in the same order.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u16)]
+        pub enum ResultCode { $($name = $num,)* }
+
+        impl ResultCode {
+            pub const ALL: &'static [ResultCode] = &[$(ResultCode::$name,)*];
+
+            pub fn from_u16(v: u16) -> Option<ResultCode> {
+                match v { $($num => Some(ResultCode::$name),)* _ => None }
+            }
+
+            /// The snake_case name used by giftctl's JSON and by metrics labels.
+            pub fn name(self) -> &'static str {
+                match self { $(ResultCode::$name => $text,)* }
+            }
+        }
+    };
+}
+
+result_codes! {
+    Approved = 0, "approved";
+    // Stream and request errors: decided before the engine, never recorded, nothing changes.
+    FrameTooLarge = 1, "frame_too_large";
+    MalformedFrame = 2, "malformed_frame";
+    UnsupportedVersion = 3, "unsupported_version";
+    HandshakeRequired = 4, "handshake_required";
+    UnknownOpcode = 5, "unknown_opcode";
+    MalformedRequest = 6, "malformed_request";
+    BadCardNumber = 7, "bad_card_number";
+    UnknownCurrency = 8, "unknown_currency";
+    BadAmount = 9, "bad_amount";
+    MissingKey = 10, "missing_key";
+    ShuttingDown = 11, "shutting_down";
+    // Engine decisions, in the order the engine checks them.
+    IdempotencyMismatch = 20, "idempotency_mismatch";
+    CardNotFound = 21, "card_not_found";
+    CardExists = 22, "card_exists";
+    UnknownProgram = 23, "unknown_program";
+    CardClosed = 24, "card_closed";
+    CardSuspended = 25, "card_suspended";
+    CardPinLocked = 26, "card_pin_locked";
+    CardExpired = 27, "card_expired";
+    CardInactive = 28, "card_inactive";
+    AlreadyActive = 29, "already_active";
+    NotSuspended = 30, "not_suspended";
+    CurrencyMismatch = 31, "currency_mismatch";
+    InvoiceRequired = 32, "invoice_required";
+    InvoiceReused = 33, "invoice_reused";
+    MaxBalanceExceeded = 34, "max_balance_exceeded";
+    InsufficientFunds = 35, "insufficient_funds";
+}
+
+impl ResultCode {
+    /// Request-level errors carry no payload on the wire: the reply body is the code alone.
+    pub fn is_request_error(self) -> bool {
+        (self as u16) >= 1 && (self as u16) < 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usd() -> Currency {
+        Currency::parse("USD").unwrap()
+    }
+
+    #[test]
+    fn amounts_parse_exactly() {
+        let jpy = Currency::parse("JPY").unwrap();
+        let kwd = Currency::parse("KWD").unwrap();
+        let cases: &[(&str, Currency, Result<i64, AmountError>)] = &[
+            ("100.00", usd(), Ok(10_000)),
+            ("1", usd(), Ok(100)),
+            ("0.1", usd(), Ok(10)),
+            ("1.005", usd(), Err(AmountError::TooPrecise { currency: usd(), exponent: 2 })),
+            ("1.50", jpy, Err(AmountError::TooPrecise { currency: jpy, exponent: 0 })),
+            ("1.00", jpy, Ok(1)),
+            ("1.234", kwd, Ok(1234)),
+            ("-1", usd(), Err(AmountError::Negative)),
+            ("abc", usd(), Err(AmountError::NotDecimal)),
+            ("99999999999999999999", usd(), Err(AmountError::OutOfRange)),
+        ];
+        for (s, c, want) in cases {
+            assert_eq!(&parse_amount(s, *c), want, "{s} {c}");
+        }
+    }
+
+    #[test]
+    fn amounts_format_with_exponent() {
+        assert_eq!(format_amount(10_000, usd()), "100.00");
+        assert_eq!(format_amount(5, usd()), "0.05");
+        assert_eq!(format_amount(7, Currency::parse("JPY").unwrap()), "7");
+    }
+
+    #[test]
+    fn result_codes_are_unique_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for &c in ResultCode::ALL {
+            assert!(seen.insert(c as u16), "{c:?} reuses a number");
+            assert_eq!(ResultCode::from_u16(c as u16), Some(c));
+        }
+    }
+
+    #[test]
+    fn unknown_currency_is_refused() {
+        assert_eq!(Currency::parse("XXX"), None);
+        assert_eq!(Currency::parse("usd"), None);
+        assert_eq!(Currency::parse("US"), None);
+    }
+}
+
+/// What callers see of a card in a reply. `available` is derived: balance − held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CardView {
+    pub last4: [u8; 4],
+    pub status: Status,
+    pub reason: LockReason,
+    pub currency: Currency,
+    pub balance_minor: i64,
+    pub held_minor: i64,
+    pub expiry_ms: Option<i64>,
+}
+
+impl CardView {
+    pub fn available_minor(&self) -> i64 {
+        (self.balance_minor - self.held_minor).max(0)
+    }
+}
+
+/// The result of a card operation (issue, activate, balance, redeem, reload, lock, unlock). A retry
+/// with the same idempotency key gets this value again, so its encoding is the same byte for byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: ResultCode,
+    /// The amount that moved: approved for a redeem (partial approvals included), loaded for a
+    /// reload or activation, the initial value for an issue, 0 otherwise.
+    pub approved_minor: i64,
+    pub card: Option<CardView>,
+}
+
+impl Outcome {
+    pub fn declined(result: ResultCode, card: Option<CardView>) -> Outcome {
+        Outcome { result, approved_minor: 0, card }
+    }
+}
+
+/// One history entry as callers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnView {
+    pub seq: u64,
+    pub kind: TxnKind,
+    /// Signed: negative for money leaving the card.
+    pub amount_minor: i64,
+    pub balance_after_minor: i64,
+    pub at_ms: i64,
+    pub merchant: String,
+}

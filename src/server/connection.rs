@@ -1,0 +1,271 @@
+//! One client connection: a reader that decodes and decides, a writer that releases replies once
+//! their commit group is durable. Between them a bounded channel is the connection's in-flight limit:
+//! when it is full the reader stops reading, and TCP pushes back on the client.
+
+use super::{now_ms, Shared};
+use crate::card_number::CardNumber;
+use crate::engine::{Mutation, Op};
+use crate::model::{ResultCode, TxnView};
+use crate::wire::{
+    self, decode_request, encode_reply, DecodeError, FrameCodec, FrameError, HelloReply, HistoryReply, LookupReply,
+    Opcode, Reply, Request, HISTORY_PAGE_MAX,
+};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+/// Entries a lookup shows.
+const LOOKUP_RECENT_TXNS: usize = 10;
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// A decided request whose reply waits for `group` to be durable.
+struct Pending {
+    request_id: u64,
+    /// The request's opcode byte (0 for a connection-level error).
+    opcode: u8,
+    op: Option<Opcode>,
+    group: u64,
+    reply: Reply,
+    started: Instant,
+}
+
+pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let _ = sock.set_nodelay(true);
+    let (rd, wr) = sock.into_split();
+    let codec = FrameCodec::new(shared.limits.frame_bytes_max);
+    let mut frames = FramedRead::with_capacity(rd, codec, READ_BUFFER_BYTES);
+    let (tx, rx) = mpsc::channel::<Pending>(shared.limits.inflight_per_connection_max);
+    let writer = tokio::spawn(write_loop(wr, rx, shared.clone()));
+    let idle = Duration::from_secs(shared.limits.idle_timeout_secs);
+    let mut handshaken = false;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            n = tokio::time::timeout(idle, frames.next()) => n,
+        };
+        let frame = match next {
+            Err(_) => {
+                tracing::debug!(%peer, "idle timeout; closing");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) => {
+                // The stream cannot be resynchronised: say why, then close this connection only.
+                let code = match &e {
+                    FrameError::TooLarge { .. } => ResultCode::FrameTooLarge,
+                    FrameError::Version(_) => ResultCode::UnsupportedVersion,
+                    FrameError::Io(_) => break,
+                    _ => ResultCode::MalformedFrame,
+                };
+                shared.metrics.protocol_errors.inc();
+                tracing::info!(%peer, error = %e, "corrupt stream; closing connection");
+                let _ = tx.send(connection_error(code)).await;
+                break;
+            }
+        };
+        let started = Instant::now();
+        let opcode = frame.header.opcode;
+        let request_id = frame.header.request_id;
+        let decoded = decode_request(opcode, &frame.body);
+        let op = Opcode::from_u8(opcode);
+        let (reply, group, close) = match decoded {
+            // Until the handshake, anything but a well-formed hello ends the connection.
+            _ if !handshaken && op != Some(Opcode::Hello) => (Reply::Error(ResultCode::HandshakeRequired), 0, true),
+            Err(DecodeError(code)) => (Reply::Error(code), 0, !handshaken),
+            Ok(Request::Hello { min_version, max_version, .. }) => {
+                let ok = (min_version..=max_version).contains(&wire::VERSION);
+                handshaken |= ok;
+                let reply = if ok { hello_reply(&shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
+                (reply, 0, !ok)
+            }
+            Ok(req) => {
+                let (reply, group) = handle(&shared, opcode, &frame.body, req).await;
+                (reply, group, false)
+            }
+        };
+        if close {
+            shared.metrics.protocol_errors.inc();
+        }
+        if tx.send(Pending { request_id, opcode, op, group, reply, started }).await.is_err() || close {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn connection_error(code: ResultCode) -> Pending {
+    Pending { request_id: 0, opcode: 0, op: None, group: 0, reply: Reply::Error(code), started: Instant::now() }
+}
+
+fn hello_reply(shared: &Shared) -> Reply {
+    Reply::Hello(HelloReply {
+        result: ResultCode::Approved,
+        version: wire::VERSION,
+        frame_bytes_max: shared.limits.frame_bytes_max as u32,
+        inflight_max: shared.limits.inflight_per_connection_max as u32,
+        server: concat!("giftd ", env!("CARGO_PKG_VERSION")).into(),
+    })
+}
+
+/// Decides one well-formed request. Returns the reply and the group it must wait for.
+async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Reply, u64) {
+    let now = now_ms();
+    let mutation = |idem: &wire::IdemRef, number: &CardNumber, op: Op| Mutation {
+        idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
+        fingerprint: shared.keyer.fingerprint(opcode, body),
+        card: shared.keyer.card_key(number),
+        last4: number.last4(),
+        op,
+    };
+    let m = match req {
+        Request::Hello { .. } => unreachable!("hello is answered by the connection"),
+        Request::Balance { number } => {
+            let (outcome, group) = shared.engine.balance(&shared.keyer.card_key(&number), now);
+            return (Reply::Card(outcome), group);
+        }
+        Request::Lookup { number } => return lookup(shared, &number).await,
+        Request::History { number, before_seq, limit } => return history(shared, &number, before_seq, limit).await,
+        Request::Issue { idem, number, program, money, expiry_ms, active } => {
+            mutation(&idem, &number, Op::Issue { program, money, expiry_ms, active })
+        }
+        Request::Activate { idem, number, load } => mutation(&idem, &number, Op::Activate { load }),
+        Request::Redeem { idem, number, money, allow_partial, invoice } => {
+            mutation(&idem, &number, Op::Redeem { money, allow_partial, invoice })
+        }
+        Request::Reload { idem, number, money } => mutation(&idem, &number, Op::Reload { money }),
+        Request::Lock { idem, number, reason } => mutation(&idem, &number, Op::Lock { reason }),
+        Request::Unlock { idem, number } => mutation(&idem, &number, Op::Unlock),
+    };
+    let done = shared.engine.execute(m, now);
+    if done.replayed {
+        shared.metrics.idempotent_replays.inc();
+    }
+    (Reply::Card(done.outcome), done.group)
+}
+
+/// Waits until `group` is durable. History is read from the store, so it must hold the card's
+/// latest change before it is read.
+async fn wait_durable(shared: &Shared, group: u64) {
+    let mut durable = shared.store.durable();
+    let _ = durable.wait_for(|d| *d >= group).await;
+}
+
+fn txn_views(shared: &Shared, number: &CardNumber, before_seq: u64, limit: usize) -> Result<Vec<TxnView>, ()> {
+    let key = shared.keyer.card_key(number);
+    match shared.store.history(&key, before_seq, limit) {
+        Ok(txns) => Ok(txns
+            .into_iter()
+            .map(|t| TxnView {
+                seq: t.seq,
+                kind: t.kind,
+                amount_minor: t.amount_minor,
+                balance_after_minor: t.balance_after_minor,
+                at_ms: t.at_ms,
+                merchant: t.merchant.into(),
+            })
+            .collect()),
+        Err(e) => {
+            tracing::error!(card = %number, error = %e, "history read failed");
+            Err(())
+        }
+    }
+}
+
+async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
+    let now = now_ms();
+    let Some((rec, group)) = shared.engine.snapshot(&shared.keyer.card_key(number)) else {
+        return (
+            Reply::Lookup(LookupReply {
+                result: ResultCode::CardNotFound,
+                card: None,
+                program: String::new(),
+                created_ms: 0,
+                updated_ms: 0,
+                txn_count: 0,
+                recent: Vec::new(),
+            }),
+            0,
+        );
+    };
+    wait_durable(shared, group).await;
+    // Entries newer than the snapshot are left out so the reply is one consistent moment.
+    let recent = txn_views(shared, number, rec.txn_count + 1, LOOKUP_RECENT_TXNS).unwrap_or_default();
+    let reply = LookupReply {
+        result: ResultCode::Approved,
+        card: Some(rec.view(now)),
+        program: rec.program.to_string(),
+        created_ms: rec.created_ms,
+        updated_ms: rec.updated_ms,
+        txn_count: rec.txn_count,
+        recent,
+    };
+    (Reply::Lookup(reply), group)
+}
+
+async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u16) -> (Reply, u64) {
+    let Some((rec, group)) = shared.engine.snapshot(&shared.keyer.card_key(number)) else {
+        let reply =
+            HistoryReply { result: ResultCode::CardNotFound, currency: None, txns: Vec::new(), next_before_seq: 0 };
+        return (Reply::History(reply), 0);
+    };
+    wait_durable(shared, group).await;
+    let before = if before_seq == 0 { rec.txn_count + 1 } else { before_seq.min(rec.txn_count + 1) };
+    let limit = limit.min(HISTORY_PAGE_MAX) as usize;
+    let txns = txn_views(shared, number, before, limit).unwrap_or_default();
+    let next_before_seq = match txns.last() {
+        Some(t) if t.seq > 1 && txns.len() == limit => t.seq,
+        _ => 0,
+    };
+    (
+        Reply::History(HistoryReply {
+            result: ResultCode::Approved,
+            currency: Some(rec.currency),
+            txns,
+            next_before_seq,
+        }),
+        group,
+    )
+}
+
+/// Writes replies in request order, each once its group is durable, batching whatever is ready into
+/// one write.
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, shared: Arc<Shared>) {
+    let mut durable = shared.store.durable();
+    let mut out = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            if p.group > *durable.borrow() {
+                // Send what is ready before waiting, so earlier replies are not held back.
+                if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+                if durable.wait_for(|d| *d >= p.group).await.is_err() {
+                    return;
+                }
+            }
+            encode_reply(&mut out, p.opcode, p.request_id, &p.reply);
+            if let Some(op) = p.op {
+                shared.metrics.request(op, p.reply.result(), p.started.elapsed());
+            }
+            next = rx.try_recv().ok();
+        }
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
+    let _ = wr.shutdown().await;
+}

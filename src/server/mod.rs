@@ -1,0 +1,86 @@
+//! The server: tokio, connections, backpressure, shutdown. It turns wire requests into engine calls
+//! (replacing card numbers with keys) and holds every reply until its commit group is durable.
+
+mod connection;
+pub mod http;
+
+use crate::card_number::Keyer;
+use crate::config::Limits;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What every connection shares.
+pub struct Shared {
+    pub engine: Engine,
+    pub store: Arc<Store>,
+    pub keyer: Keyer,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+}
+
+/// Milliseconds since the Unix epoch: the clock the engine is given.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Accepts connections until `shutdown` fires, then waits (up to the grace period) for every
+/// connection to finish its in-flight requests. Returns whether the drain finished in time.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) -> bool {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(shared.limits.connections_max));
+    tracker.spawn(evict_loop(shared.clone(), shutdown.clone()));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((sock, peer)) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    shared.metrics.connections_accepted.inc();
+                    let (shared, shutdown) = (shared.clone(), shutdown.clone());
+                    tracker.spawn(async move {
+                        shared.metrics.connections_open.inc();
+                        connection::run(sock, peer, shared.clone(), shutdown).await;
+                        shared.metrics.connections_open.dec();
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    shared.metrics.connections_rejected.inc();
+                    tracing::warn!(%peer, limit = shared.limits.connections_max, "connection limit reached; closing");
+                }
+            },
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept: log and keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let grace = Duration::from_secs(shared.limits.shutdown_grace_secs);
+    tokio::time::timeout(grace, tracker.wait()).await.is_ok()
+}
+
+/// Forgets durable idempotency keys and invoices older than the memory window, every few seconds.
+async fn evict_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let window_ms = shared.limits.idem_memory_secs as i64 * 1000;
+    let durable = shared.store.durable();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let d = *durable.borrow();
+        shared.engine.evict_recent(d, now_ms() - window_ms);
+    }
+}

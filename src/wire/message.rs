@@ -1,0 +1,536 @@
+//! Typed requests and replies, and their body layouts. One `match` arm per operation in each
+//! direction; `protocol/ops/*.md` describes the same layouts in prose and hex.
+
+use super::frame::{begin_frame, finish_frame};
+use super::REPLY_BIT;
+use crate::card_number::CardNumber;
+use crate::model::{CardView, Currency, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView};
+use bytes::{BufMut, BytesMut};
+
+/// Longest merchant id, idempotency key, invoice number or client name, in bytes.
+pub const STRING_BYTES_MAX: usize = 64;
+/// Longest program name, in bytes.
+pub const PROGRAM_BYTES_MAX: usize = 32;
+/// Largest single amount in minor units (10^15): sums of a few never overflow an i64.
+pub const AMOUNT_MINOR_MAX: i64 = 1_000_000_000_000_000;
+/// Most history entries one page may return.
+pub const HISTORY_PAGE_MAX: u16 = 100;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    Hello = 0x01,
+    Issue = 0x10,
+    Activate = 0x11,
+    Balance = 0x12,
+    Redeem = 0x13,
+    Reload = 0x14,
+    Lock = 0x15,
+    Unlock = 0x16,
+    Lookup = 0x17,
+    History = 0x18,
+}
+
+impl Opcode {
+    pub const ALL: [Opcode; 10] = [
+        Opcode::Hello,
+        Opcode::Issue,
+        Opcode::Activate,
+        Opcode::Balance,
+        Opcode::Redeem,
+        Opcode::Reload,
+        Opcode::Lock,
+        Opcode::Unlock,
+        Opcode::Lookup,
+        Opcode::History,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Opcode::ALL.into_iter().find(|o| *o as u8 == v)
+    }
+
+    /// Dense index for metric arrays.
+    pub fn index(self) -> usize {
+        Opcode::ALL.iter().position(|o| *o == self).unwrap_or(0)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Hello => "hello",
+            Opcode::Issue => "issue",
+            Opcode::Activate => "activate",
+            Opcode::Balance => "balance",
+            Opcode::Redeem => "redeem",
+            Opcode::Reload => "reload",
+            Opcode::Lock => "lock",
+            Opcode::Unlock => "unlock",
+            Opcode::Lookup => "lookup",
+            Opcode::History => "history",
+        }
+    }
+}
+
+/// Who asks, and the idempotency key of a mutation: a retry carries the same pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdemRef {
+    pub merchant: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Hello { min_version: u8, max_version: u8, client: String },
+    Issue { idem: IdemRef, number: CardNumber, program: String, money: Money, expiry_ms: Option<i64>, active: bool },
+    Activate { idem: IdemRef, number: CardNumber, load: Option<Money> },
+    Balance { number: CardNumber },
+    Redeem { idem: IdemRef, number: CardNumber, money: Money, allow_partial: bool, invoice: Option<String> },
+    Reload { idem: IdemRef, number: CardNumber, money: Money },
+    Lock { idem: IdemRef, number: CardNumber, reason: LockReason },
+    Unlock { idem: IdemRef, number: CardNumber },
+    Lookup { number: CardNumber },
+    History { number: CardNumber, before_seq: u64, limit: u16 },
+}
+
+impl Request {
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::Hello { .. } => Opcode::Hello,
+            Request::Issue { .. } => Opcode::Issue,
+            Request::Activate { .. } => Opcode::Activate,
+            Request::Balance { .. } => Opcode::Balance,
+            Request::Redeem { .. } => Opcode::Redeem,
+            Request::Reload { .. } => Opcode::Reload,
+            Request::Lock { .. } => Opcode::Lock,
+            Request::Unlock { .. } => Opcode::Unlock,
+            Request::Lookup { .. } => Opcode::Lookup,
+            Request::History { .. } => Opcode::History,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    pub result: ResultCode,
+    pub version: u8,
+    pub frame_bytes_max: u32,
+    pub inflight_max: u32,
+    pub server: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LookupReply {
+    pub result: ResultCode,
+    pub card: Option<CardView>,
+    pub program: String,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub txn_count: u64,
+    /// Newest first.
+    pub recent: Vec<TxnView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryReply {
+    pub result: ResultCode,
+    /// The card's currency (absent when the card is not found).
+    pub currency: Option<Currency>,
+    /// Newest first.
+    pub txns: Vec<TxnView>,
+    /// Pass as `before_seq` to get the next (older) page; 0 when there is none.
+    pub next_before_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Hello(HelloReply),
+    Card(Outcome),
+    Lookup(LookupReply),
+    History(HistoryReply),
+    /// A request error: the body is the result code alone.
+    Error(ResultCode),
+}
+
+impl Reply {
+    pub fn result(&self) -> ResultCode {
+        match self {
+            Reply::Hello(h) => h.result,
+            Reply::Card(o) => o.result,
+            Reply::Lookup(l) => l.result,
+            Reply::History(h) => h.result,
+            Reply::Error(c) => *c,
+        }
+    }
+}
+
+/// Why a well-framed body was refused; the connection stays open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeError(pub ResultCode);
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+type Res<T> = Result<T, DecodeError>;
+const MALFORMED: DecodeError = DecodeError(ResultCode::MalformedRequest);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Res<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(MALFORMED);
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Res<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Res<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| MALFORMED)?))
+    }
+    fn u64(&mut self) -> Res<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| MALFORMED)?))
+    }
+    fn i64(&mut self) -> Res<i64> {
+        Ok(self.u64()? as i64)
+    }
+    fn bool(&mut self) -> Res<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(MALFORMED),
+        }
+    }
+    /// A u8-length-prefixed string of printable ASCII, at most `max` bytes.
+    fn str8(&mut self, max: usize) -> Res<String> {
+        let n = self.u8()? as usize;
+        let b = self.take(n)?;
+        if n > max || !b.iter().all(|c| c.is_ascii_graphic() || *c == b' ') {
+            return Err(MALFORMED);
+        }
+        String::from_utf8(b.to_vec()).map_err(|_| MALFORMED)
+    }
+    fn number(&mut self) -> Res<CardNumber> {
+        let n = self.u8()? as usize;
+        let b = self.take(n)?;
+        std::str::from_utf8(b).ok().and_then(CardNumber::parse).ok_or(DecodeError(ResultCode::BadCardNumber))
+    }
+    fn currency(&mut self) -> Res<Currency> {
+        let c = self.take(3)?;
+        Currency::from_code([c[0], c[1], c[2]]).ok_or(DecodeError(ResultCode::UnknownCurrency))
+    }
+    /// Money whose amount must be in `1..=AMOUNT_MINOR_MAX` (or 0 too, when `zero_ok`).
+    fn money(&mut self, zero_ok: bool) -> Res<Money> {
+        let currency = self.currency()?;
+        let minor = self.i64()?;
+        let low = if zero_ok { 0 } else { 1 };
+        if !(low..=AMOUNT_MINOR_MAX).contains(&minor) {
+            return Err(DecodeError(ResultCode::BadAmount));
+        }
+        Ok(Money { currency, minor })
+    }
+    fn opt_i64(&mut self) -> Res<Option<i64>> {
+        let present = self.bool()?;
+        let v = self.i64()?;
+        Ok(present.then_some(v))
+    }
+    fn idem(&mut self) -> Res<IdemRef> {
+        let merchant = self.str8(STRING_BYTES_MAX)?;
+        let key = self.str8(STRING_BYTES_MAX)?;
+        if merchant.is_empty() || key.is_empty() {
+            return Err(DecodeError(ResultCode::MissingKey));
+        }
+        Ok(IdemRef { merchant, key })
+    }
+    fn view(&mut self) -> Res<Option<CardView>> {
+        if !self.bool()? {
+            return Ok(None);
+        }
+        let l = self.take(4)?;
+        Ok(Some(CardView {
+            last4: [l[0], l[1], l[2], l[3]],
+            status: Status::from_u8(self.u8()?).ok_or(MALFORMED)?,
+            reason: LockReason::from_u8(self.u8()?).ok_or(MALFORMED)?,
+            currency: self.currency()?,
+            balance_minor: self.i64()?,
+            held_minor: self.i64()?,
+            expiry_ms: self.opt_i64()?,
+        }))
+    }
+    fn txn(&mut self) -> Res<TxnView> {
+        Ok(TxnView {
+            seq: self.u64()?,
+            kind: TxnKind::from_u8(self.u8()?).ok_or(MALFORMED)?,
+            amount_minor: self.i64()?,
+            balance_after_minor: self.i64()?,
+            at_ms: self.i64()?,
+            merchant: self.str8(STRING_BYTES_MAX)?,
+        })
+    }
+    fn txns(&mut self) -> Res<Vec<TxnView>> {
+        let n = self.u16()? as usize;
+        // Each entry takes at least 34 bytes, so a lying count cannot reserve more than the body holds.
+        let mut v = Vec::with_capacity(n.min(self.buf.len() / 34));
+        for _ in 0..n {
+            v.push(self.txn()?);
+        }
+        Ok(v)
+    }
+    fn result(&mut self) -> Res<ResultCode> {
+        ResultCode::from_u16(self.u16()?).ok_or(MALFORMED)
+    }
+    fn end(&self) -> Res<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(MALFORMED)
+        }
+    }
+}
+
+/// Decodes a request body. Field validation (card number, currency, amount, key) happens here, so
+/// everything after the wire layer holds only well-formed values.
+pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
+    let op = Opcode::from_u8(opcode).ok_or(DecodeError(ResultCode::UnknownOpcode))?;
+    let mut r = Reader { buf: body };
+    let req = match op {
+        Opcode::Hello => {
+            Request::Hello { min_version: r.u8()?, max_version: r.u8()?, client: r.str8(STRING_BYTES_MAX)? }
+        }
+        Opcode::Issue => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let program = r.str8(PROGRAM_BYTES_MAX)?;
+            if program.is_empty() {
+                return Err(MALFORMED);
+            }
+            let money = r.money(true)?;
+            let expiry_ms = r.opt_i64()?;
+            let active = r.bool()?;
+            Request::Issue { idem, number, program, money, expiry_ms, active }
+        }
+        Opcode::Activate => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let load = if r.bool()? { Some(r.money(false)?) } else { None };
+            Request::Activate { idem, number, load }
+        }
+        Opcode::Balance => Request::Balance { number: r.number()? },
+        Opcode::Redeem => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let money = r.money(false)?;
+            let allow_partial = r.bool()?;
+            let invoice = r.str8(STRING_BYTES_MAX)?;
+            let invoice = (!invoice.is_empty()).then_some(invoice);
+            Request::Redeem { idem, number, money, allow_partial, invoice }
+        }
+        Opcode::Reload => Request::Reload { idem: r.idem()?, number: r.number()?, money: r.money(false)? },
+        Opcode::Lock => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let reason = LockReason::from_u8(r.u8()?).filter(|r| *r != LockReason::None).ok_or(MALFORMED)?;
+            Request::Lock { idem, number, reason }
+        }
+        Opcode::Unlock => Request::Unlock { idem: r.idem()?, number: r.number()? },
+        Opcode::Lookup => Request::Lookup { number: r.number()? },
+        Opcode::History => {
+            let number = r.number()?;
+            let before_seq = r.u64()?;
+            let limit = r.u16()?;
+            if limit == 0 || limit > HISTORY_PAGE_MAX {
+                return Err(MALFORMED);
+            }
+            Request::History { number, before_seq, limit }
+        }
+    };
+    r.end()?;
+    Ok(req)
+}
+
+fn put_str8(dst: &mut BytesMut, s: &str) {
+    debug_assert!(s.len() <= 255);
+    dst.put_u8(s.len() as u8);
+    dst.put_slice(s.as_bytes());
+}
+
+fn put_money(dst: &mut BytesMut, m: &Money) {
+    dst.put_slice(&m.currency.code());
+    dst.put_i64_le(m.minor);
+}
+
+fn put_opt_i64(dst: &mut BytesMut, v: Option<i64>) {
+    dst.put_u8(v.is_some() as u8);
+    dst.put_i64_le(v.unwrap_or(0));
+}
+
+fn put_idem(dst: &mut BytesMut, idem: &IdemRef, number: &CardNumber) {
+    put_str8(dst, &idem.merchant);
+    put_str8(dst, &idem.key);
+    put_str8(dst, number.expose());
+}
+
+/// Encodes a request body (no header).
+pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
+    match req {
+        Request::Hello { min_version, max_version, client } => {
+            dst.put_u8(*min_version);
+            dst.put_u8(*max_version);
+            put_str8(dst, client);
+        }
+        Request::Issue { idem, number, program, money, expiry_ms, active } => {
+            put_idem(dst, idem, number);
+            put_str8(dst, program);
+            put_money(dst, money);
+            put_opt_i64(dst, *expiry_ms);
+            dst.put_u8(*active as u8);
+        }
+        Request::Activate { idem, number, load } => {
+            put_idem(dst, idem, number);
+            dst.put_u8(load.is_some() as u8);
+            if let Some(m) = load {
+                put_money(dst, m);
+            }
+        }
+        Request::Balance { number } | Request::Lookup { number } => put_str8(dst, number.expose()),
+        Request::Redeem { idem, number, money, allow_partial, invoice } => {
+            put_idem(dst, idem, number);
+            put_money(dst, money);
+            dst.put_u8(*allow_partial as u8);
+            put_str8(dst, invoice.as_deref().unwrap_or(""));
+        }
+        Request::Reload { idem, number, money } => {
+            put_idem(dst, idem, number);
+            put_money(dst, money);
+        }
+        Request::Lock { idem, number, reason } => {
+            put_idem(dst, idem, number);
+            dst.put_u8(*reason as u8);
+        }
+        Request::Unlock { idem, number } => put_idem(dst, idem, number),
+        Request::History { number, before_seq, limit } => {
+            put_str8(dst, number.expose());
+            dst.put_u64_le(*before_seq);
+            dst.put_u16_le(*limit);
+        }
+    }
+}
+
+/// Encodes a whole request frame.
+pub fn encode_request(dst: &mut BytesMut, request_id: u64, req: &Request) {
+    let at = begin_frame(dst, req.opcode() as u8, request_id);
+    encode_request_body(dst, req);
+    finish_frame(dst, at);
+}
+
+fn put_view(dst: &mut BytesMut, v: &Option<CardView>) {
+    let Some(v) = v else {
+        dst.put_u8(0);
+        return;
+    };
+    dst.put_u8(1);
+    dst.put_slice(&v.last4);
+    dst.put_u8(v.status as u8);
+    dst.put_u8(v.reason as u8);
+    dst.put_slice(&v.currency.code());
+    dst.put_i64_le(v.balance_minor);
+    dst.put_i64_le(v.held_minor);
+    put_opt_i64(dst, v.expiry_ms);
+}
+
+fn put_txns(dst: &mut BytesMut, txns: &[TxnView]) {
+    dst.put_u16_le(txns.len() as u16);
+    for t in txns {
+        dst.put_u64_le(t.seq);
+        dst.put_u8(t.kind as u8);
+        dst.put_i64_le(t.amount_minor);
+        dst.put_i64_le(t.balance_after_minor);
+        dst.put_i64_le(t.at_ms);
+        put_str8(dst, &t.merchant);
+    }
+}
+
+/// Encodes a reply body (no header).
+pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
+    match reply {
+        Reply::Error(code) => dst.put_u16_le(*code as u16),
+        Reply::Hello(h) => {
+            dst.put_u16_le(h.result as u16);
+            dst.put_u8(h.version);
+            dst.put_u32_le(h.frame_bytes_max);
+            dst.put_u32_le(h.inflight_max);
+            put_str8(dst, &h.server);
+        }
+        Reply::Card(o) => {
+            dst.put_u16_le(o.result as u16);
+            dst.put_i64_le(o.approved_minor);
+            put_view(dst, &o.card);
+        }
+        Reply::Lookup(l) => {
+            dst.put_u16_le(l.result as u16);
+            put_view(dst, &l.card);
+            put_str8(dst, &l.program);
+            dst.put_i64_le(l.created_ms);
+            dst.put_i64_le(l.updated_ms);
+            dst.put_u64_le(l.txn_count);
+            put_txns(dst, &l.recent);
+        }
+        Reply::History(h) => {
+            dst.put_u16_le(h.result as u16);
+            dst.put_u8(h.currency.is_some() as u8);
+            dst.put_slice(&h.currency.map(|c| c.code()).unwrap_or([0; 3]));
+            put_txns(dst, &h.txns);
+            dst.put_u64_le(h.next_before_seq);
+        }
+    }
+}
+
+/// Encodes a whole reply frame for a request with `opcode` and `request_id`.
+pub fn encode_reply(dst: &mut BytesMut, opcode: u8, request_id: u64, reply: &Reply) {
+    let at = begin_frame(dst, opcode | REPLY_BIT, request_id);
+    encode_reply_body(dst, reply);
+    finish_frame(dst, at);
+}
+
+/// Decodes a reply body; `opcode` is the reply frame's opcode (with the reply bit).
+pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
+    // Opcode 0 with the reply bit is a connection-level error, sent just before the server closes.
+    if opcode == REPLY_BIT {
+        let mut r = Reader { buf: body };
+        let code = r.result()?;
+        r.end()?;
+        return Ok(Reply::Error(code));
+    }
+    let op = Opcode::from_u8(opcode & !REPLY_BIT)
+        .filter(|_| opcode & REPLY_BIT != 0)
+        .ok_or(DecodeError(ResultCode::UnknownOpcode))?;
+    let mut r = Reader { buf: body };
+    let result = r.result()?;
+    if r.buf.is_empty() {
+        return Ok(Reply::Error(result));
+    }
+    let reply = match op {
+        Opcode::Hello => Reply::Hello(HelloReply {
+            result,
+            version: r.u8()?,
+            frame_bytes_max: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?),
+            inflight_max: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?),
+            server: r.str8(STRING_BYTES_MAX)?,
+        }),
+        Opcode::Lookup => Reply::Lookup(LookupReply {
+            result,
+            card: r.view()?,
+            program: r.str8(PROGRAM_BYTES_MAX)?,
+            created_ms: r.i64()?,
+            updated_ms: r.i64()?,
+            txn_count: r.u64()?,
+            recent: r.txns()?,
+        }),
+        Opcode::History => {
+            let has = r.bool()?;
+            let code = r.take(3)?;
+            let currency =
+                if has { Some(Currency::from_code([code[0], code[1], code[2]]).ok_or(MALFORMED)?) } else { None };
+            Reply::History(HistoryReply { result, currency, txns: r.txns()?, next_before_seq: r.u64()? })
+        }
+        _ => Reply::Card(Outcome { result, approved_minor: r.i64()?, card: r.view()? }),
+    };
+    r.end()?;
+    Ok(reply)
+}
