@@ -244,9 +244,10 @@ impl TxnKind {
 
 macro_rules! result_codes {
     ($($name:ident = $num:literal, $text:literal;)*) => {
-        /// Result codes, numbered for the wire. A number is never reused; the declaration order is the
-        /// precedence order (when several apply, the first listed is returned). protocol/results.md
-        /// documents them in the same order.
+        /// Result codes, numbered for the wire. A number is never reused. Engine decisions (20 and up)
+        /// are declared in precedence order: when several apply, the first listed is returned. Request
+        /// errors (1..=19) are found while decoding, so the first bad field in body order wins.
+        /// protocol/results.md documents them in the same order.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         #[repr(u16)]
         pub enum ResultCode { $($name = $num,)* }

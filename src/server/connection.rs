@@ -161,25 +161,19 @@ async fn wait_durable(shared: &Shared, group: u64) {
     let _ = durable.wait_for(|d| *d >= group).await;
 }
 
-fn txn_views(shared: &Shared, number: &CardNumber, before_seq: u64, limit: usize) -> Result<Vec<TxnView>, ()> {
+fn txn_views(shared: &Shared, number: &CardNumber, before_seq: u64, limit: usize) -> Vec<TxnView> {
     let key = shared.keyer.card_key(number);
-    match shared.store.history(&key, before_seq, limit) {
-        Ok(txns) => Ok(txns
-            .into_iter()
-            .map(|t| TxnView {
-                seq: t.seq,
-                kind: t.kind,
-                amount_minor: t.amount_minor,
-                balance_after_minor: t.balance_after_minor,
-                at_ms: t.at_ms,
-                merchant: t.merchant.into(),
-            })
-            .collect()),
-        Err(e) => {
-            tracing::error!(card = %number, error = %e, "history read failed");
-            Err(())
-        }
-    }
+    let txns = shared.store.history(&key, before_seq, limit);
+    txns.into_iter()
+        .map(|t| TxnView {
+            seq: t.seq,
+            kind: t.kind,
+            amount_minor: t.amount_minor,
+            balance_after_minor: t.balance_after_minor,
+            at_ms: t.at_ms,
+            merchant: t.merchant.into(),
+        })
+        .collect()
 }
 
 async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
@@ -200,7 +194,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
     };
     wait_durable(shared, group).await;
     // Entries newer than the snapshot are left out so the reply is one consistent moment.
-    let recent = txn_views(shared, number, rec.txn_count + 1, LOOKUP_RECENT_TXNS).unwrap_or_default();
+    let recent = txn_views(shared, number, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
     let reply = LookupReply {
         result: ResultCode::Approved,
         card: Some(rec.view(now)),
@@ -222,7 +216,7 @@ async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u
     wait_durable(shared, group).await;
     let before = if before_seq == 0 { rec.txn_count + 1 } else { before_seq.min(rec.txn_count + 1) };
     let limit = limit.min(HISTORY_PAGE_MAX) as usize;
-    let txns = txn_views(shared, number, before, limit).unwrap_or_default();
+    let txns = txn_views(shared, number, before, limit);
     let next_before_seq = match txns.last() {
         Some(t) if t.seq > 1 && txns.len() == limit => t.seq,
         _ => 0,

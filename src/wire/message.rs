@@ -229,9 +229,14 @@ impl<'a> Reader<'a> {
         }
         Ok(Money { currency, minor })
     }
+    /// A flag and an i64 that is always present; when the flag is 0 the value must be 0 too, so one
+    /// request has one encoding (and one idempotency fingerprint).
     fn opt_i64(&mut self) -> Res<Option<i64>> {
         let present = self.bool()?;
         let v = self.i64()?;
+        if !present && v != 0 {
+            return Err(MALFORMED);
+        }
         Ok(present.then_some(v))
     }
     fn idem(&mut self) -> Res<IdemRef> {
@@ -490,12 +495,11 @@ pub fn encode_reply(dst: &mut BytesMut, opcode: u8, request_id: u64, reply: &Rep
 
 /// Decodes a reply body; `opcode` is the reply frame's opcode (with the reply bit).
 pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
-    // Opcode 0 with the reply bit is a connection-level error, sent just before the server closes.
-    if opcode == REPLY_BIT {
+    // A bare result code is a request error, whatever the opcode: this also reads the server's
+    // answer to an opcode this client does not know, and the connection-level error frame (0x80).
+    if opcode & REPLY_BIT != 0 && body.len() == 2 {
         let mut r = Reader { buf: body };
-        let code = r.result()?;
-        r.end()?;
-        return Ok(Reply::Error(code));
+        return Ok(Reply::Error(r.result()?));
     }
     let op = Opcode::from_u8(opcode & !REPLY_BIT)
         .filter(|_| opcode & REPLY_BIT != 0)
