@@ -1,0 +1,251 @@
+//! giftctl against a real giftd: JSON output, exit statuses.
+
+use crate::harness::wait_exit;
+use crate::{Giftd, TIMEOUT};
+use serde_json::Value;
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+/// Runs giftctl with `args`; returns its exit status, stdout and stderr.
+pub fn run(args: &[&str]) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_giftctl"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn giftctl");
+    // Its output is one short line: it fits the pipe, so waiting before reading cannot deadlock.
+    let status = wait_exit(&mut child, TIMEOUT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("giftctl {args:?} did not finish within {TIMEOUT:?}")
+    });
+    let (mut out, mut err) = (String::new(), String::new());
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
+    (status.code().unwrap_or_else(|| panic!("giftctl {args:?} killed by a signal")), out, err)
+}
+
+/// Runs `giftctl --addr <g> --json <args>`, expects exit 0 and one JSON object.
+pub fn json(g: &Giftd, args: &[&str]) -> Value {
+    let mut all = vec!["--addr", g.addr(), "--json"];
+    all.extend_from_slice(args);
+    let (code, out, err) = run(&all);
+    assert_eq!(code, 0, "giftctl {args:?}: exit {code}, stderr {err}");
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("giftctl {args:?}: not JSON ({e}): {out}"));
+    assert!(v.is_object(), "{v}");
+    v
+}
+
+/// Checks string (and number) fields of a giftctl JSON object.
+#[track_caller]
+fn expect(v: &Value, fields: &[(&str, &str)]) {
+    for (k, want) in fields {
+        let got = match &v[*k] {
+            Value::String(s) => s.clone(),
+            Value::Null => panic!("{k} missing in {v}"),
+            other => other.to_string(),
+        };
+        assert_eq!(got, *want, "{k} in {v}");
+    }
+}
+
+/// Exit status for a usage error, with nothing on stdout.
+#[track_caller]
+fn usage_error(args: &[&str]) {
+    let (code, out, err) = run(args);
+    assert_eq!(code, 2, "giftctl {args:?}: stdout {out} stderr {err}");
+    assert!(out.is_empty(), "giftctl {args:?} printed {out}");
+    assert!(!err.is_empty(), "giftctl {args:?} should say what is wrong");
+}
+
+#[test]
+fn giftctl_drives_every_command_with_json() {
+    let g = Giftd::start();
+    let n = "6035719950000011";
+    let v =
+        json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "100.00", "--active", "--key", "ctl-i1"]);
+    expect(&v, &[("result", "approved"), ("code", "0"), ("status", "active"), ("last4", "0011"), ("currency", "USD")]);
+    expect(&v, &[("balance", "100.00"), ("available", "100.00"), ("held", "0.00"), ("approved", "100.00")]);
+    expect(&v, &[("expires", "never")]);
+    expect(&json(&g, &["balance", "--number", n]), &[("result", "approved"), ("balance", "100.00")]);
+
+    let v = json(&g, &["redeem", "--number", n, "--amount", "30.00", "--key", "ctl-r1"]);
+    expect(&v, &[("result", "approved"), ("approved", "30.00"), ("balance", "70.00"), ("available", "70.00")]);
+    // Insufficient funds is an answer, not a failure: exit 0.
+    let v = json(&g, &["redeem", "--number", n, "--amount", "100.00", "--key", "ctl-r2"]);
+    expect(&v, &[("result", "insufficient_funds"), ("code", "35"), ("approved", "0.00"), ("balance", "70.00")]);
+    let v = json(&g, &["redeem", "--number", n, "--amount", "100.00", "--partial", "--key", "ctl-r3"]);
+    expect(&v, &[("result", "approved"), ("approved", "70.00"), ("balance", "0.00"), ("available", "0.00")]);
+    // A retry with the same key answers the original outcome.
+    let v = json(&g, &["redeem", "--number", n, "--amount", "30.00", "--key", "ctl-r1"]);
+    expect(&v, &[("result", "approved"), ("approved", "30.00"), ("balance", "70.00")]);
+    let v = json(&g, &["redeem", "--number", n, "--amount", "31.00", "--key", "ctl-r1"]);
+    expect(&v, &[("result", "idempotency_mismatch")]);
+
+    let v = json(&g, &["reload", "--number", n, "--amount", "25.50", "--key", "ctl-l1"]);
+    expect(&v, &[("result", "approved"), ("approved", "25.50"), ("balance", "25.50")]);
+    let v = json(&g, &["lock", "--number", n, "--reason", "stolen"]);
+    expect(&v, &[("result", "approved"), ("status", "suspended"), ("reason", "stolen")]);
+    let v = json(&g, &["redeem", "--number", n, "--amount", "1.00", "--key", "ctl-r4"]);
+    expect(&v, &[("result", "card_suspended"), ("status", "suspended"), ("balance", "25.50")]);
+    let v = json(&g, &["unlock", "--number", n]);
+    expect(&v, &[("result", "approved"), ("status", "active")]);
+    assert!(v.get("reason").is_none(), "no reason once unlocked: {v}");
+    expect(&json(&g, &["unlock", "--number", n]), &[("result", "not_suspended")]);
+
+    let v = json(&g, &["lookup", "--number", n]);
+    expect(&v, &[("result", "approved"), ("status", "active"), ("balance", "25.50"), ("program", "default")]);
+    expect(&v, &[("transactions", "6")]);
+    let kinds: Vec<&str> =
+        v["recent"].as_array().expect("recent").iter().map(|t| t["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["unlock", "lock", "reload", "redeem", "redeem", "issue"], "{v}");
+    expect(&v["recent"][3], &[("seq", "3"), ("amount", "-70.00"), ("balance_after", "0.00")]);
+
+    let v = json(&g, &["history", "--number", n, "--limit", "4"]);
+    let seqs = |v: &Value| -> Vec<u64> {
+        v["entries"].as_array().expect("entries").iter().map(|t| t["seq"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(seqs(&v), [6, 5, 4, 3], "{v}");
+    expect(&v, &[("result", "approved"), ("currency", "USD"), ("next_before", "3")]);
+    let v = json(&g, &["history", "--number", n, "--limit", "4", "--before", "3"]);
+    assert_eq!(seqs(&v), [2, 1], "{v}");
+    expect(&v, &[("next_before", "0")]);
+
+    // Inactive issue, then activation with its initial load.
+    let m = "60357199500001019";
+    let v = json(&g, &["issue", "--number", m, "--currency", "EUR", "--amount", "0"]);
+    expect(&v, &[("result", "approved"), ("status", "inactive"), ("balance", "0.00"), ("currency", "EUR")]);
+    let v = json(&g, &["activate", "--number", m, "--amount", "10.00", "--key", "ctl-a1"]);
+    expect(&v, &[("result", "approved"), ("status", "active"), ("approved", "10.00"), ("balance", "10.00")]);
+    let v = json(&g, &["redeem", "--number", m, "--amount", "1.00", "--currency", "USD", "--key", "ctl-r5"]);
+    expect(&v, &[("result", "currency_mismatch"), ("balance", "10.00")]);
+
+    // Born expired.
+    let e = "603571995000020173";
+    let v = json(
+        &g,
+        &[
+            "issue",
+            "--number",
+            e,
+            "--currency",
+            "USD",
+            "--amount",
+            "5.00",
+            "--active",
+            "--expires",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    expect(&v, &[("result", "approved"), ("status", "expired"), ("expires", "2020-01-01T00:00:00+00:00")]);
+    expect(&json(&g, &["redeem", "--number", e, "--amount", "1.00", "--key", "ctl-r6"]), &[("result", "card_expired")]);
+
+    // Zero-decimal currency.
+    let y = "6035719950000300";
+    expect(
+        &json(&g, &["issue", "--number", y, "--currency", "JPY", "--amount", "1000", "--active"]),
+        &[("balance", "1000")],
+    );
+    expect(
+        &json(&g, &["redeem", "--number", y, "--amount", "250", "--key", "ctl-r7"]),
+        &[("approved", "250"), ("balance", "750")],
+    );
+
+    let v = json(&g, &["balance", "--number", "6035719950000409"]);
+    expect(&v, &[("result", "card_not_found"), ("code", "21")]);
+    assert!(v.get("balance").is_none(), "{v}");
+    let v = json(&g, &["redeem", "--number", "6035719950000409", "--amount", "1.00", "--key", "ctl-r8"]);
+    expect(&v, &[("result", "card_not_found")]);
+}
+
+#[test]
+fn giftctl_usage_errors_exit_2_and_change_nothing() {
+    let g = Giftd::start();
+    let n = "6035719950001019";
+    json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "10.00", "--active", "--key", "u-i1"]);
+    let a = g.addr();
+    usage_error(&[
+        "--addr",
+        a,
+        "--json",
+        "issue",
+        "--number",
+        "6035719950001027",
+        "--currency",
+        "USD",
+        "--amount",
+        "1.005",
+    ]);
+    usage_error(&["--addr", a, "--json", "issue", "--number", "12345", "--currency", "USD", "--amount", "1.00"]);
+    usage_error(&[
+        "--addr",
+        a,
+        "--json",
+        "issue",
+        "--number",
+        "6035719950001027",
+        "--currency",
+        "XXX",
+        "--amount",
+        "1.00",
+    ]);
+    usage_error(&[
+        "--addr",
+        a,
+        "--json",
+        "issue",
+        "--number",
+        "6035719950001027",
+        "--currency",
+        "USD",
+        "--amount",
+        "-1",
+    ]);
+    usage_error(&[
+        "--addr",
+        a,
+        "--json",
+        "issue",
+        "--number",
+        "6035719950001027",
+        "--currency",
+        "USD",
+        "--amount",
+        "1",
+        "--expires",
+        "soon",
+    ]);
+    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "1.005", "--key", "u-r1"]);
+    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "lots", "--key", "u-r2"]);
+    usage_error(&["--addr", a, "--json", "lock", "--number", n, "--reason", "bored"]);
+    usage_error(&["--addr", a, "--json", "history", "--number", n, "--limit", "0"]);
+    usage_error(&["--addr", a, "--json", "frobnicate"]);
+    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "1.00"]);
+
+    expect(&json(&g, &["balance", "--number", n]), &[("balance", "10.00"), ("status", "active")]);
+    expect(&json(&g, &["balance", "--number", "6035719950001027"]), &[("result", "card_not_found")]);
+    // The keys used above were never recorded.
+    let v = json(&g, &["redeem", "--number", n, "--amount", "1.00", "--key", "u-r1"]);
+    expect(&v, &[("result", "approved"), ("balance", "9.00")]);
+}
+
+#[test]
+fn giftctl_unreachable_server_exits_1() {
+    // A port that was just free: nothing listens on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr = format!("127.0.0.1:{port}");
+    for args in [
+        vec!["balance", "--number", "6035719950002017"],
+        vec!["redeem", "--number", "6035719950002017", "--amount", "1.00", "--key", "x"],
+    ] {
+        let mut all = vec!["--addr", addr.as_str(), "--json"];
+        all.extend(args);
+        let (code, out, err) = run(&all);
+        assert_eq!(code, 1, "{all:?}: stdout {out} stderr {err}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains(&addr), "the error names the address: {err}");
+    }
+}
