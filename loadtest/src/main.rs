@@ -1,1 +1,281 @@
-fn main() {}
+//! giftload: giftd's benchmark driver, workload and auditor, in the TigerBeetle style.
+//!
+//! - [`driver`]: optionally starts giftd on a fresh data directory and stops it with SIGTERM.
+//! - [`workload`]: preloads cards, then keeps `connections × pipeline` durable redeems in flight.
+//! - [`auditor`]: checks every reply, then every card's final balance against the approved replies.
+//! - [`pipe`]: a pipelined connection shared by all three phases.
+//!
+//! Only replies count: throughput is answered requests per second, latency is send-to-reply. A run
+//! whose audit fails exits non-zero, so a fast but wrong server never produces a clean figure.
+
+mod auditor;
+mod driver;
+mod pipe;
+mod workload;
+
+use anyhow::{anyhow, bail, Result};
+use auditor::{BalanceAudit, Ledger};
+use clap::Parser;
+use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use workload::{LoadResult, Run};
+
+/// Exit status for a usage error (EX_USAGE), as giftd uses.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "giftload",
+    version,
+    about = "Benchmark giftd with durable redeems, then audit every card's balance",
+    long_about = "Benchmark giftd with durable redeems, then audit every card's balance.\n\n\
+        Preloads --cards active cards (1,000,000.00 USD each), then keeps --connections × --pipeline \
+        redeems of 1.00 from random cards in flight for --duration-secs. Every reply is checked and \
+        every final balance must equal its initial value minus the approved redeems. Exits 1 when \
+        the audit fails. Progress goes to stderr; the result to stdout."
+)]
+struct Args {
+    /// giftd's protocol address; must be 127.0.0.1. Ignored with --spawn.
+    #[arg(long, default_value = "127.0.0.1:7420")]
+    addr: String,
+    /// Load connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests each connection keeps in flight.
+    #[arg(long, default_value_t = 4)]
+    pipeline: usize,
+    /// How long requests are sent; replies still due are awaited (up to 10 s) afterwards.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Cards issued before the run; each redeem picks one uniformly.
+    #[arg(long, default_value_t = 100_000)]
+    cards: usize,
+    /// Start giftd (next to this executable, or $GIFTD_BIN) on a fresh temp dir, stop it after.
+    #[arg(long)]
+    spawn: bool,
+    /// With --spawn, the mode giftd is started in (default: giftd's own, sync). Without --spawn,
+    /// giftload cannot ask the server: this only labels the report and must match the server's
+    /// --durability (default sync).
+    #[arg(long, value_parser = ["sync", "relaxed"])]
+    durability: Option<String>,
+    /// Print exactly one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop sending after this many redeems in total (the duration still applies).
+    #[arg(long)]
+    max_ops: Option<u64>,
+    /// Tokio worker threads for giftload. Keep it low: giftd shares the machine.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+impl Args {
+    fn validate(&self) -> Result<()> {
+        let ranges: [(&str, usize, usize, usize); 4] = [
+            ("--connections", self.connections, 1, 1024),
+            ("--pipeline", self.pipeline, 1, 1024),
+            ("--threads", self.threads, 1, 256),
+            ("--cards", self.cards, 1, workload::CARDS_MAX),
+        ];
+        for (name, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                bail!("{name} must be between {lo} and {hi}");
+            }
+        }
+        if !(1..=86_400).contains(&self.duration_secs) {
+            bail!("--duration-secs must be between 1 and 86400");
+        }
+        if self.max_ops == Some(0) {
+            bail!("--max-ops must be at least 1");
+        }
+        if !self.spawn {
+            loopback(&self.addr)?;
+        }
+        Ok(())
+    }
+}
+
+/// giftload only ever talks to this machine: a load test aimed elsewhere by mistake is an attack.
+fn loopback(addr: &str) -> Result<()> {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) if a.ip() == Ipv4Addr::LOCALHOST => Ok(()),
+        _ => bail!("address {addr:?} must be 127.0.0.1:PORT"),
+    }
+}
+
+/// Everything the report shows.
+struct Report {
+    durability: String,
+    load: LoadResult,
+    audit: Option<BalanceAudit>,
+    /// Why the audit failed; empty when it passed.
+    failures: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("giftload: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // A multi-thread runtime with few workers: giftd needs most of a 2-core machine.
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("giftload: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&args)) {
+        Ok(report) => {
+            print_report(&args, &report);
+            if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("giftload: {e:#}");
+            if args.json {
+                // Scripts still get their one object, and a failed audit rather than a parse error.
+                let v = json!({
+                    "audit": "failed",
+                    "error": format!("{e:#}"),
+                    "connections": args.connections,
+                    "pipeline": args.pipeline,
+                    "cards": args.cards,
+                });
+                println!("{v}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<Report> {
+    if !args.spawn {
+        let durability = args.durability.clone().unwrap_or_else(|| "sync".into());
+        return bench(args, &args.addr, durability).await;
+    }
+    let server = driver::Server::spawn(args.durability.as_deref()).await?;
+    eprintln!("giftload: giftd ready on {} ({})", server.addr, server.durability);
+    let result = match loopback(&server.addr) {
+        Ok(()) => bench(args, &server.addr, server.durability.clone()).await,
+        Err(e) => Err(e),
+    };
+    // Stop giftd even when the run failed, so a failed run still checks the shutdown path.
+    let stopped = server.stop().await;
+    match (result, stopped) {
+        (Ok(mut report), stopped) => {
+            if let Err(e) = stopped {
+                report.failures.push(format!("stopping giftd: {e:#}"));
+            }
+            Ok(report)
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(stop)) => Err(anyhow!("{e:#}; stopping giftd failed too: {stop:#}")),
+    }
+}
+
+/// Preload, load, audit.
+async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
+    let run = Arc::new(Run::new(args.cards)?);
+    let ledger = Arc::new(Ledger::new(args.cards));
+    eprintln!("giftload: run {}: issuing {} cards", run.id, args.cards);
+    workload::preload(addr, run.clone()).await?;
+    eprintln!(
+        "giftload: {}×{} redeems for {} s ({} durability)",
+        args.connections, args.pipeline, args.duration_secs, durability
+    );
+    let duration = Duration::from_secs(args.duration_secs);
+    let load =
+        workload::load(addr, run.clone(), ledger.clone(), args.connections, args.pipeline, duration, args.max_ops)
+            .await?;
+    let mut failures = load.failures.clone();
+    if load.unanswered > 0 {
+        failures.push(format!("{} requests never answered", load.unanswered));
+    }
+    let errors = load.findings.error_count();
+    if errors > 0 {
+        failures.push(format!("{errors} redeems not approved ({})", error_names(&load)));
+    }
+    if load.findings.anomalies > 0 {
+        failures.push(format!("{} replies contradict their request", load.findings.anomalies));
+        failures.extend(load.findings.examples.iter().map(|e| format!("  {e}")));
+    }
+    eprintln!("giftload: auditing {} balances", args.cards);
+    let audit = match auditor::audit_balances(addr, run, ledger).await {
+        Ok(a) => {
+            if a.mismatches > 0 {
+                failures.push(format!("{} of {} balances differ from initial − approved", a.mismatches, a.checked));
+                failures.extend(a.examples.iter().map(|e| format!("  {e}")));
+            }
+            Some(a)
+        }
+        Err(e) => {
+            failures.push(format!("balance audit: {e:#}"));
+            None
+        }
+    };
+    Ok(Report { durability, load, audit, failures })
+}
+
+fn error_names(load: &LoadResult) -> String {
+    let names: Vec<String> = load.findings.errors.iter().map(|(name, n)| format!("{name} {n}")).collect();
+    names.join(", ")
+}
+
+fn print_report(args: &Args, r: &Report) {
+    let secs = r.load.elapsed.as_secs_f64();
+    let ops_per_sec = if secs > 0.0 { r.load.ops as f64 / secs } else { 0.0 };
+    let h = &r.load.hist;
+    // An empty histogram reports zeros, which is what "no reply arrived" should read as.
+    let (p50, p99, p999, max) =
+        (h.value_at_quantile(0.50), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max());
+    let audit = if r.failures.is_empty() { "ok" } else { "failed" };
+    let errors = r.load.findings.error_count();
+    if args.json {
+        let v = json!({
+            "ops_per_sec": (ops_per_sec * 10.0).round() / 10.0,
+            "p50_us": p50,
+            "p99_us": p99,
+            "p999_us": p999,
+            "max_us": max,
+            "max_at_secs": (r.load.slowest_at_secs * 1000.0).round() / 1000.0,
+            "durability": r.durability,
+            "audit": audit,
+            "ops": r.load.ops,
+            "errors": errors,
+            "errors_by_result": r.load.findings.errors,
+            "connections": args.connections,
+            "pipeline": args.pipeline,
+            "cards": args.cards,
+            "duration_secs": (secs * 1000.0).round() / 1000.0,
+            "threads": args.threads,
+            "balances_checked": r.audit.as_ref().map(|a| a.checked),
+            "failures": r.failures,
+        });
+        println!("{v}");
+        for f in &r.failures {
+            eprintln!("giftload: audit: {f}");
+        }
+        return;
+    }
+    println!("throughput  {ops_per_sec:.0} ops/s");
+    println!(
+        "latency     p50 {p50} µs  p99 {p99} µs  p99.9 {p999} µs  max {max} µs (at {:.3} s)",
+        r.load.slowest_at_secs
+    );
+    let errors = if errors > 0 { format!("{errors} ({})", error_names(&r.load)) } else { "0".into() };
+    println!(
+        "durability {}  cards {}  connections {}×{}  duration {secs:.2} s  threads {}  ops {}  errors {errors}  audit {audit}",
+        r.durability, args.cards, args.connections, args.pipeline, args.threads, r.load.ops
+    );
+    for f in &r.failures {
+        println!("audit: {f}");
+    }
+}

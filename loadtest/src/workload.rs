@@ -1,0 +1,293 @@
+//! The workload: durable redeems whose outcome is known in advance. Every card is issued active with
+//! far more than the run can spend, and every redeem takes 1.00 without partial approval, so every
+//! reply must be `approved`; anything else is a finding, never noise.
+
+use crate::auditor::{self, Findings, Ledger};
+use crate::pipe::{sweep_all, Pipe};
+use anyhow::{bail, Result};
+use giftd::card_number::CardNumber;
+use giftd::model::{Currency, Money, ResultCode};
+use giftd::wire::{IdemRef, Reply, Request};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const MERCHANT: &str = "giftload";
+const PROGRAM: &str = "default";
+/// 1,000,000.00 USD per card: a million redeems before a card could run dry, far beyond any run.
+pub const INITIAL_MINOR: i64 = 100_000_000;
+/// Each redeem takes 1.00 USD.
+pub const REDEEM_MINOR: i64 = 100;
+/// Card numbers hold the index in 10 digits; memory runs out long before that.
+pub const CARDS_MAX: usize = 100_000_000;
+/// How long replies may still arrive after the send deadline before the run counts as failed.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections used to issue cards and to read balances back (not part of the measurement).
+pub const SETUP_CONNECTIONS: usize = 4;
+
+/// One run's identity and cards.
+pub struct Run {
+    /// Random 9-digit prefix of every card number and idempotency key, so runs against a long-lived
+    /// server never collide with earlier runs.
+    pub id: u64,
+    /// Built once: the load loop only clones them into requests.
+    pub cards: Vec<CardNumber>,
+    pub usd: Currency,
+}
+
+impl Run {
+    pub fn new(n: usize) -> Result<Run> {
+        if !(1..=CARDS_MAX).contains(&n) {
+            bail!("--cards must be between 1 and {CARDS_MAX}");
+        }
+        let id: u64 = rand::thread_rng().gen_range(100_000_000..1_000_000_000);
+        // 9 + 10 = 19 digits, the longest number giftd accepts, so the index never needs truncating.
+        let cards = (0..n).map(|i| CardNumber::parse(&format!("{id}{i:010}")).expect("19 digits")).collect();
+        let Some(usd) = Currency::parse("USD") else { bail!("giftd does not know USD") };
+        Ok(Run { id, cards, usd })
+    }
+
+    /// Setup phases get a minute plus 1 ms per card: generous, but never unbounded.
+    pub fn setup_limit(&self) -> Duration {
+        Duration::from_secs(60) + Duration::from_millis(self.cards.len() as u64)
+    }
+}
+
+/// Issues every card, active, with [`INITIAL_MINOR`]. Any refusal stops the run: the audit is only
+/// meaningful when every card starts from a known balance.
+pub async fn preload(addr: &str, run: Arc<Run>) -> Result<()> {
+    let r = run.clone();
+    let make = move |i: usize| Request::Issue {
+        idem: IdemRef { merchant: MERCHANT.into(), key: format!("{}-issue-{i}", r.id) },
+        number: r.cards[i].clone(),
+        program: PROGRAM.into(),
+        money: Money { currency: r.usd, minor: INITIAL_MINOR },
+        expiry_ms: None,
+        active: true,
+    };
+    let check = |i: usize, reply: Reply, _: &mut ()| match reply {
+        Reply::Card(o)
+            if o.result == ResultCode::Approved && o.card.map(|c| c.balance_minor) == Some(INITIAL_MINOR) =>
+        {
+            Ok(())
+        }
+        Reply::Card(o) if o.result == ResultCode::Approved => bail!("issuing card #{i}: approved with {:?}", o.card),
+        other => bail!("issuing card #{i}: {}", other.result().name()),
+    };
+    sweep_all(addr, run.cards.len(), SETUP_CONNECTIONS, run.setup_limit(), make, check).await?;
+    Ok(())
+}
+
+/// What the load phase is allowed to do.
+pub struct Limits {
+    pub pipeline: usize,
+    /// No request is sent after this.
+    pub deadline: Instant,
+    /// Shared across connections: (requests sent so far, --max-ops).
+    pub budget: Option<(AtomicU64, u64)>,
+}
+
+impl Limits {
+    fn may_send(&self, now: Instant) -> bool {
+        now < self.deadline
+            && self.budget.as_ref().is_none_or(|(sent, max)| sent.fetch_add(1, Ordering::Relaxed) < *max)
+    }
+}
+
+/// What one load connection saw.
+pub struct ConnReport {
+    /// Send-to-reply latency of every answered request, in µs.
+    pub hist: Histogram<u64>,
+    /// The slowest reply (µs) and when it arrived: a stall shows up at a time one can correlate
+    /// with giftd's log and metrics.
+    pub slowest: (u64, Option<Instant>),
+    /// Replies received (whatever their result).
+    pub ops: u64,
+    pub findings: Findings,
+    /// Requests sent whose reply never came.
+    pub unanswered: usize,
+    pub failure: Option<String>,
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 1 min at 3 significant digits; slower replies are clamped (and the run fails anyway).
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Builds redeems into one reused request: only the key (written in place) and the card number
+/// change, so a request costs one small allocation (the number's clone), not four.
+struct Redeems {
+    req: Request,
+    rng: StdRng,
+    conn: usize,
+    seq: u64,
+}
+
+impl Redeems {
+    fn new(run: &Run, conn: usize) -> Redeems {
+        let req = Request::Redeem {
+            idem: IdemRef { merchant: MERCHANT.into(), key: String::with_capacity(40) },
+            number: run.cards[0].clone(),
+            money: Money { currency: run.usd, minor: REDEEM_MINOR },
+            allow_partial: false,
+            invoice: None,
+        };
+        Redeems { req, rng: StdRng::from_entropy(), conn, seq: 0 }
+    }
+
+    /// Buffers a redeem of a uniformly random card under a key unique to (run, connection, seq).
+    fn push(&mut self, pipe: &mut Pipe, run: &Run) {
+        let i = self.rng.gen_range(0..run.cards.len());
+        if let Request::Redeem { idem, number, .. } = &mut self.req {
+            idem.key.clear();
+            let _ = write!(idem.key, "{}-{}-{}", run.id, self.conn, self.seq);
+            *number = run.cards[i].clone();
+        }
+        self.seq += 1;
+        pipe.push(&self.req, i);
+    }
+}
+
+/// One load connection: P requests in flight until the deadline (or --max-ops), then the drain. A
+/// replacement is buffered as each reply is checked; [`Pipe::next`] writes them in one batch.
+pub async fn redeem_loop(
+    mut pipe: Pipe,
+    conn: usize,
+    run: Arc<Run>,
+    ledger: Arc<Ledger>,
+    limits: Arc<Limits>,
+) -> ConnReport {
+    let mut rep = ConnReport {
+        hist: new_histogram(),
+        slowest: (0, None),
+        ops: 0,
+        findings: Findings::default(),
+        unanswered: 0,
+        failure: None,
+    };
+    let hard_deadline = tokio::time::Instant::from_std(limits.deadline + DRAIN_TIMEOUT);
+    let res = tokio::time::timeout_at(hard_deadline, drive(&mut pipe, conn, &run, &ledger, &limits, &mut rep)).await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => rep.failure = Some(format!("connection {conn}: {e:#}")),
+        Err(_) => {
+            rep.failure = Some(format!("connection {conn}: replies still missing {DRAIN_TIMEOUT:?} after the deadline"))
+        }
+    }
+    rep.unanswered = pipe.in_flight();
+    rep
+}
+
+async fn drive(
+    pipe: &mut Pipe,
+    conn: usize,
+    run: &Run,
+    ledger: &Ledger,
+    limits: &Limits,
+    rep: &mut ConnReport,
+) -> Result<()> {
+    let mut redeems = Redeems::new(run, conn);
+    let mut sending = true;
+    for _ in 0..limits.pipeline {
+        if !limits.may_send(Instant::now()) {
+            sending = false;
+            break;
+        }
+        redeems.push(pipe, run);
+    }
+    while pipe.in_flight() > 0 {
+        let (sent, reply) = pipe.next().await?;
+        let now = Instant::now();
+        let micros = now.saturating_duration_since(sent.at).as_micros() as u64;
+        rep.hist.saturating_record(micros);
+        if micros > rep.slowest.0 {
+            rep.slowest = (micros, Some(now));
+        }
+        rep.ops += 1;
+        auditor::check_redeem(ledger, sent.tag, &run.cards[sent.tag], run.usd, &reply, &mut rep.findings);
+        if sending {
+            if limits.may_send(now) {
+                redeems.push(pipe, run);
+            } else {
+                sending = false;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The merged result of the load phase.
+pub struct LoadResult {
+    pub hist: Histogram<u64>,
+    /// Seconds from the start of the load to the slowest reply.
+    pub slowest_at_secs: f64,
+    pub ops: u64,
+    /// From the first send to the last reply (or the drain timeout).
+    pub elapsed: Duration,
+    pub findings: Findings,
+    pub unanswered: usize,
+    pub failures: Vec<String>,
+}
+
+pub async fn load(
+    addr: &str,
+    run: Arc<Run>,
+    ledger: Arc<Ledger>,
+    connections: usize,
+    pipeline: usize,
+    duration: Duration,
+    max_ops: Option<u64>,
+) -> Result<LoadResult> {
+    // Connect and handshake first, so the measured time holds only redeems.
+    let mut pipes = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        pipes.push(Pipe::connect(addr).await?);
+    }
+    if let Some(p) = pipes.first() {
+        if pipeline > p.inflight_max {
+            eprintln!(
+                "giftload: --pipeline {pipeline} exceeds giftd's in-flight limit {}; the excess waits in TCP buffers",
+                p.inflight_max
+            );
+        }
+    }
+    let start = Instant::now();
+    let limits =
+        Arc::new(Limits { pipeline, deadline: start + duration, budget: max_ops.map(|m| (AtomicU64::new(0), m)) });
+    let tasks: Vec<_> = pipes
+        .into_iter()
+        .enumerate()
+        .map(|(conn, pipe)| tokio::spawn(redeem_loop(pipe, conn, run.clone(), ledger.clone(), limits.clone())))
+        .collect();
+    let mut out = LoadResult {
+        hist: new_histogram(),
+        slowest_at_secs: 0.0,
+        ops: 0,
+        elapsed: Duration::ZERO,
+        findings: Findings::default(),
+        unanswered: 0,
+        failures: Vec::new(),
+    };
+    let mut slowest = 0;
+    for t in tasks {
+        // Every task is bounded by its own drain deadline, so this join is bounded too.
+        let rep = t.await?;
+        out.hist.add(&rep.hist).map_err(|e| anyhow::anyhow!("merging histograms: {e:?}"))?;
+        if let (micros, Some(at)) = rep.slowest {
+            if micros > slowest {
+                slowest = micros;
+                out.slowest_at_secs = at.duration_since(start).as_secs_f64();
+            }
+        }
+        out.ops += rep.ops;
+        out.findings.merge(rep.findings);
+        out.unanswered += rep.unanswered;
+        out.failures.extend(rep.failure);
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
