@@ -1,24 +1,24 @@
-//! One client connection: a reader that decodes and decides, a writer that releases replies once
-//! their commit group is durable. Between them a bounded channel is the connection's in-flight limit:
-//! when it is full the reader stops reading, and TCP pushes back on the client.
+//! One client connection, one task. It reads and decides requests, queues each reply with the
+//! commit group it depends on, and writes replies in request order once their group is durable,
+//! batching whatever is ready into one write. The queue holds at most `inflight_per_connection_max`
+//! replies: when it is full the task stops reading, and TCP pushes back on the client.
 
 use super::{now_ms, Shared};
 use crate::card_number::CardNumber;
 use crate::engine::{Mutation, Op};
 use crate::model::{ResultCode, TxnView};
 use crate::wire::{
-    self, decode_request, encode_reply, DecodeError, FrameCodec, FrameError, HelloReply, HistoryReply, LookupReply,
-    Opcode, Reply, Request, HISTORY_PAGE_MAX,
+    self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
+    LookupReply, Opcode, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
 use futures_util::StreamExt;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -39,69 +39,116 @@ struct Pending {
 
 pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
     let _ = sock.set_nodelay(true);
-    let (rd, wr) = sock.into_split();
+    let (rd, mut wr) = sock.into_split();
     let codec = FrameCodec::new(shared.limits.frame_bytes_max);
     let mut frames = FramedRead::with_capacity(rd, codec, READ_BUFFER_BYTES);
-    let (tx, rx) = mpsc::channel::<Pending>(shared.limits.inflight_per_connection_max);
-    let writer = tokio::spawn(write_loop(wr, rx, shared.clone()));
-    let idle = Duration::from_secs(shared.limits.idle_timeout_secs);
+    let mut durable = shared.store.durable();
+    let inflight_max = shared.limits.inflight_per_connection_max;
+    let mut queue: VecDeque<Pending> = VecDeque::with_capacity(inflight_max.min(1024));
+    let mut out = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let idle = std::time::Duration::from_secs(shared.limits.idle_timeout_secs);
+    // The idle timer is re-armed only when it fires, from the time of the last frame, so that
+    // reading a frame costs no timer update.
+    let mut last_frame_at = tokio::time::Instant::now();
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
     let mut handshaken = false;
+    // Set when the connection must end: replies already queued are still written first.
+    let mut closing = false;
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            n = tokio::time::timeout(idle, frames.next()) => n,
-        };
-        let frame = match next {
-            Err(_) => {
-                tracing::debug!(%peer, "idle timeout; closing");
-                break;
+        let durable_group = *durable.borrow_and_update();
+        while queue.front().is_some_and(|p| p.group <= durable_group) {
+            let p = queue.pop_front().expect("front exists");
+            encode_reply(&mut out, p.opcode, p.request_id, &p.reply);
+            if let Some(op) = p.op {
+                shared.metrics.request(op, p.reply.result(), p.started.elapsed());
             }
-            Ok(None) => break,
-            Ok(Some(Ok(f))) => f,
-            Ok(Some(Err(e))) => {
-                // The stream cannot be resynchronised: say why, then close this connection only.
-                let code = match &e {
-                    FrameError::TooLarge { .. } => ResultCode::FrameTooLarge,
-                    FrameError::Version(_) => ResultCode::UnsupportedVersion,
-                    FrameError::Io(_) => break,
-                    _ => ResultCode::MalformedFrame,
-                };
-                shared.metrics.protocol_errors.inc();
-                tracing::info!(%peer, error = %e, "corrupt stream; closing connection");
-                let _ = tx.send(connection_error(code)).await;
-                break;
-            }
-        };
-        let started = Instant::now();
-        let opcode = frame.header.opcode;
-        let request_id = frame.header.request_id;
-        let decoded = decode_request(opcode, &frame.body);
-        let op = Opcode::from_u8(opcode);
-        let (reply, group, close) = match decoded {
-            // Until the handshake, anything but a well-formed hello ends the connection.
-            _ if !handshaken && op != Some(Opcode::Hello) => (Reply::Error(ResultCode::HandshakeRequired), 0, true),
-            Err(DecodeError(code)) => (Reply::Error(code), 0, !handshaken),
-            Ok(Request::Hello { min_version, max_version, .. }) => {
-                let ok = (min_version..=max_version).contains(&wire::VERSION);
-                handshaken |= ok;
-                let reply = if ok { hello_reply(&shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
-                (reply, 0, !ok)
-            }
-            Ok(req) => {
-                let (reply, group) = handle(&shared, opcode, &frame.body, req).await;
-                (reply, group, false)
-            }
-        };
-        if close {
-            shared.metrics.protocol_errors.inc();
         }
-        if tx.send(Pending { request_id, opcode, op, group, reply, started }).await.is_err() || close {
+        // While more whole frames are already buffered, decide them first and write once after.
+        let more_buffered = !closing && frame_buffered(frames.read_buffer()) && queue.len() < inflight_max;
+        if !out.is_empty() && !more_buffered {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if closing && queue.is_empty() {
             break;
         }
+        let can_read = !closing && queue.len() < inflight_max;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !closing => closing = true,
+            changed = durable.changed(), if !queue.is_empty() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            next = frames.next(), if can_read => match next {
+                None => closing = true,
+                Some(Ok(frame)) => {
+                    last_frame_at = tokio::time::Instant::now();
+                    let (pending, close) = decide(&shared, frame, &mut handshaken).await;
+                    queue.push_back(pending);
+                    closing |= close;
+                }
+                Some(Err(e)) => {
+                    closing = true;
+                    // The stream cannot be resynchronised: say why, then close this connection only.
+                    let code = match &e {
+                        FrameError::TooLarge { .. } => ResultCode::FrameTooLarge,
+                        FrameError::Version(_) => ResultCode::UnsupportedVersion,
+                        FrameError::Io(_) => continue,
+                        _ => ResultCode::MalformedFrame,
+                    };
+                    shared.metrics.protocol_errors.inc();
+                    tracing::info!(%peer, error = %e, "corrupt stream; closing connection");
+                    queue.push_back(connection_error(code));
+                }
+            },
+            _ = &mut idle_timer, if can_read => {
+                if last_frame_at.elapsed() >= idle && queue.is_empty() {
+                    tracing::debug!(%peer, "idle timeout; closing");
+                    closing = true;
+                } else {
+                    idle_timer.as_mut().reset(last_frame_at + idle);
+                }
+            }
+        }
     }
-    drop(tx);
-    let _ = writer.await;
+    let _ = wr.shutdown().await;
+}
+
+/// Whether `buf` already holds a whole frame (judged by its length prefix alone).
+fn frame_buffered(buf: &BytesMut) -> bool {
+    buf.len() >= 4 && buf.len() >= 4 + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// Decides one frame. Returns its pending reply and whether the connection must close after it.
+async fn decide(shared: &Shared, frame: Frame, handshaken: &mut bool) -> (Pending, bool) {
+    let started = Instant::now();
+    let opcode = frame.header.opcode;
+    let request_id = frame.header.request_id;
+    let op = Opcode::from_u8(opcode);
+    let (reply, group, close) = match decode_request(opcode, &frame.body) {
+        // Until the handshake, anything but a well-formed hello ends the connection.
+        _ if !*handshaken && op != Some(Opcode::Hello) => (Reply::Error(ResultCode::HandshakeRequired), 0, true),
+        Err(DecodeError(code)) => (Reply::Error(code), 0, !*handshaken),
+        Ok(Request::Hello { min_version, max_version, .. }) => {
+            let ok = (min_version..=max_version).contains(&wire::VERSION);
+            *handshaken |= ok;
+            let reply = if ok { hello_reply(shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
+            (reply, 0, !ok)
+        }
+        Ok(req) => {
+            let (reply, group) = handle(shared, opcode, &frame.body, req).await;
+            (reply, group, false)
+        }
+    };
+    if close {
+        shared.metrics.protocol_errors.inc();
+    }
+    (Pending { request_id, opcode, op, group, reply, started }, close)
 }
 
 fn connection_error(code: ResultCode) -> Pending {
@@ -230,36 +277,4 @@ async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u
         }),
         group,
     )
-}
-
-/// Writes replies in request order, each once its group is durable, batching whatever is ready into
-/// one write.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, shared: Arc<Shared>) {
-    let mut durable = shared.store.durable();
-    let mut out = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(p) = next.take() {
-            if p.group > *durable.borrow() {
-                // Send what is ready before waiting, so earlier replies are not held back.
-                if !out.is_empty() && wr.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
-                if durable.wait_for(|d| *d >= p.group).await.is_err() {
-                    return;
-                }
-            }
-            encode_reply(&mut out, p.opcode, p.request_id, &p.reply);
-            if let Some(op) = p.op {
-                shared.metrics.request(op, p.reply.result(), p.started.elapsed());
-            }
-            next = rx.try_recv().ok();
-        }
-        if wr.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
-    }
-    let _ = wr.shutdown().await;
 }
