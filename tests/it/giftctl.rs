@@ -167,63 +167,30 @@ fn giftctl_usage_errors_exit_2_and_change_nothing() {
     let n = "6035719950001019";
     json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "10.00", "--active", "--key", "u-i1"]);
     let a = g.addr();
-    usage_error(&[
-        "--addr",
-        a,
-        "--json",
-        "issue",
-        "--number",
-        "6035719950001027",
-        "--currency",
-        "USD",
-        "--amount",
-        "1.005",
-    ]);
-    usage_error(&["--addr", a, "--json", "issue", "--number", "12345", "--currency", "USD", "--amount", "1.00"]);
-    usage_error(&[
-        "--addr",
-        a,
-        "--json",
-        "issue",
-        "--number",
-        "6035719950001027",
-        "--currency",
-        "XXX",
-        "--amount",
-        "1.00",
-    ]);
-    usage_error(&[
-        "--addr",
-        a,
-        "--json",
-        "issue",
-        "--number",
-        "6035719950001027",
-        "--currency",
-        "USD",
-        "--amount",
-        "-1",
-    ]);
-    usage_error(&[
-        "--addr",
-        a,
-        "--json",
-        "issue",
-        "--number",
-        "6035719950001027",
-        "--currency",
-        "USD",
-        "--amount",
-        "1",
-        "--expires",
-        "soon",
-    ]);
-    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "1.005", "--key", "u-r1"]);
-    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "lots", "--key", "u-r2"]);
-    usage_error(&["--addr", a, "--json", "lock", "--number", n, "--reason", "bored"]);
-    usage_error(&["--addr", a, "--json", "history", "--number", n, "--limit", "0"]);
-    usage_error(&["--addr", a, "--json", "frobnicate"]);
-    usage_error(&["--addr", a, "--json", "redeem", "--number", n, "--amount", "1.00"]);
+    let new_card = "6035719950001027";
+    let issue = |amount: &'static str, currency: &'static str, extra: &[&'static str]| {
+        let mut v = vec!["issue", "--number", new_card, "--currency", currency, "--amount", amount];
+        v.extend_from_slice(extra);
+        v
+    };
+    let bad: Vec<Vec<&str>> = vec![
+        issue("1.005", "USD", &[]),
+        vec!["issue", "--number", "12345", "--currency", "USD", "--amount", "1.00"],
+        issue("1.00", "XXX", &[]),
+        issue("-1", "USD", &[]),
+        issue("1", "USD", &["--expires", "soon"]),
+        vec!["redeem", "--number", n, "--amount", "1.005", "--key", "u-r1"],
+        vec!["redeem", "--number", n, "--amount", "lots", "--key", "u-r2"],
+        vec!["lock", "--number", n, "--reason", "bored"],
+        vec!["history", "--number", n, "--limit", "0"],
+        vec!["frobnicate"],
+        vec!["redeem", "--number", n, "--amount", "1.00"],
+    ];
+    for args in bad {
+        let mut full = vec!["--addr", a, "--json"];
+        full.extend(args);
+        usage_error(&full);
+    }
 
     expect(&json(&g, &["balance", "--number", n]), &[("balance", "10.00"), ("status", "active")]);
     expect(&json(&g, &["balance", "--number", "6035719950001027"]), &[("result", "card_not_found")]);
