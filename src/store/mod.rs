@@ -236,6 +236,9 @@ impl Store {
 fn cf_options(name: &str) -> Options {
     let mut o = Options::default();
     o.set_write_buffer_size(WRITE_BUFFER_BYTES);
+    // Room for two memtables to wait for flush while a third fills: a burst then does not stall
+    // writes (a stall would hold every reply).
+    o.set_max_write_buffer_number(4);
     match name {
         CF_CARDS => o.set_memtable_factory(MemtableFactory::Vector),
         CF_HISTORY | CF_IDEM | CF_INVOICES => {
