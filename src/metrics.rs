@@ -27,6 +27,7 @@ pub struct Metrics {
     pub connections_rejected: IntCounter,
     pub protocol_errors: IntCounter,
     pub idempotent_replays: IntCounter,
+    pub idem_keys_memory: IntGauge,
     pub cards_recovered: IntGauge,
     pub recovery_seconds: prometheus::Gauge,
 }
@@ -86,6 +87,11 @@ impl Metrics {
             "Mutations answered from their idempotency record instead of being applied again.",
         )
         .expect("metric");
+        let idem_keys_memory = IntGauge::new(
+            "giftd_idempotency_keys_memory",
+            "Idempotency keys held in memory (recent or not yet durable); older ones are in the store.",
+        )
+        .expect("metric");
         let cards_recovered = IntGauge::new("giftd_recovery_cards", "Cards loaded at the last start.").expect("metric");
         let recovery_seconds =
             prometheus::Gauge::new("giftd_recovery_seconds", "Seconds the last start spent recovering.")
@@ -102,6 +108,7 @@ impl Metrics {
             Box::new(connections_rejected.clone()),
             Box::new(protocol_errors.clone()),
             Box::new(idempotent_replays.clone()),
+            Box::new(idem_keys_memory.clone()),
             Box::new(cards_recovered.clone()),
             Box::new(recovery_seconds.clone()),
         ] {
@@ -125,6 +132,7 @@ impl Metrics {
             connections_rejected,
             protocol_errors,
             idempotent_replays,
+            idem_keys_memory,
             cards_recovered,
             recovery_seconds,
         }

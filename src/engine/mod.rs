@@ -257,6 +257,11 @@ impl Engine {
         self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
     }
 
+    /// Idempotency keys held in memory.
+    pub fn recent_keys(&self) -> usize {
+        self.idem.len()
+    }
+
     /// Σ balances per currency, for the conservation check.
     pub fn balances(&self) -> BTreeMap<Currency, i128> {
         let mut out = BTreeMap::new();

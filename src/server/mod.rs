@@ -71,16 +71,18 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     tokio::time::timeout(grace, tracker.wait()).await.is_ok()
 }
 
-/// Forgets durable idempotency keys and invoices older than the memory window, every few seconds.
+/// Forgets durable idempotency keys and invoices older than the memory window, every second (so
+/// each sweep has about a second's worth of keys to drop).
 async fn evict_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let window_ms = shared.limits.idem_memory_secs as i64 * 1000;
     let durable = shared.store.durable();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let d = *durable.borrow();
         shared.engine.evict_recent(d, now_ms() - window_ms);
+        shared.metrics.idem_keys_memory.set(shared.engine.recent_keys() as i64);
     }
 }

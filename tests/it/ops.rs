@@ -494,3 +494,45 @@ async fn invoice_required_and_used_once_per_merchant() {
     check(&call(&mut c, &sale(d, a, "s11", 100, None)).await, ResultCode::Approved, 100, Some(900));
     check(&call(&mut c, &sale(d, a, "s12", 100, Some("INV-3003"))).await, ResultCode::InvoiceReused, 0, Some(900));
 }
+
+/// With a two-second memory window, keys and invoices leave memory while giftd runs; the store then
+/// answers for them: the same replay, the same mismatch, the same invoice refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_invoices_are_answered_from_the_store_after_leaving_memory() {
+    let g = Giftd::with_config("[limits]\nidem_memory_secs = 2\n");
+    let mut c = g.client().await;
+    let n = "6035719910020015";
+    issue(&mut c, n, usd(10_000)).await;
+    let first = raw_reply(&mut c, &redeem_with_key(n, "mem-1", 700)).await;
+    check(
+        &call(&mut c, &sale(n, MERCHANT, "mem-2", 300, Some("INV-77"))).await,
+        ResultCode::Approved,
+        300,
+        Some(9_000),
+    );
+    // Wait (bounded) until a sweep has counted the keys in memory, then until one finds none left.
+    let keys_in_memory = || async {
+        let (_, text) = crate::http_get(g.metrics_addr(), "/metrics").await;
+        text.lines().find_map(|l| l.strip_prefix("giftd_idempotency_keys_memory ")?.parse::<i64>().ok())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = false;
+    loop {
+        match keys_in_memory().await {
+            Some(k) if k >= 3 => seen = true,
+            Some(0) if seen => break,
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "keys never left memory (seen in memory: {seen})");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(raw_reply(&mut c, &redeem_with_key(n, "mem-1", 700)).await, first, "replayed byte for byte");
+    check(&call(&mut c, &redeem_with_key(n, "mem-1", 701)).await, ResultCode::IdempotencyMismatch, 0, None);
+    check(
+        &call(&mut c, &sale(n, MERCHANT, "mem-3", 300, Some("INV-77"))).await,
+        ResultCode::InvoiceReused,
+        0,
+        Some(9_000),
+    );
+    assert_eq!(balance(&mut c, n).await, 9_000, "nothing applied twice");
+}
