@@ -365,7 +365,7 @@ fn commit_loop(
                 b.extend_from_slice(&records::encode_totals(credit, debit))
             });
         }
-        let batch = sorted.to_batch(&cfs);
+        let batch = sorted.sorted_batch(&cfs);
         let bytes = batch.size_in_bytes();
         let started = Instant::now();
         if let Err(e) = db.write_opt(batch, &wopts) {
@@ -418,7 +418,7 @@ impl SortedBatch {
         self.entries.push((cf, k..v, v..self.bytes.len()));
     }
 
-    fn to_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 5]) -> WriteBatch {
+    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 5]) -> WriteBatch {
         let bytes = &self.bytes;
         self.entries.sort_by(|a, b| (a.0, &bytes[a.1.clone()]).cmp(&(b.0, &bytes[b.1.clone()])));
         let mut batch = WriteBatch::default();
