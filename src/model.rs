@@ -300,13 +300,6 @@ result_codes! {
     InsufficientFunds = 35, "insufficient_funds";
 }
 
-impl ResultCode {
-    /// Request-level errors carry no payload on the wire: the reply body is the code alone.
-    pub fn is_request_error(self) -> bool {
-        (self as u16) >= 1 && (self as u16) < 20
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

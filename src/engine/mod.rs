@@ -172,7 +172,7 @@ impl Engine {
                 let outcome = Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms)));
                 self.record(m, outcome, Effects::default())
             }
-            Entry::Vacant(v) => match rules::decide_issue(false, program, m.last4, &m.op, now_ms) {
+            Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
                 Err(code) => self.record(m, Outcome::declined(code, None), Effects::default()),
                 Ok(rec) => {
                     let outcome = Outcome {
@@ -260,15 +260,6 @@ impl Engine {
     /// Idempotency keys held in memory.
     pub fn recent_keys(&self) -> usize {
         self.idem.len()
-    }
-
-    /// Σ balances per currency, for the conservation check.
-    pub fn balances(&self) -> BTreeMap<Currency, i128> {
-        let mut out = BTreeMap::new();
-        for c in self.cards.iter() {
-            *out.entry(c.rec.currency).or_default() += c.rec.balance_minor as i128;
-        }
-        out
     }
 }
 

@@ -70,9 +70,8 @@ fn checked_load(program: &Program, card_balance_minor: i64, money: &Money) -> Re
     }
 }
 
-/// Decides an issue. `exists` is whether a card with this number is already known.
+/// Decides an issue of a number not yet known (the caller checks that under the card's lock).
 pub fn decide_issue(
-    exists: bool,
     program: Option<&Arc<Program>>,
     last4: [u8; 4],
     op: &Op,
@@ -81,9 +80,6 @@ pub fn decide_issue(
     let Op::Issue { money, expiry_ms, active, .. } = op else {
         unreachable!("decide_issue is only called for Op::Issue");
     };
-    if exists {
-        return Err(ResultCode::CardExists);
-    }
     let program = program.ok_or(ResultCode::UnknownProgram)?;
     checked_load(program, 0, money)?;
     // An expiry in the past is accepted: cards imported from another system may be born expired.

@@ -98,7 +98,6 @@ pub struct Store {
     durable: watch::Receiver<u64>,
     committer: Mutex<Option<JoinHandle<()>>>,
     syncer: Mutex<Option<JoinHandle<()>>>,
-    durability: Durability,
 }
 
 fn fail(what: &str, e: &dyn std::fmt::Display) -> ! {
@@ -158,13 +157,8 @@ impl Store {
             durable: rx,
             committer: Mutex::new(Some(committer)),
             syncer: Mutex::new(Some(syncer)),
-            durability,
         };
         Ok((store, recovered))
-    }
-
-    pub fn durability(&self) -> Durability {
-        self.durability
     }
 
     /// The highest commit group that is durable. Replies for group `g` wait until this is ≥ `g`.
