@@ -116,6 +116,9 @@ impl Config {
                 errs.push(format!("{name} must be at least 1"));
             }
         }
+        if !(1..=86_400).contains(&l.idem_memory_secs) {
+            errs.push("limits.idem_memory_secs must be between 1 and 86400".into());
+        }
         if !(1024..=16 * 1024 * 1024).contains(&l.frame_bytes_max) {
             errs.push("limits.frame_bytes_max must be between 1024 and 16777216".into());
         }
@@ -129,8 +132,9 @@ impl Config {
                 errs.push(format!("program name {name:?} must be 1 to 32 bytes"));
             }
             if let Some(m) = &p.max_balance {
-                if Decimal::from_str(m).map(|d| d.is_sign_negative()).unwrap_or(true) {
-                    errs.push(format!("programs.{name}.max_balance must be a non-negative decimal, not {m:?}"));
+                let max = Decimal::from(crate::wire::AMOUNT_MINOR_MAX);
+                if Decimal::from_str(m).map(|d| d.is_sign_negative() || d > max).unwrap_or(true) {
+                    errs.push(format!("programs.{name}.max_balance must be a decimal from 0 to 10^15, not {m:?}"));
                 }
             }
         }
@@ -176,11 +180,12 @@ mod tests {
     #[test]
     fn bad_values_are_all_reported() {
         let cfg: Config = toml::from_str(
-            "[durability]\nmode = \"fast\"\n[limits]\nconnections_max = 0\n[programs.x]\nmax_balance = \"-1\"\n",
+            "[durability]\nmode = \"fast\"\n[limits]\nconnections_max = 0\nidem_memory_secs = 0\n\
+             [programs.x]\nmax_balance = \"-1\"\n[programs.y]\nmax_balance = \"1e30\"\n",
         )
         .unwrap();
         let errs = cfg.validate().unwrap_err();
-        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(errs.len(), 5, "{errs:?}");
     }
 
     #[test]

@@ -103,22 +103,28 @@ impl Engine {
         if let Some(recent) = self.idem.get(&m.idem) {
             return replay(&recent.record, recent.group, &m.fingerprint);
         }
-        // Keys older than the in-memory window live only in the store; a hit there is durable.
-        if let Some(record) = self.journal.find_idem(&m.idem) {
-            return replay(&record, 0, &m.fingerprint);
-        }
-        let invoice = match &m.op {
-            Op::Redeem { invoice: Some(i), .. } => Some(InvoiceKey::new(m.idem.merchant(), i)),
-            _ => None,
-        };
-        let invoice_durable = invoice.as_ref().is_some_and(|k| self.journal.invoice_used(k));
-
         let slot = match self.idem.entry(m.idem.clone()) {
             Entry::Occupied(e) => return replay(&e.get().record, e.get().group, &m.fingerprint),
             Entry::Vacant(v) => v,
         };
-        let invoice_slot = invoice.map(|k| self.invoices.entry(k));
-        let invoice_used = invoice_durable || matches!(invoice_slot, Some(Entry::Occupied(_)));
+        // The store is asked only while this key's slot is held. A key is appended to the journal
+        // and entered in memory under its slot, and leaves memory only once durable, so a key the
+        // store knows but memory does not is durable: group 0 is right. Asked before taking the
+        // slot, the store could show a record that is written but not yet synced, or miss one that
+        // is evicted a moment later.
+        if let Some(record) = self.journal.find_idem(&m.idem) {
+            return replay(&record, 0, &m.fingerprint);
+        }
+        let invoice_slot = match &m.op {
+            Op::Redeem { invoice: Some(i), .. } => Some(self.invoices.entry(InvoiceKey::new(m.idem.merchant(), i))),
+            _ => None,
+        };
+        // The same reasoning for invoices: the store is asked under the invoice's slot.
+        let invoice_used = match &invoice_slot {
+            Some(Entry::Occupied(_)) => true,
+            Some(Entry::Vacant(v)) => self.journal.invoice_used(v.key()),
+            None => false,
+        };
 
         // The invoice is claimed only by an approved spend, so a declined sale can be retried.
         let claim = match &invoice_slot {
@@ -267,7 +273,8 @@ fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
     if record.fingerprint == *fingerprint {
         Executed { outcome: record.outcome, group, replayed: true }
     } else {
-        Executed { outcome: Outcome::declined(ResultCode::IdempotencyMismatch, None), group: 0, replayed: false }
+        // The decline reveals that the key is taken, so it too waits until the original is durable.
+        Executed { outcome: Outcome::declined(ResultCode::IdempotencyMismatch, None), group, replayed: false }
     }
 }
 

@@ -21,11 +21,13 @@ impl Program {
         Program { name: name.into(), invoice_required: false, max_balance: None }
     }
 
-    /// `max_balance` in minor units of `currency`; a limit finer than the currency rounds down.
+    /// `max_balance` in minor units of `currency`; a limit finer than the currency rounds down, and
+    /// one too large to represent is no limit at all (config validation keeps it far below that).
     pub fn max_balance_minor(&self, currency: Currency) -> Option<i64> {
         self.max_balance.map(|d| {
-            let scaled = (d * Decimal::from(10i64.pow(currency.exponent()))).trunc();
-            i64::try_from(scaled).unwrap_or(i64::MAX)
+            d.checked_mul(Decimal::from(10i64.pow(currency.exponent())))
+                .and_then(|scaled| i64::try_from(scaled.trunc()).ok())
+                .unwrap_or(i64::MAX)
         })
     }
 }

@@ -365,6 +365,7 @@ fn idempotent_retry_replays_and_mismatch_declines() {
     assert_eq!(e.snapshot(&card(1)).unwrap().0.balance_minor, 9_000, "applied once");
     let other = run(&e, "k1", card(1), redeem(2_000, false), NOW);
     assert_eq!(other.outcome.result, ResultCode::IdempotencyMismatch);
+    assert_eq!(other.group, first.group, "the mismatch waits for the original to be durable");
     // The same key from another merchant is another key.
     let m2 = e.execute(m(Req { merchant: "m2", key: "k1".into(), card: card(1), op: redeem(1_000, false) }), NOW);
     assert_eq!(m2.outcome.result, ResultCode::Approved);
