@@ -84,6 +84,9 @@ pub trait Journal: Send + Sync + 'static {
     fn find_idem(&self, key: &IdemKey) -> Option<IdemRecord>;
     /// Whether a durable record says this invoice was used.
     fn invoice_used(&self, key: &InvoiceKey) -> bool;
+    /// The newest commit group anything was appended to: a reply that depends on a record found in
+    /// the store, possibly not yet synced, waits for this.
+    fn latest_group(&self) -> u64;
     /// Queues `effects` and returns the commit group that will make them durable. Called with the
     /// card's lock held, so it must not block: it only appends to the open group.
     fn append(&self, effects: Effects) -> u64;
@@ -123,6 +126,10 @@ impl Journal for MemoryJournal {
 
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.inner.lock().unwrap().invoices.contains(key)
+    }
+
+    fn latest_group(&self) -> u64 {
+        self.inner.lock().unwrap().group
     }
 
     fn append(&self, effects: Effects) -> u64 {

@@ -22,6 +22,7 @@ use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A validated mutation, keyed: the card number is already replaced by its key.
@@ -65,11 +66,20 @@ pub struct Engine {
     invoices: DashMap<InvoiceKey, (u64, i64)>,
     programs: Programs,
     journal: Arc<dyn Journal>,
+    /// Sweeps of the recent maps so far.
+    evictions: AtomicU64,
 }
 
 impl Engine {
     pub fn new(programs: Programs, journal: Arc<dyn Journal>) -> Engine {
-        Engine { cards: DashMap::new(), idem: DashMap::new(), invoices: DashMap::new(), programs, journal }
+        Engine {
+            cards: DashMap::new(),
+            idem: DashMap::new(),
+            invoices: DashMap::new(),
+            programs,
+            journal,
+            evictions: AtomicU64::new(0),
+        }
     }
 
     /// Loads persisted cards (at startup, before any request).
@@ -100,31 +110,40 @@ impl Engine {
     /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
     /// content gets the original outcome, with different content `idempotency_mismatch`.
     pub fn execute(&self, m: Mutation, now_ms: i64) -> Executed {
+        let evictions = self.evictions.load(Ordering::SeqCst);
         if let Some(recent) = self.idem.get(&m.idem) {
             return replay(&recent.record, recent.group, &m.fingerprint);
         }
+        // Keys older than the memory window are answered by the store. Its record may be written
+        // but not yet synced (a retry racing its original), so the reply waits for every group
+        // appended so far, which includes the original's.
+        if let Some(record) = self.journal.find_idem(&m.idem) {
+            return replay(&record, self.journal.latest_group(), &m.fingerprint);
+        }
+        let invoice = match &m.op {
+            Op::Redeem { invoice: Some(i), .. } => Some(InvoiceKey::new(m.idem.merchant(), i)),
+            _ => None,
+        };
+        let mut invoice_in_store = invoice.as_ref().is_some_and(|k| self.journal.invoice_used(k));
+
         let slot = match self.idem.entry(m.idem.clone()) {
             Entry::Occupied(e) => return replay(&e.get().record, e.get().group, &m.fingerprint),
             Entry::Vacant(v) => v,
         };
-        // The store is asked only while this key's slot is held. A key is appended to the journal
-        // and entered in memory under its slot, and leaves memory only once durable, so a key the
-        // store knows but memory does not is durable: group 0 is right. Asked before taking the
-        // slot, the store could show a record that is written but not yet synced, or miss one that
-        // is evicted a moment later.
-        if let Some(record) = self.journal.find_idem(&m.idem) {
-            return replay(&record, 0, &m.fingerprint);
+        let invoice_slot = invoice.map(|k| self.invoices.entry(k));
+        // A sweep between the store lookups above and taking the slots could have dropped this key
+        // (or invoice) from memory after the store missed it. What a sweep drops is durable, so
+        // asking the store again, now under the slots, settles it. Sweeps run about once a second,
+        // so this second lookup is rare.
+        if self.evictions.load(Ordering::SeqCst) != evictions {
+            if let Some(record) = self.journal.find_idem(&m.idem) {
+                return replay(&record, 0, &m.fingerprint);
+            }
+            if let Some(Entry::Vacant(v)) = &invoice_slot {
+                invoice_in_store = self.journal.invoice_used(v.key());
+            }
         }
-        let invoice_slot = match &m.op {
-            Op::Redeem { invoice: Some(i), .. } => Some(self.invoices.entry(InvoiceKey::new(m.idem.merchant(), i))),
-            _ => None,
-        };
-        // The same reasoning for invoices: the store is asked under the invoice's slot.
-        let invoice_used = match &invoice_slot {
-            Some(Entry::Occupied(_)) => true,
-            Some(Entry::Vacant(v)) => self.journal.invoice_used(v.key()),
-            None => false,
-        };
+        let invoice_used = invoice_in_store || matches!(invoice_slot, Some(Entry::Occupied(_)));
 
         // The invoice is claimed only by an approved spend, so a declined sale can be retried.
         let claim = match &invoice_slot {
@@ -259,6 +278,8 @@ impl Engine {
     /// Forgets in-memory idempotency keys and invoices that are durable and older than
     /// `older_than_ms`; the store answers for them from then on.
     pub fn evict_recent(&self, durable_group: u64, older_than_ms: i64) {
+        // Counted before anything is dropped: see `execute`.
+        self.evictions.fetch_add(1, Ordering::SeqCst);
         self.idem.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
         self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
     }

@@ -270,6 +270,17 @@ impl Journal for Store {
         self.get(CF_INVOICES, &hashed_key(&key.0)).is_some()
     }
 
+    fn latest_group(&self) -> u64 {
+        // The open group once something is in it; before that, the last group handed to the
+        // committer (the open group is written only when it holds something).
+        let s = self.pending.state.lock().expect("pending lock");
+        if s.entries.is_empty() {
+            s.open_group - 1
+        } else {
+            s.open_group
+        }
+    }
+
     fn append(&self, effects: Effects) -> u64 {
         let mut s = self.pending.state.lock().expect("pending lock");
         s.entries.push(effects);
