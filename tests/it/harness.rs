@@ -24,6 +24,8 @@ pub struct Giftd {
     addr: String,
     metrics_addr: String,
     starts: u32,
+    /// RLIMIT_FSIZE for the child, with SIGXFSZ ignored: a write past it fails with EFBIG.
+    file_size_limit: Option<u64>,
 }
 
 impl Giftd {
@@ -45,9 +47,42 @@ impl Giftd {
             std::fs::write(&p, t).expect("write config");
             p
         });
-        let mut g = Giftd { dir, config, child: None, addr: String::new(), metrics_addr: String::new(), starts: 0 };
+        let mut g = Giftd {
+            dir,
+            config,
+            child: None,
+            addr: String::new(),
+            metrics_addr: String::new(),
+            starts: 0,
+            file_size_limit: None,
+        };
         g.spawn();
         g
+    }
+
+    /// Starts giftd unable to write any file past `bytes`: its WAL writes fail once the log grows
+    /// that far, as they would on a full or failing disk.
+    pub fn with_file_size_limit(bytes: u64) -> Giftd {
+        let mut g = Giftd::start_inner(None);
+        g.kill9();
+        g.file_size_limit = Some(bytes);
+        g.spawn();
+        g
+    }
+
+    /// The next start has no file size limit.
+    pub fn lift_file_size_limit(&mut self) {
+        self.file_size_limit = None;
+    }
+
+    /// Waits for giftd to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("giftd is running");
+        wait_exit(&mut child, timeout).unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("giftd did not exit within {timeout:?}; log tail:\n{}", self.log_tail(40))
+        })
     }
 
     fn spawn(&mut self) {
@@ -63,6 +98,21 @@ impl Giftd {
             .stderr(Stdio::from(log));
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
+        }
+        if let Some(limit) = self.file_size_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only async-signal-safe calls (signal, setrlimit) run.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // An ignored SIGXFSZ survives exec, so the write fails instead of killing giftd.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn giftd");
         self.starts += 1;

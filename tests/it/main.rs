@@ -9,6 +9,7 @@ mod lifecycle;
 mod ops;
 mod protocol;
 mod secrets;
+mod wal_failure;
 
 use giftd::card_number::CardNumber;
 use giftd::client::Client;
