@@ -103,10 +103,6 @@ impl Engine {
         out
     }
 
-    pub fn card_count(&self) -> usize {
-        self.cards.len()
-    }
-
     /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
     /// content gets the original outcome, with different content `idempotency_mismatch`.
     pub fn execute(&self, m: Mutation, now_ms: i64) -> Executed {
