@@ -4,7 +4,7 @@
 //! replies: when it is full the task stops reading, and TCP pushes back on the client.
 
 use super::{now_ms, Shared};
-use crate::card_number::CardNumber;
+use crate::card_number::{CardKey, CardNumber};
 use crate::engine::{Mutation, Op};
 use crate::model::{ResultCode, TxnView};
 use crate::wire::{
@@ -208,9 +208,8 @@ async fn wait_durable(shared: &Shared, group: u64) {
     let _ = durable.wait_for(|d| *d >= group).await;
 }
 
-fn txn_views(shared: &Shared, number: &CardNumber, before_seq: u64, limit: usize) -> Vec<TxnView> {
-    let key = shared.keyer.card_key(number);
-    let txns = shared.store.history(&key, before_seq, limit);
+fn txn_views(shared: &Shared, card: &CardKey, before_seq: u64, limit: usize) -> Vec<TxnView> {
+    let txns = shared.store.history(card, before_seq, limit);
     txns.into_iter()
         .map(|t| TxnView {
             seq: t.seq,
@@ -224,8 +223,9 @@ fn txn_views(shared: &Shared, number: &CardNumber, before_seq: u64, limit: usize
 }
 
 async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
+    let card = shared.keyer.card_key(number);
     let now = now_ms();
-    let Some((rec, group)) = shared.engine.snapshot(&shared.keyer.card_key(number)) else {
+    let Some((rec, group)) = shared.engine.snapshot(&card) else {
         return (
             Reply::Lookup(LookupReply {
                 result: ResultCode::CardNotFound,
@@ -241,7 +241,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
     };
     wait_durable(shared, group).await;
     // Entries newer than the snapshot are left out so the reply is one consistent moment.
-    let recent = txn_views(shared, number, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
+    let recent = txn_views(shared, &card, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
     let reply = LookupReply {
         result: ResultCode::Approved,
         card: Some(rec.view(now)),
@@ -255,7 +255,8 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
 }
 
 async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u16) -> (Reply, u64) {
-    let Some((rec, group)) = shared.engine.snapshot(&shared.keyer.card_key(number)) else {
+    let card = shared.keyer.card_key(number);
+    let Some((rec, group)) = shared.engine.snapshot(&card) else {
         let reply =
             HistoryReply { result: ResultCode::CardNotFound, currency: None, txns: Vec::new(), next_before_seq: 0 };
         return (Reply::History(reply), 0);
@@ -263,7 +264,7 @@ async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u
     wait_durable(shared, group).await;
     let before = if before_seq == 0 { rec.txn_count + 1 } else { before_seq.min(rec.txn_count + 1) };
     let limit = limit.min(HISTORY_PAGE_MAX) as usize;
-    let txns = txn_views(shared, number, before, limit);
+    let txns = txn_views(shared, &card, before, limit);
     let next_before_seq = match txns.last() {
         Some(t) if t.seq > 1 && txns.len() == limit => t.seq,
         _ => 0,

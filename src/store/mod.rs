@@ -166,14 +166,13 @@ impl Store {
         self.durable.clone()
     }
 
-    /// History of a card, newest first: up to `limit` entries with `seq < before_seq`. Sequence
-    /// numbers are dense (1..=txn_count), so the page is one forward range scan within the card's
-    /// prefix (the hash memtable iterates forward only).
+    /// History of a card, newest first: up to `limit` entries with `seq < before_seq` (the caller
+    /// passes at most `txn_count + 1`). Sequence numbers are dense (1..=txn_count), so the page is
+    /// one forward range scan within the card's prefix (the hash memtable iterates forward only).
     /// A read error stops the process, as in [`Store::get`]: an empty page would be a wrong answer.
     pub fn history(&self, card: &CardKey, before_seq: u64, limit: usize) -> Vec<TxnRecord> {
         let cf = self.db.cf_handle(CF_HISTORY).expect("history column family");
-        let before = if before_seq == 0 { u64::MAX } else { before_seq };
-        let first = before.saturating_sub(limit as u64).max(1);
+        let first = before_seq.saturating_sub(limit as u64).max(1);
         let start = records::history_key(card, first);
         let mut ro = ReadOptions::default();
         ro.set_prefix_same_as_start(true);
@@ -181,7 +180,7 @@ impl Store {
         for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
             let (k, v) = item.unwrap_or_else(|e| fail("history read", &e));
             let t = records::decode_txn(&k, &v).unwrap_or_else(|e| fail("history record decode", &e));
-            if t.card != *card || t.seq >= before {
+            if t.card != *card || t.seq >= before_seq {
                 break;
             }
             out.push(t);
