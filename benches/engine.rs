@@ -15,6 +15,7 @@ const EVICT_EVERY: u32 = 1 << 16;
 #[derive(Default)]
 struct DiscardJournal {
     group: AtomicU64,
+    txn_id: AtomicU64,
 }
 
 impl Journal for DiscardJournal {
@@ -26,6 +27,9 @@ impl Journal for DiscardJournal {
     }
     fn latest_group(&self) -> u64 {
         self.group.load(Ordering::Relaxed)
+    }
+    fn next_txn_id(&self) -> u64 {
+        self.txn_id.fetch_add(1, Ordering::Relaxed) + 1
     }
     fn append(&self, effects: Effects) -> u64 {
         black_box(effects);

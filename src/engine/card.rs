@@ -43,6 +43,9 @@ pub struct CardRecord {
     pub updated_ms: i64,
     /// History entries written so far; entry sequence numbers run 1..=txn_count.
     pub txn_count: u64,
+    /// The journal's id of the newest history entry (0: none). Each entry names the one before it,
+    /// so a card's history is a chain read back from here.
+    pub last_txn_id: u64,
 }
 
 impl CardRecord {

@@ -52,6 +52,10 @@ pub struct IdemRecord {
 /// One history entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnRecord {
+    /// Unique across all cards, from [`Journal::next_txn_id`].
+    pub id: u64,
+    /// The card's previous entry (0: this is its first).
+    pub prev_id: u64,
     pub card: CardKey,
     pub seq: u64,
     pub kind: TxnKind,
@@ -87,6 +91,9 @@ pub trait Journal: Send + Sync + 'static {
     /// The newest commit group anything was appended to: a reply that depends on a record found in
     /// the store, possibly not yet synced, waits for this.
     fn latest_group(&self) -> u64;
+    /// A new history entry id, never handed out before (not even before a restart). Ids grow with
+    /// time, so the store can keep history in id order: appending, never inserting.
+    fn next_txn_id(&self) -> u64;
     /// Queues `effects` and returns the commit group that will make them durable. Called with the
     /// card's lock held, so it must not block: it only appends to the open group.
     fn append(&self, effects: Effects) -> u64;
@@ -101,6 +108,7 @@ pub struct MemoryJournal {
 #[derive(Default)]
 struct MemoryInner {
     group: u64,
+    txn_id: u64,
     idem: HashMap<IdemKey, IdemRecord>,
     invoices: HashSet<InvoiceKey>,
     cards: HashMap<CardKey, CardRecord>,
@@ -130,6 +138,12 @@ impl Journal for MemoryJournal {
 
     fn latest_group(&self) -> u64 {
         self.inner.lock().unwrap().group
+    }
+
+    fn next_txn_id(&self) -> u64 {
+        let mut g = self.inner.lock().unwrap();
+        g.txn_id += 1;
+        g.txn_id
     }
 
     fn append(&self, effects: Effects) -> u64 {

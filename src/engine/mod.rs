@@ -166,20 +166,19 @@ impl Engine {
         (outcome, self.journal.append(effects))
     }
 
-    fn txn(
-        m: &Mutation,
-        seq: u64,
-        kind: TxnKind,
-        amount_minor: i64,
-        balance_after_minor: i64,
-        now_ms: i64,
-    ) -> TxnRecord {
+    /// The history entry for a change just applied to `rec`, linked to the card's previous entry;
+    /// `rec` now names it as the newest.
+    fn txn(&self, m: &Mutation, rec: &mut CardRecord, kind: TxnKind, amount_minor: i64, now_ms: i64) -> TxnRecord {
+        let id = self.journal.next_txn_id();
+        let prev_id = std::mem::replace(&mut rec.last_txn_id, id);
         TxnRecord {
+            id,
+            prev_id,
             card: m.card,
-            seq,
+            seq: rec.txn_count,
             kind,
             amount_minor,
-            balance_after_minor,
+            balance_after_minor: rec.balance_minor,
             at_ms: now_ms,
             merchant: m.idem.merchant().into(),
         }
@@ -195,14 +194,15 @@ impl Engine {
             }
             Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
                 Err(code) => self.record(m, Outcome::declined(code, None), Effects::default()),
-                Ok(rec) => {
+                Ok(mut rec) => {
+                    let txn = self.txn(m, &mut rec, TxnKind::Issue, money.minor, now_ms);
                     let outcome = Outcome {
                         result: ResultCode::Approved,
                         approved_minor: money.minor,
                         card: Some(rec.view(now_ms)),
                     };
                     let effects = Effects {
-                        txn: Some(Self::txn(m, 1, TxnKind::Issue, money.minor, rec.balance_minor, now_ms)),
+                        txn: Some(txn),
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
                             credit_minor: money.minor,
@@ -229,7 +229,8 @@ impl Engine {
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
             Err(code) => self.record(m, Outcome::declined(code, Some(card.rec.view(now_ms))), Effects::default()),
             Ok(d) => {
-                let seq = d.apply(&mut card.rec, now_ms);
+                d.apply(&mut card.rec, now_ms);
+                let txn = self.txn(m, &mut card.rec, d.kind, d.delta_minor, now_ms);
                 assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
                 let outcome = Outcome {
                     result: ResultCode::Approved,
@@ -237,7 +238,7 @@ impl Engine {
                     card: Some(card.rec.view(now_ms)),
                 };
                 let effects = Effects {
-                    txn: Some(Self::txn(m, seq, d.kind, d.delta_minor, card.rec.balance_minor, now_ms)),
+                    txn: Some(txn),
                     ledger: (d.delta_minor != 0).then_some(LedgerDelta {
                         currency: card.rec.currency,
                         credit_minor: d.delta_minor.max(0),

@@ -30,14 +30,13 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Applies the decision to `card`, returning the history entry's sequence number.
-    pub fn apply(&self, card: &mut CardRecord, now_ms: i64) -> u64 {
+    /// Applies the decision to `card`; its history entry is the card's `txn_count`-th.
+    pub fn apply(&self, card: &mut CardRecord, now_ms: i64) {
         card.balance_minor += self.delta_minor;
         card.lifecycle = self.lifecycle;
         card.lock = self.lock;
         card.updated_ms = now_ms;
         card.txn_count += 1;
-        card.txn_count
     }
 }
 
@@ -96,6 +95,7 @@ pub fn decide_issue(
         created_ms: now_ms,
         updated_ms: now_ms,
         txn_count: 1,
+        last_txn_id: 0,
     })
 }
 

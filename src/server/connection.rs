@@ -5,7 +5,7 @@
 
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
-use crate::engine::{Mutation, Op};
+use crate::engine::{CardRecord, Mutation, Op};
 use crate::model::{ResultCode, TxnView};
 use crate::wire::{
     self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
@@ -208,8 +208,8 @@ async fn wait_durable(shared: &Shared, group: u64) {
     let _ = durable.wait_for(|d| *d >= group).await;
 }
 
-fn txn_views(shared: &Shared, card: &CardKey, before_seq: u64, limit: usize) -> Vec<TxnView> {
-    let txns = shared.store.history(card, before_seq, limit);
+fn txn_views(shared: &Shared, card: &CardKey, rec: &CardRecord, before_seq: u64, limit: usize) -> Vec<TxnView> {
+    let txns = shared.store.history(card, rec.last_txn_id, before_seq, limit);
     txns.into_iter()
         .map(|t| TxnView {
             seq: t.seq,
@@ -241,7 +241,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
     };
     wait_durable(shared, group).await;
     // Entries newer than the snapshot are left out so the reply is one consistent moment.
-    let recent = txn_views(shared, &card, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
+    let recent = txn_views(shared, &card, &rec, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
     let reply = LookupReply {
         result: ResultCode::Approved,
         card: Some(rec.view(now)),
@@ -264,7 +264,7 @@ async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u
     wait_durable(shared, group).await;
     let before = if before_seq == 0 { rec.txn_count + 1 } else { before_seq.min(rec.txn_count + 1) };
     let limit = limit.min(HISTORY_PAGE_MAX) as usize;
-    let txns = txn_views(shared, &card, before, limit);
+    let txns = txn_views(shared, &card, &rec, before, limit);
     let next_before_seq = match txns.last() {
         Some(t) if t.seq > 1 && txns.len() == limit => t.seq,
         _ => 0,

@@ -6,9 +6,11 @@ use crate::engine::{CardRecord, IdemRecord, Lifecycle, TxnRecord};
 use crate::model::{CardView, Currency, LockReason, Outcome, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
-const CARD_V1: u8 = 1;
+// Version 2 of cards and history entries added the history chain (card's newest entry id, each
+// entry's previous id); nothing deployed holds version 1.
+const CARD_V2: u8 = 2;
 const IDEM_V1: u8 = 1;
-const TXN_V1: u8 = 1;
+const TXN_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what} record")]
@@ -73,7 +75,7 @@ fn put_opt_i64(dst: &mut Vec<u8>, v: Option<i64>) {
 }
 
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V1);
+    dst.put_u8(CARD_V2);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -85,12 +87,13 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     dst.put_i64_le(c.created_ms);
     dst.put_i64_le(c.updated_ms);
     dst.put_u64_le(c.txn_count);
+    dst.put_u64_le(c.last_txn_id);
     put_str8(dst, &c.program);
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V1)?;
+    r.version(CARD_V2)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
@@ -108,6 +111,7 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         created_ms: r.i64()?,
         updated_ms: r.i64()?,
         txn_count: r.i64()? as u64,
+        last_txn_id: r.i64()? as u64,
         program: r.str8()?.into(),
     };
     // Paired assertion: the invariants checked before writing hold again after reading.
@@ -115,15 +119,16 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     Ok(rec)
 }
 
-pub fn history_key(card: &CardKey, seq: u64) -> [u8; 40] {
-    let mut k = [0u8; 40];
-    k[..32].copy_from_slice(&card.0);
-    k[32..].copy_from_slice(&seq.to_be_bytes());
-    k
+/// History is keyed by entry id, big-endian so that key order is id order: new entries append.
+pub fn history_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
 }
 
 pub fn encode_txn(dst: &mut Vec<u8>, t: &TxnRecord) {
-    dst.put_u8(TXN_V1);
+    dst.put_u8(TXN_V2);
+    dst.put_slice(&t.card.0);
+    dst.put_u64_le(t.seq);
+    dst.put_u64_le(t.prev_id);
     dst.put_u8(t.kind as u8);
     dst.put_i64_le(t.amount_minor);
     dst.put_i64_le(t.balance_after_minor);
@@ -133,12 +138,16 @@ pub fn encode_txn(dst: &mut Vec<u8>, t: &TxnRecord) {
 
 pub fn decode_txn(key: &[u8], buf: &[u8]) -> Result<TxnRecord, Corrupt> {
     let mut k = Reader { buf: key, what: "history key" };
-    let card = CardKey(k.arr()?);
-    let seq = u64::from_be_bytes(k.arr()?);
+    let id = u64::from_be_bytes(k.arr()?);
     let mut r = Reader { buf, what: "history" };
-    r.version(TXN_V1)?;
+    r.version(TXN_V2)?;
+    let card = CardKey(r.arr()?);
+    let seq = r.i64()? as u64;
+    let prev_id = r.i64()? as u64;
     let kind = TxnKind::from_u8(r.u8()?);
     Ok(TxnRecord {
+        id,
+        prev_id,
         card,
         seq,
         kind: r.some(kind)?,
@@ -218,4 +227,49 @@ pub fn decode_totals(key: &[u8], buf: &[u8]) -> Result<(Currency, i128, i128), C
     let credit = i128::from_le_bytes(buf[..16].try_into().map_err(|_| Corrupt { what: "totals" })?);
     let debit = i128::from_le_bytes(buf[16..].try_into().map_err(|_| Corrupt { what: "totals" })?);
     Ok((c, credit, debit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_and_history_records_round_trip() {
+        let card = CardRecord {
+            last4: *b"1234",
+            program: "default".into(),
+            currency: Currency::from_code(*b"USD").unwrap(),
+            balance_minor: 9_950,
+            held_minor: 50,
+            lifecycle: Lifecycle::Active,
+            lock: LockReason::None,
+            pin_locked: false,
+            expiry_ms: Some(1_900_000_000_000),
+            created_ms: 1_700_000_000_000,
+            updated_ms: 1_700_000_001_000,
+            txn_count: 3,
+            last_txn_id: 77,
+        };
+        let mut buf = Vec::new();
+        encode_card(&mut buf, &card);
+        assert_eq!(decode_card(&buf).unwrap(), card);
+        assert!(decode_card(&buf[..buf.len() - 1]).is_err(), "a truncated record is corrupt");
+
+        let txn = TxnRecord {
+            id: 77,
+            prev_id: 41,
+            card: CardKey([7; 32]),
+            seq: 3,
+            kind: TxnKind::Redeem,
+            amount_minor: -50,
+            balance_after_minor: 9_950,
+            at_ms: 1_700_000_001_000,
+            merchant: "m-1".into(),
+        };
+        buf.clear();
+        encode_txn(&mut buf, &txn);
+        assert_eq!(decode_txn(&history_key(77), &buf).unwrap(), txn);
+        // Keys sort as ids do, so new entries append.
+        assert!(history_key(255) < history_key(256));
+    }
 }

@@ -536,3 +536,40 @@ async fn keys_and_invoices_are_answered_from_the_store_after_leaving_memory() {
     );
     assert_eq!(balance(&mut c, n).await, 9_000, "nothing applied twice");
 }
+
+/// History entries of all cards share one id sequence, so each card's history is a chain through
+/// other cards' entries; ids continue after a restart rather than starting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_histories_stay_apart_across_a_restart() {
+    let mut g = Giftd::start();
+    let cards = ["6035719910007014", "6035719910007022", "6035719910007030"];
+    let mut c = g.client().await;
+    for n in cards {
+        issue(&mut c, n, usd(1_000)).await;
+    }
+    // Card i is redeemed i+1 minor units each time, so every entry names its card.
+    async fn round(c: &mut Client, cards: &[&str], r: u32) {
+        for (i, n) in cards.iter().enumerate() {
+            let req = redeem_with_key(n, &format!("il{r}-{i}"), i as i64 + 1);
+            assert_eq!(call(c, &req).await.result, ResultCode::Approved);
+        }
+    }
+    for r in 0..4 {
+        round(&mut c, &cards, r).await;
+    }
+    drop(c);
+    g.restart();
+    let mut c = g.client().await;
+    for r in 4..7 {
+        round(&mut c, &cards, r).await;
+    }
+    for (i, n) in cards.iter().enumerate() {
+        let step = i as i64 + 1;
+        let h = history(&mut c, n, 0, 100).await;
+        let got: Vec<(u64, i64, i64)> = h.txns.iter().map(|t| (t.seq, t.amount_minor, t.balance_after_minor)).collect();
+        let mut want: Vec<(u64, i64, i64)> = (1..=7).map(|k| (k + 1, -step, 1_000 - step * k as i64)).collect();
+        want.push((1, 1_000, 1_000));
+        want.sort_by_key(|w| std::cmp::Reverse(w.0));
+        assert_eq!(got, want, "card {i}: its own entries only, newest first, across the restart");
+    }
+}
