@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use giftd::card_number::CardKey;
-use giftd::engine::{Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs};
+use giftd::engine::{Appended, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs};
 use giftd::model::{Currency, Money};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,12 +28,10 @@ impl Journal for DiscardJournal {
     fn latest_group(&self) -> u64 {
         self.group.load(Ordering::Relaxed)
     }
-    fn next_txn_id(&self) -> u64 {
-        self.txn_id.fetch_add(1, Ordering::Relaxed) + 1
-    }
-    fn append(&self, effects: Effects) -> u64 {
+    fn append(&self, effects: Effects) -> Appended {
+        let txn_id = if effects.change.is_some() { self.txn_id.fetch_add(1, Ordering::Relaxed) + 1 } else { 0 };
         black_box(effects);
-        self.group.fetch_add(1, Ordering::Relaxed) + 1
+        Appended { group: self.group.fetch_add(1, Ordering::Relaxed) + 1, txn_id }
     }
 }
 

@@ -29,6 +29,9 @@ pub struct DurabilityConfig {
     /// "sync" (default: fsync before every reply) or "relaxed" (fsync every `relaxed_interval_ms`).
     pub mode: String,
     pub relaxed_interval_ms: u64,
+    /// How often changed cards are written to the card table. A restart loads that table and then
+    /// replays the history written since, so this bounds restart time, not what survives a crash.
+    pub checkpoint_interval_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -72,7 +75,7 @@ impl Default for Config {
 
 impl Default for DurabilityConfig {
     fn default() -> DurabilityConfig {
-        DurabilityConfig { mode: "sync".into(), relaxed_interval_ms: 10 }
+        DurabilityConfig { mode: "sync".into(), relaxed_interval_ms: 10, checkpoint_interval_ms: 5_000 }
     }
 }
 
@@ -105,6 +108,9 @@ impl Config {
         }
         if self.durability.relaxed_interval_ms == 0 {
             errs.push("durability.relaxed_interval_ms must be at least 1".into());
+        }
+        if !(10..=600_000).contains(&self.durability.checkpoint_interval_ms) {
+            errs.push("durability.checkpoint_interval_ms must be between 10 and 600000".into());
         }
         let l = &self.limits;
         for (name, v) in [
@@ -150,6 +156,10 @@ impl Config {
             "relaxed" => crate::store::Durability::Relaxed { interval_ms: self.durability.relaxed_interval_ms },
             _ => crate::store::Durability::Sync,
         }
+    }
+
+    pub fn checkpoint_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.durability.checkpoint_interval_ms)
     }
 
     pub fn programs(&self) -> Vec<Program> {

@@ -49,6 +49,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let args = Args::parse();
@@ -97,7 +99,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let durability = cfg.durability();
     let started = Instant::now();
-    let (store, recovered) = Store::open(&cfg.data_dir, durability, metrics.clone())?;
+    let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.checkpoint_interval(), metrics.clone())?;
     let store = Arc::new(store);
     let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
     let totals = recovered.totals;
@@ -119,7 +121,12 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let secs = started.elapsed().as_secs_f64();
     metrics.cards_recovered.set(restored.cards as i64);
     metrics.recovery_seconds.set(secs);
-    tracing::info!(cards = restored.cards, seconds = secs, "recovered; totals check passed");
+    tracing::info!(
+        cards = restored.cards,
+        replayed_history_entries = recovered.replayed,
+        seconds = secs,
+        "recovered; totals check passed"
+    );
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
     let metrics_listener = tokio::net::TcpListener::bind(&cfg.metrics_listen).await?;

@@ -52,7 +52,7 @@ pub struct IdemRecord {
 /// One history entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnRecord {
-    /// Unique across all cards, from [`Journal::next_txn_id`].
+    /// Unique across all cards, assigned by [`Journal::append`] (0 until then).
     pub id: u64,
     /// The card's previous entry (0: this is its first).
     pub prev_id: u64,
@@ -73,14 +73,37 @@ pub struct LedgerDelta {
     pub debit_minor: i64,
 }
 
+/// A card's new state and the history entry that explains it: a card never changes without one.
+#[derive(Clone, Debug)]
+pub struct CardChange {
+    /// The card after the change. Its `last_txn_id` is still the previous entry's (= `txn.prev_id`)
+    /// until [`Journal::append`] assigns the new entry its id.
+    pub record: CardRecord,
+    pub txn: TxnRecord,
+}
+
 /// Everything one decision writes, committed atomically in one batch.
 #[derive(Clone, Debug, Default)]
 pub struct Effects {
-    pub card: Option<(CardKey, CardRecord)>,
-    pub txn: Option<TxnRecord>,
+    pub change: Option<CardChange>,
     pub idem: Option<(IdemKey, IdemRecord)>,
     pub invoice: Option<InvoiceKey>,
     pub ledger: Option<LedgerDelta>,
+}
+
+/// Where [`Journal::append`] put a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub group: u64,
+    pub txn_id: u64,
+}
+
+impl CardChange {
+    /// Gives the history entry `id` and makes it the card's newest.
+    pub fn assign_id(&mut self, id: u64) {
+        self.txn.id = id;
+        self.record.last_txn_id = id;
+    }
 }
 
 pub trait Journal: Send + Sync + 'static {
@@ -91,12 +114,12 @@ pub trait Journal: Send + Sync + 'static {
     /// The newest commit group anything was appended to: a reply that depends on a record found in
     /// the store, possibly not yet synced, waits for this.
     fn latest_group(&self) -> u64;
-    /// A new history entry id, never handed out before (not even before a restart). Ids grow with
-    /// time, so the store can keep history in id order: appending, never inserting.
-    fn next_txn_id(&self) -> u64;
-    /// Queues `effects` and returns the commit group that will make them durable. Called with the
-    /// card's lock held, so it must not block: it only appends to the open group.
-    fn append(&self, effects: Effects) -> u64;
+    /// Queues `effects` and returns the commit group that will make them durable, and the id it
+    /// gave the history entry (0 if none). Ids are never reused, not even across restarts, and grow
+    /// in commit order, so the store keeps history in id order: appending, never inserting. The
+    /// id becomes the entry's `id` and the card record's `last_txn_id`.
+    /// Called with the card's lock held, so it must not block: it only appends to the open group.
+    fn append(&self, effects: Effects) -> Appended;
 }
 
 /// An in-memory journal: every append is "durable" at once. For engine tests and benches.
@@ -140,20 +163,16 @@ impl Journal for MemoryJournal {
         self.inner.lock().unwrap().group
     }
 
-    fn next_txn_id(&self) -> u64 {
-        let mut g = self.inner.lock().unwrap();
-        g.txn_id += 1;
-        g.txn_id
-    }
-
-    fn append(&self, effects: Effects) -> u64 {
+    fn append(&self, effects: Effects) -> Appended {
         let mut g = self.inner.lock().unwrap();
         g.group += 1;
-        if let Some((k, r)) = effects.card {
-            g.cards.insert(k, r);
-        }
-        if let Some(t) = effects.txn {
-            g.txns.push(t);
+        let mut txn_id = 0;
+        if let Some(mut c) = effects.change {
+            g.txn_id += 1;
+            txn_id = g.txn_id;
+            c.assign_id(txn_id);
+            g.cards.insert(c.txn.card, c.record);
+            g.txns.push(c.txn);
         }
         if let Some((k, r)) = effects.idem {
             g.idem.insert(k, r);
@@ -161,6 +180,6 @@ impl Journal for MemoryJournal {
         if let Some(i) = effects.invoice {
             g.invoices.insert(i);
         }
-        g.group
+        Appended { group: g.group, txn_id }
     }
 }

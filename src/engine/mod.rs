@@ -12,7 +12,9 @@ pub mod program;
 pub mod rules;
 
 pub use card::{CardRecord, Lifecycle};
-pub use journal::{Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal, TxnRecord};
+pub use journal::{
+    Appended, CardChange, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal, TxnRecord,
+};
 pub use program::{Program, Programs};
 pub use rules::Op;
 
@@ -161,19 +163,17 @@ impl Engine {
     }
 
     /// Adds the idempotency record to `effects` and appends them to the journal.
-    fn record(&self, m: &Mutation, outcome: Outcome, mut effects: Effects) -> (Outcome, u64) {
+    fn record(&self, m: &Mutation, outcome: Outcome, mut effects: Effects) -> (Outcome, Appended) {
         effects.idem = Some((m.idem.clone(), IdemRecord { fingerprint: m.fingerprint, outcome }));
         (outcome, self.journal.append(effects))
     }
 
-    /// The history entry for a change just applied to `rec`, linked to the card's previous entry;
-    /// `rec` now names it as the newest.
-    fn txn(&self, m: &Mutation, rec: &mut CardRecord, kind: TxnKind, amount_minor: i64, now_ms: i64) -> TxnRecord {
-        let id = self.journal.next_txn_id();
-        let prev_id = std::mem::replace(&mut rec.last_txn_id, id);
-        TxnRecord {
-            id,
-            prev_id,
+    /// A change just applied to `rec`, with its history entry linked to the card's previous one.
+    /// The journal gives the entry its id; the caller then stores it in its `rec.last_txn_id`.
+    fn change_of(m: &Mutation, rec: &CardRecord, kind: TxnKind, amount_minor: i64, now_ms: i64) -> CardChange {
+        let txn = TxnRecord {
+            id: 0,
+            prev_id: rec.last_txn_id,
             card: m.card,
             seq: rec.txn_count,
             kind,
@@ -181,7 +181,8 @@ impl Engine {
             balance_after_minor: rec.balance_minor,
             at_ms: now_ms,
             merchant: m.idem.merchant().into(),
-        }
+        };
+        CardChange { record: rec.clone(), txn }
     }
 
     fn issue(&self, m: &Mutation, program: &str, now_ms: i64) -> (Outcome, u64) {
@@ -190,32 +191,35 @@ impl Engine {
         match self.cards.entry(m.card) {
             Entry::Occupied(e) => {
                 let outcome = Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms)));
-                self.record(m, outcome, Effects::default())
+                let (outcome, at) = self.record(m, outcome, Effects::default());
+                (outcome, at.group)
             }
             Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
-                Err(code) => self.record(m, Outcome::declined(code, None), Effects::default()),
+                Err(code) => {
+                    let (outcome, at) = self.record(m, Outcome::declined(code, None), Effects::default());
+                    (outcome, at.group)
+                }
                 Ok(mut rec) => {
-                    let txn = self.txn(m, &mut rec, TxnKind::Issue, money.minor, now_ms);
                     let outcome = Outcome {
                         result: ResultCode::Approved,
                         approved_minor: money.minor,
                         card: Some(rec.view(now_ms)),
                     };
                     let effects = Effects {
-                        txn: Some(txn),
+                        change: Some(Self::change_of(m, &rec, TxnKind::Issue, money.minor, now_ms)),
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
                             credit_minor: money.minor,
                             debit_minor: 0,
                         }),
-                        card: Some((m.card, rec.clone())),
                         ..Effects::default()
                     };
                     // Appended while the vacant entry still holds the shard lock.
-                    let (outcome, group) = self.record(m, outcome, effects);
+                    let (outcome, at) = self.record(m, outcome, effects);
+                    rec.last_txn_id = at.txn_id;
                     let program = program.expect("decide_issue checked the program").clone();
-                    v.insert(Card { rec, program, last_group: group });
-                    (outcome, group)
+                    v.insert(Card { rec, program, last_group: at.group });
+                    (outcome, at.group)
                 }
             },
         }
@@ -223,14 +227,18 @@ impl Engine {
 
     fn change(&self, m: &Mutation, invoice_used: bool, claim: Option<InvoiceKey>, now_ms: i64) -> (Outcome, u64) {
         let Some(mut card) = self.cards.get_mut(&m.card) else {
-            return self.record(m, Outcome::declined(ResultCode::CardNotFound, None), Effects::default());
+            let (outcome, at) = self.record(m, Outcome::declined(ResultCode::CardNotFound, None), Effects::default());
+            return (outcome, at.group);
         };
         let card = &mut *card;
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
-            Err(code) => self.record(m, Outcome::declined(code, Some(card.rec.view(now_ms))), Effects::default()),
+            Err(code) => {
+                let outcome = Outcome::declined(code, Some(card.rec.view(now_ms)));
+                let (outcome, at) = self.record(m, outcome, Effects::default());
+                (outcome, at.group)
+            }
             Ok(d) => {
                 d.apply(&mut card.rec, now_ms);
-                let txn = self.txn(m, &mut card.rec, d.kind, d.delta_minor, now_ms);
                 assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
                 let outcome = Outcome {
                     result: ResultCode::Approved,
@@ -238,20 +246,20 @@ impl Engine {
                     card: Some(card.rec.view(now_ms)),
                 };
                 let effects = Effects {
-                    txn: Some(txn),
+                    change: Some(Self::change_of(m, &card.rec, d.kind, d.delta_minor, now_ms)),
                     ledger: (d.delta_minor != 0).then_some(LedgerDelta {
                         currency: card.rec.currency,
                         credit_minor: d.delta_minor.max(0),
                         debit_minor: (-d.delta_minor).max(0),
                     }),
-                    card: Some((m.card, card.rec.clone())),
                     invoice: claim,
                     ..Effects::default()
                 };
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (outcome, group) = self.record(m, outcome, effects);
-                card.last_group = group;
-                (outcome, group)
+                let (outcome, at) = self.record(m, outcome, effects);
+                card.rec.last_txn_id = at.txn_id;
+                card.last_group = at.group;
+                (outcome, at.group)
             }
         }
     }

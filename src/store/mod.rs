@@ -6,21 +6,27 @@
 //! written before the sync began, and publishes the highest such group as durable. Replies wait on
 //! that number, so nothing is acknowledged before it is synced. The two threads overlap: one group's
 //! fsync runs while the next group is written. A failed write or sync stops the process.
+//!
+//! Cards are checkpointed, not written per decision: each history entry carries the card record as
+//! it left it, and the committer writes the cards changed since the last checkpoint to the `cards`
+//! family every `checkpoint_every`, a chunk per turn, then records the last history id it covers.
+//! Recovery loads `cards` and replays the history entries after that id. History ids grow in commit
+//! order (they are assigned as effects join a group), so "after that id" is exactly "not in the
+//! checkpoint".
 
 pub mod records;
 
 use crate::card_number::CardKey;
-use crate::engine::{CardRecord, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, TxnRecord};
+use crate::engine::{Appended, CardRecord, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, TxnRecord};
 use crate::metrics::Metrics;
 use crate::model::Currency;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBRecoveryMode, IteratorMode, MemtableFactory, Options, SliceTransform,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamilyDescriptor, DBRecoveryMode, Direction, IteratorMode, MemtableFactory, Options,
+    SliceTransform, WriteBatch, WriteOptions, DB,
 };
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +50,12 @@ const IDEM_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// Share of each idempotency/invoice memtable given to its bloom filter: the usual lookup is a
 /// miss ("a new key"), which the filter answers without walking the skiplist.
 const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
+
+/// Cards written per checkpoint chunk: one chunk goes between two commit groups, so it bounds the
+/// delay a checkpoint adds to a group (about a millisecond).
+const CHECKPOINT_CHUNK_CARDS: usize = 2048;
+/// Meta key of the last history id the `cards` family reflects.
+const CHECKPOINT_KEY: &[u8] = b"checkpoint/txn_id";
 
 /// Exit status after a failed WAL write or sync (EX_IOERR): never continue on unknown durability.
 pub const EXIT_IO_ERROR: i32 = 74;
@@ -70,6 +82,8 @@ impl Durability {
 /// What recovery read back.
 pub struct Recovered {
     pub cards: Vec<(CardKey, CardRecord)>,
+    /// History entries replayed over the last checkpoint.
+    pub replayed: u64,
     /// Per currency: money that entered (issued, loaded) and left (redeemed) since the beginning.
     pub totals: BTreeMap<Currency, (i128, i128)>,
 }
@@ -82,6 +96,8 @@ struct Pending {
 struct PendingState {
     entries: Vec<Effects>,
     open_group: u64,
+    /// The last history id handed out.
+    txn_id: u64,
     closing: bool,
 }
 
@@ -98,8 +114,6 @@ struct WrittenState {
 
 pub struct Store {
     db: Arc<DB>,
-    /// The last history entry id handed out.
-    txn_id: AtomicU64,
     pending: Arc<Pending>,
     written: Arc<Written>,
     durable: watch::Receiver<u64>,
@@ -114,7 +128,12 @@ fn fail(what: &str, e: &dyn std::fmt::Display) -> ! {
 
 impl Store {
     /// Opens (or creates) the database in `dir` and reads back every card and the ledger totals.
-    pub fn open(dir: &Path, durability: Durability, metrics: Arc<Metrics>) -> anyhow::Result<(Store, Recovered)> {
+    pub fn open(
+        dir: &Path,
+        durability: Durability,
+        checkpoint_every: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<(Store, Recovered)> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -134,12 +153,12 @@ impl Store {
         opts.set_allow_concurrent_memtable_write(false);
         let cfs = CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?);
-        let recovered = recover(&db)?;
-        let txn_id = AtomicU64::new(last_txn_id(&db)?);
+        let (recovered, replayed_cards) = recover(&db)?;
+        let txn_id = last_txn_id(&db)?;
         let (tx, rx) = watch::channel(0u64);
         let durable = Arc::new(tx);
         let pending = Arc::new(Pending {
-            state: Mutex::new(PendingState { entries: Vec::new(), open_group: 1, closing: false }),
+            state: Mutex::new(PendingState { entries: Vec::new(), open_group: 1, txn_id, closing: false }),
             wake: Condvar::new(),
         });
         let written =
@@ -148,9 +167,11 @@ impl Store {
             let (db, pending, written, durable, metrics) =
                 (db.clone(), pending.clone(), written.clone(), durable.clone(), metrics.clone());
             let totals = recovered.totals.clone();
-            std::thread::Builder::new()
-                .name("giftd-committer".into())
-                .spawn(move || commit_loop(&db, &pending, &written, &durable, durability, totals, &metrics))?
+            // Replayed cards are not in the card table yet: the next checkpoint writes them.
+            let checkpoint = Checkpoint::new(checkpoint_every, replayed_cards, txn_id);
+            std::thread::Builder::new().name("giftd-committer".into()).spawn(move || {
+                commit_loop(&db, &pending, &written, &durable, durability, totals, checkpoint, &metrics)
+            })?
         };
         let syncer = {
             let (db, written) = (db.clone(), written.clone());
@@ -160,7 +181,6 @@ impl Store {
         };
         let store = Store {
             db,
-            txn_id,
             pending,
             written,
             durable: rx,
@@ -189,7 +209,7 @@ impl Store {
             let Some(v) = self.get(CF_HISTORY, &records::history_key(id)) else {
                 fail("history read", &format_args!("entry {id} of a card's chain is missing"))
             };
-            let t = records::decode_txn(&records::history_key(id), &v)
+            let (t, _) = records::decode_history(&records::history_key(id), &v)
                 .unwrap_or_else(|e| fail("history record decode", &e));
             if t.card != *card {
                 fail("history read", &format_args!("entry {id} belongs to another card"));
@@ -202,7 +222,8 @@ impl Store {
         out
     }
 
-    /// Stops the committer and the syncer after everything appended so far is written and synced.
+    /// Stops the committer and the syncer after everything appended so far is written and synced,
+    /// with a final checkpoint so the next start has nothing to replay.
     pub fn close(&self) {
         self.pending.state.lock().expect("pending lock").closing = true;
         self.pending.wake.notify_all();
@@ -233,8 +254,8 @@ impl Store {
 /// Per column family options, chosen for how each family is used. The committer inserts every
 /// decision on one thread, so memtable inserts and the flushes behind them are the store's main
 /// cost (profiled at 64×16):
-/// - `cards` keys are HMACs, in random order, and only ever read by a full scan at recovery: a
-///   vector memtable appends in O(1) and sorts once at flush.
+/// - `cards` is written by checkpoints in chunks of HMAC-keyed (random) records, and only ever read
+///   by a full scan at recovery: a vector memtable appends in O(1) and sorts once at flush.
 /// - `history` keys are ids that grow: a plain skiplist appends at its end, and flushes and
 ///   compactions move sorted runs.
 /// - `idem` and `invoices` are point lookups of hashed (random) 32-byte keys, mostly misses: a
@@ -283,10 +304,6 @@ impl Journal for Store {
         self.get(CF_INVOICES, &hashed_key(&key.0)).is_some()
     }
 
-    fn next_txn_id(&self) -> u64 {
-        self.txn_id.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
     fn latest_group(&self) -> u64 {
         // The open group once something is in it; before that, the last group handed to the
         // committer (the open group is written only when it holds something).
@@ -298,13 +315,20 @@ impl Journal for Store {
         }
     }
 
-    fn append(&self, effects: Effects) -> u64 {
+    fn append(&self, mut effects: Effects) -> Appended {
         let mut s = self.pending.state.lock().expect("pending lock");
+        // Assigned here, under the lock that orders groups, so ids grow in commit order.
+        let mut txn_id = 0;
+        if let Some(c) = &mut effects.change {
+            s.txn_id += 1;
+            txn_id = s.txn_id;
+            c.assign_id(txn_id);
+        }
         s.entries.push(effects);
         if s.entries.len() == 1 {
             self.pending.wake.notify_one();
         }
-        s.open_group
+        Appended { group: s.open_group, txn_id }
     }
 }
 
@@ -321,14 +345,33 @@ fn last_txn_id(db: &DB) -> anyhow::Result<u64> {
     }
 }
 
-fn recover(db: &DB) -> anyhow::Result<Recovered> {
-    let mut cards = Vec::new();
+/// Loads the card table, then replays the history written after its checkpoint. Returns also the
+/// replayed cards, which the next checkpoint must write.
+fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)> {
+    let mut cards = HashMap::new();
     let cf = db.cf_handle(CF_CARDS).expect("cards column family");
     for item in db.iterator_cf(cf, IteratorMode::Start) {
         let (k, v) = item?;
         let key: [u8; 32] = k.as_ref().try_into().map_err(|_| records::Corrupt { what: "card key" })?;
-        cards.push((CardKey(key), records::decode_card(&v)?));
+        cards.insert(CardKey(key), records::decode_card(&v)?);
     }
+    let meta = db.cf_handle(CF_META).expect("meta column family");
+    let checkpoint = match db.get_cf(meta, CHECKPOINT_KEY)? {
+        None => 0,
+        Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| records::Corrupt { what: "checkpoint" })?),
+    };
+    let mut replayed = HashMap::new();
+    let mut replayed_entries = 0;
+    let cf = db.cf_handle(CF_HISTORY).expect("history column family");
+    let from = records::history_key(checkpoint + 1);
+    for item in db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)) {
+        let (k, v) = item?;
+        let (txn, rec) = records::decode_history(&k, &v)?;
+        // Entries are in commit order, so the last one seen for a card is its state.
+        replayed.insert(txn.card, rec);
+        replayed_entries += 1;
+    }
+    cards.extend(replayed.iter().map(|(k, r)| (*k, r.clone())));
     let mut totals = BTreeMap::new();
     let cf = db.cf_handle(CF_META).expect("meta column family");
     for item in db.prefix_iterator_cf(cf, b"totals/") {
@@ -339,9 +382,82 @@ fn recover(db: &DB) -> anyhow::Result<Recovered> {
         let (c, credit, debit) = records::decode_totals(&k, &v)?;
         totals.insert(c, (credit, debit));
     }
-    Ok(Recovered { cards, totals })
+    let cards = cards.into_iter().collect();
+    Ok((Recovered { cards, replayed: replayed_entries, totals }, replayed))
 }
 
+/// The cards changed since the last checkpoint, and the checkpoint being written, if any.
+struct Checkpoint {
+    every: Duration,
+    /// Changed cards in their latest state, as written to history.
+    dirty: HashMap<CardKey, CardRecord>,
+    /// The last history id in a written group: everything up to it is in `dirty` or checkpointed.
+    written_txn_id: u64,
+    last_started: Instant,
+    running: Option<RunningCheckpoint>,
+}
+
+struct RunningCheckpoint {
+    cards: Vec<(CardKey, CardRecord)>,
+    done: usize,
+    /// The history id the `cards` family reflects once every chunk is written.
+    upto_txn_id: u64,
+}
+
+impl Checkpoint {
+    fn new(every: Duration, dirty: HashMap<CardKey, CardRecord>, written_txn_id: u64) -> Checkpoint {
+        Checkpoint { every, dirty, written_txn_id, last_started: Instant::now(), running: None }
+    }
+
+    /// How long the committer may sleep with no group to write: not at all while a checkpoint is
+    /// being written, until the next one is due when cards changed, else until woken.
+    fn idle_wait(&self) -> Option<Duration> {
+        if self.running.is_some() {
+            Some(Duration::ZERO)
+        } else if self.dirty.is_empty() {
+            None
+        } else {
+            Some(self.every.saturating_sub(self.last_started.elapsed()))
+        }
+    }
+
+    /// Starts a checkpoint when one is due (or `now`), then writes the running one's next chunk.
+    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 5], wopts: &WriteOptions, now: bool) {
+        if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
+            self.last_started = Instant::now();
+            self.running = Some(RunningCheckpoint {
+                cards: self.dirty.drain().collect(),
+                done: 0,
+                upto_txn_id: self.written_txn_id,
+            });
+        }
+        let Some(run) = &mut self.running else { return };
+        let mut batch = WriteBatch::default();
+        let mut value = Vec::new();
+        let end = (run.done + CHECKPOINT_CHUNK_CARDS).min(run.cards.len());
+        for (key, rec) in &run.cards[run.done..end] {
+            value.clear();
+            records::encode_card(&mut value, rec);
+            batch.put_cf(cfs[CfIndex::Cards as usize], key.0, &value);
+        }
+        run.done = end;
+        let finished = end == run.cards.len();
+        if finished {
+            // Written after (or with) every chunk: the WAL replays in order, so once this is
+            // durable, all the chunks are too.
+            batch.put_cf(cfs[CfIndex::Meta as usize], CHECKPOINT_KEY, run.upto_txn_id.to_le_bytes());
+        }
+        // Not synced here: a checkpoint lost in a crash only means a longer replay.
+        if let Err(e) = db.write_opt(batch, wopts) {
+            fail("checkpoint write", &e);
+        }
+        if finished {
+            self.running = None;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn commit_loop(
     db: &DB,
     pending: &Pending,
@@ -349,6 +465,7 @@ fn commit_loop(
     durable: &watch::Sender<u64>,
     durability: Durability,
     mut totals: BTreeMap<Currency, (i128, i128)>,
+    mut checkpoint: Checkpoint,
     metrics: &Metrics,
 ) {
     let cfs = CFS.map(|name| db.cf_handle(name).expect("column family"));
@@ -357,64 +474,88 @@ fn commit_loop(
     let mut spare: Vec<Effects> = Vec::new();
     let mut sorted = SortedBatch::default();
     loop {
-        let (mut group_entries, group) = {
+        let taken = {
             let mut s = pending.state.lock().expect("pending lock");
             while s.entries.is_empty() && !s.closing {
-                s = pending.wake.wait(s).expect("pending lock");
-            }
-            if s.entries.is_empty() {
-                return;
-            }
-            let g = s.open_group;
-            s.open_group += 1;
-            (std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g)
-        };
-        let decisions = group_entries.len();
-        sorted.clear();
-        let mut touched: Vec<Currency> = Vec::new();
-        for e in group_entries.drain(..) {
-            if let Some((k, rec)) = &e.card {
-                sorted.put(CfIndex::Cards, &k.0, |b| records::encode_card(b, rec));
-            }
-            if let Some(t) = &e.txn {
-                sorted.put(CfIndex::History, &records::history_key(t.id), |b| records::encode_txn(b, t));
-            }
-            if let Some((k, rec)) = &e.idem {
-                sorted.put(CfIndex::Idem, &hashed_key(&k.0), |b| records::encode_idem(b, rec));
-            }
-            if let Some(k) = &e.invoice {
-                sorted.put(CfIndex::Invoices, &hashed_key(&k.0), |_| {});
-            }
-            if let Some(l) = &e.ledger {
-                let t = totals.entry(l.currency).or_default();
-                t.0 += l.credit_minor as i128;
-                t.1 += l.debit_minor as i128;
-                if !touched.contains(&l.currency) {
-                    touched.push(l.currency);
+                match checkpoint.idle_wait() {
+                    None => s = pending.wake.wait(s).expect("pending lock"),
+                    Some(d) if d.is_zero() => break,
+                    Some(d) => {
+                        let (guard, timeout) = pending.wake.wait_timeout(s, d).expect("pending lock");
+                        s = guard;
+                        if timeout.timed_out() {
+                            break;
+                        }
+                    }
                 }
             }
+            if s.entries.is_empty() {
+                if s.closing {
+                    drop(s);
+                    // Everything is written: checkpoint it all, so a restart replays nothing.
+                    while checkpoint.running.is_some() || !checkpoint.dirty.is_empty() {
+                        checkpoint.step(db, &cfs, &wopts, true);
+                    }
+                    return;
+                }
+                None
+            } else {
+                let g = s.open_group;
+                s.open_group += 1;
+                Some((std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g))
+            }
+        };
+        if let Some((mut group_entries, group)) = taken {
+            let decisions = group_entries.len();
+            sorted.clear();
+            let mut touched: Vec<Currency> = Vec::new();
+            for e in group_entries.drain(..) {
+                if let Some(c) = e.change {
+                    let t = &c.txn;
+                    sorted.put(CfIndex::History, &records::history_key(t.id), |b| {
+                        records::encode_history(b, t, &c.record)
+                    });
+                    checkpoint.written_txn_id = t.id;
+                    checkpoint.dirty.insert(t.card, c.record);
+                }
+                if let Some((k, rec)) = &e.idem {
+                    sorted.put(CfIndex::Idem, &hashed_key(&k.0), |b| records::encode_idem(b, rec));
+                }
+                if let Some(k) = &e.invoice {
+                    sorted.put(CfIndex::Invoices, &hashed_key(&k.0), |_| {});
+                }
+                if let Some(l) = &e.ledger {
+                    let t = totals.entry(l.currency).or_default();
+                    t.0 += l.credit_minor as i128;
+                    t.1 += l.debit_minor as i128;
+                    if !touched.contains(&l.currency) {
+                        touched.push(l.currency);
+                    }
+                }
+            }
+            for c in touched {
+                let (credit, debit) = totals[&c];
+                sorted.put(CfIndex::Meta, &records::totals_key(c), |b| {
+                    b.extend_from_slice(&records::encode_totals(credit, debit))
+                });
+            }
+            let batch = sorted.sorted_batch(&cfs);
+            let bytes = batch.size_in_bytes();
+            let started = Instant::now();
+            if let Err(e) = db.write_opt(batch, &wopts) {
+                fail("WAL write", &e);
+            }
+            metrics.wal_observe(decisions, bytes, started.elapsed());
+            if durability == Durability::Sync {
+                written.state.lock().expect("written lock").group = group;
+                written.wake.notify_one();
+            } else {
+                // Relaxed (opt-in): acknowledged once written; the syncer catches up every interval.
+                durable.send_replace(group);
+            }
+            spare = group_entries;
         }
-        for c in touched {
-            let (credit, debit) = totals[&c];
-            sorted.put(CfIndex::Meta, &records::totals_key(c), |b| {
-                b.extend_from_slice(&records::encode_totals(credit, debit))
-            });
-        }
-        let batch = sorted.sorted_batch(&cfs);
-        let bytes = batch.size_in_bytes();
-        let started = Instant::now();
-        if let Err(e) = db.write_opt(batch, &wopts) {
-            fail("WAL write", &e);
-        }
-        metrics.wal_observe(decisions, bytes, started.elapsed());
-        if durability == Durability::Sync {
-            written.state.lock().expect("written lock").group = group;
-            written.wake.notify_one();
-        } else {
-            // Relaxed (opt-in): acknowledged once written; the syncer catches up every interval.
-            durable.send_replace(group);
-        }
-        spare = group_entries;
+        checkpoint.step(db, &cfs, &wopts, false);
     }
 }
 

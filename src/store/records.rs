@@ -124,7 +124,9 @@ pub fn history_key(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
-pub fn encode_txn(dst: &mut Vec<u8>, t: &TxnRecord) {
+/// A history entry carries the card record as the entry left it: restart replays entries written
+/// after the last checkpoint of the card table, so a change needs no card-table write of its own.
+pub fn encode_history(dst: &mut Vec<u8>, t: &TxnRecord, card: &CardRecord) {
     dst.put_u8(TXN_V2);
     dst.put_slice(&t.card.0);
     dst.put_u64_le(t.seq);
@@ -134,9 +136,10 @@ pub fn encode_txn(dst: &mut Vec<u8>, t: &TxnRecord) {
     dst.put_i64_le(t.balance_after_minor);
     dst.put_i64_le(t.at_ms);
     put_str8(dst, &t.merchant);
+    encode_card(dst, card);
 }
 
-pub fn decode_txn(key: &[u8], buf: &[u8]) -> Result<TxnRecord, Corrupt> {
+pub fn decode_history(key: &[u8], buf: &[u8]) -> Result<(TxnRecord, CardRecord), Corrupt> {
     let mut k = Reader { buf: key, what: "history key" };
     let id = u64::from_be_bytes(k.arr()?);
     let mut r = Reader { buf, what: "history" };
@@ -145,7 +148,7 @@ pub fn decode_txn(key: &[u8], buf: &[u8]) -> Result<TxnRecord, Corrupt> {
     let seq = r.i64()? as u64;
     let prev_id = r.i64()? as u64;
     let kind = TxnKind::from_u8(r.u8()?);
-    Ok(TxnRecord {
+    let txn = TxnRecord {
         id,
         prev_id,
         card,
@@ -155,7 +158,13 @@ pub fn decode_txn(key: &[u8], buf: &[u8]) -> Result<TxnRecord, Corrupt> {
         balance_after_minor: r.i64()?,
         at_ms: r.i64()?,
         merchant: r.str8()?.into(),
-    })
+    };
+    let rec = decode_card(r.buf)?;
+    // The record is the card as this entry left it.
+    if rec.last_txn_id != id || rec.txn_count != seq || rec.balance_minor != txn.balance_after_minor {
+        return Err(Corrupt { what: "history" });
+    }
+    Ok((txn, rec))
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
@@ -267,8 +276,9 @@ mod tests {
             merchant: "m-1".into(),
         };
         buf.clear();
-        encode_txn(&mut buf, &txn);
-        assert_eq!(decode_txn(&history_key(77), &buf).unwrap(), txn);
+        encode_history(&mut buf, &txn, &card);
+        assert_eq!(decode_history(&history_key(77), &buf).unwrap(), (txn, card.clone()));
+        assert!(decode_history(&history_key(78), &buf).is_err(), "the record must be the one the entry left");
         // Keys sort as ids do, so new entries append.
         assert!(history_key(255) < history_key(256));
     }

@@ -124,7 +124,7 @@ pub async fn verify_exactly_once(c: &mut Client, n: &str, start: i64, load: &Loa
 }
 
 /// Sends every request pipelined on one connection, in chunks, and returns the outcomes in order.
-async fn pipeline(c: &mut Client, reqs: &[Request]) -> Vec<Outcome> {
+pub async fn pipeline(c: &mut Client, reqs: &[Request]) -> Vec<Outcome> {
     let mut out = Vec::with_capacity(reqs.len());
     for chunk in reqs.chunks(64) {
         let ids: Vec<u64> = chunk.iter().map(|r| c.tx.send(r)).collect();
@@ -143,8 +143,32 @@ async fn pipeline(c: &mut Client, reqs: &[Request]) -> Vec<Outcome> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_redeems_survive_kill9_and_retries_apply_once() {
-    let mut g = Giftd::start();
-    let n: &'static str = "6035719930000016";
+    // The default checkpoint interval is longer than the test: every restart replays all history.
+    kill9_cycles(Giftd::start(), "6035719930000016").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_redeems_survive_kill9_racing_checkpoints() {
+    let g = Giftd::with_config("[durability]\ncheckpoint_interval_ms = 10\n");
+    let log = kill9_cycles(g, "6035719930000024").await;
+    // At least one restart started from a checkpoint rather than from the beginning.
+    let replays = replayed_entries(&log);
+    assert!(replays.len() > CYCLES, "recovery lines: {replays:?}");
+    assert!(replays.iter().any(|&r| r > 0) && replays.iter().any(|&r| r < 50), "replayed: {replays:?}");
+}
+
+/// `replayed_history_entries` of every recovery in a giftd log.
+pub fn replayed_entries(log: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(log)
+        .lines()
+        .filter_map(|l| l.split("replayed_history_entries=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Kill -9 under load, restart and verify, [`CYCLES`] times; then a clean stop and start. Returns
+/// giftd's log.
+async fn kill9_cycles(mut g: Giftd, n: &'static str) -> Vec<u8> {
     let initial = 10_000_000;
     issue(&mut g.client().await, n, usd(initial)).await;
     let (mut start, mut txns, mut acked_total) = (initial, 1u64, 0);
@@ -193,4 +217,46 @@ async fn acknowledged_redeems_survive_kill9_and_retries_apply_once() {
     assert!(g.sigterm().success());
     g.restart();
     assert_eq!(balance(&mut g.client().await, n).await, start);
+    // SIGTERM writes a full checkpoint: that start replayed nothing.
+    assert_eq!(replayed_entries(&g.log()).last(), Some(&0), "a clean stop leaves nothing to replay");
+    g.log()
+}
+
+/// Many cards (several checkpoint chunks), two kills: cards changed only before the first kill are
+/// replayed at the first restart, and must then reach the card table through the next checkpoint,
+/// or the second restart would lose them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_cards_survive_later_checkpoints_and_kills() {
+    const CARDS: u64 = 5_000;
+    let mut g = Giftd::with_config("[durability]\ncheckpoint_interval_ms = 10\n");
+    let numbers: Vec<String> = (0..CARDS).map(|i| format!("60357199400{i:05}")).collect();
+    let mut c = g.client().await;
+    let issues: Vec<Request> = numbers.iter().map(|n| crate::issue_req(n, usd(1_000))).collect();
+    assert!(pipeline(&mut c, &issues).await.iter().all(|o| o.result == ResultCode::Approved));
+    let redeem = |range: std::ops::Range<usize>, tag: &str| -> Vec<Request> {
+        numbers[range].iter().map(|n| redeem_req(n, &format!("{tag}-{n}"), usd(AMOUNT), false)).collect()
+    };
+    let half = CARDS as usize / 2;
+    assert!(pipeline(&mut c, &redeem(0..half, "first")).await.iter().all(|o| o.result == ResultCode::Approved));
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    assert!(pipeline(&mut c, &redeem(half..CARDS as usize, "second"))
+        .await
+        .iter()
+        .all(|o| o.result == ResultCode::Approved));
+    // Let several checkpoints complete, so the history of the first half is no longer replayed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(c);
+    g.kill9();
+    g.restart();
+    let replays = replayed_entries(&g.log());
+    assert_eq!(replays.len(), 3, "{replays:?}");
+    assert!(replays[2] < CARDS / 2, "the last restart started from a checkpoint: {replays:?}");
+    let mut c = g.client().await;
+    let balances: Vec<Request> = numbers.iter().map(|n| Request::Balance { number: crate::num(n) }).collect();
+    for (n, o) in numbers.iter().zip(pipeline(&mut c, &balances).await) {
+        assert_eq!(o.card.map(|v| v.balance_minor), Some(1_000 - AMOUNT), "card {n}");
+    }
 }
