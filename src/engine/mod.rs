@@ -168,6 +168,12 @@ impl Engine {
         (outcome, self.journal.append(effects))
     }
 
+    /// Records a decision that changes no card (a decline): only its idempotency record.
+    fn declined(&self, m: &Mutation, outcome: Outcome) -> (Outcome, u64) {
+        let (outcome, at) = self.record(m, outcome, Effects::default());
+        (outcome, at.group)
+    }
+
     /// A change just applied to `rec`, with its history entry linked to the card's previous one.
     /// The journal gives the entry its id; the caller then stores it in its `rec.last_txn_id`.
     fn change_of(m: &Mutation, rec: &CardRecord, kind: TxnKind, amount_minor: i64, now_ms: i64) -> CardChange {
@@ -190,15 +196,10 @@ impl Engine {
         let Op::Issue { money, .. } = &m.op else { unreachable!("issue() is called for Op::Issue") };
         match self.cards.entry(m.card) {
             Entry::Occupied(e) => {
-                let outcome = Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms)));
-                let (outcome, at) = self.record(m, outcome, Effects::default());
-                (outcome, at.group)
+                self.declined(m, Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms))))
             }
             Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
-                Err(code) => {
-                    let (outcome, at) = self.record(m, Outcome::declined(code, None), Effects::default());
-                    (outcome, at.group)
-                }
+                Err(code) => self.declined(m, Outcome::declined(code, None)),
                 Ok(mut rec) => {
                     let outcome = Outcome {
                         result: ResultCode::Approved,
@@ -227,16 +228,11 @@ impl Engine {
 
     fn change(&self, m: &Mutation, invoice_used: bool, claim: Option<InvoiceKey>, now_ms: i64) -> (Outcome, u64) {
         let Some(mut card) = self.cards.get_mut(&m.card) else {
-            let (outcome, at) = self.record(m, Outcome::declined(ResultCode::CardNotFound, None), Effects::default());
-            return (outcome, at.group);
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
         };
         let card = &mut *card;
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
-            Err(code) => {
-                let outcome = Outcome::declined(code, Some(card.rec.view(now_ms)));
-                let (outcome, at) = self.record(m, outcome, Effects::default());
-                (outcome, at.group)
-            }
+            Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
                 d.apply(&mut card.rec, now_ms);
                 assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
