@@ -64,6 +64,12 @@ struct Args {
     /// Print exactly one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Open loop: offer this many redeems per second in total, spread evenly over the connections,
+    /// whatever the replies do (--pipeline then caps each connection's requests in flight).
+    /// Latency counts from each request's turn when giftd's slowness held it back. Without it,
+    /// the loop is closed: a new request as each reply arrives.
+    #[arg(long)]
+    rate: Option<u64>,
     /// Stop sending after this many redeems in total (the duration still applies).
     #[arg(long)]
     max_ops: Option<u64>,
@@ -88,6 +94,11 @@ impl Args {
         if !(1..=86_400).contains(&self.duration_secs) {
             bail!("--duration-secs must be between 1 and 86400");
         }
+        if let Some(r) = self.rate {
+            if !(1..=RATE_MAX).contains(&r) {
+                bail!("--rate must be between 1 and {RATE_MAX}");
+            }
+        }
         if self.max_ops == Some(0) {
             bail!("--max-ops must be at least 1");
         }
@@ -97,6 +108,9 @@ impl Args {
         Ok(())
     }
 }
+
+/// Far beyond what one machine serves; it only keeps the per-connection interval above zero.
+const RATE_MAX: u64 = 100_000_000;
 
 /// giftload only ever talks to this machine: a load test aimed elsewhere by mistake is an attack.
 fn loopback(addr: &str) -> Result<()> {
@@ -188,13 +202,21 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
     eprintln!("giftload: run {}: issuing {} cards", run.id, args.cards);
     workload::preload(addr, run.clone()).await?;
     eprintln!(
-        "giftload: {}×{} redeems for {} s ({} durability)",
-        args.connections, args.pipeline, args.duration_secs, durability
+        "giftload: {}×{} redeems for {} s, {} ({} durability)",
+        args.connections,
+        args.pipeline,
+        args.duration_secs,
+        loop_label(args),
+        durability
     );
-    let duration = Duration::from_secs(args.duration_secs);
-    let load =
-        workload::load(addr, run.clone(), ledger.clone(), args.connections, args.pipeline, duration, args.max_ops)
-            .await?;
+    let shape = workload::Shape {
+        connections: args.connections,
+        pipeline: args.pipeline,
+        duration: Duration::from_secs(args.duration_secs),
+        max_ops: args.max_ops,
+        rate: args.rate,
+    };
+    let load = workload::load(addr, run.clone(), ledger.clone(), &shape).await?;
     let mut failures = load.failures.clone();
     if load.unanswered > 0 {
         failures.push(format!("{} requests never answered", load.unanswered));
@@ -222,6 +244,14 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
         }
     };
     Ok(Report { durability, load, audit, failures })
+}
+
+/// How requests were offered, for the report.
+fn loop_label(args: &Args) -> String {
+    match args.rate {
+        Some(r) => format!("open loop at {r}/s"),
+        None => "closed loop".into(),
+    }
 }
 
 fn error_names(load: &LoadResult) -> String {
@@ -253,6 +283,7 @@ fn print_report(args: &Args, r: &Report) {
             "errors_by_result": r.load.findings.errors,
             "connections": args.connections,
             "pipeline": args.pipeline,
+            "rate": args.rate,
             "cards": args.cards,
             "duration_secs": (secs * 1000.0).round() / 1000.0,
             "threads": args.threads,
@@ -265,7 +296,7 @@ fn print_report(args: &Args, r: &Report) {
         }
         return;
     }
-    println!("throughput  {ops_per_sec:.0} ops/s");
+    println!("throughput  {ops_per_sec:.0} ops/s ({})", loop_label(args));
     println!(
         "latency     p50 {p50} µs  p99 {p99} µs  p99.9 {p999} µs  max {max} µs (at {:.3} s)",
         r.load.slowest_at_secs

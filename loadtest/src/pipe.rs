@@ -16,8 +16,12 @@ pub struct Sent {
     pub id: u64,
     /// What the caller needs to check the reply (a card index).
     pub tag: usize,
-    /// When the request was written to the socket.
+    /// When the request's latency starts: when it was written to the socket, or, for a paced
+    /// request held back because the connection's window was full, when it was due (see
+    /// [`Pipe::push_due`]).
     pub at: Instant,
+    /// Set for a request held back by a full window: its latency counts from this, not from the write.
+    due: Option<Instant>,
 }
 
 pub struct Pipe {
@@ -44,19 +48,28 @@ impl Pipe {
 
     /// Buffers a request; nothing is written until the next [`Pipe::next`] finds no reply ready.
     pub fn push(&mut self, req: &Request, tag: usize) {
+        self.push_due(req, tag, None);
+    }
+
+    /// [`Pipe::push`] for a paced request that should have left at `due` but was held back because
+    /// the window was full: giftd's slowness delayed it, so its latency counts from `due`. Without
+    /// this a slow server would slow the load down and hide its own latency (coordinated omission).
+    pub fn push_due(&mut self, req: &Request, tag: usize, due: Option<Instant>) {
         let id = self.tx.send(req);
         // The real send time is stamped at flush; until then any instant will do.
         let at = self.inflight.back().map_or_else(Instant::now, |s| s.at);
-        self.inflight.push_back(Sent { id, tag, at });
+        self.inflight.push_back(Sent { id, tag, at, due });
         self.unflushed += 1;
     }
 
-    async fn flush(&mut self) -> Result<()> {
+    /// Writes the buffered requests. Paced loops flush before they wait, so that [`Pipe::next`]
+    /// never holds a write when it is cancelled.
+    pub async fn flush(&mut self) -> Result<()> {
         // One clock read per batch: every request of the batch leaves in the same write.
         let now = Instant::now();
         let n = self.inflight.len();
         for s in self.inflight.range_mut(n - self.unflushed..) {
-            s.at = now;
+            s.at = s.due.map_or(now, |due| due.min(now));
         }
         self.unflushed = 0;
         self.tx.flush().await
@@ -64,7 +77,8 @@ impl Pipe {
 
     /// The next reply and the request it answers. Replies already received come first; buffered
     /// requests are written only once none is ready, so a burst of replies costs one write, not one
-    /// per reply (on a 2-core machine giftload's syscalls are giftd's lost CPU time).
+    /// per reply (on a 2-core machine giftload's syscalls are giftd's lost CPU time). Cancel-safe
+    /// when nothing is buffered.
     pub async fn next(&mut self) -> Result<(Sent, Reply)> {
         let (id, reply) = loop {
             if self.unflushed == 0 {

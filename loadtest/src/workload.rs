@@ -84,11 +84,33 @@ pub async fn preload(addr: &str, run: Arc<Run>) -> Result<()> {
 
 /// What the load phase is allowed to do.
 pub struct Limits {
+    /// Requests each connection may have in flight.
     pub pipeline: usize,
+    /// Open loop (--rate): each connection sends one request every `interval`, whatever the
+    /// replies do, and holds back only when `pipeline` are in flight. `None`: closed loop, a new
+    /// request as each reply arrives.
+    pub pace: Option<Pace>,
     /// No request is sent after this.
     pub deadline: Instant,
     /// Shared across connections: (requests sent so far, --max-ops).
     pub budget: Option<(AtomicU64, u64)>,
+}
+
+/// A connection's share of an offered rate.
+#[derive(Clone, Copy)]
+pub struct Pace {
+    pub start: Instant,
+    /// Between two requests of one connection: connections ÷ rate.
+    pub interval: Duration,
+    pub connections: usize,
+}
+
+impl Pace {
+    /// When connection `conn` sends its first request. Connections are staggered across one
+    /// interval so that together they send evenly rather than in 64-request bursts.
+    fn first_due(&self, conn: usize) -> Instant {
+        self.start + self.interval.mul_f64(conn as f64 / self.connections as f64)
+    }
 }
 
 impl Limits {
@@ -141,6 +163,11 @@ impl Redeems {
 
     /// Buffers a redeem of a uniformly random card under a key unique to (run, connection, seq).
     fn push(&mut self, pipe: &mut Pipe, run: &Run) {
+        self.push_due(pipe, run, None);
+    }
+
+    /// [`Redeems::push`] with the turn a held-back paced request missed.
+    fn push_due(&mut self, pipe: &mut Pipe, run: &Run, due: Option<Instant>) {
         let i = self.rng.gen_range(0..run.cards.len());
         if let Request::Redeem { idem, number, .. } = &mut self.req {
             idem.key.clear();
@@ -148,7 +175,7 @@ impl Redeems {
             *number = run.cards[i].clone();
         }
         self.seq += 1;
-        pipe.push(&self.req, i);
+        pipe.push_due(&self.req, i, due);
     }
 }
 
@@ -191,6 +218,9 @@ async fn drive(
     rep: &mut ConnReport,
 ) -> Result<()> {
     let mut redeems = Redeems::new(run, conn);
+    if let Some(pace) = limits.pace {
+        return drive_paced(pipe, conn, run, ledger, limits, pace, rep, redeems).await;
+    }
     let mut sending = true;
     for _ in 0..limits.pipeline {
         if !limits.may_send(Instant::now()) {
@@ -202,13 +232,7 @@ async fn drive(
     while pipe.in_flight() > 0 {
         let (sent, reply) = pipe.next().await?;
         let now = Instant::now();
-        let micros = now.saturating_duration_since(sent.at).as_micros() as u64;
-        rep.hist.saturating_record(micros);
-        if micros > rep.slowest.0 {
-            rep.slowest = (micros, Some(now));
-        }
-        rep.ops += 1;
-        auditor::check_redeem(ledger, sent.tag, &run.cards[sent.tag], run.usd, &reply, &mut rep.findings);
+        record(rep, ledger, run, now, sent, &reply);
         if sending {
             if limits.may_send(now) {
                 redeems.push(pipe, run);
@@ -218,6 +242,73 @@ async fn drive(
         }
     }
     Ok(())
+}
+
+/// Counts and checks one reply.
+fn record(rep: &mut ConnReport, ledger: &Ledger, run: &Run, now: Instant, sent: crate::pipe::Sent, reply: &Reply) {
+    let micros = now.saturating_duration_since(sent.at).as_micros() as u64;
+    rep.hist.saturating_record(micros);
+    if micros > rep.slowest.0 {
+        rep.slowest = (micros, Some(now));
+    }
+    rep.ops += 1;
+    auditor::check_redeem(ledger, sent.tag, &run.cards[sent.tag], run.usd, reply, &mut rep.findings);
+}
+
+/// The open loop: requests leave on a schedule, not when replies come back, so the latency
+/// measured is the latency at that offered rate. A request whose turn comes while the window is
+/// full waits, and its latency counts from its turn (see [`Pipe::push_due`]). The schedule is kept
+/// with tokio's millisecond timer, so requests leave up to ~1 ms after their turn; that delay is
+/// giftload's own and is not counted.
+#[allow(clippy::too_many_arguments)]
+async fn drive_paced(
+    pipe: &mut Pipe,
+    conn: usize,
+    run: &Run,
+    ledger: &Ledger,
+    limits: &Limits,
+    pace: Pace,
+    rep: &mut ConnReport,
+    mut redeems: Redeems,
+) -> Result<()> {
+    let mut due = pace.first_due(conn);
+    let mut sending = true;
+    // Whether the last look found a turn due and the window full: the connection is behind
+    // schedule because of giftd, and the requests sent to catch up count from their turns.
+    let mut held = false;
+    loop {
+        let now = Instant::now();
+        while sending && due <= now && pipe.in_flight() < limits.pipeline {
+            if !limits.may_send(now) {
+                sending = false;
+                break;
+            }
+            redeems.push_due(pipe, run, held.then_some(due));
+            due += pace.interval;
+        }
+        held = sending && due <= now;
+        pipe.flush().await?;
+        if !sending && pipe.in_flight() == 0 {
+            return Ok(());
+        }
+        let can_send = sending && pipe.in_flight() < limits.pipeline;
+        if pipe.in_flight() == 0 {
+            tokio::time::sleep_until(due.into()).await;
+            continue;
+        }
+        tokio::select! {
+            biased;
+            r = pipe.next() => {
+                let (sent, reply) = r?;
+                record(rep, ledger, run, Instant::now(), sent, &reply);
+            }
+            () = tokio::time::sleep_until(due.into()), if can_send => {}
+        }
+        // Stop sending once the deadline passes, even while every turn finds the window full.
+        if sending && Instant::now() >= limits.deadline {
+            sending = false;
+        }
+    }
 }
 
 /// The merged result of the load phase.
@@ -233,15 +324,19 @@ pub struct LoadResult {
     pub failures: Vec<String>,
 }
 
-pub async fn load(
-    addr: &str,
-    run: Arc<Run>,
-    ledger: Arc<Ledger>,
-    connections: usize,
-    pipeline: usize,
-    duration: Duration,
-    max_ops: Option<u64>,
-) -> Result<LoadResult> {
+/// What the load phase offers: how many connections, how deep, how long, and how fast.
+#[derive(Clone, Copy)]
+pub struct Shape {
+    pub connections: usize,
+    pub pipeline: usize,
+    pub duration: Duration,
+    pub max_ops: Option<u64>,
+    /// Offered redeems per second (open loop); `None`: closed loop.
+    pub rate: Option<u64>,
+}
+
+pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape) -> Result<LoadResult> {
+    let Shape { connections, pipeline, duration, max_ops, rate } = *shape;
     // Connect and handshake first, so the measured time holds only redeems.
     let mut pipes = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -256,8 +351,17 @@ pub async fn load(
         }
     }
     let start = Instant::now();
-    let limits =
-        Arc::new(Limits { pipeline, deadline: start + duration, budget: max_ops.map(|m| (AtomicU64::new(0), m)) });
+    let pace = rate.map(|r| Pace {
+        start,
+        interval: Duration::from_secs(1).mul_f64(connections as f64 / r as f64),
+        connections,
+    });
+    let limits = Arc::new(Limits {
+        pipeline,
+        pace,
+        deadline: start + duration,
+        budget: max_ops.map(|m| (AtomicU64::new(0), m)),
+    });
     let tasks: Vec<_> = pipes
         .into_iter()
         .enumerate()

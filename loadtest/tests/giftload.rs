@@ -1,0 +1,52 @@
+//! giftload against a real giftd (started by `--spawn`): the report is the contract scripts and the
+//! README's figures rely on, so these runs check it, and that `--rate` really paces the load.
+//! giftd is found next to giftload; `cargo test --workspace` builds both into the same directory.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+
+fn giftload(args: &[&str]) -> Value {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_giftload"));
+    let giftd = exe.with_file_name("giftd");
+    assert!(giftd.exists(), "{} is missing: build the workspace's binaries first", giftd.display());
+    let out = Command::new(&exe)
+        .args(["--spawn", "--json", "--cards", "200"])
+        .args(args)
+        .env("GIFTD_BIN", &giftd)
+        .output()
+        .expect("run giftload");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "giftload {args:?} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not one JSON object ({e}): {stdout}"))
+}
+
+#[test]
+fn closed_loop_reports_an_audited_run() {
+    let r = giftload(&["--connections", "2", "--pipeline", "4", "--duration-secs", "1"]);
+    assert_eq!(r["audit"], "ok");
+    assert_eq!(r["durability"], "sync");
+    assert_eq!(r["rate"], Value::Null);
+    assert_eq!(r["balances_checked"], 200);
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap(), "{r}");
+}
+
+#[test]
+fn open_loop_sends_at_the_offered_rate() {
+    // 200/s over 4 connections for 2 s is 400 requests. A closed loop would send thousands; the
+    // lower bound leaves room for a slow shared machine.
+    let r = giftload(&["--connections", "4", "--pipeline", "1", "--rate", "200", "--duration-secs", "2"]);
+    assert_eq!(r["audit"], "ok");
+    assert_eq!(r["rate"], 200);
+    let ops = r["ops"].as_u64().unwrap();
+    assert!((200..=404).contains(&ops), "{ops} requests at 200/s for 2 s: {r}");
+}
+
+#[test]
+fn rate_is_checked() {
+    let exe = env!("CARGO_BIN_EXE_giftload");
+    let out = Command::new(exe).args(["--rate", "0"]).output().expect("run giftload");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rate must be between"), "{out:?}");
+}
