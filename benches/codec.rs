@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
             held_minor: 0,
             expiry_ms: None,
         }),
+        hold: None,
     });
     c.bench_function("encode redeem reply", |b| {
         let mut out = BytesMut::with_capacity(64 * 1024);

@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
         let money = Money { currency: usd, minor: i64::MAX / 4 };
         let op = Op::Issue { program: "default".into(), money, expiry_ms: None, active: true };
         let idem = IdemKey::new("m", &format!("i{i}"));
-        engine.execute(Mutation { idem, fingerprint: [0; 16], card: key(i), last4: *b"0000", op }, 0);
+        engine.execute(Mutation { idem, fingerprint: [0; 16], card: Some(key(i)), last4: *b"0000", op }, 0);
     }
     let mut n: u32 = 0;
     c.bench_function("engine redeem decision", |b| {
@@ -59,7 +59,7 @@ fn bench(c: &mut Criterion) {
             }
             let op = Op::Redeem { money: Money { currency: usd, minor: 100 }, allow_partial: false, invoice: None };
             let idem = IdemKey::new("m", &format!("r{n}"));
-            let m = Mutation { idem, fingerprint: [1; 16], card: key(n % CARDS), last4: *b"0000", op };
+            let m = Mutation { idem, fingerprint: [1; 16], card: Some(key(n % CARDS)), last4: *b"0000", op };
             black_box(engine.execute(m, 1))
         })
     });

@@ -51,12 +51,27 @@ pub struct Limits {
     pub idem_memory_secs: u64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProgramConfig {
     pub invoice_required: bool,
     /// A decimal string in the card's currency, e.g. "500.00".
     pub max_balance: Option<String>,
+    /// How long a hold lasts when the authorization names no TTL.
+    pub hold_ttl_default_secs: u64,
+    /// The longest TTL an authorization may ask for; a longer one is cut to this.
+    pub hold_ttl_max_secs: u64,
+}
+
+impl Default for ProgramConfig {
+    fn default() -> ProgramConfig {
+        ProgramConfig {
+            invoice_required: false,
+            max_balance: None,
+            hold_ttl_default_secs: crate::engine::program::HOLD_TTL_DEFAULT_SECS,
+            hold_ttl_max_secs: crate::engine::program::HOLD_TTL_MAX_SECS,
+        }
+    }
 }
 
 impl Default for Config {
@@ -143,6 +158,13 @@ impl Config {
                     errs.push(format!("programs.{name}.max_balance must be a decimal from 0 to 10^15, not {m:?}"));
                 }
             }
+            let cap = crate::engine::program::HOLD_TTL_CEILING_SECS;
+            if !(1..=cap).contains(&p.hold_ttl_max_secs) {
+                errs.push(format!("programs.{name}.hold_ttl_max_secs must be between 1 and {cap}"));
+            }
+            if !(1..=p.hold_ttl_max_secs).contains(&p.hold_ttl_default_secs) {
+                errs.push(format!("programs.{name}.hold_ttl_default_secs must be between 1 and hold_ttl_max_secs"));
+            }
         }
         if errs.is_empty() {
             Ok(())
@@ -169,6 +191,8 @@ impl Config {
                 name: name.as_str().into(),
                 invoice_required: p.invoice_required,
                 max_balance: p.max_balance.as_deref().and_then(|m| Decimal::from_str(m).ok()),
+                hold_ttl_default_ms: p.hold_ttl_default_secs as i64 * 1000,
+                hold_ttl_max_ms: p.hold_ttl_max_secs as i64 * 1000,
             })
             .collect()
     }

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub connections_rejected: IntCounter,
     pub protocol_errors: IntCounter,
     pub idempotent_replays: IntCounter,
+    pub holds_expired: IntCounter,
     pub idem_keys_memory: IntGauge,
     pub cards_recovered: IntGauge,
     pub recovery_seconds: prometheus::Gauge,
@@ -87,6 +88,11 @@ impl Metrics {
             "Mutations answered from their idempotency record instead of being applied again.",
         )
         .expect("metric");
+        let holds_expired = IntCounter::new(
+            "giftd_holds_expired_total",
+            "Holds released by giftd at their deadline (not captured or voided in time).",
+        )
+        .expect("metric");
         let idem_keys_memory = IntGauge::new(
             "giftd_idempotency_keys_memory",
             "Idempotency keys held in memory (recent or not yet durable); older ones are in the store.",
@@ -108,6 +114,7 @@ impl Metrics {
             Box::new(connections_rejected.clone()),
             Box::new(protocol_errors.clone()),
             Box::new(idempotent_replays.clone()),
+            Box::new(holds_expired.clone()),
             Box::new(idem_keys_memory.clone()),
             Box::new(cards_recovered.clone()),
             Box::new(recovery_seconds.clone()),
@@ -132,6 +139,7 @@ impl Metrics {
             connections_rejected,
             protocol_errors,
             idempotent_replays,
+            holds_expired,
             idem_keys_memory,
             cards_recovered,
             recovery_seconds,

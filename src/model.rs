@@ -215,6 +215,14 @@ pub enum TxnKind {
     Reload = 4,
     Lock = 5,
     Unlock = 6,
+    /// A hold opened; the amount is what it holds.
+    Authorize = 7,
+    /// A hold captured; the amount is the (negative) change of balance. The rest is released.
+    Capture = 8,
+    /// A hold released by its holder; the amount is what it held.
+    Void = 9,
+    /// A hold released at its deadline, by giftd itself; the amount is what it held.
+    HoldExpired = 10,
 }
 
 impl TxnKind {
@@ -226,6 +234,10 @@ impl TxnKind {
             4 => TxnKind::Reload,
             5 => TxnKind::Lock,
             6 => TxnKind::Unlock,
+            7 => TxnKind::Authorize,
+            8 => TxnKind::Capture,
+            9 => TxnKind::Void,
+            10 => TxnKind::HoldExpired,
             _ => return None,
         })
     }
@@ -238,6 +250,10 @@ impl TxnKind {
             TxnKind::Reload => "reload",
             TxnKind::Lock => "lock",
             TxnKind::Unlock => "unlock",
+            TxnKind::Authorize => "authorize",
+            TxnKind::Capture => "capture",
+            TxnKind::Void => "void",
+            TxnKind::HoldExpired => "hold_expired",
         }
     }
 }
@@ -284,6 +300,7 @@ result_codes! {
     // Engine decisions, in the order the engine checks them.
     IdempotencyMismatch = 20, "idempotency_mismatch";
     CardNotFound = 21, "card_not_found";
+    HoldNotFound = 36, "hold_not_found";
     CardExists = 22, "card_exists";
     UnknownProgram = 23, "unknown_program";
     CardClosed = 24, "card_closed";
@@ -294,9 +311,11 @@ result_codes! {
     AlreadyActive = 29, "already_active";
     NotSuspended = 30, "not_suspended";
     CurrencyMismatch = 31, "currency_mismatch";
+    CaptureExceedsHold = 37, "capture_exceeds_hold";
     InvoiceRequired = 32, "invoice_required";
     InvoiceReused = 33, "invoice_reused";
     MaxBalanceExceeded = 34, "max_balance_exceeded";
+    TooManyHolds = 38, "too_many_holds";
     InsufficientFunds = 35, "insufficient_funds";
 }
 
@@ -371,20 +390,38 @@ impl CardView {
     }
 }
 
-/// The result of a card operation (issue, activate, balance, redeem, reload, lock, unlock). A retry
-/// with the same idempotency key gets this value again, so its encoding is the same byte for byte.
+/// A hold (pre-authorization) as callers see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HoldView {
+    /// Unique across all cards and never reused; capture and void name the hold by it.
+    pub id: u64,
+    pub amount_minor: i64,
+    /// When giftd releases the hold by itself (ms since the Unix epoch).
+    pub expires_ms: i64,
+}
+
+/// The result of a card operation (issue, activate, balance, redeem, reload, lock, unlock, and the
+/// hold operations). A retry with the same idempotency key gets this value again, so its encoding
+/// is the same byte for byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outcome {
     pub result: ResultCode,
     /// The amount that moved: approved for a redeem (partial approvals included), loaded for a
-    /// reload or activation, the initial value for an issue, 0 otherwise.
+    /// reload or activation, the initial value for an issue, held for an authorization, captured
+    /// for a capture, released for a void, 0 otherwise.
     pub approved_minor: i64,
     pub card: Option<CardView>,
+    /// The hold an approved authorization opened (its reply carries it).
+    pub hold: Option<HoldView>,
 }
 
 impl Outcome {
     pub fn declined(result: ResultCode, card: Option<CardView>) -> Outcome {
-        Outcome { result, approved_minor: 0, card }
+        Outcome { result, approved_minor: 0, card, hold: None }
+    }
+
+    pub fn approved(approved_minor: i64, card: CardView) -> Outcome {
+        Outcome { result: ResultCode::Approved, approved_minor, card: Some(card), hold: None }
     }
 }
 

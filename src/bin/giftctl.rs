@@ -128,6 +128,48 @@ enum Cmd {
         #[arg(long)]
         number: String,
     },
+    /// Reserve an amount on a card (a hold) until it is captured, voided or expires.
+    Authorize {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        key: String,
+        /// How long the hold lasts (default: the program's, 7 days unless configured).
+        #[arg(long)]
+        ttl_secs: Option<u32>,
+        /// Hold what is available when the amount is more.
+        #[arg(long)]
+        partial: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Take all or part of a hold; the rest is released.
+    Capture {
+        #[arg(long)]
+        hold: u64,
+        #[arg(long)]
+        amount: String,
+        /// The hold's currency; a different one is declined (currency_mismatch), never converted.
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Release a hold.
+    Void {
+        #[arg(long)]
+        hold: u64,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
     /// Transactions, newest first, a page at a time.
     History {
         #[arg(long)]
@@ -235,6 +277,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Cmd::Unlock { number: n, key, who } => {
             Some(Request::Unlock { idem: idem(who, key.as_deref()), number: number(n)? })
         }
+        Cmd::Capture { hold, amount, currency: cur, key, who } => Some(Request::Capture {
+            idem: idem(who, Some(key.as_str())),
+            hold_id: *hold,
+            money: money(amount, currency(cur)?)?,
+        }),
+        Cmd::Void { hold, key, who } => Some(Request::Void { idem: idem(who, Some(key.as_str())), hold_id: *hold }),
         _ => None,
     };
     let mut c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
@@ -263,6 +311,20 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let n = number(n)?;
             let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
             Request::Reload { idem: idem(who, Some(key.as_str())), number: n, money: m }
+        }
+        (None, Cmd::Authorize { number: n, amount, currency: cur, key, ttl_secs, partial, who }) => {
+            let n = number(n)?;
+            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
+            if *ttl_secs == Some(0) {
+                return Err(usage("--ttl-secs must be at least 1"));
+            }
+            Request::Authorize {
+                idem: idem(who, Some(key.as_str())),
+                number: n,
+                money: m,
+                allow_partial: *partial,
+                ttl_secs: ttl_secs.unwrap_or(0),
+            }
         }
         (None, _) => unreachable!("every command without a server round trip is built above"),
     };
@@ -316,10 +378,14 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
     obj.insert("result".into(), json!(reply.result().name()));
     obj.insert("code".into(), json!(reply.result() as u16));
     match reply {
-        Reply::Card(o) => {
+        Reply::Card(o) | Reply::Hold(o) => {
             if let Some(v) = &o.card {
                 view_json(&mut obj, v);
                 obj.insert("approved".into(), json!(format_amount(o.approved_minor, v.currency)));
+            }
+            if let Some(h) = &o.hold {
+                obj.insert("hold_id".into(), json!(h.id));
+                obj.insert("hold_expires".into(), json!(rfc3339(h.expires_ms)));
             }
         }
         Reply::Lookup(l) => {
@@ -362,6 +428,9 @@ fn sentence(obj: &Map<String, Value>) -> String {
     }
     if let Some(a) = obj.get("approved").and_then(Value::as_str) {
         out += &format!("; amount {a}");
+    }
+    if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
+        out += &format!("; hold {h} until {}", s("hold_expires"));
     }
     for key in ["recent", "entries"] {
         if let Some(Value::Array(items)) = obj.get(key) {

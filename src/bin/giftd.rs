@@ -103,7 +103,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let store = Arc::new(store);
     let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
     let totals = recovered.totals;
-    let restored = engine.restore(recovered.cards);
+    let restored = engine.restore(recovered.cards, recovered.hold_id_next);
     for name in &restored.unknown_programs {
         tracing::warn!(program = %name, "cards reference a program missing from the configuration; default rules apply");
     }
@@ -123,6 +123,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     metrics.recovery_seconds.set(secs);
     tracing::info!(
         cards = restored.cards,
+        open_holds = restored.holds,
         replayed_history_entries = recovered.replayed,
         seconds = secs,
         "recovered; totals check passed"

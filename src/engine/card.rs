@@ -1,7 +1,14 @@
 //! A card as the engine keeps it, and what of it is persisted.
 
 use super::program::Program;
-use crate::model::{CardView, Currency, LockReason, Status};
+use crate::model::{CardView, Currency, HoldView, LockReason, Status};
+
+/// Open holds one card may have. Each is a few bytes in the card's record, which every change
+/// rewrites, so the list stays short; a processor holding more is declined `too_many_holds`.
+pub const HOLDS_PER_CARD_MAX: usize = 16;
+
+/// An open hold, as the card's record keeps it.
+pub type Hold = HoldView;
 use std::sync::Arc;
 
 /// Where a card is in its life. Suspension and expiry are not here: a suspension is a lock reason
@@ -33,7 +40,10 @@ pub struct CardRecord {
     pub program: Arc<str>,
     pub currency: Currency,
     pub balance_minor: i64,
+    /// Σ of `holds`, including any past their deadline that giftd has not released yet.
     pub held_minor: i64,
+    /// Open holds, oldest first.
+    pub holds: Vec<Hold>,
     pub lifecycle: Lifecycle,
     /// `None` unless the card is suspended.
     pub lock: LockReason,
@@ -66,8 +76,19 @@ impl CardRecord {
         }
     }
 
-    pub fn available_minor(&self) -> i64 {
-        (self.balance_minor - self.held_minor).max(0)
+    /// What the holds still reserve at `now_ms`. A hold past its deadline reserves nothing, even
+    /// in the moment before giftd releases it, so every reader sees the same available amount.
+    pub fn held_at(&self, now_ms: i64) -> i64 {
+        self.holds.iter().filter(|h| h.expires_ms > now_ms).map(|h| h.amount_minor).sum()
+    }
+
+    pub fn available_at(&self, now_ms: i64) -> i64 {
+        (self.balance_minor - self.held_at(now_ms)).max(0)
+    }
+
+    /// Whether a hold is past its deadline and waits to be released.
+    pub fn has_due_holds(&self, now_ms: i64) -> bool {
+        self.holds.iter().any(|h| h.expires_ms <= now_ms)
     }
 
     pub fn view(&self, now_ms: i64) -> CardView {
@@ -77,7 +98,7 @@ impl CardRecord {
             reason: self.lock,
             currency: self.currency,
             balance_minor: self.balance_minor,
-            held_minor: self.held_minor,
+            held_minor: self.held_at(now_ms),
             expiry_ms: self.expiry_ms,
         }
     }
@@ -89,6 +110,12 @@ impl CardRecord {
         }
         if self.held_minor < 0 || self.held_minor > self.balance_minor {
             return Err("held outside 0..=balance");
+        }
+        if self.holds.iter().map(|h| h.amount_minor).sum::<i64>() != self.held_minor {
+            return Err("held is not the sum of the holds");
+        }
+        if self.holds.len() > HOLDS_PER_CARD_MAX || self.holds.iter().any(|h| h.amount_minor <= 0) {
+            return Err("holds out of bounds");
         }
         Ok(())
     }

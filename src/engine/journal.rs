@@ -89,6 +89,9 @@ pub struct Effects {
     pub idem: Option<(IdemKey, IdemRecord)>,
     pub invoice: Option<InvoiceKey>,
     pub ledger: Option<LedgerDelta>,
+    /// Set by a decision that used a hold id: ids below this are taken. Kept durable with the hold
+    /// itself, so a restart never hands out an id a durable hold has.
+    pub hold_id_next: Option<u64>,
 }
 
 /// Where [`Journal::append`] put a decision.
@@ -132,6 +135,7 @@ pub struct MemoryJournal {
 struct MemoryInner {
     group: u64,
     txn_id: u64,
+    hold_id_next: u64,
     idem: HashMap<IdemKey, IdemRecord>,
     invoices: HashSet<InvoiceKey>,
     cards: HashMap<CardKey, CardRecord>,
@@ -147,6 +151,11 @@ impl MemoryJournal {
 
     pub fn txns(&self) -> Vec<TxnRecord> {
         self.inner.lock().unwrap().txns.clone()
+    }
+
+    /// The durable hold-id high-water mark, as a restart would read it.
+    pub fn hold_id_next(&self) -> u64 {
+        self.inner.lock().unwrap().hold_id_next
     }
 }
 
@@ -179,6 +188,9 @@ impl Journal for MemoryJournal {
         }
         if let Some(i) = effects.invoice {
             g.invoices.insert(i);
+        }
+        if let Some(n) = effects.hold_id_next {
+            g.hold_id_next = g.hold_id_next.max(n);
         }
         Appended { group: g.group, txn_id }
     }

@@ -19,13 +19,17 @@ pub use program::{Program, Programs};
 pub use rules::Op;
 
 use crate::card_number::CardKey;
-use crate::model::{Currency, Outcome, ResultCode, TxnKind};
+use crate::model::{Currency, HoldView, Outcome, ResultCode, TxnKind};
 use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use std::collections::BTreeMap;
+use rules::{Decision, HoldChange};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The merchant named in the history entries of decisions giftd makes by itself (hold expiry).
+pub const SYSTEM_MERCHANT: &str = "giftd";
 
 /// A validated mutation, keyed: the card number is already replaced by its key.
 #[derive(Clone, Debug)]
@@ -33,7 +37,10 @@ pub struct Mutation {
     pub idem: IdemKey,
     /// Keyed digest of the request's content: a retry must match it.
     pub fingerprint: [u8; 16],
-    pub card: CardKey,
+    /// The card, for operations that name one; capture and void name a hold instead, and the
+    /// engine finds its card.
+    pub card: Option<CardKey>,
+    /// The number's last 4 digits (kept by an issue; zeros when no number was given).
     pub last4: [u8; 4],
     pub op: Op,
 }
@@ -60,12 +67,22 @@ pub struct Restored {
     pub balance_minor_by_currency: BTreeMap<Currency, i128>,
     /// Programs referenced by cards but missing from the configuration (default rules apply).
     pub unknown_programs: Vec<String>,
+    /// Open holds (some may be past their deadline: the expiry sweep releases them first thing).
+    pub holds: u64,
 }
 
 pub struct Engine {
     cards: DashMap<CardKey, Card>,
     idem: DashMap<IdemKey, RecentIdem>,
     invoices: DashMap<InvoiceKey, (u64, i64)>,
+    /// Open holds → their card: capture and void name only the hold.
+    holds: DashMap<u64, CardKey>,
+    /// Open holds by deadline, so expiry visits only what is due, never every card. A leaf lock:
+    /// taken under a card's lock or alone, never the other way round.
+    deadlines: Mutex<BTreeSet<(i64, u64)>>,
+    /// The next hold id. Ids are never reused: the journal keeps the high-water mark durable with
+    /// each hold that uses one.
+    next_hold_id: AtomicU64,
     programs: Programs,
     journal: Arc<dyn Journal>,
     /// Sweeps of the recent maps so far.
@@ -78,16 +95,29 @@ impl Engine {
             cards: DashMap::new(),
             idem: DashMap::new(),
             invoices: DashMap::new(),
+            holds: DashMap::new(),
+            deadlines: Mutex::new(BTreeSet::new()),
+            next_hold_id: AtomicU64::new(1),
             programs,
             journal,
             evictions: AtomicU64::new(0),
         }
     }
 
-    /// Loads persisted cards (at startup, before any request).
-    pub fn restore(&self, cards: impl IntoIterator<Item = (CardKey, CardRecord)>) -> Restored {
+    /// Loads persisted cards (at startup, before any request). `hold_id_next` is the journal's
+    /// durable high-water mark of hold ids: new holds are numbered from above it and above every
+    /// open hold.
+    pub fn restore(&self, cards: impl IntoIterator<Item = (CardKey, CardRecord)>, hold_id_next: u64) -> Restored {
         let mut out = Restored::default();
+        let mut next_hold_id = hold_id_next.max(1);
+        let mut deadlines = self.deadlines.lock().expect("deadlines lock");
         for (key, mut rec) in cards {
+            for h in &rec.holds {
+                self.holds.insert(h.id, key);
+                deadlines.insert((h.expires_ms, h.id));
+                next_hold_id = next_hold_id.max(h.id + 1);
+                out.holds += 1;
+            }
             let program = match self.programs.get(&rec.program) {
                 Some(p) => p.clone(),
                 None => {
@@ -102,6 +132,7 @@ impl Engine {
             out.cards += 1;
             self.cards.insert(key, Card { rec, program, last_group: 0 });
         }
+        self.next_hold_id.store(next_hold_id, Ordering::SeqCst);
         out
     }
 
@@ -148,9 +179,14 @@ impl Engine {
             Some(Entry::Vacant(v)) => Some(v.key().clone()),
             _ => None,
         };
-        let (outcome, group) = match &m.op {
-            Op::Issue { program, .. } => self.issue(&m, program, now_ms),
-            _ => self.change(&m, invoice_used, claim, now_ms),
+        let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
+        let (outcome, group) = match (&m.op, card) {
+            (Op::Issue { program, .. }, Some(card)) => self.issue(&m, card, program, now_ms),
+            (_, Some(card)) => self.change(&m, card, invoice_used, claim, now_ms),
+            (_, None) => {
+                let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
+                self.declined(&m, Outcome::declined(code, None))
+            }
         };
         let record = IdemRecord { fingerprint: m.fingerprint, outcome };
         if outcome.result == ResultCode::Approved {
@@ -176,38 +212,48 @@ impl Engine {
 
     /// A change just applied to `rec`, with its history entry linked to the card's previous one.
     /// The journal gives the entry its id; the caller then stores it in its `rec.last_txn_id`.
-    fn change_of(m: &Mutation, rec: &CardRecord, kind: TxnKind, amount_minor: i64, now_ms: i64) -> CardChange {
+    fn change_of(
+        card: CardKey,
+        merchant: &str,
+        rec: &CardRecord,
+        kind: TxnKind,
+        amount_minor: i64,
+        now_ms: i64,
+    ) -> CardChange {
         let txn = TxnRecord {
             id: 0,
             prev_id: rec.last_txn_id,
-            card: m.card,
+            card,
             seq: rec.txn_count,
             kind,
             amount_minor,
             balance_after_minor: rec.balance_minor,
             at_ms: now_ms,
-            merchant: m.idem.merchant().into(),
+            merchant: merchant.into(),
         };
         CardChange { record: rec.clone(), txn }
     }
 
-    fn issue(&self, m: &Mutation, program: &str, now_ms: i64) -> (Outcome, u64) {
+    fn issue(&self, m: &Mutation, key: CardKey, program: &str, now_ms: i64) -> (Outcome, u64) {
         let program = self.programs.get(program);
         let Op::Issue { money, .. } = &m.op else { unreachable!("issue() is called for Op::Issue") };
-        match self.cards.entry(m.card) {
+        match self.cards.entry(key) {
             Entry::Occupied(e) => {
                 self.declined(m, Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms))))
             }
             Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
                 Err(code) => self.declined(m, Outcome::declined(code, None)),
                 Ok(mut rec) => {
-                    let outcome = Outcome {
-                        result: ResultCode::Approved,
-                        approved_minor: money.minor,
-                        card: Some(rec.view(now_ms)),
-                    };
+                    let outcome = Outcome::approved(money.minor, rec.view(now_ms));
                     let effects = Effects {
-                        change: Some(Self::change_of(m, &rec, TxnKind::Issue, money.minor, now_ms)),
+                        change: Some(Self::change_of(
+                            key,
+                            m.idem.merchant(),
+                            &rec,
+                            TxnKind::Issue,
+                            money.minor,
+                            now_ms,
+                        )),
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
                             credit_minor: money.minor,
@@ -226,31 +272,26 @@ impl Engine {
         }
     }
 
-    fn change(&self, m: &Mutation, invoice_used: bool, claim: Option<InvoiceKey>, now_ms: i64) -> (Outcome, u64) {
-        let Some(mut card) = self.cards.get_mut(&m.card) else {
+    fn change(
+        &self,
+        m: &Mutation,
+        key: CardKey,
+        invoice_used: bool,
+        claim: Option<InvoiceKey>,
+        now_ms: i64,
+    ) -> (Outcome, u64) {
+        let Some(mut card) = self.cards.get_mut(&key) else {
             return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
         };
         let card = &mut *card;
+        // Holds past their deadline are released (and written) before anything else is decided, so
+        // the card's history shows the release before the decision that may spend the money.
+        self.release_due(key, card, now_ms);
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
             Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
-                d.apply(&mut card.rec, now_ms);
-                assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
-                let outcome = Outcome {
-                    result: ResultCode::Approved,
-                    approved_minor: d.approved_minor,
-                    card: Some(card.rec.view(now_ms)),
-                };
-                let effects = Effects {
-                    change: Some(Self::change_of(m, &card.rec, d.kind, d.delta_minor, now_ms)),
-                    ledger: (d.delta_minor != 0).then_some(LedgerDelta {
-                        currency: card.rec.currency,
-                        credit_minor: d.delta_minor.max(0),
-                        debit_minor: (-d.delta_minor).max(0),
-                    }),
-                    invoice: claim,
-                    ..Effects::default()
-                };
+                let (outcome, effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+                let effects = Effects { invoice: claim, ..effects };
                 // Appended under the card's lock: the journal sees this card's changes in order.
                 let (outcome, at) = self.record(m, outcome, effects);
                 card.rec.last_txn_id = at.txn_id;
@@ -260,14 +301,90 @@ impl Engine {
         }
     }
 
+    /// Applies an approved decision to the card in memory and to the hold index, and returns the
+    /// outcome and the effects to journal. The caller holds the card's lock and appends at once.
+    fn apply(&self, key: CardKey, card: &mut Card, merchant: &str, d: &Decision, now_ms: i64) -> (Outcome, Effects) {
+        let mut opened = None;
+        let mut hold_id_next = None;
+        match d.hold {
+            HoldChange::None => {}
+            HoldChange::Open { amount_minor, expires_ms } => {
+                let id = self.next_hold_id.fetch_add(1, Ordering::SeqCst);
+                opened = Some(HoldView { id, amount_minor, expires_ms });
+                hold_id_next = Some(id + 1);
+                self.holds.insert(id, key);
+                self.deadlines.lock().expect("deadlines lock").insert((expires_ms, id));
+            }
+            HoldChange::Close { id } => {
+                if let Some(h) = card.rec.holds.iter().find(|h| h.id == id) {
+                    self.deadlines.lock().expect("deadlines lock").remove(&(h.expires_ms, id));
+                }
+                self.holds.remove(&id);
+            }
+        }
+        d.apply(&mut card.rec, now_ms, opened.map_or(0, |h| h.id));
+        assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
+        let outcome = Outcome { hold: opened, ..Outcome::approved(d.approved_minor, card.rec.view(now_ms)) };
+        let effects = Effects {
+            change: Some(Self::change_of(key, merchant, &card.rec, d.kind, d.history_amount(), now_ms)),
+            ledger: (d.delta_minor != 0).then_some(LedgerDelta {
+                currency: card.rec.currency,
+                credit_minor: d.delta_minor.max(0),
+                debit_minor: (-d.delta_minor).max(0),
+            }),
+            hold_id_next,
+            ..Effects::default()
+        };
+        (outcome, effects)
+    }
+
+    /// Releases (and journals) every hold of the card that is past its deadline at `now_ms`.
+    fn release_due(&self, key: CardKey, card: &mut Card, now_ms: i64) {
+        while let Some(d) = rules::expiry(&card.rec, now_ms) {
+            let (_, effects) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+            let at = self.journal.append(effects);
+            card.rec.last_txn_id = at.txn_id;
+            card.last_group = at.group;
+        }
+    }
+
+    /// The earliest deadline of an open hold, for the expiry timer.
+    pub fn next_hold_deadline(&self) -> Option<i64> {
+        self.deadlines.lock().expect("deadlines lock").first().map(|(at, _)| *at)
+    }
+
+    /// Releases holds whose deadline is at or before `now_ms`, at most `max` of them (so a burst of
+    /// deadlines is worked off in bounded steps between requests). Returns how many it released.
+    /// Visits only due holds, in deadline order.
+    pub fn expire_holds(&self, now_ms: i64, max: usize) -> usize {
+        let mut released = 0;
+        while released < max {
+            let id = {
+                let mut deadlines = self.deadlines.lock().expect("deadlines lock");
+                match deadlines.first() {
+                    Some(&(at, id)) if at <= now_ms => {
+                        deadlines.remove(&(at, id));
+                        id
+                    }
+                    _ => break,
+                }
+            };
+            // The index is read and dropped before the card is locked (lock order: card first).
+            let Some(key) = self.holds.get(&id).map(|k| *k) else { continue };
+            if let Some(mut card) = self.cards.get_mut(&key) {
+                let before = card.rec.holds.len();
+                self.release_due(key, &mut card, now_ms);
+                released += before - card.rec.holds.len();
+            }
+        }
+        released
+    }
+
     /// A balance inquiry, and the group the reply must wait for (the card's last change).
     pub fn balance(&self, card: &CardKey, now_ms: i64) -> (Outcome, u64) {
         match self.cards.get(card) {
             None => (Outcome::declined(ResultCode::CardNotFound, None), 0),
-            Some(c) => (
-                Outcome { result: ResultCode::Approved, approved_minor: 0, card: Some(c.rec.view(now_ms)) },
-                c.last_group,
-            ),
+            Some(c) => (Outcome::approved(0, c.rec.view(now_ms)), c.last_group),
         }
     }
 

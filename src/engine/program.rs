@@ -6,6 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const DEFAULT_PROGRAM: &str = "default";
+/// A hold lasts 7 days unless its authorization or its program says otherwise.
+pub const HOLD_TTL_DEFAULT_SECS: u64 = 7 * 86_400;
+/// The longest a program lets a hold last unless configured otherwise: 30 days.
+pub const HOLD_TTL_MAX_SECS: u64 = 30 * 86_400;
+/// No program may let a hold outlive a year: held money must come back to the cardholder.
+pub const HOLD_TTL_CEILING_SECS: u64 = 366 * 86_400;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Program {
@@ -14,11 +20,26 @@ pub struct Program {
     pub invoice_required: bool,
     /// Largest balance a card may reach, in the card's currency.
     pub max_balance: Option<Decimal>,
+    /// A hold's TTL when its authorization names none.
+    pub hold_ttl_default_ms: i64,
+    /// The longest TTL a hold gets; a longer request is cut to this (the reply shows the deadline).
+    pub hold_ttl_max_ms: i64,
 }
 
 impl Program {
     pub fn new(name: &str) -> Program {
-        Program { name: name.into(), invoice_required: false, max_balance: None }
+        Program {
+            name: name.into(),
+            invoice_required: false,
+            max_balance: None,
+            hold_ttl_default_ms: HOLD_TTL_DEFAULT_SECS as i64 * 1000,
+            hold_ttl_max_ms: HOLD_TTL_MAX_SECS as i64 * 1000,
+        }
+    }
+
+    /// The deadline of a hold opened at `now_ms` that asked for `ttl_ms` (None: the default).
+    pub fn hold_deadline_ms(&self, now_ms: i64, ttl_ms: Option<i64>) -> i64 {
+        now_ms.saturating_add(ttl_ms.unwrap_or(self.hold_ttl_default_ms).clamp(1, self.hold_ttl_max_ms))
     }
 
     /// `max_balance` in minor units of `currency`; a limit finer than the currency rounds down, and

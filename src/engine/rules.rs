@@ -1,7 +1,7 @@
 //! The business rules: pure functions from (card, program, request, time) to a decision. No locks,
 //! no IO, no clock of their own. The checks run in the precedence order of `ResultCode`.
 
-use super::card::{CardRecord, Lifecycle};
+use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
 use super::program::Program;
 use crate::model::{LockReason, Money, ResultCode, Status, TxnKind};
 use std::sync::Arc;
@@ -9,12 +9,68 @@ use std::sync::Arc;
 /// A mutation of one card, after the wire layer has validated its fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Issue { program: String, money: Money, expiry_ms: Option<i64>, active: bool },
-    Activate { load: Option<Money> },
-    Redeem { money: Money, allow_partial: bool, invoice: Option<String> },
-    Reload { money: Money },
-    Lock { reason: LockReason },
+    Issue {
+        program: String,
+        money: Money,
+        expiry_ms: Option<i64>,
+        active: bool,
+    },
+    Activate {
+        load: Option<Money>,
+    },
+    Redeem {
+        money: Money,
+        allow_partial: bool,
+        invoice: Option<String>,
+    },
+    Reload {
+        money: Money,
+    },
+    Lock {
+        reason: LockReason,
+    },
     Unlock,
+    /// Opens a hold of `money` (or of what is available, with `allow_partial`) for `ttl_ms`
+    /// (None: the program's default; cut to the program's maximum).
+    Authorize {
+        money: Money,
+        allow_partial: bool,
+        ttl_ms: Option<i64>,
+    },
+    /// Takes `money` (at most what the hold holds) and releases the rest.
+    Capture {
+        hold_id: u64,
+        money: Money,
+    },
+    /// Releases the hold.
+    Void {
+        hold_id: u64,
+    },
+}
+
+impl Op {
+    /// The hold an operation names: such an operation reaches its card through the hold.
+    pub fn hold_id(&self) -> Option<u64> {
+        match self {
+            Op::Capture { hold_id, .. } | Op::Void { hold_id } => Some(*hold_id),
+            _ => None,
+        }
+    }
+}
+
+/// What a decision does to the card's holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldChange {
+    None,
+    /// A new hold; the engine gives it its id when it applies the decision.
+    Open {
+        amount_minor: i64,
+        expires_ms: i64,
+    },
+    /// The hold leaves the card (captured, voided or expired) and stops reserving its amount.
+    Close {
+        id: u64,
+    },
 }
 
 /// What an approved operation does to an existing card.
@@ -25,13 +81,36 @@ pub struct Decision {
     pub delta_minor: i64,
     pub lifecycle: Lifecycle,
     pub lock: LockReason,
-    /// The amount reported as approved (or loaded).
+    /// The amount reported as approved (or loaded, held, captured, released).
     pub approved_minor: i64,
+    pub hold: HoldChange,
 }
 
 impl Decision {
-    /// Applies the decision to `card`; its history entry is the card's `txn_count`-th.
-    pub fn apply(&self, card: &mut CardRecord, now_ms: i64) {
+    /// The amount its history entry records: the change of balance, except for the hold
+    /// operations that leave the balance alone, which record the amount held or released.
+    pub fn history_amount(&self) -> i64 {
+        match self.kind {
+            TxnKind::Authorize | TxnKind::Void | TxnKind::HoldExpired => self.approved_minor,
+            _ => self.delta_minor,
+        }
+    }
+
+    /// Applies the decision to `card`; its history entry is the card's `txn_count`-th. A hold the
+    /// decision opens gets `new_hold_id`.
+    pub fn apply(&self, card: &mut CardRecord, now_ms: i64, new_hold_id: u64) {
+        match self.hold {
+            HoldChange::None => {}
+            HoldChange::Open { amount_minor, expires_ms } => {
+                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms });
+                card.held_minor += amount_minor;
+            }
+            HoldChange::Close { id } => {
+                if let Some(i) = card.holds.iter().position(|h| h.id == id) {
+                    card.held_minor -= card.holds.remove(i).amount_minor;
+                }
+            }
+        }
         card.balance_minor += self.delta_minor;
         card.lifecycle = self.lifecycle;
         card.lock = self.lock;
@@ -88,6 +167,7 @@ pub fn decide_issue(
         currency: money.currency,
         balance_minor: money.minor,
         held_minor: 0,
+        holds: Vec::new(),
         lifecycle: if *active { Lifecycle::Active } else { Lifecycle::Inactive },
         lock: LockReason::None,
         pin_locked: false,
@@ -115,6 +195,7 @@ pub fn decide(
         lifecycle: card.lifecycle,
         lock: card.lock,
         approved_minor,
+        hold: HoldChange::None,
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
@@ -143,15 +224,44 @@ pub fn decide(
             if invoice.is_some() && invoice_used {
                 return Err(ResultCode::InvoiceReused);
             }
-            let available = card.available_minor();
-            let approved = if money.minor <= available {
-                money.minor
-            } else if *allow_partial && available > 0 {
-                available
-            } else {
-                return Err(ResultCode::InsufficientFunds);
-            };
+            let approved = spendable(card, money, *allow_partial, now_ms)?;
             Ok(same(TxnKind::Redeem, -approved, approved))
+        }
+        Op::Authorize { money, allow_partial, ttl_ms } => {
+            require_active(status)?;
+            require_currency(card, money)?;
+            if card.holds.len() >= HOLDS_PER_CARD_MAX {
+                return Err(ResultCode::TooManyHolds);
+            }
+            let held = spendable(card, money, *allow_partial, now_ms)?;
+            let expires_ms = program.hold_deadline_ms(now_ms, *ttl_ms);
+            Ok(Decision {
+                hold: HoldChange::Open { amount_minor: held, expires_ms },
+                ..same(TxnKind::Authorize, 0, held)
+            })
+        }
+        Op::Capture { hold_id, money } => {
+            let hold = open_hold(card, *hold_id, now_ms)?;
+            // The money was reserved when the card could spend, so a card that expired or was
+            // PIN-locked since still pays what it promised; a closed or suspended one does not.
+            match status {
+                Status::Closed => return Err(ResultCode::CardClosed),
+                Status::Suspended => return Err(ResultCode::CardSuspended),
+                _ => {}
+            }
+            require_currency(card, money)?;
+            if money.minor > hold.amount_minor {
+                return Err(ResultCode::CaptureExceedsHold);
+            }
+            Ok(Decision {
+                hold: HoldChange::Close { id: hold.id },
+                ..same(TxnKind::Capture, -money.minor, money.minor)
+            })
+        }
+        Op::Void { hold_id } => {
+            // Releasing reserved money is always allowed: it only gives the cardholder back theirs.
+            let hold = open_hold(card, *hold_id, now_ms)?;
+            Ok(Decision { hold: HoldChange::Close { id: hold.id }, ..same(TxnKind::Void, 0, hold.amount_minor) })
         }
         Op::Reload { money } => {
             require_active(status)?;
@@ -175,4 +285,36 @@ pub fn decide(
             Ok(Decision { lock: LockReason::None, ..same(TxnKind::Unlock, 0, 0) })
         }
     }
+}
+
+/// What a spend of `money` may take: all of it, or with `allow_partial` what is available.
+fn spendable(card: &CardRecord, money: &Money, allow_partial: bool, now_ms: i64) -> Result<i64, ResultCode> {
+    let available = card.available_at(now_ms);
+    if money.minor <= available {
+        Ok(money.minor)
+    } else if allow_partial && available > 0 {
+        Ok(available)
+    } else {
+        Err(ResultCode::InsufficientFunds)
+    }
+}
+
+/// The card's hold `id` if it is still open at `now_ms`. A hold past its deadline is released,
+/// whether or not giftd has written the release yet.
+fn open_hold(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode> {
+    card.holds.iter().find(|h| h.id == id && h.expires_ms > now_ms).copied().ok_or(ResultCode::HoldNotFound)
+}
+
+/// The release of the card's first hold that is past its deadline at `now_ms`, if any: giftd
+/// decides it by itself, with no request.
+pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
+    let hold = card.holds.iter().find(|h| h.expires_ms <= now_ms)?;
+    Some(Decision {
+        kind: TxnKind::HoldExpired,
+        delta_minor: 0,
+        lifecycle: card.lifecycle,
+        lock: card.lock,
+        approved_minor: hold.amount_minor,
+        hold: HoldChange::Close { id: hold.id },
+    })
 }

@@ -18,8 +18,8 @@ fn eur(minor: i64) -> Money {
 fn engine() -> (Engine, Arc<MemoryJournal>) {
     let journal = Arc::new(MemoryJournal::default());
     let programs = Programs::new([
-        Program { name: "pos".into(), invoice_required: true, max_balance: None },
-        Program { name: "capped".into(), invoice_required: false, max_balance: Some(Decimal::new(50000, 2)) },
+        Program { invoice_required: true, ..Program::new("pos") },
+        Program { max_balance: Some(Decimal::new(50000, 2)), ..Program::new("capped") },
     ]);
     (Engine::new(programs, journal.clone()), journal)
 }
@@ -40,7 +40,7 @@ fn m(r: Req) -> Mutation {
     let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{:?}{:?}", r.card, r.op).as_bytes());
     let mut fingerprint = [0u8; 16];
     fingerprint.copy_from_slice(&digest[..16]);
-    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: r.card, last4: *b"0042", op: r.op }
+    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: Some(r.card), last4: *b"0042", op: r.op }
 }
 
 fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
@@ -420,7 +420,7 @@ fn restore_rebuilds_cards_and_sums() {
     issue(&e, card(2), "default", eur(500), None, true);
     run(&e, "r", card(1), redeem(1_000, false), NOW);
     let (e2, _) = engine();
-    let restored = e2.restore(j.cards());
+    let restored = e2.restore(j.cards(), j.hold_id_next());
     assert_eq!(restored.cards, 2);
     assert_eq!(restored.balance_minor_by_currency.get(&usd(0).currency), Some(&9_000));
     assert_eq!(restored.balance_minor_by_currency.get(&eur(0).currency), Some(&500));
@@ -448,4 +448,91 @@ fn concurrent_redeems_never_overdraw() {
     let balance = e.snapshot(&card(1)).unwrap().0.balance_minor;
     assert_eq!(approved + balance, 10_000);
     assert_eq!(balance, 0, "1600 × 0.07 exceeds 100.00, so the card is drained");
+}
+
+/// A capture or void: it names a hold, not a card.
+fn run_hold(e: &Engine, key: &str, op: Op, now: i64) -> Executed {
+    let mut mutation = m(Req { merchant: "m1", key: key.into(), card: card(0), op });
+    mutation.card = None;
+    e.execute(mutation, now)
+}
+
+fn authorize(e: &Engine, key: &str, minor: i64, ttl_ms: i64, now: i64) -> crate::model::HoldView {
+    let op = Op::Authorize { money: usd(minor), allow_partial: false, ttl_ms: Some(ttl_ms) };
+    let done = run(e, key, card(1), op, now);
+    assert_eq!(done.outcome.result, ResultCode::Approved, "{done:?}");
+    done.outcome.hold.expect("an approved authorization carries its hold")
+}
+
+#[test]
+fn holds_expire_by_deadline_under_a_controlled_clock() {
+    let (e, j) = engine();
+    active_100(&e);
+    let a = authorize(&e, "a", 1_000, HOUR_MS, NOW);
+    let b = authorize(&e, "b", 2_000, 2 * HOUR_MS, NOW);
+    assert_eq!((a.expires_ms, b.expires_ms), (NOW + HOUR_MS, NOW + 2 * HOUR_MS));
+    assert_eq!(e.next_hold_deadline(), Some(NOW + HOUR_MS));
+    assert_eq!(e.expire_holds(NOW + HOUR_MS - 1, 100), 0, "nothing is due a millisecond early");
+    // At its deadline the hold reserves nothing, even before the release is written...
+    let (o, _) = e.balance(&card(1), NOW + HOUR_MS);
+    assert_eq!(o.card.unwrap().held_minor, 2_000);
+    // ...and the sweep writes the release, visiting only what is due.
+    assert_eq!(e.expire_holds(NOW + HOUR_MS, 100), 1);
+    assert_eq!(e.next_hold_deadline(), Some(NOW + 2 * HOUR_MS));
+    let last = j.txns().last().cloned().unwrap();
+    assert_eq!((last.kind, last.amount_minor, &*last.merchant), (TxnKind::HoldExpired, 1_000, SYSTEM_MERCHANT));
+    let capture = |key: &str, id, now| run_hold(&e, key, Op::Capture { hold_id: id, money: usd(1) }, now);
+    assert_eq!(capture("c1", a.id, NOW + HOUR_MS).outcome.result, ResultCode::HoldNotFound);
+    // A hold past its deadline cannot be captured even if the sweep has not run yet.
+    assert_eq!(capture("c2", b.id, NOW + 2 * HOUR_MS).outcome.result, ResultCode::HoldNotFound);
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.holds, vec![], "the capture attempt released it first");
+    assert_eq!(e.next_hold_deadline(), None);
+}
+
+#[test]
+fn a_decision_first_releases_the_cards_due_holds() {
+    let (e, j) = engine();
+    active_100(&e);
+    authorize(&e, "a", 10_000, HOUR_MS, NOW);
+    assert_eq!(run(&e, "r1", card(1), redeem(1, false), NOW).outcome.result, ResultCode::InsufficientFunds);
+    let done = run(&e, "r2", card(1), redeem(10_000, false), NOW + HOUR_MS);
+    assert_eq!(done.outcome.result, ResultCode::Approved);
+    let kinds: Vec<TxnKind> = j.txns().iter().map(|t| t.kind).collect();
+    assert_eq!(kinds, [TxnKind::Issue, TxnKind::Authorize, TxnKind::HoldExpired, TxnKind::Redeem]);
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.balance_minor, rec.held_minor, rec.txn_count), (0, 0, 4));
+}
+
+#[test]
+fn capture_takes_part_and_releases_the_rest() {
+    let (e, j) = engine();
+    active_100(&e);
+    let h = authorize(&e, "a", 3_000, HOUR_MS, NOW);
+    let over = run_hold(&e, "c0", Op::Capture { hold_id: h.id, money: usd(3_001) }, NOW);
+    assert_eq!(over.outcome.result, ResultCode::CaptureExceedsHold);
+    let done = run_hold(&e, "c1", Op::Capture { hold_id: h.id, money: usd(2_000) }, NOW);
+    assert_eq!((done.outcome.result, done.outcome.approved_minor), (ResultCode::Approved, 2_000));
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.balance_minor, rec.held_minor, rec.available_at(NOW)), (8_000, 0, 8_000));
+    assert_eq!(j.txns().last().map(|t| (t.kind, t.amount_minor)), Some((TxnKind::Capture, -2_000)));
+    assert_eq!(e.next_hold_deadline(), None, "a captured hold leaves the deadline order");
+    let void = run_hold(&e, "v1", Op::Void { hold_id: h.id }, NOW);
+    assert_eq!(void.outcome.result, ResultCode::HoldNotFound);
+}
+
+#[test]
+fn restore_rebuilds_holds_and_never_reuses_an_id() {
+    let (e, j) = engine();
+    active_100(&e);
+    let kept = authorize(&e, "a", 1_000, HOUR_MS, NOW);
+    let gone = authorize(&e, "b", 1_000, HOUR_MS, NOW);
+    run_hold(&e, "v", Op::Void { hold_id: gone.id }, NOW);
+    let (e2, _) = engine();
+    let restored = e2.restore(j.cards(), j.hold_id_next());
+    assert_eq!(restored.holds, 1);
+    assert_eq!(e2.next_hold_deadline(), Some(kept.expires_ms));
+    let fresh = authorize(&e2, "c", 500, HOUR_MS, NOW);
+    assert!(fresh.id > gone.id, "{fresh:?} reuses an id up to {gone:?}");
+    let cap = run_hold(&e2, "d", Op::Capture { hold_id: kept.id, money: usd(1_000) }, NOW);
+    assert_eq!(cap.outcome.result, ResultCode::Approved);
 }

@@ -168,11 +168,11 @@ fn hello_reply(shared: &Shared) -> Reply {
 /// Decides one well-formed request. Returns the reply and the group it must wait for.
 async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Reply, u64) {
     let now = now_ms();
-    let mutation = |idem: &wire::IdemRef, number: &CardNumber, op: Op| Mutation {
+    let mutation = |idem: &wire::IdemRef, number: Option<&CardNumber>, op: Op| Mutation {
         idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
         fingerprint: shared.keyer.fingerprint(opcode, body),
-        card: shared.keyer.card_key(number),
-        last4: number.last4(),
+        card: number.map(|n| shared.keyer.card_key(n)),
+        last4: number.map_or([b'0'; 4], |n| n.last4()),
         op,
     };
     let m = match req {
@@ -184,21 +184,29 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         Request::Lookup { number } => return lookup(shared, &number).await,
         Request::History { number, before_seq, limit } => return history(shared, &number, before_seq, limit).await,
         Request::Issue { idem, number, program, money, expiry_ms, active } => {
-            mutation(&idem, &number, Op::Issue { program, money, expiry_ms, active })
+            mutation(&idem, Some(&number), Op::Issue { program, money, expiry_ms, active })
         }
-        Request::Activate { idem, number, load } => mutation(&idem, &number, Op::Activate { load }),
+        Request::Activate { idem, number, load } => mutation(&idem, Some(&number), Op::Activate { load }),
         Request::Redeem { idem, number, money, allow_partial, invoice } => {
-            mutation(&idem, &number, Op::Redeem { money, allow_partial, invoice })
+            mutation(&idem, Some(&number), Op::Redeem { money, allow_partial, invoice })
         }
-        Request::Reload { idem, number, money } => mutation(&idem, &number, Op::Reload { money }),
-        Request::Lock { idem, number, reason } => mutation(&idem, &number, Op::Lock { reason }),
-        Request::Unlock { idem, number } => mutation(&idem, &number, Op::Unlock),
+        Request::Reload { idem, number, money } => mutation(&idem, Some(&number), Op::Reload { money }),
+        Request::Lock { idem, number, reason } => mutation(&idem, Some(&number), Op::Lock { reason }),
+        Request::Unlock { idem, number } => mutation(&idem, Some(&number), Op::Unlock),
+        Request::Authorize { idem, number, money, allow_partial, ttl_secs } => {
+            let ttl_ms = (ttl_secs > 0).then_some(ttl_secs as i64 * 1000);
+            mutation(&idem, Some(&number), Op::Authorize { money, allow_partial, ttl_ms })
+        }
+        Request::Capture { idem, hold_id, money } => mutation(&idem, None, Op::Capture { hold_id, money }),
+        Request::Void { idem, hold_id } => mutation(&idem, None, Op::Void { hold_id }),
     };
+    let authorize = matches!(m.op, Op::Authorize { .. });
     let done = shared.engine.execute(m, now);
     if done.replayed {
         shared.metrics.idempotent_replays.inc();
     }
-    (Reply::Card(done.outcome), done.group)
+    let reply = if authorize { Reply::Hold(done.outcome) } else { Reply::Card(done.outcome) };
+    (reply, done.group)
 }
 
 /// Waits until `group` is durable. History is read from the store, so it must hold the card's

@@ -36,6 +36,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(shared.limits.connections_max));
     tracker.spawn(evict_loop(shared.clone(), shutdown.clone()));
+    tracker.spawn(expiry_loop(shared.clone(), shutdown.clone()));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -69,6 +70,39 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     tracker.close();
     let grace = Duration::from_secs(shared.limits.shutdown_grace_secs);
     tokio::time::timeout(grace, tracker.wait()).await.is_ok()
+}
+
+/// Holds released per step of the expiry loop; a burst of deadlines is worked off in steps of
+/// this size, with the other tasks served between them.
+const EXPIRY_STEP_HOLDS_MAX: usize = 512;
+/// The expiry loop looks at the earliest deadline at least this often, since a new hold may come
+/// due sooner than the one it was sleeping for.
+const EXPIRY_CHECK_MS_MAX: i64 = 1000;
+
+/// Releases holds at their deadlines, with no caller: the engine keeps them ordered by deadline,
+/// so this visits only what is due. After a restart the first turn releases what came due while
+/// giftd was down.
+async fn expiry_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let now = now_ms();
+        let wait_ms = shared
+            .engine
+            .next_hold_deadline()
+            .map_or(EXPIRY_CHECK_MS_MAX, |at| (at - now).clamp(0, EXPIRY_CHECK_MS_MAX));
+        if wait_ms > 0 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(wait_ms as u64)) => {}
+            }
+            continue;
+        }
+        let released = shared.engine.expire_holds(now, EXPIRY_STEP_HOLDS_MAX);
+        shared.metrics.holds_expired.inc_by(released as u64);
+        tokio::task::yield_now().await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
 }
 
 /// Forgets durable idempotency keys and invoices older than the memory window, every second (so

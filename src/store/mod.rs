@@ -56,6 +56,8 @@ const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 const CHECKPOINT_CHUNK_CARDS: usize = 2048;
 /// Meta key of the last history id the `cards` family reflects.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint/txn_id";
+/// Hold ids below this value are taken (see `Effects::hold_id_next`).
+const HOLD_ID_KEY: &[u8] = b"holds/id_next";
 
 /// Exit status after a failed WAL write or sync (EX_IOERR): never continue on unknown durability.
 pub const EXIT_IO_ERROR: i32 = 74;
@@ -86,6 +88,8 @@ pub struct Recovered {
     pub replayed: u64,
     /// Per currency: money that entered (issued, loaded) and left (redeemed) since the beginning.
     pub totals: BTreeMap<Currency, (i128, i128)>,
+    /// Hold ids below this are taken.
+    pub hold_id_next: u64,
 }
 
 struct Pending {
@@ -167,10 +171,12 @@ impl Store {
             let (db, pending, written, durable, metrics) =
                 (db.clone(), pending.clone(), written.clone(), durable.clone(), metrics.clone());
             let totals = recovered.totals.clone();
+            let hold_id_next = recovered.hold_id_next;
             // Replayed cards are not in the card table yet: the next checkpoint writes them.
             let checkpoint = Checkpoint::new(checkpoint_every, replayed_cards, txn_id);
             std::thread::Builder::new().name("giftd-committer".into()).spawn(move || {
-                commit_loop(&db, &pending, &written, &durable, durability, totals, checkpoint, &metrics)
+                let ledger = Ledger { totals, hold_id_next };
+                commit_loop(&db, &pending, &written, &durable, durability, ledger, checkpoint, &metrics)
             })?
         };
         let syncer = {
@@ -372,6 +378,10 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         replayed_entries += 1;
     }
     cards.extend(replayed.iter().map(|(k, r)| (*k, r.clone())));
+    let hold_id_next = match db.get_cf(meta, HOLD_ID_KEY)? {
+        None => 1,
+        Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| records::Corrupt { what: "hold id" })?),
+    };
     let mut totals = BTreeMap::new();
     let cf = db.cf_handle(CF_META).expect("meta column family");
     for item in db.prefix_iterator_cf(cf, b"totals/") {
@@ -383,7 +393,7 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         totals.insert(c, (credit, debit));
     }
     let cards = cards.into_iter().collect();
-    Ok((Recovered { cards, replayed: replayed_entries, totals }, replayed))
+    Ok((Recovered { cards, replayed: replayed_entries, totals, hold_id_next }, replayed))
 }
 
 /// The cards changed since the last checkpoint, and the checkpoint being written, if any.
@@ -457,6 +467,13 @@ impl Checkpoint {
     }
 }
 
+/// What the committer keeps running totals of, written to `meta` with the groups that change them.
+struct Ledger {
+    /// Per currency: (credits, debits) since the beginning.
+    totals: BTreeMap<Currency, (i128, i128)>,
+    hold_id_next: u64,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn commit_loop(
     db: &DB,
@@ -464,13 +481,14 @@ fn commit_loop(
     written: &Written,
     durable: &watch::Sender<u64>,
     durability: Durability,
-    mut totals: BTreeMap<Currency, (i128, i128)>,
+    ledger: Ledger,
     mut checkpoint: Checkpoint,
     metrics: &Metrics,
 ) {
     let cfs = CFS.map(|name| db.cf_handle(name).expect("column family"));
     // The syncer makes writes durable; a synced write here would serialise fsync with the next group.
     let wopts = WriteOptions::default();
+    let Ledger { mut totals, mut hold_id_next } = ledger;
     let mut spare: Vec<Effects> = Vec::new();
     let mut sorted = SortedBatch::default();
     loop {
@@ -509,7 +527,12 @@ fn commit_loop(
             let decisions = group_entries.len();
             sorted.clear();
             let mut touched: Vec<Currency> = Vec::new();
+            let mut hold_ids_used = false;
             for e in group_entries.drain(..) {
+                if let Some(n) = e.hold_id_next {
+                    hold_ids_used |= n > hold_id_next;
+                    hold_id_next = hold_id_next.max(n);
+                }
                 if let Some(c) = e.change {
                     let t = &c.txn;
                     sorted.put(CfIndex::History, &records::history_key(t.id), |b| {
@@ -538,6 +561,9 @@ fn commit_loop(
                 sorted.put(CfIndex::Meta, &records::totals_key(c), |b| {
                     b.extend_from_slice(&records::encode_totals(credit, debit))
                 });
+            }
+            if hold_ids_used {
+                sorted.put(CfIndex::Meta, HOLD_ID_KEY, |b| b.extend_from_slice(&hold_id_next.to_le_bytes()));
             }
             let batch = sorted.sorted_batch(&cfs);
             let bytes = batch.size_in_bytes();

@@ -2,14 +2,16 @@
 //! formats, separate from the wire's: the two evolve independently.
 
 use crate::card_number::CardKey;
+use crate::engine::card::HOLDS_PER_CARD_MAX;
 use crate::engine::{CardRecord, IdemRecord, Lifecycle, TxnRecord};
-use crate::model::{CardView, Currency, LockReason, Outcome, ResultCode, Status, TxnKind};
+use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
-// entry's previous id); nothing deployed holds version 1.
-const CARD_V2: u8 = 2;
-const IDEM_V1: u8 = 1;
+// entry's previous id); version 3 of cards and version 2 of idempotency records added holds.
+// Nothing deployed holds an older version.
+const CARD_V3: u8 = 3;
+const IDEM_V2: u8 = 2;
 const TXN_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,9 @@ impl<'a> Reader<'a> {
     fn i64(&mut self) -> Result<i64, Corrupt> {
         Ok(i64::from_le_bytes(self.arr()?))
     }
+    fn hold(&mut self) -> Result<HoldView, Corrupt> {
+        Ok(HoldView { id: self.i64()? as u64, amount_minor: self.i64()?, expires_ms: self.i64()? })
+    }
     fn opt_i64(&mut self) -> Result<Option<i64>, Corrupt> {
         let present = self.u8()? == 1;
         let v = self.i64()?;
@@ -74,8 +79,14 @@ fn put_opt_i64(dst: &mut Vec<u8>, v: Option<i64>) {
     dst.put_i64_le(v.unwrap_or(0));
 }
 
+fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
+    dst.put_u64_le(h.id);
+    dst.put_i64_le(h.amount_minor);
+    dst.put_i64_le(h.expires_ms);
+}
+
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V2);
+    dst.put_u8(CARD_V3);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -89,17 +100,21 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     dst.put_u64_le(c.txn_count);
     dst.put_u64_le(c.last_txn_id);
     put_str8(dst, &c.program);
+    dst.put_u8(c.holds.len() as u8);
+    for h in &c.holds {
+        put_hold(dst, h);
+    }
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V2)?;
+    r.version(CARD_V3)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
     let lock = LockReason::from_u8(r.u8()?);
     let lock = r.some(lock)?;
-    let rec = CardRecord {
+    let mut rec = CardRecord {
         last4,
         lifecycle,
         lock,
@@ -113,7 +128,15 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         txn_count: r.i64()? as u64,
         last_txn_id: r.i64()? as u64,
         program: r.str8()?.into(),
+        holds: Vec::new(),
     };
+    let n = r.u8()? as usize;
+    if n > HOLDS_PER_CARD_MAX {
+        return Err(Corrupt { what: "card" });
+    }
+    for _ in 0..n {
+        rec.holds.push(r.hold()?);
+    }
     // Paired assertion: the invariants checked before writing hold again after reading.
     rec.check().map_err(|_| Corrupt { what: "card" })?;
     Ok(rec)
@@ -168,7 +191,7 @@ pub fn decode_history(key: &[u8], buf: &[u8]) -> Result<(TxnRecord, CardRecord),
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V1);
+    dst.put_u8(IDEM_V2);
     dst.put_slice(&rec.fingerprint);
     let o = &rec.outcome;
     dst.put_u16_le(o.result as u16);
@@ -186,11 +209,18 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
             put_opt_i64(dst, v.expiry_ms);
         }
     }
+    match &o.hold {
+        None => dst.put_u8(0),
+        Some(h) => {
+            dst.put_u8(1);
+            put_hold(dst, h);
+        }
+    }
 }
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V1)?;
+    r.version(IDEM_V2)?;
     let fingerprint = r.arr()?;
     let result = ResultCode::from_u16(u16::from_le_bytes(r.arr()?));
     let result = r.some(result)?;
@@ -211,7 +241,8 @@ pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     } else {
         None
     };
-    Ok(IdemRecord { fingerprint, outcome: Outcome { result, approved_minor, card } })
+    let hold = if r.u8()? == 1 { Some(r.hold()?) } else { None };
+    Ok(IdemRecord { fingerprint, outcome: Outcome { result, approved_minor, card, hold } })
 }
 
 pub fn totals_key(c: Currency) -> [u8; 10] {
@@ -250,6 +281,7 @@ mod tests {
             currency: Currency::from_code(*b"USD").unwrap(),
             balance_minor: 9_950,
             held_minor: 50,
+            holds: vec![HoldView { id: 9, amount_minor: 50, expires_ms: 1_800_000_000_000 }],
             lifecycle: Lifecycle::Active,
             lock: LockReason::None,
             pin_locked: false,
@@ -281,5 +313,29 @@ mod tests {
         assert!(decode_history(&history_key(78), &buf).is_err(), "the record must be the one the entry left");
         // Keys sort as ids do, so new entries append.
         assert!(history_key(255) < history_key(256));
+    }
+
+    #[test]
+    fn idempotency_records_round_trip_with_their_hold() {
+        let usd = Currency::from_code(*b"USD").unwrap();
+        let card = CardView {
+            last4: *b"0042",
+            status: Status::Active,
+            reason: LockReason::None,
+            currency: usd,
+            balance_minor: 1_000,
+            held_minor: 300,
+            expiry_ms: None,
+        };
+        let hold = HoldView { id: 5, amount_minor: 300, expires_ms: 1_700_000_000_000 };
+        for outcome in [
+            Outcome { hold: Some(hold), ..Outcome::approved(300, card) },
+            Outcome::declined(ResultCode::HoldNotFound, None),
+        ] {
+            let rec = IdemRecord { fingerprint: [3; 16], outcome };
+            let mut buf = Vec::new();
+            encode_idem(&mut buf, &rec);
+            assert_eq!(decode_idem(&buf).unwrap(), rec);
+        }
     }
 }

@@ -4,7 +4,7 @@
 use super::frame::{begin_frame, finish_frame};
 use super::REPLY_BIT;
 use crate::card_number::CardNumber;
-use crate::model::{CardView, Currency, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView};
+use crate::model::{CardView, Currency, HoldView, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView};
 use bytes::{BufMut, BytesMut};
 
 /// Longest merchant id, idempotency key, invoice number or client name, in bytes.
@@ -29,10 +29,13 @@ pub enum Opcode {
     Unlock = 0x16,
     Lookup = 0x17,
     History = 0x18,
+    Authorize = 0x19,
+    Capture = 0x1A,
+    Void = 0x1B,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 10] = [
+    pub const ALL: [Opcode; 13] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -43,6 +46,9 @@ impl Opcode {
         Opcode::Unlock,
         Opcode::Lookup,
         Opcode::History,
+        Opcode::Authorize,
+        Opcode::Capture,
+        Opcode::Void,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -66,6 +72,9 @@ impl Opcode {
             Opcode::Unlock => "unlock",
             Opcode::Lookup => "lookup",
             Opcode::History => "history",
+            Opcode::Authorize => "authorize",
+            Opcode::Capture => "capture",
+            Opcode::Void => "void",
         }
     }
 }
@@ -79,16 +88,73 @@ pub struct IdemRef {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
-    Hello { min_version: u8, max_version: u8, client: String },
-    Issue { idem: IdemRef, number: CardNumber, program: String, money: Money, expiry_ms: Option<i64>, active: bool },
-    Activate { idem: IdemRef, number: CardNumber, load: Option<Money> },
-    Balance { number: CardNumber },
-    Redeem { idem: IdemRef, number: CardNumber, money: Money, allow_partial: bool, invoice: Option<String> },
-    Reload { idem: IdemRef, number: CardNumber, money: Money },
-    Lock { idem: IdemRef, number: CardNumber, reason: LockReason },
-    Unlock { idem: IdemRef, number: CardNumber },
-    Lookup { number: CardNumber },
-    History { number: CardNumber, before_seq: u64, limit: u16 },
+    Hello {
+        min_version: u8,
+        max_version: u8,
+        client: String,
+    },
+    Issue {
+        idem: IdemRef,
+        number: CardNumber,
+        program: String,
+        money: Money,
+        expiry_ms: Option<i64>,
+        active: bool,
+    },
+    Activate {
+        idem: IdemRef,
+        number: CardNumber,
+        load: Option<Money>,
+    },
+    Balance {
+        number: CardNumber,
+    },
+    Redeem {
+        idem: IdemRef,
+        number: CardNumber,
+        money: Money,
+        allow_partial: bool,
+        invoice: Option<String>,
+    },
+    Reload {
+        idem: IdemRef,
+        number: CardNumber,
+        money: Money,
+    },
+    Lock {
+        idem: IdemRef,
+        number: CardNumber,
+        reason: LockReason,
+    },
+    Unlock {
+        idem: IdemRef,
+        number: CardNumber,
+    },
+    Lookup {
+        number: CardNumber,
+    },
+    History {
+        number: CardNumber,
+        before_seq: u64,
+        limit: u16,
+    },
+    /// `ttl_secs` 0: the program's default.
+    Authorize {
+        idem: IdemRef,
+        number: CardNumber,
+        money: Money,
+        allow_partial: bool,
+        ttl_secs: u32,
+    },
+    Capture {
+        idem: IdemRef,
+        hold_id: u64,
+        money: Money,
+    },
+    Void {
+        idem: IdemRef,
+        hold_id: u64,
+    },
 }
 
 impl Request {
@@ -104,6 +170,9 @@ impl Request {
             Request::Unlock { .. } => Opcode::Unlock,
             Request::Lookup { .. } => Opcode::Lookup,
             Request::History { .. } => Opcode::History,
+            Request::Authorize { .. } => Opcode::Authorize,
+            Request::Capture { .. } => Opcode::Capture,
+            Request::Void { .. } => Opcode::Void,
         }
     }
 }
@@ -144,6 +213,8 @@ pub struct HistoryReply {
 pub enum Reply {
     Hello(HelloReply),
     Card(Outcome),
+    /// An authorization's outcome: a card outcome followed by the hold it opened.
+    Hold(Outcome),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -154,7 +225,7 @@ impl Reply {
     pub fn result(&self) -> ResultCode {
         match self {
             Reply::Hello(h) => h.result,
-            Reply::Card(o) => o.result,
+            Reply::Card(o) | Reply::Hold(o) => o.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -238,6 +309,14 @@ impl<'a> Reader<'a> {
             return Err(MALFORMED);
         }
         Ok(present.then_some(v))
+    }
+    fn hold(&mut self) -> Res<Option<HoldView>> {
+        let present = self.bool()?;
+        let h = HoldView { id: self.u64()?, amount_minor: self.i64()?, expires_ms: self.i64()? };
+        if !present && h != (HoldView { id: 0, amount_minor: 0, expires_ms: 0 }) {
+            return Err(MALFORMED);
+        }
+        Ok(present.then_some(h))
     }
     fn idem(&mut self) -> Res<IdemRef> {
         let merchant = self.str8(STRING_BYTES_MAX)?;
@@ -344,6 +423,15 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             }
             Request::History { number, before_seq, limit }
         }
+        Opcode::Authorize => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let money = r.money(false)?;
+            let allow_partial = r.bool()?;
+            let ttl_secs = u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?);
+            Request::Authorize { idem, number, money, allow_partial, ttl_secs }
+        }
+        Opcode::Capture => Request::Capture { idem: r.idem()?, hold_id: r.u64()?, money: r.money(false)? },
+        Opcode::Void => Request::Void { idem: r.idem()?, hold_id: r.u64()? },
     };
     r.end()?;
     Ok(req)
@@ -414,6 +502,23 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             dst.put_u64_le(*before_seq);
             dst.put_u16_le(*limit);
         }
+        Request::Authorize { idem, number, money, allow_partial, ttl_secs } => {
+            put_idem(dst, idem, number);
+            put_money(dst, money);
+            dst.put_u8(*allow_partial as u8);
+            dst.put_u32_le(*ttl_secs);
+        }
+        Request::Capture { idem, hold_id, money } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            dst.put_u64_le(*hold_id);
+            put_money(dst, money);
+        }
+        Request::Void { idem, hold_id } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            dst.put_u64_le(*hold_id);
+        }
     }
 }
 
@@ -466,6 +571,16 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u16_le(o.result as u16);
             dst.put_i64_le(o.approved_minor);
             put_view(dst, &o.card);
+        }
+        Reply::Hold(o) => {
+            dst.put_u16_le(o.result as u16);
+            dst.put_i64_le(o.approved_minor);
+            put_view(dst, &o.card);
+            let h = o.hold.unwrap_or(HoldView { id: 0, amount_minor: 0, expires_ms: 0 });
+            dst.put_u8(o.hold.is_some() as u8);
+            dst.put_u64_le(h.id);
+            dst.put_i64_le(h.amount_minor);
+            dst.put_i64_le(h.expires_ms);
         }
         Reply::Lookup(l) => {
             dst.put_u16_le(l.result as u16);
@@ -533,7 +648,10 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                 if has { Some(Currency::from_code([code[0], code[1], code[2]]).ok_or(MALFORMED)?) } else { None };
             Reply::History(HistoryReply { result, currency, txns: r.txns()?, next_before_seq: r.u64()? })
         }
-        _ => Reply::Card(Outcome { result, approved_minor: r.i64()?, card: r.view()? }),
+        Opcode::Authorize => {
+            Reply::Hold(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: r.hold()? })
+        }
+        _ => Reply::Card(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None }),
     };
     r.end()?;
     Ok(reply)

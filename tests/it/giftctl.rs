@@ -216,3 +216,33 @@ fn giftctl_unreachable_server_exits_1() {
         assert!(err.contains(&addr), "the error names the address: {err}");
     }
 }
+
+#[test]
+fn giftctl_authorizes_captures_and_voids() {
+    let g = Giftd::start();
+    let n = "6035719950000029";
+    json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "100.00", "--active", "--key", "ctl-i1"]);
+    let v = json(&g, &["authorize", "--number", n, "--amount", "40.00", "--key", "ctl-a1", "--ttl-secs", "600"]);
+    expect(&v, &[("result", "approved"), ("approved", "40.00"), ("balance", "100.00"), ("held", "40.00")]);
+    expect(&v, &[("available", "60.00")]);
+    let hold = v["hold_id"].as_u64().unwrap_or_else(|| panic!("hold_id in {v}")).to_string();
+    assert!(v["hold_expires"].as_str().is_some_and(|s| s.contains('T')), "{v}");
+    expect(&json(&g, &["balance", "--number", n]), &[("held", "40.00"), ("available", "60.00")]);
+
+    let v = json(&g, &["capture", "--hold", &hold, "--amount", "15.00", "--key", "ctl-c1"]);
+    expect(&v, &[("result", "approved"), ("approved", "15.00"), ("balance", "85.00"), ("held", "0.00")]);
+    let v = json(&g, &["void", "--hold", &hold, "--key", "ctl-v1"]);
+    expect(&v, &[("result", "hold_not_found"), ("code", "36")]);
+
+    let v = json(&g, &["authorize", "--number", n, "--amount", "500.00", "--partial", "--key", "ctl-a2"]);
+    expect(&v, &[("result", "approved"), ("approved", "85.00"), ("available", "0.00")]);
+    let hold = v["hold_id"].as_u64().unwrap().to_string();
+    // A capture in another currency is declined, never converted.
+    let v = json(&g, &["capture", "--hold", &hold, "--amount", "1.00", "--currency", "EUR", "--key", "ctl-c2"]);
+    expect(&v, &[("result", "currency_mismatch")]);
+    let v = json(&g, &["void", "--hold", &hold, "--key", "ctl-v2"]);
+    expect(&v, &[("result", "approved"), ("approved", "85.00"), ("held", "0.00"), ("available", "85.00")]);
+
+    usage_error(&["--addr", g.addr(), "authorize", "--number", n, "--amount", "1.00", "--key", "k", "--ttl-secs", "0"]);
+    usage_error(&["--addr", g.addr(), "capture", "--hold", "x", "--amount", "1.00", "--key", "k"]);
+}

@@ -5,6 +5,7 @@ mod concurrency;
 mod crash;
 mod giftctl;
 mod harness;
+mod holds;
 mod lifecycle;
 mod ops;
 mod protocol;
