@@ -3,7 +3,9 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use giftd::card_number::CardKey;
-use giftd::engine::{Appended, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs};
+use giftd::engine::{
+    Appended, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs, Settled,
+};
 use giftd::model::{Currency, Money};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,13 +27,17 @@ impl Journal for DiscardJournal {
     fn invoice_used(&self, _: &InvoiceKey) -> bool {
         false
     }
+    fn find_settled(&self, _: &IdemKey) -> Option<Settled> {
+        None
+    }
     fn latest_group(&self) -> u64 {
         self.group.load(Ordering::Relaxed)
     }
     fn append(&self, effects: Effects) -> Appended {
-        let txn_id = if effects.change.is_some() { self.txn_id.fetch_add(1, Ordering::Relaxed) + 1 } else { 0 };
+        let n = effects.changes.len() as u64;
+        let first_txn_id = if n > 0 { self.txn_id.fetch_add(n, Ordering::Relaxed) + 1 } else { 0 };
         black_box(effects);
-        Appended { group: self.group.fetch_add(1, Ordering::Relaxed) + 1, txn_id }
+        Appended { group: self.group.fetch_add(1, Ordering::Relaxed) + 1, first_txn_id }
     }
 }
 

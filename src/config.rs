@@ -61,6 +61,10 @@ pub struct ProgramConfig {
     pub hold_ttl_default_secs: u64,
     /// The longest TTL an authorization may ask for; a longer one is cut to this.
     pub hold_ttl_max_secs: u64,
+    /// How long after a mutation a reversal of it is accepted.
+    pub reversal_window_secs: u64,
+    /// Whether a refund may name no original spend.
+    pub unreferenced_refunds: bool,
 }
 
 impl Default for ProgramConfig {
@@ -70,6 +74,8 @@ impl Default for ProgramConfig {
             max_balance: None,
             hold_ttl_default_secs: crate::engine::program::HOLD_TTL_DEFAULT_SECS,
             hold_ttl_max_secs: crate::engine::program::HOLD_TTL_MAX_SECS,
+            reversal_window_secs: crate::engine::program::REVERSAL_WINDOW_SECS,
+            unreferenced_refunds: false,
         }
     }
 }
@@ -162,6 +168,9 @@ impl Config {
             if !(1..=cap).contains(&p.hold_ttl_max_secs) {
                 errs.push(format!("programs.{name}.hold_ttl_max_secs must be between 1 and {cap}"));
             }
+            if !(1..=cap).contains(&p.reversal_window_secs) {
+                errs.push(format!("programs.{name}.reversal_window_secs must be between 1 and {cap}"));
+            }
             if !(1..=p.hold_ttl_max_secs).contains(&p.hold_ttl_default_secs) {
                 errs.push(format!("programs.{name}.hold_ttl_default_secs must be between 1 and hold_ttl_max_secs"));
             }
@@ -193,6 +202,8 @@ impl Config {
                 max_balance: p.max_balance.as_deref().and_then(|m| Decimal::from_str(m).ok()),
                 hold_ttl_default_ms: p.hold_ttl_default_secs as i64 * 1000,
                 hold_ttl_max_ms: p.hold_ttl_max_secs as i64 * 1000,
+                reversal_window_ms: p.reversal_window_secs as i64 * 1000,
+                unreferenced_refunds: p.unreferenced_refunds,
             })
             .collect()
     }

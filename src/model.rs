@@ -223,6 +223,10 @@ pub enum TxnKind {
     Void = 9,
     /// A hold released at its deadline, by giftd itself; the amount is what it held.
     HoldExpired = 10,
+    /// Money credited back for an earlier spend (or, where the program allows, for none).
+    Refund = 11,
+    /// An earlier mutation undone; the amount is the change of balance (0 for a released hold).
+    Reversal = 12,
 }
 
 impl TxnKind {
@@ -238,6 +242,8 @@ impl TxnKind {
             8 => TxnKind::Capture,
             9 => TxnKind::Void,
             10 => TxnKind::HoldExpired,
+            11 => TxnKind::Refund,
+            12 => TxnKind::Reversal,
             _ => return None,
         })
     }
@@ -254,6 +260,8 @@ impl TxnKind {
             TxnKind::Capture => "capture",
             TxnKind::Void => "void",
             TxnKind::HoldExpired => "hold_expired",
+            TxnKind::Refund => "refund",
+            TxnKind::Reversal => "reversal",
         }
     }
 }
@@ -299,8 +307,10 @@ result_codes! {
     ShuttingDown = 11, "shutting_down";
     // Engine decisions, in the order the engine checks them.
     IdempotencyMismatch = 20, "idempotency_mismatch";
+    OriginalReversed = 44, "original_reversed";
     CardNotFound = 21, "card_not_found";
     HoldNotFound = 36, "hold_not_found";
+    OriginalNotFound = 39, "original_not_found";
     CardExists = 22, "card_exists";
     UnknownProgram = 23, "unknown_program";
     CardClosed = 24, "card_closed";
@@ -312,6 +322,12 @@ result_codes! {
     NotSuspended = 30, "not_suspended";
     CurrencyMismatch = 31, "currency_mismatch";
     CaptureExceedsHold = 37, "capture_exceeds_hold";
+    RefundReferenceRequired = 45, "refund_reference_required";
+    NotReversible = 40, "not_reversible";
+    OriginalCardMismatch = 46, "original_card_mismatch";
+    AlreadyReversed = 41, "already_reversed";
+    ReversalWindowPassed = 43, "reversal_window_passed";
+    RefundExceedsOriginal = 42, "refund_exceeds_original";
     InvoiceRequired = 32, "invoice_required";
     InvoiceReused = 33, "invoice_reused";
     MaxBalanceExceeded = 34, "max_balance_exceeded";
@@ -423,6 +439,22 @@ impl Outcome {
     pub fn approved(approved_minor: i64, card: CardView) -> Outcome {
         Outcome { result: ResultCode::Approved, approved_minor, card: Some(card), hold: None }
     }
+}
+
+/// One card's share of a multi-card answer (split redeem, reversal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartView {
+    pub last4: [u8; 4],
+    /// Signed change of that card's balance (0 when only a hold was released).
+    pub amount_minor: i64,
+    pub balance_after_minor: i64,
+}
+
+/// The per-card amounts of a multi-card answer, all in one currency.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parts {
+    pub currency: Currency,
+    pub items: Vec<PartView>,
 }
 
 /// One history entry as callers see it.

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 use giftd::card_number::CardNumber;
 use giftd::client::Client;
+use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
 use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnView};
 use giftd::wire::{IdemRef, Reply, Request, HISTORY_PAGE_MAX};
 use serde_json::{json, Map, Value};
@@ -27,6 +28,22 @@ struct Who {
     /// Merchant (or operator) id; with --key it identifies the request for idempotency.
     #[arg(long, default_value = "giftctl")]
     merchant: String,
+}
+
+/// A card, an amount and the request's key: what every single-card money operation names.
+#[derive(clap::Args, Debug)]
+struct Spend {
+    #[arg(long)]
+    number: String,
+    #[arg(long)]
+    amount: String,
+    /// The amount's currency (asked of giftd, from the card, when absent).
+    #[arg(long)]
+    currency: Option<String>,
+    #[arg(long)]
+    key: String,
+    #[command(flatten)]
+    who: Who,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,34 +91,18 @@ enum Cmd {
     },
     /// Debit a card now.
     Redeem {
-        #[arg(long)]
-        number: String,
-        #[arg(long)]
-        amount: String,
-        #[arg(long)]
-        currency: Option<String>,
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        spend: Spend,
         #[arg(long)]
         invoice: Option<String>,
         /// Approve what is available when the amount is more.
         #[arg(long)]
         partial: bool,
-        #[command(flatten)]
-        who: Who,
     },
     /// Add value to an active card.
     Reload {
-        #[arg(long)]
-        number: String,
-        #[arg(long)]
-        amount: String,
-        #[arg(long)]
-        currency: Option<String>,
-        #[arg(long)]
-        key: String,
         #[command(flatten)]
-        who: Who,
+        spend: Spend,
     },
     /// Suspend a card: fraud, lost, stolen, customer_request or system.
     Lock {
@@ -130,22 +131,14 @@ enum Cmd {
     },
     /// Reserve an amount on a card (a hold) until it is captured, voided or expires.
     Authorize {
-        #[arg(long)]
-        number: String,
-        #[arg(long)]
-        amount: String,
-        #[arg(long)]
-        currency: Option<String>,
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        spend: Spend,
         /// How long the hold lasts (default: the program's, 7 days unless configured).
         #[arg(long)]
         ttl_secs: Option<u32>,
         /// Hold what is available when the amount is more.
         #[arg(long)]
         partial: bool,
-        #[command(flatten)]
-        who: Who,
     },
     /// Take all or part of a hold; the rest is released.
     Capture {
@@ -167,6 +160,43 @@ enum Cmd {
         hold: u64,
         #[arg(long)]
         key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Credit an amount back to a card, for the spend whose key is --original.
+    Refund {
+        #[command(flatten)]
+        spend: Spend,
+        /// The idempotency key (same --merchant) of the redeem or capture refunded. Without it
+        /// the refund is unreferenced, which a program must allow.
+        #[arg(long)]
+        original: Option<String>,
+    },
+    /// Undo an earlier mutation (redeem, capture, reload, activate, authorize) by its key.
+    Reverse {
+        /// The idempotency key (same --merchant) of the mutation to undo.
+        #[arg(long)]
+        original: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Take an amount from several cards at once, all or nothing.
+    SplitRedeem {
+        /// Card numbers, comma-separated (at most 8).
+        #[arg(long, value_delimiter = ',')]
+        numbers: Vec<String>,
+        #[arg(long)]
+        amount: String,
+        /// The amount's currency (the first card's when absent).
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long)]
+        key: String,
+        /// given (as listed), expiry (soonest first) or smallest (smallest available first).
+        #[arg(long, default_value = "given")]
+        order: String,
         #[command(flatten)]
         who: Who,
     },
@@ -240,6 +270,13 @@ async fn card_currency(c: &mut Client, given: Option<&str>, n: &CardNumber) -> R
     }
 }
 
+/// The key, card and amount a [`Spend`] names; the currency is the card's unless given.
+async fn spend_of(c: &mut Client, s: &Spend) -> Result<(IdemRef, CardNumber, Money), Failure> {
+    let n = number(&s.number)?;
+    let m = money(&s.amount, card_currency(c, s.currency.as_deref(), &n).await?)?;
+    Ok((idem(&s.who, Some(s.key.as_str())), n, m))
+}
+
 fn parse_expiry(s: &str) -> Result<Option<i64>, Failure> {
     if s == "never" {
         return Ok(None);
@@ -283,6 +320,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             money: money(amount, currency(cur)?)?,
         }),
         Cmd::Void { hold, key, who } => Some(Request::Void { idem: idem(who, Some(key.as_str())), hold_id: *hold }),
+        Cmd::Reverse { original, key, who } => {
+            if original.is_empty() {
+                return Err(usage("--original must not be empty"));
+            }
+            Some(Request::Reverse { idem: idem(who, Some(key.as_str())), original: original.clone() })
+        }
         _ => None,
     };
     let mut c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
@@ -296,35 +339,33 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             };
             Request::Activate { idem: idem(who, Some(key.as_str())), number: n, load }
         }
-        (None, Cmd::Redeem { number: n, amount, currency: cur, key, invoice, partial, who }) => {
-            let n = number(n)?;
-            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
-            Request::Redeem {
-                idem: idem(who, Some(key.as_str())),
-                number: n,
-                money: m,
-                allow_partial: *partial,
-                invoice: invoice.clone(),
-            }
+        (None, Cmd::Redeem { spend, invoice, partial }) => {
+            let (idem, number, money) = spend_of(&mut c, spend).await?;
+            Request::Redeem { idem, number, money, allow_partial: *partial, invoice: invoice.clone() }
         }
-        (None, Cmd::Reload { number: n, amount, currency: cur, key, who }) => {
-            let n = number(n)?;
-            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
-            Request::Reload { idem: idem(who, Some(key.as_str())), number: n, money: m }
+        (None, Cmd::Reload { spend }) => {
+            let (idem, number, money) = spend_of(&mut c, spend).await?;
+            Request::Reload { idem, number, money }
         }
-        (None, Cmd::Authorize { number: n, amount, currency: cur, key, ttl_secs, partial, who }) => {
-            let n = number(n)?;
-            let m = money(amount, card_currency(&mut c, cur.as_deref(), &n).await?)?;
+        (None, Cmd::Authorize { spend, ttl_secs, partial }) => {
             if *ttl_secs == Some(0) {
                 return Err(usage("--ttl-secs must be at least 1"));
             }
-            Request::Authorize {
-                idem: idem(who, Some(key.as_str())),
-                number: n,
-                money: m,
-                allow_partial: *partial,
-                ttl_secs: ttl_secs.unwrap_or(0),
+            let (idem, number, money) = spend_of(&mut c, spend).await?;
+            Request::Authorize { idem, number, money, allow_partial: *partial, ttl_secs: ttl_secs.unwrap_or(0) }
+        }
+        (None, Cmd::Refund { spend, original }) => {
+            let (idem, number, money) = spend_of(&mut c, spend).await?;
+            Request::Refund { idem, number, money, original: original.clone() }
+        }
+        (None, Cmd::SplitRedeem { numbers, amount, currency: cur, key, order, who }) => {
+            let order = SplitOrder::parse(order).ok_or_else(|| usage("--order must be given, expiry or smallest"))?;
+            if !(1..=SPLIT_CARDS_MAX).contains(&numbers.len()) {
+                return Err(usage(format!("--numbers must list 1 to {SPLIT_CARDS_MAX} cards")));
             }
+            let numbers = numbers.iter().map(|n| number(n)).collect::<Result<Vec<_>, _>>()?;
+            let m = money(amount, card_currency(&mut c, cur.as_deref(), &numbers[0]).await?)?;
+            Request::SplitRedeem { idem: idem(who, Some(key.as_str())), money: m, order, numbers }
         }
         (None, _) => unreachable!("every command without a server round trip is built above"),
     };
@@ -388,6 +429,25 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
                 obj.insert("hold_expires".into(), json!(rfc3339(h.expires_ms)));
             }
         }
+        Reply::Parts(p) => {
+            if let Some(parts) = &p.parts {
+                let c = parts.currency;
+                obj.insert("currency".into(), json!(c.as_str()));
+                obj.insert("approved".into(), json!(format_amount(p.approved_minor, c)));
+                let items = parts
+                    .items
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "last4": String::from_utf8_lossy(&i.last4),
+                            "amount": format_amount(i.amount_minor, c),
+                            "balance_after": format_amount(i.balance_after_minor, c),
+                        })
+                    })
+                    .collect();
+                obj.insert("parts".into(), Value::Array(items));
+            }
+        }
         Reply::Lookup(l) => {
             if let Some(v) = &l.card {
                 view_json(&mut obj, v);
@@ -432,7 +492,7 @@ fn sentence(obj: &Map<String, Value>) -> String {
     if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
         out += &format!("; hold {h} until {}", s("hold_expires"));
     }
-    for key in ["recent", "entries"] {
+    for key in ["recent", "entries", "parts"] {
         if let Some(Value::Array(items)) = obj.get(key) {
             for t in items {
                 out += &format!("\n  {t}");

@@ -5,7 +5,7 @@
 
 use super::card::CardRecord;
 use crate::card_number::CardKey;
-use crate::model::{Currency, Outcome, TxnKind};
+use crate::model::{Currency, Outcome, Parts, TxnKind};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
@@ -42,11 +42,47 @@ fn prefixed(a: &str, b: &str) -> Box<[u8]> {
     v.into_boxed_slice()
 }
 
-/// What a mutation's key answers on retry: its content fingerprint and its original outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a mutation's key answers on retry (its content fingerprint and its original answer), and
+/// what it did, for a later refund or reversal that names it. Written once, never changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdemRecord {
     pub fingerprint: [u8; 16],
     pub outcome: Outcome,
+    /// Per-card amounts, for the operations whose reply lists them (split redeem, reversal).
+    pub parts: Option<Parts>,
+    /// What an approved, reversible mutation did; `None` for declines and for the rest.
+    pub effect: Option<Effect>,
+    /// Written by a reversal that arrived before its original: the original, when it comes, is
+    /// declined `original_reversed` whatever its content.
+    pub tombstone: bool,
+}
+
+impl IdemRecord {
+    pub fn new(fingerprint: [u8; 16], outcome: Outcome) -> IdemRecord {
+        IdemRecord { fingerprint, outcome, parts: None, effect: None, tombstone: false }
+    }
+}
+
+/// What an approved mutation did to money, as a refund or reversal needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Effect {
+    pub at_ms: i64,
+    /// Redeem (one card or split), capture, reload, activate or authorize.
+    pub kind: TxnKind,
+    pub currency: Currency,
+    /// Each card and the amount it gave (spends), got (loads) or had held (authorize), in the
+    /// order taken.
+    pub parts: Vec<(CardKey, i64)>,
+    /// The hold an authorization opened (0 otherwise).
+    pub hold_id: u64,
+}
+
+/// What later requests did to a mutation: refunds (per part of its effect) and its reversal.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub refunded_minor: Vec<i64>,
+    /// The first reversal's answer, which every later reversal of the same mutation gets too.
+    pub reversal: Option<(Outcome, Option<Parts>)>,
 }
 
 /// One history entry.
@@ -85,8 +121,11 @@ pub struct CardChange {
 /// Everything one decision writes, committed atomically in one batch.
 #[derive(Clone, Debug, Default)]
 pub struct Effects {
-    pub change: Option<CardChange>,
+    /// Card changes, one per card (several for a multi-card operation), in lock order.
+    pub changes: Vec<CardChange>,
     pub idem: Option<(IdemKey, IdemRecord)>,
+    /// The new state of the mutation a refund or reversal acted on.
+    pub settled: Option<(IdemKey, Settled)>,
     pub invoice: Option<InvoiceKey>,
     pub ledger: Option<LedgerDelta>,
     /// Set by a decision that used a hold id: ids below this are taken. Kept durable with the hold
@@ -98,7 +137,8 @@ pub struct Effects {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Appended {
     pub group: u64,
-    pub txn_id: u64,
+    /// The id of the first card change's history entry; the others follow, one apart (0: none).
+    pub first_txn_id: u64,
 }
 
 impl CardChange {
@@ -114,11 +154,13 @@ pub trait Journal: Send + Sync + 'static {
     fn find_idem(&self, key: &IdemKey) -> Option<IdemRecord>;
     /// Whether a durable record says this invoice was used.
     fn invoice_used(&self, key: &InvoiceKey) -> bool;
+    /// The durable settlement state of a mutation (refunds, reversal), if any was written.
+    fn find_settled(&self, key: &IdemKey) -> Option<Settled>;
     /// The newest commit group anything was appended to: a reply that depends on a record found in
     /// the store, possibly not yet synced, waits for this.
     fn latest_group(&self) -> u64;
-    /// Queues `effects` and returns the commit group that will make them durable, and the id it
-    /// gave the history entry (0 if none). Ids are never reused, not even across restarts, and grow
+    /// Queues `effects` and returns the commit group that will make them durable, and the ids it
+    /// gave the history entries (consecutive, from `first_txn_id`). Ids are never reused, not even across restarts, and grow
     /// in commit order, so the store keeps history in id order: appending, never inserting. The
     /// id becomes the entry's `id` and the card record's `last_txn_id`.
     /// Called with the card's lock held, so it must not block: it only appends to the open group.
@@ -137,6 +179,7 @@ struct MemoryInner {
     txn_id: u64,
     hold_id_next: u64,
     idem: HashMap<IdemKey, IdemRecord>,
+    settled: HashMap<IdemKey, Settled>,
     invoices: HashSet<InvoiceKey>,
     cards: HashMap<CardKey, CardRecord>,
     txns: Vec<TxnRecord>,
@@ -161,7 +204,11 @@ impl MemoryJournal {
 
 impl Journal for MemoryJournal {
     fn find_idem(&self, key: &IdemKey) -> Option<IdemRecord> {
-        self.inner.lock().unwrap().idem.get(key).copied()
+        self.inner.lock().unwrap().idem.get(key).cloned()
+    }
+
+    fn find_settled(&self, key: &IdemKey) -> Option<Settled> {
+        self.inner.lock().unwrap().settled.get(key).cloned()
     }
 
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
@@ -175,16 +222,19 @@ impl Journal for MemoryJournal {
     fn append(&self, effects: Effects) -> Appended {
         let mut g = self.inner.lock().unwrap();
         g.group += 1;
-        let mut txn_id = 0;
-        if let Some(mut c) = effects.change {
+        let first_txn_id = if effects.changes.is_empty() { 0 } else { g.txn_id + 1 };
+        for mut c in effects.changes {
             g.txn_id += 1;
-            txn_id = g.txn_id;
-            c.assign_id(txn_id);
+            let id = g.txn_id;
+            c.assign_id(id);
             g.cards.insert(c.txn.card, c.record);
             g.txns.push(c.txn);
         }
         if let Some((k, r)) = effects.idem {
             g.idem.insert(k, r);
+        }
+        if let Some((k, s)) = effects.settled {
+            g.settled.insert(k, s);
         }
         if let Some(i) = effects.invoice {
             g.invoices.insert(i);
@@ -192,6 +242,6 @@ impl Journal for MemoryJournal {
         if let Some(n) = effects.hold_id_next {
             g.hold_id_next = g.hold_id_next.max(n);
         }
-        Appended { group: g.group, txn_id }
+        Appended { group: g.group, first_txn_id }
     }
 }

@@ -1,10 +1,13 @@
 //! The engine: every business rule, and the in-memory cards they apply to.
 //!
-//! [`rules`] decides; [`Engine`] serializes decisions per card (dashmap shard locks), enforces
+//! [`rules`] decides; [`Engine`] serializes decisions per card (a mutex per card), enforces
 //! idempotency and invoice uniqueness, and hands each decision's effects to the [`Journal`] while the
-//! card is still locked, so the journal's order matches the order decisions were made in.
+//! cards are still locked, so the journal's order matches the order decisions were made in.
 //!
-//! Lock order, always: idempotency slot → invoice slot → card → journal. Nothing here awaits.
+//! Lock order, always: idempotency slot → invoice slot → cards (in key order) → journal. The hold
+//! index, the deadline set and the settlement map are leaves. Two slots of the idempotency map are
+//! never held at once: an operation that names an earlier mutation reads (or, for a reversal,
+//! claims) that mutation's key before it takes its own. Nothing here awaits.
 
 pub mod card;
 pub mod journal;
@@ -13,23 +16,26 @@ pub mod rules;
 
 pub use card::{CardRecord, Lifecycle};
 pub use journal::{
-    Appended, CardChange, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal, TxnRecord,
+    Appended, CardChange, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal,
+    Settled, TxnRecord,
 };
 pub use program::{Program, Programs};
-pub use rules::Op;
+pub use rules::{Op, SplitOrder};
 
 use crate::card_number::CardKey;
-use crate::model::{Currency, HoldView, Outcome, ResultCode, TxnKind};
+use crate::model::{Currency, HoldView, Outcome, PartView, Parts, ResultCode, TxnKind};
 use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use rules::{Decision, HoldChange};
+use rules::{Decision, HoldChange, RefundOf};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The merchant named in the history entries of decisions giftd makes by itself (hold expiry).
 pub const SYSTEM_MERCHANT: &str = "giftd";
+/// Most cards one split redeem may name.
+pub const SPLIT_CARDS_MAX: usize = 8;
 
 /// A validated mutation, keyed: the card number is already replaced by its key.
 #[derive(Clone, Debug)]
@@ -37,18 +43,20 @@ pub struct Mutation {
     pub idem: IdemKey,
     /// Keyed digest of the request's content: a retry must match it.
     pub fingerprint: [u8; 16],
-    /// The card, for operations that name one; capture and void name a hold instead, and the
-    /// engine finds its card.
+    /// The card, for operations that name one; capture and void name a hold, reversals an earlier
+    /// mutation, and split redeems several cards (in the op), and the engine finds their cards.
     pub card: Option<CardKey>,
     /// The number's last 4 digits (kept by an issue; zeros when no number was given).
     pub last4: [u8; 4],
     pub op: Op,
 }
 
-/// The engine's answer: the outcome, and the commit group the reply must wait for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The engine's answer: the outcome (and per-card parts, for the operations that list them), and
+/// the commit group the reply must wait for.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Executed {
     pub outcome: Outcome,
+    pub parts: Option<Parts>,
     pub group: u64,
     pub replayed: bool,
 }
@@ -56,6 +64,13 @@ pub struct Executed {
 /// A recently used idempotency key, kept in memory at least until its group is durable.
 struct RecentIdem {
     record: IdemRecord,
+    group: u64,
+    at_ms: i64,
+}
+
+/// A mutation's settlement state changed recently, kept in memory at least until durable.
+struct RecentSettled {
+    state: Settled,
     group: u64,
     at_ms: i64,
 }
@@ -71,9 +86,48 @@ pub struct Restored {
     pub holds: u64,
 }
 
+/// A card's cell: the map's shard lock is held only to find it, the card's own mutex while
+/// deciding, so several cards can be locked at once (in key order) for a multi-card operation.
+type CardCell = Arc<Mutex<Card>>;
+
+/// Several cards, locked in key order for one multi-card decision.
+struct Locked<'a> {
+    keys: Vec<CardKey>,
+    guards: Vec<MutexGuard<'a, Card>>,
+}
+
+impl Locked<'_> {
+    fn at(&self, key: &CardKey) -> usize {
+        self.keys.iter().position(|k| k == key).expect("every card of the operation is locked")
+    }
+
+    fn card(&mut self, key: &CardKey) -> &mut Card {
+        let i = self.at(key);
+        &mut self.guards[i]
+    }
+
+    fn card_ref(&self, key: &CardKey) -> &Card {
+        &self.guards[self.at(key)]
+    }
+}
+
+/// What a decision answers, before it is recorded under its key.
+struct Answer {
+    outcome: Outcome,
+    parts: Option<Parts>,
+    effect: Option<Effect>,
+}
+
+impl Answer {
+    fn plain(outcome: Outcome) -> Answer {
+        Answer { outcome, parts: None, effect: None }
+    }
+}
+
 pub struct Engine {
-    cards: DashMap<CardKey, Card>,
+    cards: DashMap<CardKey, CardCell>,
     idem: DashMap<IdemKey, RecentIdem>,
+    settled: DashMap<IdemKey, RecentSettled>,
     invoices: DashMap<InvoiceKey, (u64, i64)>,
     /// Open holds → their card: capture and void name only the hold.
     holds: DashMap<u64, CardKey>,
@@ -94,6 +148,7 @@ impl Engine {
         Engine {
             cards: DashMap::new(),
             idem: DashMap::new(),
+            settled: DashMap::new(),
             invoices: DashMap::new(),
             holds: DashMap::new(),
             deadlines: Mutex::new(BTreeSet::new()),
@@ -130,10 +185,14 @@ impl Engine {
             rec.program = program.name.clone();
             *out.balance_minor_by_currency.entry(rec.currency).or_default() += rec.balance_minor as i128;
             out.cards += 1;
-            self.cards.insert(key, Card { rec, program, last_group: 0 });
+            self.cards.insert(key, Arc::new(Mutex::new(Card { rec, program, last_group: 0 })));
         }
         self.next_hold_id.store(next_hold_id, Ordering::SeqCst);
         out
+    }
+
+    fn cell(&self, key: &CardKey) -> Option<CardCell> {
+        self.cards.get(key).map(|c| c.clone())
     }
 
     /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
@@ -149,6 +208,19 @@ impl Engine {
         if let Some(record) = self.journal.find_idem(&m.idem) {
             return replay(&record, self.journal.latest_group(), &m.fingerprint);
         }
+        // The mutation a refund or reversal names is looked up before this request's own slot is
+        // taken (see the lock order above).
+        let original = match &m.op {
+            Op::Refund { original: Some(k), .. } => {
+                let key = IdemKey::new(m.idem.merchant(), k);
+                Some((self.original(&key, false, evictions, now_ms), key))
+            }
+            Op::Reverse { original } => {
+                let key = IdemKey::new(m.idem.merchant(), original);
+                Some((self.original(&key, true, evictions, now_ms), key))
+            }
+            _ => None,
+        };
         let invoice = match &m.op {
             Op::Redeem { invoice: Some(i), .. } => Some(InvoiceKey::new(m.idem.merchant(), i)),
             _ => None,
@@ -179,35 +251,81 @@ impl Engine {
             Some(Entry::Vacant(v)) => Some(v.key().clone()),
             _ => None,
         };
-        let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
-        let (outcome, group) = match (&m.op, card) {
-            (Op::Issue { program, .. }, Some(card)) => self.issue(&m, card, program, now_ms),
-            (_, Some(card)) => self.change(&m, card, invoice_used, claim, now_ms),
-            (_, None) => {
-                let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
-                self.declined(&m, Outcome::declined(code, None))
+        let (record, group) = match (&m.op, original) {
+            (Op::Issue { program, .. }, _) => self.issue(&m, m.card.expect("an issue names its card"), program, now_ms),
+            (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
+            (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
+            (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
+            _ => {
+                let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
+                match card {
+                    Some(card) => self.change(&m, card, invoice_used, claim, now_ms),
+                    None => {
+                        let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
+                        self.declined(&m, Outcome::declined(code, None))
+                    }
+                }
             }
         };
-        let record = IdemRecord { fingerprint: m.fingerprint, outcome };
-        if outcome.result == ResultCode::Approved {
+        if record.outcome.result == ResultCode::Approved {
             if let Some(Entry::Vacant(v)) = invoice_slot {
                 v.insert((group, now_ms));
             }
         }
+        let done = Executed { outcome: record.outcome, parts: record.parts.clone(), group, replayed: false };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
-        Executed { outcome, group, replayed: false }
+        done
     }
 
-    /// Adds the idempotency record to `effects` and appends them to the journal.
-    fn record(&self, m: &Mutation, outcome: Outcome, mut effects: Effects) -> (Outcome, Appended) {
-        effects.idem = Some((m.idem.clone(), IdemRecord { fingerprint: m.fingerprint, outcome }));
-        (outcome, self.journal.append(effects))
+    /// The record of the mutation `key` names, for a refund or reversal. A reversal of a key never
+    /// decided claims it with a tombstone, durably, so that the late original is declined
+    /// (`original_reversed`) instead of applied; taking the key's slot serializes the two.
+    fn original(&self, key: &IdemKey, reversal: bool, evictions: u64, now_ms: i64) -> Option<IdemRecord> {
+        if let Some(r) = self.idem.get(key) {
+            return Some(r.record.clone());
+        }
+        if let Some(r) = self.journal.find_idem(key) {
+            return Some(r);
+        }
+        if !reversal {
+            return None;
+        }
+        match self.idem.entry(key.clone()) {
+            Entry::Occupied(e) => Some(e.get().record.clone()),
+            Entry::Vacant(v) => {
+                // As in `execute`: a sweep since the store missed may have moved it there.
+                if self.evictions.load(Ordering::SeqCst) != evictions {
+                    if let Some(r) = self.journal.find_idem(key) {
+                        return Some(r);
+                    }
+                }
+                let outcome = Outcome::declined(ResultCode::OriginalReversed, None);
+                let record = IdemRecord { tombstone: true, ..IdemRecord::new([0; 16], outcome) };
+                let at =
+                    self.journal.append(Effects { idem: Some((key.clone(), record.clone())), ..Effects::default() });
+                v.insert(RecentIdem { record: record.clone(), group: at.group, at_ms: now_ms });
+                Some(record)
+            }
+        }
+    }
+
+    /// Appends a decision's effects with its idempotency record; returns the record and where it went.
+    fn commit(&self, m: &Mutation, answer: Answer, mut effects: Effects) -> (IdemRecord, Appended) {
+        let record = IdemRecord {
+            fingerprint: m.fingerprint,
+            outcome: answer.outcome,
+            parts: answer.parts,
+            effect: answer.effect,
+            tombstone: false,
+        };
+        effects.idem = Some((m.idem.clone(), record.clone()));
+        (record, self.journal.append(effects))
     }
 
     /// Records a decision that changes no card (a decline): only its idempotency record.
-    fn declined(&self, m: &Mutation, outcome: Outcome) -> (Outcome, u64) {
-        let (outcome, at) = self.record(m, outcome, Effects::default());
-        (outcome, at.group)
+    fn declined(&self, m: &Mutation, outcome: Outcome) -> (IdemRecord, u64) {
+        let (record, at) = self.commit(m, Answer::plain(outcome), Effects::default());
+        (record, at.group)
     }
 
     /// A change just applied to `rec`, with its history entry linked to the card's previous one.
@@ -234,26 +352,21 @@ impl Engine {
         CardChange { record: rec.clone(), txn }
     }
 
-    fn issue(&self, m: &Mutation, key: CardKey, program: &str, now_ms: i64) -> (Outcome, u64) {
+    fn issue(&self, m: &Mutation, key: CardKey, program: &str, now_ms: i64) -> (IdemRecord, u64) {
         let program = self.programs.get(program);
         let Op::Issue { money, .. } = &m.op else { unreachable!("issue() is called for Op::Issue") };
         match self.cards.entry(key) {
             Entry::Occupied(e) => {
-                self.declined(m, Outcome::declined(ResultCode::CardExists, Some(e.get().rec.view(now_ms))))
+                let view = e.get().lock().expect("card lock").rec.view(now_ms);
+                self.declined(m, Outcome::declined(ResultCode::CardExists, Some(view)))
             }
             Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
                 Err(code) => self.declined(m, Outcome::declined(code, None)),
                 Ok(mut rec) => {
                     let outcome = Outcome::approved(money.minor, rec.view(now_ms));
+                    let change = Self::change_of(key, m.idem.merchant(), &rec, TxnKind::Issue, money.minor, now_ms);
                     let effects = Effects {
-                        change: Some(Self::change_of(
-                            key,
-                            m.idem.merchant(),
-                            &rec,
-                            TxnKind::Issue,
-                            money.minor,
-                            now_ms,
-                        )),
+                        changes: vec![change],
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
                             credit_minor: money.minor,
@@ -262,11 +375,11 @@ impl Engine {
                         ..Effects::default()
                     };
                     // Appended while the vacant entry still holds the shard lock.
-                    let (outcome, at) = self.record(m, outcome, effects);
-                    rec.last_txn_id = at.txn_id;
+                    let (record, at) = self.commit(m, Answer::plain(outcome), effects);
+                    rec.last_txn_id = at.first_txn_id;
                     let program = program.expect("decide_issue checked the program").clone();
-                    v.insert(Card { rec, program, last_group: at.group });
-                    (outcome, at.group)
+                    v.insert(Arc::new(Mutex::new(Card { rec, program, last_group: at.group })));
+                    (record, at.group)
                 }
             },
         }
@@ -279,10 +392,11 @@ impl Engine {
         invoice_used: bool,
         claim: Option<InvoiceKey>,
         now_ms: i64,
-    ) -> (Outcome, u64) {
-        let Some(mut card) = self.cards.get_mut(&key) else {
+    ) -> (IdemRecord, u64) {
+        let Some(cell) = self.cell(&key) else {
             return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
         };
+        let mut card = cell.lock().expect("card lock");
         let card = &mut *card;
         // Holds past their deadline are released (and written) before anything else is decided, so
         // the card's history shows the release before the decision that may spend the money.
@@ -290,20 +404,36 @@ impl Engine {
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
             Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
-                let (outcome, effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
-                let effects = Effects { invoice: claim, ..effects };
+                let (outcome, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+                effects.changes.push(change);
+                effects.invoice = claim;
+                let effect = reversible(&m.op).then(|| Effect {
+                    at_ms: now_ms,
+                    kind: d.kind,
+                    currency: card.rec.currency,
+                    parts: vec![(key, d.approved_minor)],
+                    hold_id: outcome.hold.map_or(0, |h| h.id),
+                });
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (outcome, at) = self.record(m, outcome, effects);
-                card.rec.last_txn_id = at.txn_id;
+                let (record, at) = self.commit(m, Answer { outcome, parts: None, effect }, effects);
+                card.rec.last_txn_id = at.first_txn_id;
                 card.last_group = at.group;
-                (outcome, at.group)
+                (record, at.group)
             }
         }
     }
 
     /// Applies an approved decision to the card in memory and to the hold index, and returns the
-    /// outcome and the effects to journal. The caller holds the card's lock and appends at once.
-    fn apply(&self, key: CardKey, card: &mut Card, merchant: &str, d: &Decision, now_ms: i64) -> (Outcome, Effects) {
+    /// outcome, the card change and the rest of the effects to journal. The caller holds the card's
+    /// lock and appends at once.
+    fn apply(
+        &self,
+        key: CardKey,
+        card: &mut Card,
+        merchant: &str,
+        d: &Decision,
+        now_ms: i64,
+    ) -> (Outcome, CardChange, Effects) {
         let mut opened = None;
         let mut hold_id_next = None;
         match d.hold {
@@ -325,8 +455,8 @@ impl Engine {
         d.apply(&mut card.rec, now_ms, opened.map_or(0, |h| h.id));
         assert!(card.rec.check().is_ok(), "card invariant broken by {:?}: {:?}", d.kind, card.rec.check());
         let outcome = Outcome { hold: opened, ..Outcome::approved(d.approved_minor, card.rec.view(now_ms)) };
+        let change = Self::change_of(key, merchant, &card.rec, d.kind, d.history_amount(), now_ms);
         let effects = Effects {
-            change: Some(Self::change_of(key, merchant, &card.rec, d.kind, d.history_amount(), now_ms)),
             ledger: (d.delta_minor != 0).then_some(LedgerDelta {
                 currency: card.rec.currency,
                 credit_minor: d.delta_minor.max(0),
@@ -335,17 +465,235 @@ impl Engine {
             hold_id_next,
             ..Effects::default()
         };
-        (outcome, effects)
+        (outcome, change, effects)
     }
 
     /// Releases (and journals) every hold of the card that is past its deadline at `now_ms`.
     fn release_due(&self, key: CardKey, card: &mut Card, now_ms: i64) {
         while let Some(d) = rules::expiry(&card.rec, now_ms) {
-            let (_, effects) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+            let (_, change, mut effects) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+            effects.changes.push(change);
             let at = self.journal.append(effects);
-            card.rec.last_txn_id = at.txn_id;
+            card.rec.last_txn_id = at.first_txn_id;
             card.last_group = at.group;
         }
+    }
+
+    /// Locks the cards `keys` names in one global order (by key), so two multi-card operations
+    /// can never wait for each other. `None` if a card does not exist.
+    fn lock_all(&self, keys: &[CardKey]) -> Option<Vec<(CardKey, CardCell)>> {
+        let mut sorted: Vec<CardKey> = keys.to_vec();
+        sorted.sort_unstable_by_key(|k| k.0);
+        sorted.dedup();
+        sorted.into_iter().map(|k| self.cell(&k).map(|c| (k, c))).collect()
+    }
+
+    /// Locks `cells` (already in key order, from [`Engine::lock_all`]) and releases their due holds.
+    fn lock_cells<'a>(&self, cells: &'a [(CardKey, CardCell)], now_ms: i64) -> Locked<'a> {
+        let mut guards: Vec<MutexGuard<'a, Card>> = cells.iter().map(|(_, c)| c.lock().expect("card lock")).collect();
+        for ((key, _), g) in cells.iter().zip(guards.iter_mut()) {
+            self.release_due(*key, g, now_ms);
+        }
+        Locked { keys: cells.iter().map(|(k, _)| *k).collect(), guards }
+    }
+
+    /// A split redeem: several cards, one amount, all or nothing, one journal append.
+    fn split(
+        &self,
+        m: &Mutation,
+        cards: &[(CardKey, [u8; 4])],
+        money: &crate::model::Money,
+        order: SplitOrder,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
+        let keys: Vec<CardKey> = cards.iter().map(|(k, _)| *k).collect();
+        let Some(cells) = self.lock_all(&keys) else {
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
+        };
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let decided = {
+            let recs: Vec<&CardRecord> = keys.iter().map(|k| &locked.card_ref(k).rec).collect();
+            rules::decide_split(&recs, money, order, now_ms)
+        };
+        let take = match decided {
+            Err(code) => return self.declined(m, Outcome::declined(code, None)),
+            Ok(t) => t,
+        };
+        let mut effects = Effects::default();
+        let mut items = Vec::with_capacity(take.len());
+        let mut parts = Vec::with_capacity(take.len());
+        for &(i, minor) in &take {
+            let g = locked.card(&keys[i]);
+            let d = rules::split_part(&g.rec, minor);
+            let (_, change, _) = self.apply(keys[i], g, m.idem.merchant(), &d, now_ms);
+            effects.changes.push(change);
+            items.push(PartView { last4: g.rec.last4, amount_minor: -minor, balance_after_minor: g.rec.balance_minor });
+            parts.push((keys[i], minor));
+        }
+        effects.ledger = Some(LedgerDelta { currency: money.currency, credit_minor: 0, debit_minor: money.minor });
+        let outcome = Outcome { result: ResultCode::Approved, approved_minor: money.minor, card: None, hold: None };
+        let effect = Effect { at_ms: now_ms, kind: TxnKind::Redeem, currency: money.currency, parts, hold_id: 0 };
+        let answer = Answer { outcome, parts: Some(Parts { currency: money.currency, items }), effect: Some(effect) };
+        let (record, appended) = self.commit(m, answer, effects);
+        for (n, &(i, _)) in take.iter().enumerate() {
+            let g = locked.card(&keys[i]);
+            g.rec.last_txn_id = appended.first_txn_id + n as u64;
+            g.last_group = appended.group;
+        }
+        (record, appended.group)
+    }
+
+    /// The settlement state of mutation `key`: recent in memory, else durable, else none yet.
+    /// Called under the lock of the mutation's card(s), which serializes refunds and reversals.
+    fn settled_of(&self, key: &IdemKey) -> Settled {
+        if let Some(s) = self.settled.get(key) {
+            return s.state.clone();
+        }
+        self.journal.find_settled(key).unwrap_or_default()
+    }
+
+    /// A refund to the mutation's card, for the spend `original` names (or none).
+    fn refund(
+        &self,
+        m: &Mutation,
+        money: &crate::model::Money,
+        original: Option<(Option<IdemRecord>, IdemKey)>,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
+        let key = m.card.expect("a refund names its card");
+        let Some(cell) = self.cell(&key) else {
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
+        };
+        let (orig, orig_key) = match original {
+            None => (None, None),
+            Some((None, _)) => return self.declined(m, Outcome::declined(ResultCode::OriginalNotFound, None)),
+            Some((Some(r), k)) => (Some(r), Some(k)),
+        };
+        let mut card = cell.lock().expect("card lock");
+        let card = &mut *card;
+        self.release_due(key, card, now_ms);
+        let mut settled = orig_key.as_ref().map(|k| self.settled_of(k));
+        let reference = orig.as_ref().map(|r| match &r.effect {
+            // A declined (or not reversible) original took nothing to give back.
+            None => RefundOf { kind: TxnKind::Issue, taken_minor: None, refunded_minor: 0, reversed: false },
+            Some(e) => {
+                let part = e.parts.iter().position(|(c, _)| *c == key);
+                let st = settled.as_ref().expect("a referenced refund has a settlement state");
+                RefundOf {
+                    kind: e.kind,
+                    taken_minor: part.map(|i| e.parts[i].1),
+                    refunded_minor: part.and_then(|i| st.refunded_minor.get(i).copied()).unwrap_or(0),
+                    reversed: st.reversal.is_some(),
+                }
+            }
+        });
+        match rules::decide_refund(&card.rec, &card.program, money, reference, now_ms) {
+            Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
+            Ok(d) => {
+                let (outcome, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+                effects.changes.push(change);
+                if let (Some(e), Some(st), Some(k)) =
+                    (orig.as_ref().and_then(|r| r.effect.as_ref()), &mut settled, &orig_key)
+                {
+                    st.refunded_minor.resize(e.parts.len(), 0);
+                    let i = e.parts.iter().position(|(c, _)| *c == key).expect("decide_refund checked the card");
+                    st.refunded_minor[i] += money.minor;
+                    effects.settled = Some((k.clone(), st.clone()));
+                }
+                let (record, at) = self.commit(m, Answer::plain(outcome), effects);
+                if let (Some(st), Some(k)) = (settled, orig_key) {
+                    if orig.as_ref().is_some_and(|r| r.effect.is_some()) {
+                        self.settled.insert(k, RecentSettled { state: st, group: at.group, at_ms: now_ms });
+                    }
+                }
+                card.rec.last_txn_id = at.first_txn_id;
+                card.last_group = at.group;
+                (record, at.group)
+            }
+        }
+    }
+
+    /// A reversal of the mutation `key` names: every card it touched is put back, atomically.
+    fn reverse(&self, m: &Mutation, key: &IdemKey, original: Option<IdemRecord>, now_ms: i64) -> (IdemRecord, u64) {
+        let orig = original.expect("a reversal always finds or claims its original");
+        let Some(effect) = orig.effect else {
+            // Nothing to undo: the original was declined or never came (the tombstone now bars
+            // it), and reversing what took no effect is a no-op that succeeds. An approved
+            // original without an effect is of a kind that cannot be undone.
+            if !orig.tombstone && orig.outcome.result == ResultCode::Approved {
+                return self.declined(m, Outcome::declined(ResultCode::NotReversible, None));
+            }
+            let outcome = Outcome { result: ResultCode::Approved, approved_minor: 0, card: None, hold: None };
+            let (record, at) = self.commit(m, Answer::plain(outcome), Effects::default());
+            return (record, at.group);
+        };
+        let keys: Vec<CardKey> = effect.parts.iter().map(|(k, _)| *k).collect();
+        let Some(cells) = self.lock_all(&keys) else {
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
+        };
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let mut settled = self.settled_of(key);
+        if let Some((outcome, parts)) = &settled.reversal {
+            // Reversed already: the same answer again, and nothing changes.
+            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None };
+            let (record, at) = self.commit(m, answer, Effects::default());
+            return (record, at.group);
+        }
+        let window_ms = locked.card_ref(&keys[0]).program.reversal_window_ms;
+        if now_ms - effect.at_ms > window_ms {
+            return self.declined(m, Outcome::declined(ResultCode::ReversalWindowPassed, None));
+        }
+        let mut decisions = Vec::with_capacity(keys.len());
+        for (i, (k, amount)) in effect.parts.iter().enumerate() {
+            let refunded = settled.refunded_minor.get(i).copied().unwrap_or(0);
+            match rules::decide_reversal(
+                &locked.card_ref(k).rec,
+                effect.kind,
+                *amount,
+                refunded,
+                effect.hold_id,
+                now_ms,
+            ) {
+                Ok(d) => decisions.push(d),
+                Err(code) => return self.declined(m, Outcome::declined(code, None)),
+            }
+        }
+        let mut effects = Effects::default();
+        let mut items = Vec::with_capacity(keys.len());
+        let mut delta_total = 0i64;
+        let mut approved_total = 0i64;
+        for (k, d) in keys.iter().zip(&decisions) {
+            let g = locked.card(k);
+            let (_, change, e) = self.apply(*k, g, m.idem.merchant(), d, now_ms);
+            effects.changes.push(change);
+            effects.hold_id_next = effects.hold_id_next.or(e.hold_id_next);
+            items.push(PartView {
+                last4: g.rec.last4,
+                amount_minor: d.delta_minor,
+                balance_after_minor: g.rec.balance_minor,
+            });
+            delta_total += d.delta_minor;
+            approved_total += d.approved_minor;
+        }
+        if delta_total != 0 {
+            effects.ledger = Some(LedgerDelta {
+                currency: effect.currency,
+                credit_minor: delta_total.max(0),
+                debit_minor: (-delta_total).max(0),
+            });
+        }
+        let outcome = Outcome { result: ResultCode::Approved, approved_minor: approved_total, card: None, hold: None };
+        let parts = Some(Parts { currency: effect.currency, items });
+        settled.reversal = Some((outcome, parts.clone()));
+        effects.settled = Some((key.clone(), settled.clone()));
+        let (record, appended) = self.commit(m, Answer { outcome, parts, effect: None }, effects);
+        self.settled.insert(key.clone(), RecentSettled { state: settled, group: appended.group, at_ms: now_ms });
+        for (n, k) in keys.iter().enumerate() {
+            let g = locked.card(k);
+            g.rec.last_txn_id = appended.first_txn_id + n as u64;
+            g.last_group = appended.group;
+        }
+        (record, appended.group)
     }
 
     /// The earliest deadline of an open hold, for the expiry timer.
@@ -369,9 +717,10 @@ impl Engine {
                     _ => break,
                 }
             };
-            // The index is read and dropped before the card is locked (lock order: card first).
+            // The index is read and dropped before the card is locked (it is a leaf lock).
             let Some(key) = self.holds.get(&id).map(|k| *k) else { continue };
-            if let Some(mut card) = self.cards.get_mut(&key) {
+            if let Some(cell) = self.cell(&key) {
+                let mut card = cell.lock().expect("card lock");
                 let before = card.rec.holds.len();
                 self.release_due(key, &mut card, now_ms);
                 released += before - card.rec.holds.len();
@@ -382,23 +731,30 @@ impl Engine {
 
     /// A balance inquiry, and the group the reply must wait for (the card's last change).
     pub fn balance(&self, card: &CardKey, now_ms: i64) -> (Outcome, u64) {
-        match self.cards.get(card) {
+        match self.cell(card) {
             None => (Outcome::declined(ResultCode::CardNotFound, None), 0),
-            Some(c) => (Outcome::approved(0, c.rec.view(now_ms)), c.last_group),
+            Some(cell) => {
+                let c = cell.lock().expect("card lock");
+                (Outcome::approved(0, c.rec.view(now_ms)), c.last_group)
+            }
         }
     }
 
     /// A copy of the card's record and the group of its last change.
     pub fn snapshot(&self, card: &CardKey) -> Option<(CardRecord, u64)> {
-        self.cards.get(card).map(|c| (c.rec.clone(), c.last_group))
+        self.cell(card).map(|cell| {
+            let c = cell.lock().expect("card lock");
+            (c.rec.clone(), c.last_group)
+        })
     }
 
-    /// Forgets in-memory idempotency keys and invoices that are durable and older than
-    /// `older_than_ms`; the store answers for them from then on.
+    /// Forgets in-memory idempotency keys, settlement states and invoices that are durable and
+    /// older than `older_than_ms`; the store answers for them from then on.
     pub fn evict_recent(&self, durable_group: u64, older_than_ms: i64) {
         // Counted before anything is dropped: see `execute`.
         self.evictions.fetch_add(1, Ordering::SeqCst);
         self.idem.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
+        self.settled.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
         self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
     }
 
@@ -408,12 +764,25 @@ impl Engine {
     }
 }
 
+/// Whether an approved `op` can later be refunded or reversed by its key, so its record keeps
+/// what it did.
+fn reversible(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Redeem { .. } | Op::Capture { .. } | Op::Reload { .. } | Op::Activate { .. } | Op::Authorize { .. }
+    )
+}
+
 fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
-    if record.fingerprint == *fingerprint {
-        Executed { outcome: record.outcome, group, replayed: true }
+    if record.tombstone {
+        // A reversal came first: the original is declined, whatever it says.
+        Executed { outcome: record.outcome, parts: None, group, replayed: false }
+    } else if record.fingerprint == *fingerprint {
+        Executed { outcome: record.outcome, parts: record.parts.clone(), group, replayed: true }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
-        Executed { outcome: Outcome::declined(ResultCode::IdempotencyMismatch, None), group, replayed: false }
+        let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);
+        Executed { outcome, parts: None, group, replayed: false }
     }
 }
 

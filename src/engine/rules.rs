@@ -3,6 +3,7 @@
 
 use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
 use super::program::Program;
+use crate::card_number::CardKey;
 use crate::model::{LockReason, Money, ResultCode, Status, TxnKind};
 use std::sync::Arc;
 
@@ -46,6 +47,57 @@ pub enum Op {
     Void {
         hold_id: u64,
     },
+    /// Credits `money` back, for the spend whose idempotency key (same merchant) is `original`,
+    /// or for none where the program allows it.
+    Refund {
+        money: Money,
+        original: Option<String>,
+    },
+    /// Undoes the mutation whose idempotency key (same merchant) is `original`.
+    Reverse {
+        original: String,
+    },
+    /// Takes `money` from several cards, all or nothing, in `order`.
+    SplitRedeem {
+        cards: Vec<(CardKey, [u8; 4])>,
+        money: Money,
+        order: SplitOrder,
+    },
+}
+
+/// The order a split redeem takes from its cards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SplitOrder {
+    /// As the request lists them.
+    Given = 0,
+    /// Soonest expiry first; cards that never expire last.
+    Expiry = 1,
+    /// Smallest available amount first, so small balances are used up.
+    Smallest = 2,
+}
+
+impl SplitOrder {
+    pub fn from_u8(v: u8) -> Option<SplitOrder> {
+        Some(match v {
+            0 => SplitOrder::Given,
+            1 => SplitOrder::Expiry,
+            2 => SplitOrder::Smallest,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitOrder::Given => "given",
+            SplitOrder::Expiry => "expiry",
+            SplitOrder::Smallest => "smallest",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SplitOrder> {
+        [SplitOrder::Given, SplitOrder::Expiry, SplitOrder::Smallest].into_iter().find(|o| o.name() == s)
+    }
 }
 
 impl Op {
@@ -92,6 +144,7 @@ impl Decision {
     pub fn history_amount(&self) -> i64 {
         match self.kind {
             TxnKind::Authorize | TxnKind::Void | TxnKind::HoldExpired => self.approved_minor,
+            TxnKind::Reversal if self.delta_minor == 0 => self.approved_minor,
             _ => self.delta_minor,
         }
     }
@@ -199,6 +252,9 @@ pub fn decide(
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
+        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } => {
+            unreachable!("refunds, reversals and split redeems have their own rules")
+        }
         Op::Activate { load } => {
             match status {
                 Status::Inactive => {}
@@ -317,4 +373,151 @@ pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
         approved_minor: hold.amount_minor,
         hold: HoldChange::Close { id: hold.id },
     })
+}
+
+/// What a referenced refund knows of its original spend.
+#[derive(Clone, Copy, Debug)]
+pub struct RefundOf {
+    /// The original's kind (only spends can be refunded).
+    pub kind: TxnKind,
+    /// What the original took from this card; `None` when it took nothing from it.
+    pub taken_minor: Option<i64>,
+    /// Refunded to this card for that original so far.
+    pub refunded_minor: i64,
+    pub reversed: bool,
+}
+
+/// Decides a refund of `money` to `card`, for `original` (None: unreferenced).
+pub fn decide_refund(
+    card: &CardRecord,
+    program: &Program,
+    money: &Money,
+    original: Option<RefundOf>,
+    now_ms: i64,
+) -> Result<Decision, ResultCode> {
+    // Money goes back to whoever paid, whatever happened to the card since, unless it is closed.
+    if card.status(now_ms) == Status::Closed {
+        return Err(ResultCode::CardClosed);
+    }
+    require_currency(card, money)?;
+    match original {
+        None => {
+            if !program.unreferenced_refunds {
+                return Err(ResultCode::RefundReferenceRequired);
+            }
+            checked_load(program, card.balance_minor, money)?;
+        }
+        Some(o) => {
+            if !matches!(o.kind, TxnKind::Redeem | TxnKind::Capture) {
+                return Err(ResultCode::NotReversible);
+            }
+            let Some(taken) = o.taken_minor else { return Err(ResultCode::OriginalCardMismatch) };
+            if o.reversed {
+                return Err(ResultCode::AlreadyReversed);
+            }
+            if money.minor > taken - o.refunded_minor {
+                return Err(ResultCode::RefundExceedsOriginal);
+            }
+        }
+    }
+    Ok(Decision {
+        kind: TxnKind::Refund,
+        delta_minor: money.minor,
+        lifecycle: card.lifecycle,
+        lock: card.lock,
+        approved_minor: money.minor,
+        hold: HoldChange::None,
+    })
+}
+
+/// Decides how a reversal undoes one card's part of an earlier mutation of `kind`, which moved
+/// `amount_minor` (of which `refunded_minor` was refunded since) or opened hold `hold_id`.
+pub fn decide_reversal(
+    card: &CardRecord,
+    kind: TxnKind,
+    amount_minor: i64,
+    refunded_minor: i64,
+    hold_id: u64,
+    now_ms: i64,
+) -> Result<Decision, ResultCode> {
+    let status = card.status(now_ms);
+    if status == Status::Closed {
+        return Err(ResultCode::CardClosed);
+    }
+    let undo = |delta_minor: i64, lifecycle| Decision {
+        kind: TxnKind::Reversal,
+        delta_minor,
+        lifecycle,
+        lock: card.lock,
+        approved_minor: delta_minor.abs(),
+        hold: HoldChange::None,
+    };
+    match kind {
+        // Spends come back, less what was refunded already.
+        TxnKind::Redeem | TxnKind::Capture => Ok(undo(amount_minor - refunded_minor, card.lifecycle)),
+        // Loads go away only if the money is still there to take.
+        TxnKind::Reload | TxnKind::Activate => {
+            if card.available_at(now_ms) < amount_minor {
+                return Err(ResultCode::InsufficientFunds);
+            }
+            let lifecycle = if kind == TxnKind::Activate { Lifecycle::Inactive } else { card.lifecycle };
+            Ok(undo(-amount_minor, lifecycle))
+        }
+        TxnKind::Authorize => {
+            let hold = open_hold(card, hold_id, now_ms)?;
+            Ok(Decision {
+                approved_minor: hold.amount_minor,
+                hold: HoldChange::Close { id: hold.id },
+                ..undo(0, card.lifecycle)
+            })
+        }
+        _ => Err(ResultCode::NotReversible),
+    }
+}
+
+/// Decides a split redeem over `cards` (in request order): which cards give how much, in the order
+/// they are taken from (cards that give nothing are left out), all or nothing. A card that cannot
+/// spend (status, currency) declines the whole request with its reason.
+pub fn decide_split(
+    cards: &[&CardRecord],
+    money: &Money,
+    order: SplitOrder,
+    now_ms: i64,
+) -> Result<Vec<(usize, i64)>, ResultCode> {
+    for card in cards {
+        require_active(card.status(now_ms))?;
+        require_currency(card, money)?;
+    }
+    let mut turn: Vec<usize> = (0..cards.len()).collect();
+    // Stable sorts: ties keep the request's order.
+    match order {
+        SplitOrder::Given => {}
+        SplitOrder::Expiry => turn.sort_by_key(|&i| cards[i].expiry_ms.unwrap_or(i64::MAX)),
+        SplitOrder::Smallest => turn.sort_by_key(|&i| cards[i].available_at(now_ms)),
+    }
+    let mut left = money.minor;
+    let mut take = Vec::with_capacity(cards.len());
+    for i in turn {
+        let t = cards[i].available_at(now_ms).min(left);
+        if t > 0 {
+            take.push((i, t));
+            left -= t;
+        }
+    }
+    if left > 0 {
+        return Err(ResultCode::InsufficientFunds);
+    }
+    Ok(take)
+}
+
+/// A spend of `minor` from `card` as a split redeem's part.
+pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
+    Decision {
+        kind: TxnKind::Redeem,
+        delta_minor: -minor,
+        lifecycle: card.lifecycle,
+        lock: card.lock,
+        approved_minor: minor,
+        hold: HoldChange::None,
+    }
 }

@@ -40,7 +40,10 @@ fn m(r: Req) -> Mutation {
     let digest = <sha2::Sha256 as sha2::Digest>::digest(format!("{:?}{:?}", r.card, r.op).as_bytes());
     let mut fingerprint = [0u8; 16];
     fingerprint.copy_from_slice(&digest[..16]);
-    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: Some(r.card), last4: *b"0042", op: r.op }
+    // Card n's number ends in n, as four digits.
+    let mut last4 = [0u8; 4];
+    last4.copy_from_slice(format!("{:04}", r.card.0[0]).as_bytes());
+    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: Some(r.card), last4, op: r.op }
 }
 
 fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
@@ -535,4 +538,186 @@ fn restore_rebuilds_holds_and_never_reuses_an_id() {
     assert!(fresh.id > gone.id, "{fresh:?} reuses an id up to {gone:?}");
     let cap = run_hold(&e2, "d", Op::Capture { hold_id: kept.id, money: usd(1_000) }, NOW);
     assert_eq!(cap.outcome.result, ResultCode::Approved);
+}
+
+/// A reversal or split redeem: no card of its own.
+fn run_cardless(e: &Engine, key: &str, op: Op, now: i64) -> Executed {
+    run_hold(e, key, op, now)
+}
+
+fn refund(minor: i64, original: Option<&str>) -> Op {
+    Op::Refund { money: usd(minor), original: original.map(str::to_string) }
+}
+
+fn reverse(original: &str) -> Op {
+    Op::Reverse { original: original.into() }
+}
+
+fn balance_of(e: &Engine, c: CardKey) -> i64 {
+    e.snapshot(&c).unwrap().0.balance_minor
+}
+
+#[test]
+fn refunds_never_exceed_what_the_original_took() {
+    let (e, _) = engine();
+    active_100(&e);
+    assert_eq!(run(&e, "r", card(1), redeem(3_000, false), NOW).outcome.result, ResultCode::Approved);
+    let result = |key: &str, op| run(&e, key, card(1), op, NOW).outcome.result;
+    assert_eq!(result("f1", refund(1_000, Some("r"))), ResultCode::Approved);
+    assert_eq!(result("f2", refund(2_001, Some("r"))), ResultCode::RefundExceedsOriginal);
+    assert_eq!(result("f3", refund(2_000, Some("r"))), ResultCode::Approved);
+    assert_eq!(result("f4", refund(1, Some("r"))), ResultCode::RefundExceedsOriginal);
+    assert_eq!(balance_of(&e, card(1)), 10_000);
+    assert_eq!(result("f5", refund(1, Some("nope"))), ResultCode::OriginalNotFound);
+    assert_eq!(result("f6", refund(1, None)), ResultCode::RefundReferenceRequired);
+    // Only spends are refunded.
+    assert_eq!(run(&e, "l", card(1), Op::Reload { money: usd(100) }, NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(result("f7", refund(1, Some("l"))), ResultCode::NotReversible);
+    // The refund is credited to the card the original took from.
+    issue(&e, card(2), "default", usd(500), None, true);
+    assert_eq!(run(&e, "f8", card(2), refund(1, Some("r")), NOW).outcome.result, ResultCode::OriginalCardMismatch);
+    assert_eq!(run(&e, "r2", card(2), redeem(100, false), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(result("f9", refund(1, Some("r2"))), ResultCode::OriginalCardMismatch);
+    // Once the store alone remembers the refunds, they still count.
+    e.evict_recent(u64::MAX, i64::MAX);
+    assert_eq!(run(&e, "f10", card(2), refund(101, Some("r2")), NOW).outcome.result, ResultCode::RefundExceedsOriginal);
+    assert_eq!(run(&e, "f11", card(2), refund(100, Some("r2")), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(run(&e, "f12", card(2), refund(1, Some("r2")), NOW).outcome.result, ResultCode::RefundExceedsOriginal);
+}
+
+#[test]
+fn reversal_puts_back_what_is_left_and_twice_is_the_first_answer() {
+    let (e, _) = engine();
+    active_100(&e);
+    run(&e, "r", card(1), redeem(3_000, false), NOW);
+    run(&e, "f", card(1), refund(1_000, Some("r")), NOW);
+    let first = run_cardless(&e, "v1", reverse("r"), NOW + 1);
+    assert_eq!((first.outcome.result, first.outcome.approved_minor), (ResultCode::Approved, 2_000));
+    let parts = first.parts.clone().unwrap();
+    assert_eq!(parts.items.len(), 1);
+    assert_eq!((parts.items[0].amount_minor, parts.items[0].balance_after_minor), (2_000, 10_000));
+    let second = run_cardless(&e, "v2", reverse("r"), NOW + 2);
+    assert_eq!((second.outcome, second.parts), (first.outcome, first.parts), "the first reversal's answer");
+    assert_eq!(balance_of(&e, card(1)), 10_000);
+    // A reversed spend takes no more refunds.
+    assert_eq!(run(&e, "f2", card(1), refund(1, Some("r")), NOW).outcome.result, ResultCode::AlreadyReversed);
+    // Past the program's window (24 h) a reversal is declined.
+    run(&e, "r3", card(1), redeem(100, false), NOW);
+    let late = run_cardless(&e, "v3", reverse("r3"), NOW + 24 * HOUR_MS + 1);
+    assert_eq!(late.outcome.result, ResultCode::ReversalWindowPassed);
+}
+
+#[test]
+fn a_reversal_before_its_original_declines_the_original() {
+    let (e, j) = engine();
+    active_100(&e);
+    let early = run_cardless(&e, "v", reverse("late"), NOW);
+    assert_eq!((early.outcome.result, early.outcome.approved_minor), (ResultCode::Approved, 0));
+    let late = run(&e, "late", card(1), redeem(1_000, false), NOW);
+    assert_eq!(late.outcome.result, ResultCode::OriginalReversed);
+    assert_eq!(balance_of(&e, card(1)), 10_000);
+    // Still so when only the store remembers the tombstone.
+    e.evict_recent(u64::MAX, i64::MAX);
+    assert_eq!(run(&e, "late", card(1), redeem(1_000, false), NOW).outcome.result, ResultCode::OriginalReversed);
+    assert_eq!(j.txns().iter().filter(|t| t.kind == TxnKind::Redeem).count(), 0);
+    // Reversing a declined request is a no-op that succeeds.
+    assert_eq!(run(&e, "big", card(1), redeem(1_000_000, false), NOW).outcome.result, ResultCode::InsufficientFunds);
+    let undo = run_cardless(&e, "v2", reverse("big"), NOW);
+    assert_eq!((undo.outcome.result, undo.outcome.approved_minor), (ResultCode::Approved, 0));
+    // Locks are not reversible.
+    run(&e, "lock", card(1), Op::Lock { reason: LockReason::Lost }, NOW);
+    assert_eq!(run_cardless(&e, "v3", reverse("lock"), NOW).outcome.result, ResultCode::NotReversible);
+}
+
+#[test]
+fn reversals_of_loads_and_holds() {
+    let (e, _) = engine();
+    inactive_100(&e);
+    run(&e, "act", card(1), Op::Activate { load: Some(usd(500)) }, NOW);
+    run(&e, "rl", card(1), Op::Reload { money: usd(700) }, NOW);
+    let h = authorize(&e, "auth", 200, HOUR_MS, NOW);
+    assert_eq!(run_cardless(&e, "v1", reverse("auth"), NOW).outcome.approved_minor, 200);
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.held_minor, 0);
+    let cap = run_hold(&e, "c", Op::Capture { hold_id: h.id, money: usd(1) }, NOW);
+    assert_eq!(cap.outcome.result, ResultCode::HoldNotFound, "a reversed authorization's hold is gone");
+    assert_eq!(run_cardless(&e, "v2", reverse("rl"), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(balance_of(&e, card(1)), 10_500);
+    // Reversing the activation takes its load back and makes the card inactive again.
+    run(&e, "spend", card(1), redeem(10_200, false), NOW);
+    assert_eq!(run_cardless(&e, "v3", reverse("act"), NOW).outcome.result, ResultCode::InsufficientFunds);
+    run(&e, "back", card(1), Op::Reload { money: usd(300) }, NOW);
+    assert_eq!(run_cardless(&e, "v4", reverse("act"), NOW).outcome.result, ResultCode::Approved);
+    let (o, _) = e.balance(&card(1), NOW);
+    assert_eq!((o.card.unwrap().balance_minor, o.card.unwrap().status), (100, Status::Inactive));
+}
+
+#[test]
+fn split_redeem_takes_in_order_all_or_nothing() {
+    let (e, j) = engine();
+    issue(&e, card(1), "default", usd(5_000), Some(NOW + 2 * HOUR_MS), true);
+    issue(&e, card(2), "default", usd(3_000), Some(NOW + HOUR_MS), true);
+    issue(&e, card(3), "default", usd(1_000), None, true);
+    let cards = vec![(card(1), *b"0001"), (card(2), *b"0002"), (card(3), *b"0003")];
+    let split = |key: &str, minor, order| {
+        run_cardless(&e, key, Op::SplitRedeem { cards: cards.clone(), money: usd(minor), order }, NOW)
+    };
+    let taken = |x: &Executed| -> Vec<(String, i64)> {
+        let p = x.parts.as_ref().unwrap();
+        p.items.iter().map(|i| (String::from_utf8_lossy(&i.last4).into_owned(), i.amount_minor)).collect()
+    };
+    let s = split("s1", 6_000, SplitOrder::Given);
+    assert_eq!(taken(&s), vec![("0001".into(), -5_000), ("0002".into(), -1_000)]);
+    let s = split("s2", 2_500, SplitOrder::Smallest);
+    assert_eq!(taken(&s), vec![("0003".into(), -1_000), ("0002".into(), -1_500)]);
+    assert_eq!(split("s3", 501, SplitOrder::Expiry).outcome.result, ResultCode::InsufficientFunds);
+    let s = split("s4", 500, SplitOrder::Expiry);
+    assert_eq!(taken(&s), vec![("0002".into(), -500)]);
+    assert_eq!((balance_of(&e, card(1)), balance_of(&e, card(2)), balance_of(&e, card(3))), (0, 0, 0));
+    // Its reversal puts each part back, in one append.
+    let before = j.txns().len();
+    let v = run_cardless(&e, "v1", reverse("s2"), NOW);
+    assert_eq!(v.outcome.approved_minor, 2_500);
+    assert_eq!((balance_of(&e, card(2)), balance_of(&e, card(3))), (1_500, 1_000));
+    assert_eq!(j.txns().len(), before + 2);
+    // A refund of a split credits the named card's part only.
+    assert_eq!(
+        run(&e, "f1", card(2), refund(1_001, Some("s1")), NOW).outcome.result,
+        ResultCode::RefundExceedsOriginal
+    );
+    assert_eq!(run(&e, "f2", card(2), refund(1_000, Some("s1")), NOW).outcome.result, ResultCode::Approved);
+    // A card that cannot spend declines the whole request.
+    run(&e, "lock", card(3), Op::Lock { reason: LockReason::Fraud }, NOW);
+    assert_eq!(split("s5", 100, SplitOrder::Given).outcome.result, ResultCode::CardSuspended);
+}
+
+#[test]
+fn concurrent_split_redeems_never_deadlock_or_overdraw() {
+    let (e, _) = engine();
+    for i in 1..=4 {
+        issue(&e, card(i), "default", usd(10_000), None, true);
+    }
+    let e = Arc::new(e);
+    let approved: i64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u8)
+            .map(|t| {
+                let e = e.clone();
+                s.spawn(move || {
+                    // Each thread names the cards in a different order.
+                    let mut cards: Vec<(CardKey, [u8; 4])> = (1..=4).map(|i| (card(i), *b"0000")).collect();
+                    cards.rotate_left(t as usize);
+                    (0..300)
+                        .map(|i| {
+                            let op = Op::SplitRedeem { cards: cards.clone(), money: usd(70), order: SplitOrder::Given };
+                            run_cardless(&e, &format!("t{t}-{i}"), op, NOW).outcome.approved_minor
+                        })
+                        .sum::<i64>()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    let left: i64 = (1..=4).map(|i| balance_of(&e, card(i))).sum();
+    assert_eq!(approved + left, 40_000, "conservation");
+    assert_eq!(approved % 70, 0, "all or nothing: every split took exactly 0.70");
+    assert!(left < 70, "1,200 splits of 0.70 ask more than the 400.00 there is, so all of it went: {left} left");
 }

@@ -9,7 +9,7 @@ use crate::engine::{CardRecord, Mutation, Op};
 use crate::model::{ResultCode, TxnView};
 use crate::wire::{
     self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
-    LookupReply, Opcode, Reply, Request, HISTORY_PAGE_MAX,
+    LookupReply, Opcode, PartsReply, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -199,13 +199,29 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         }
         Request::Capture { idem, hold_id, money } => mutation(&idem, None, Op::Capture { hold_id, money }),
         Request::Void { idem, hold_id } => mutation(&idem, None, Op::Void { hold_id }),
+        Request::Refund { idem, number, money, original } => {
+            mutation(&idem, Some(&number), Op::Refund { money, original })
+        }
+        Request::Reverse { idem, original } => mutation(&idem, None, Op::Reverse { original }),
+        Request::SplitRedeem { idem, money, order, numbers } => {
+            let cards = numbers.iter().map(|n| (shared.keyer.card_key(n), n.last4())).collect();
+            mutation(&idem, None, Op::SplitRedeem { cards, money, order })
+        }
     };
-    let authorize = matches!(m.op, Op::Authorize { .. });
+    let op = Opcode::from_u8(opcode);
     let done = shared.engine.execute(m, now);
     if done.replayed {
         shared.metrics.idempotent_replays.inc();
     }
-    let reply = if authorize { Reply::Hold(done.outcome) } else { Reply::Card(done.outcome) };
+    let reply = match op {
+        Some(Opcode::Authorize) => Reply::Hold(done.outcome),
+        Some(Opcode::Reverse | Opcode::SplitRedeem) => Reply::Parts(PartsReply {
+            result: done.outcome.result,
+            approved_minor: done.outcome.approved_minor,
+            parts: done.parts,
+        }),
+        _ => Reply::Card(done.outcome),
+    };
     (reply, done.group)
 }
 

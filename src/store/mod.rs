@@ -17,7 +17,7 @@
 pub mod records;
 
 use crate::card_number::CardKey;
-use crate::engine::{Appended, CardRecord, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, TxnRecord};
+use crate::engine::{Appended, CardRecord, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, Settled, TxnRecord};
 use crate::metrics::Metrics;
 use crate::model::Currency;
 use rocksdb::{
@@ -37,7 +37,8 @@ const CF_HISTORY: &str = "history";
 const CF_IDEM: &str = "idem";
 const CF_INVOICES: &str = "invoices";
 const CF_META: &str = "meta";
-const CFS: [&str; 5] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META];
+const CF_SETTLED: &str = "settled";
+const CFS: [&str; 6] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META, CF_SETTLED];
 /// Hashed idempotency and invoice keys are 32 bytes.
 const KEY_BYTES: usize = 32;
 /// WAL kept before the oldest memtables are flushed.
@@ -276,7 +277,7 @@ fn cf_options(name: &str) -> Options {
     o.set_max_write_buffer_number(4);
     match name {
         CF_CARDS => o.set_memtable_factory(MemtableFactory::Vector),
-        CF_IDEM | CF_INVOICES => {
+        CF_IDEM | CF_INVOICES | CF_SETTLED => {
             // The prefix is the whole key, so the memtable's prefix bloom is a whole-key bloom.
             o.set_prefix_extractor(SliceTransform::create_fixed_prefix(KEY_BYTES));
             o.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO);
@@ -306,6 +307,14 @@ impl Journal for Store {
         }
     }
 
+    fn find_settled(&self, key: &IdemKey) -> Option<Settled> {
+        let v = self.get(CF_SETTLED, &hashed_key(&key.0))?;
+        match records::decode_settled(&v) {
+            Ok(s) => Some(s),
+            Err(e) => fail("settled record", &e),
+        }
+    }
+
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.get(CF_INVOICES, &hashed_key(&key.0)).is_some()
     }
@@ -324,17 +333,16 @@ impl Journal for Store {
     fn append(&self, mut effects: Effects) -> Appended {
         let mut s = self.pending.state.lock().expect("pending lock");
         // Assigned here, under the lock that orders groups, so ids grow in commit order.
-        let mut txn_id = 0;
-        if let Some(c) = &mut effects.change {
+        let first_txn_id = if effects.changes.is_empty() { 0 } else { s.txn_id + 1 };
+        for c in &mut effects.changes {
             s.txn_id += 1;
-            txn_id = s.txn_id;
-            c.assign_id(txn_id);
+            c.assign_id(s.txn_id);
         }
         s.entries.push(effects);
         if s.entries.len() == 1 {
             self.pending.wake.notify_one();
         }
-        Appended { group: s.open_group, txn_id }
+        Appended { group: s.open_group, first_txn_id }
     }
 }
 
@@ -432,7 +440,7 @@ impl Checkpoint {
     }
 
     /// Starts a checkpoint when one is due (or `now`), then writes the running one's next chunk.
-    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 5], wopts: &WriteOptions, now: bool) {
+    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 6], wopts: &WriteOptions, now: bool) {
         if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
             self.last_started = Instant::now();
             self.running = Some(RunningCheckpoint {
@@ -533,13 +541,16 @@ fn commit_loop(
                     hold_ids_used |= n > hold_id_next;
                     hold_id_next = hold_id_next.max(n);
                 }
-                if let Some(c) = e.change {
+                for c in e.changes {
                     let t = &c.txn;
                     sorted.put(CfIndex::History, &records::history_key(t.id), |b| {
                         records::encode_history(b, t, &c.record)
                     });
                     checkpoint.written_txn_id = t.id;
                     checkpoint.dirty.insert(t.card, c.record);
+                }
+                if let Some((k, st)) = &e.settled {
+                    sorted.put(CfIndex::Settled, &hashed_key(&k.0), |b| records::encode_settled(b, st));
                 }
                 if let Some((k, rec)) = &e.idem {
                     sorted.put(CfIndex::Idem, &hashed_key(&k.0), |b| records::encode_idem(b, rec));
@@ -593,6 +604,7 @@ enum CfIndex {
     Idem = 2,
     Invoices = 3,
     Meta = 4,
+    Settled = 5,
 }
 
 /// A commit group's writes, sorted by (column family, key) before they go into the `WriteBatch`.
@@ -620,7 +632,7 @@ impl SortedBatch {
         self.entries.push((cf, k..v, v..self.bytes.len()));
     }
 
-    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 5]) -> WriteBatch {
+    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 6]) -> WriteBatch {
         let bytes = &self.bytes;
         self.entries.sort_by(|a, b| (a.0, &bytes[a.1.clone()]).cmp(&(b.0, &bytes[b.1.clone()])));
         let mut batch = WriteBatch::default();

@@ -3,15 +3,18 @@
 
 use crate::card_number::CardKey;
 use crate::engine::card::HOLDS_PER_CARD_MAX;
-use crate::engine::{CardRecord, IdemRecord, Lifecycle, TxnRecord};
-use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, ResultCode, Status, TxnKind};
+use crate::engine::{CardRecord, Effect, IdemRecord, Lifecycle, Settled, TxnRecord};
+use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
-// entry's previous id); version 3 of cards and version 2 of idempotency records added holds.
-// Nothing deployed holds an older version.
+// entry's previous id); version 3 of cards added holds; version 3 of idempotency records added the
+// hold, the parts, the effect and the tombstone flag. Nothing deployed holds an older version.
 const CARD_V3: u8 = 3;
-const IDEM_V2: u8 = 2;
+const IDEM_V3: u8 = 3;
+const SETTLED_V1: u8 = 1;
+/// Most parts an effect or an answer lists (a split redeem's cards).
+const PARTS_MAX: usize = 64;
 const TXN_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
@@ -190,13 +193,8 @@ pub fn decode_history(key: &[u8], buf: &[u8]) -> Result<(TxnRecord, CardRecord),
     Ok((txn, rec))
 }
 
-pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V2);
-    dst.put_slice(&rec.fingerprint);
-    let o = &rec.outcome;
-    dst.put_u16_le(o.result as u16);
-    dst.put_i64_le(o.approved_minor);
-    match &o.card {
+fn put_view(dst: &mut Vec<u8>, card: &Option<CardView>) {
+    match card {
         None => dst.put_u8(0),
         Some(v) => {
             dst.put_u8(1);
@@ -209,6 +207,12 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
             put_opt_i64(dst, v.expiry_ms);
         }
     }
+}
+
+fn put_outcome(dst: &mut Vec<u8>, o: &Outcome) {
+    dst.put_u16_le(o.result as u16);
+    dst.put_i64_le(o.approved_minor);
+    put_view(dst, &o.card);
     match &o.hold {
         None => dst.put_u8(0),
         Some(h) => {
@@ -218,31 +222,146 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
     }
 }
 
+fn put_parts(dst: &mut Vec<u8>, parts: &Option<Parts>) {
+    match parts {
+        None => dst.put_u8(0),
+        Some(p) => {
+            dst.put_u8(1);
+            dst.put_slice(&p.currency.code());
+            dst.put_u8(p.items.len() as u8);
+            for i in &p.items {
+                dst.put_slice(&i.last4);
+                dst.put_i64_le(i.amount_minor);
+                dst.put_i64_le(i.balance_after_minor);
+            }
+        }
+    }
+}
+
+impl Reader<'_> {
+    fn view(&mut self) -> Result<Option<CardView>, Corrupt> {
+        if self.u8()? != 1 {
+            return Ok(None);
+        }
+        let last4 = self.arr()?;
+        let status = Status::from_u8(self.u8()?);
+        let reason = LockReason::from_u8(self.u8()?);
+        Ok(Some(CardView {
+            last4,
+            status: self.some(status)?,
+            reason: self.some(reason)?,
+            currency: self.currency()?,
+            balance_minor: self.i64()?,
+            held_minor: self.i64()?,
+            expiry_ms: self.opt_i64()?,
+        }))
+    }
+
+    fn outcome(&mut self) -> Result<Outcome, Corrupt> {
+        let result = ResultCode::from_u16(u16::from_le_bytes(self.arr()?));
+        let result = self.some(result)?;
+        let approved_minor = self.i64()?;
+        let card = self.view()?;
+        let hold = if self.u8()? == 1 { Some(self.hold()?) } else { None };
+        Ok(Outcome { result, approved_minor, card, hold })
+    }
+
+    fn count(&mut self) -> Result<usize, Corrupt> {
+        let n = self.u8()? as usize;
+        if n > PARTS_MAX {
+            return Err(Corrupt { what: self.what });
+        }
+        Ok(n)
+    }
+
+    fn parts(&mut self) -> Result<Option<Parts>, Corrupt> {
+        if self.u8()? != 1 {
+            return Ok(None);
+        }
+        let currency = self.currency()?;
+        let n = self.count()?;
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            items.push(PartView { last4: self.arr()?, amount_minor: self.i64()?, balance_after_minor: self.i64()? });
+        }
+        Ok(Some(Parts { currency, items }))
+    }
+}
+
+pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
+    dst.put_u8(IDEM_V3);
+    dst.put_slice(&rec.fingerprint);
+    put_outcome(dst, &rec.outcome);
+    put_parts(dst, &rec.parts);
+    dst.put_u8(rec.tombstone as u8);
+    match &rec.effect {
+        None => dst.put_u8(0),
+        Some(e) => {
+            dst.put_u8(1);
+            dst.put_i64_le(e.at_ms);
+            dst.put_u8(e.kind as u8);
+            dst.put_slice(&e.currency.code());
+            dst.put_u64_le(e.hold_id);
+            dst.put_u8(e.parts.len() as u8);
+            for (card, amount) in &e.parts {
+                dst.put_slice(&card.0);
+                dst.put_i64_le(*amount);
+            }
+        }
+    }
+}
+
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V2)?;
+    r.version(IDEM_V3)?;
     let fingerprint = r.arr()?;
-    let result = ResultCode::from_u16(u16::from_le_bytes(r.arr()?));
-    let result = r.some(result)?;
-    let approved_minor = r.i64()?;
-    let card = if r.u8()? == 1 {
-        let last4 = r.arr()?;
-        let status = Status::from_u8(r.u8()?);
-        let reason = LockReason::from_u8(r.u8()?);
-        Some(CardView {
-            last4,
-            status: r.some(status)?,
-            reason: r.some(reason)?,
-            currency: r.currency()?,
-            balance_minor: r.i64()?,
-            held_minor: r.i64()?,
-            expiry_ms: r.opt_i64()?,
-        })
+    let outcome = r.outcome()?;
+    let parts = r.parts()?;
+    let tombstone = r.u8()? == 1;
+    let effect = if r.u8()? == 1 {
+        let at_ms = r.i64()?;
+        let kind = TxnKind::from_u8(r.u8()?);
+        let kind = r.some(kind)?;
+        let currency = r.currency()?;
+        let hold_id = r.i64()? as u64;
+        let n = r.count()?;
+        let mut parts = Vec::with_capacity(n);
+        for _ in 0..n {
+            parts.push((CardKey(r.arr()?), r.i64()?));
+        }
+        Some(Effect { at_ms, kind, currency, parts, hold_id })
     } else {
         None
     };
-    let hold = if r.u8()? == 1 { Some(r.hold()?) } else { None };
-    Ok(IdemRecord { fingerprint, outcome: Outcome { result, approved_minor, card, hold } })
+    Ok(IdemRecord { fingerprint, outcome, parts, effect, tombstone })
+}
+
+pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {
+    dst.put_u8(SETTLED_V1);
+    dst.put_u8(s.refunded_minor.len() as u8);
+    for r in &s.refunded_minor {
+        dst.put_i64_le(*r);
+    }
+    match &s.reversal {
+        None => dst.put_u8(0),
+        Some((o, parts)) => {
+            dst.put_u8(1);
+            put_outcome(dst, o);
+            put_parts(dst, parts);
+        }
+    }
+}
+
+pub fn decode_settled(buf: &[u8]) -> Result<Settled, Corrupt> {
+    let mut r = Reader { buf, what: "settled" };
+    r.version(SETTLED_V1)?;
+    let n = r.count()?;
+    let mut refunded_minor = Vec::with_capacity(n);
+    for _ in 0..n {
+        refunded_minor.push(r.i64()?);
+    }
+    let reversal = if r.u8()? == 1 { Some((r.outcome()?, r.parts()?)) } else { None };
+    Ok(Settled { refunded_minor, reversal })
 }
 
 pub fn totals_key(c: Currency) -> [u8; 10] {
@@ -328,14 +447,35 @@ mod tests {
             expiry_ms: None,
         };
         let hold = HoldView { id: 5, amount_minor: 300, expires_ms: 1_700_000_000_000 };
-        for outcome in [
-            Outcome { hold: Some(hold), ..Outcome::approved(300, card) },
-            Outcome::declined(ResultCode::HoldNotFound, None),
-        ] {
-            let rec = IdemRecord { fingerprint: [3; 16], outcome };
+        let parts = Parts {
+            currency: usd,
+            items: vec![PartView { last4: *b"0042", amount_minor: -300, balance_after_minor: 700 }],
+        };
+        let effect =
+            Effect { at_ms: 9, kind: TxnKind::Redeem, currency: usd, parts: vec![(CardKey([1; 32]), 300)], hold_id: 0 };
+        let records = [
+            IdemRecord::new([3; 16], Outcome { hold: Some(hold), ..Outcome::approved(300, card) }),
+            IdemRecord::new([4; 16], Outcome::declined(ResultCode::HoldNotFound, None)),
+            IdemRecord {
+                parts: Some(parts.clone()),
+                effect: Some(effect),
+                ..IdemRecord::new([5; 16], Outcome::approved(300, card))
+            },
+            IdemRecord {
+                tombstone: true,
+                ..IdemRecord::new([0; 16], Outcome::declined(ResultCode::OriginalReversed, None))
+            },
+        ];
+        for rec in records {
             let mut buf = Vec::new();
             encode_idem(&mut buf, &rec);
             assert_eq!(decode_idem(&buf).unwrap(), rec);
+            assert!(decode_idem(&buf[..buf.len() - 1]).is_err(), "a truncated record is corrupt");
         }
+        let settled =
+            Settled { refunded_minor: vec![100, 0], reversal: Some((Outcome::approved(200, card), Some(parts))) };
+        let mut buf = Vec::new();
+        encode_settled(&mut buf, &settled);
+        assert_eq!(decode_settled(&buf).unwrap(), settled);
     }
 }

@@ -4,7 +4,10 @@
 use super::frame::{begin_frame, finish_frame};
 use super::REPLY_BIT;
 use crate::card_number::CardNumber;
-use crate::model::{CardView, Currency, HoldView, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView};
+use crate::engine::{SplitOrder, SPLIT_CARDS_MAX};
+use crate::model::{
+    CardView, Currency, HoldView, LockReason, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind, TxnView,
+};
 use bytes::{BufMut, BytesMut};
 
 /// Longest merchant id, idempotency key, invoice number or client name, in bytes.
@@ -32,10 +35,13 @@ pub enum Opcode {
     Authorize = 0x19,
     Capture = 0x1A,
     Void = 0x1B,
+    Refund = 0x1C,
+    Reverse = 0x1D,
+    SplitRedeem = 0x1E,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 13] = [
+    pub const ALL: [Opcode; 16] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -49,6 +55,9 @@ impl Opcode {
         Opcode::Authorize,
         Opcode::Capture,
         Opcode::Void,
+        Opcode::Refund,
+        Opcode::Reverse,
+        Opcode::SplitRedeem,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -75,6 +84,9 @@ impl Opcode {
             Opcode::Authorize => "authorize",
             Opcode::Capture => "capture",
             Opcode::Void => "void",
+            Opcode::Refund => "refund",
+            Opcode::Reverse => "reverse",
+            Opcode::SplitRedeem => "split_redeem",
         }
     }
 }
@@ -155,6 +167,23 @@ pub enum Request {
         idem: IdemRef,
         hold_id: u64,
     },
+    /// `original`: the idempotency key (same merchant) of the spend refunded; None: unreferenced.
+    Refund {
+        idem: IdemRef,
+        number: CardNumber,
+        money: Money,
+        original: Option<String>,
+    },
+    Reverse {
+        idem: IdemRef,
+        original: String,
+    },
+    SplitRedeem {
+        idem: IdemRef,
+        money: Money,
+        order: SplitOrder,
+        numbers: Vec<CardNumber>,
+    },
 }
 
 impl Request {
@@ -173,6 +202,9 @@ impl Request {
             Request::Authorize { .. } => Opcode::Authorize,
             Request::Capture { .. } => Opcode::Capture,
             Request::Void { .. } => Opcode::Void,
+            Request::Refund { .. } => Opcode::Refund,
+            Request::Reverse { .. } => Opcode::Reverse,
+            Request::SplitRedeem { .. } => Opcode::SplitRedeem,
         }
     }
 }
@@ -210,11 +242,22 @@ pub struct HistoryReply {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartsReply {
+    pub result: ResultCode,
+    /// The total that moved (split redeem: taken; reversal: put back or released).
+    pub approved_minor: i64,
+    /// Absent when declined.
+    pub parts: Option<Parts>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Hello(HelloReply),
     Card(Outcome),
     /// An authorization's outcome: a card outcome followed by the hold it opened.
     Hold(Outcome),
+    /// A multi-card outcome (split redeem, reversal): the total and each card's part.
+    Parts(PartsReply),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -226,6 +269,7 @@ impl Reply {
         match self {
             Reply::Hello(h) => h.result,
             Reply::Card(o) | Reply::Hold(o) => o.result,
+            Reply::Parts(p) => p.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -432,6 +476,39 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
         }
         Opcode::Capture => Request::Capture { idem: r.idem()?, hold_id: r.u64()?, money: r.money(false)? },
         Opcode::Void => Request::Void { idem: r.idem()?, hold_id: r.u64()? },
+        Opcode::Refund => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let money = r.money(false)?;
+            let original = r.str8(STRING_BYTES_MAX)?;
+            Request::Refund { idem, number, money, original: (!original.is_empty()).then_some(original) }
+        }
+        Opcode::Reverse => {
+            let idem = r.idem()?;
+            let original = r.str8(STRING_BYTES_MAX)?;
+            if original.is_empty() {
+                return Err(DecodeError(ResultCode::MissingKey));
+            }
+            Request::Reverse { idem, original }
+        }
+        Opcode::SplitRedeem => {
+            let idem = r.idem()?;
+            let money = r.money(false)?;
+            let order = SplitOrder::from_u8(r.u8()?).ok_or(MALFORMED)?;
+            let n = r.u8()? as usize;
+            if !(1..=SPLIT_CARDS_MAX).contains(&n) {
+                return Err(MALFORMED);
+            }
+            let mut numbers: Vec<CardNumber> = Vec::with_capacity(n);
+            for _ in 0..n {
+                let number = r.number()?;
+                // The same card twice would be one card counted twice.
+                if numbers.iter().any(|x| x.expose() == number.expose()) {
+                    return Err(MALFORMED);
+                }
+                numbers.push(number);
+            }
+            Request::SplitRedeem { idem, money, order, numbers }
+        }
     };
     r.end()?;
     Ok(req)
@@ -519,6 +596,26 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_str8(dst, &idem.key);
             dst.put_u64_le(*hold_id);
         }
+        Request::Refund { idem, number, money, original } => {
+            put_idem(dst, idem, number);
+            put_money(dst, money);
+            put_str8(dst, original.as_deref().unwrap_or(""));
+        }
+        Request::Reverse { idem, original } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            put_str8(dst, original);
+        }
+        Request::SplitRedeem { idem, money, order, numbers } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            put_money(dst, money);
+            dst.put_u8(*order as u8);
+            dst.put_u8(numbers.len() as u8);
+            for n in numbers {
+                put_str8(dst, n.expose());
+            }
+        }
     }
 }
 
@@ -581,6 +678,27 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u64_le(h.id);
             dst.put_i64_le(h.amount_minor);
             dst.put_i64_le(h.expires_ms);
+        }
+        Reply::Parts(p) => {
+            dst.put_u16_le(p.result as u16);
+            dst.put_i64_le(p.approved_minor);
+            match &p.parts {
+                None => {
+                    dst.put_u8(0);
+                    dst.put_slice(&[0; 3]);
+                    dst.put_u8(0);
+                }
+                Some(parts) => {
+                    dst.put_u8(1);
+                    dst.put_slice(&parts.currency.code());
+                    dst.put_u8(parts.items.len() as u8);
+                    for i in &parts.items {
+                        dst.put_slice(&i.last4);
+                        dst.put_i64_le(i.amount_minor);
+                        dst.put_i64_le(i.balance_after_minor);
+                    }
+                }
+            }
         }
         Reply::Lookup(l) => {
             dst.put_u16_le(l.result as u16);
@@ -650,6 +768,31 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
         }
         Opcode::Authorize => {
             Reply::Hold(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: r.hold()? })
+        }
+        Opcode::Reverse | Opcode::SplitRedeem => {
+            let approved_minor = r.i64()?;
+            let present = r.bool()?;
+            let code = r.take(3)?;
+            let n = r.u8()? as usize;
+            let parts = if present {
+                let currency = Currency::from_code([code[0], code[1], code[2]]).ok_or(MALFORMED)?;
+                let mut items = Vec::with_capacity(n.min(SPLIT_CARDS_MAX));
+                for _ in 0..n {
+                    let l = r.take(4)?;
+                    items.push(PartView {
+                        last4: [l[0], l[1], l[2], l[3]],
+                        amount_minor: r.i64()?,
+                        balance_after_minor: r.i64()?,
+                    });
+                }
+                Some(Parts { currency, items })
+            } else {
+                if n != 0 || code != [0; 3] {
+                    return Err(MALFORMED);
+                }
+                None
+            };
+            Reply::Parts(PartsReply { result, approved_minor, parts })
         }
         _ => Reply::Card(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None }),
     };

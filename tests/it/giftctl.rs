@@ -246,3 +246,50 @@ fn giftctl_authorizes_captures_and_voids() {
     usage_error(&["--addr", g.addr(), "authorize", "--number", n, "--amount", "1.00", "--key", "k", "--ttl-secs", "0"]);
     usage_error(&["--addr", g.addr(), "capture", "--hold", "x", "--amount", "1.00", "--key", "k"]);
 }
+
+#[test]
+fn giftctl_refunds_reverses_and_splits() {
+    let g = Giftd::start();
+    let (a, b) = ("6035719950000037", "6035719950000045");
+    json(&g, &["issue", "--number", a, "--currency", "USD", "--amount", "50.00", "--active", "--key", "ctl-i1"]);
+    json(&g, &["issue", "--number", b, "--currency", "USD", "--amount", "20.00", "--active", "--key", "ctl-i2"]);
+
+    let v = json(&g, &["split-redeem", "--numbers", &format!("{a},{b}"), "--amount", "60.00", "--key", "ctl-s1"]);
+    expect(&v, &[("result", "approved"), ("approved", "60.00"), ("currency", "USD")]);
+    assert_eq!(v["parts"][0]["last4"], "0037", "{v}");
+    expect(&v["parts"][0], &[("amount", "-50.00"), ("balance_after", "0.00")]);
+    expect(&v["parts"][1], &[("last4", "0045"), ("amount", "-10.00"), ("balance_after", "10.00")]);
+    let v = json(&g, &["split-redeem", "--numbers", &format!("{a},{b}"), "--amount", "99.00", "--key", "ctl-s2"]);
+    expect(&v, &[("result", "insufficient_funds")]);
+    assert!(v.get("parts").is_none(), "{v}");
+
+    let v = json(&g, &["refund", "--number", b, "--amount", "4.00", "--key", "ctl-f1", "--original", "ctl-s1"]);
+    expect(&v, &[("result", "approved"), ("approved", "4.00"), ("balance", "14.00")]);
+    let v = json(&g, &["refund", "--number", b, "--amount", "7.00", "--key", "ctl-f2", "--original", "ctl-s1"]);
+    expect(&v, &[("result", "refund_exceeds_original"), ("code", "42")]);
+    let v = json(&g, &["refund", "--number", b, "--amount", "1.00", "--key", "ctl-f3"]);
+    expect(&v, &[("result", "refund_reference_required")]);
+
+    let v = json(&g, &["reverse", "--original", "ctl-s1", "--key", "ctl-v1"]);
+    expect(&v, &[("result", "approved"), ("approved", "56.00")]);
+    expect(&v["parts"][0], &[("last4", "0037"), ("amount", "50.00"), ("balance_after", "50.00")]);
+    expect(&v["parts"][1], &[("last4", "0045"), ("amount", "6.00"), ("balance_after", "20.00")]);
+    let v = json(&g, &["reverse", "--original", "ctl-s1", "--key", "ctl-v2"]);
+    expect(&v, &[("result", "approved"), ("approved", "56.00")]);
+    expect(&json(&g, &["balance", "--number", a]), &[("balance", "50.00")]);
+
+    usage_error(&[
+        "--addr",
+        g.addr(),
+        "split-redeem",
+        "--numbers",
+        a,
+        "--amount",
+        "1.00",
+        "--key",
+        "k",
+        "--order",
+        "random",
+    ]);
+    usage_error(&["--addr", g.addr(), "reverse", "--original", "", "--key", "k"]);
+}

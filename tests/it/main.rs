@@ -8,6 +8,7 @@ mod harness;
 mod holds;
 mod lifecycle;
 mod ops;
+mod payments;
 mod protocol;
 mod secrets;
 mod wal_failure;
