@@ -787,4 +787,6 @@ fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
