@@ -166,3 +166,102 @@ async fn racing_issues_of_one_number_create_one_card() {
     }
     assert_eq!(balance(&mut g.client().await, n).await, won);
 }
+
+/// Authorizations, captures, voids, redeems and split redeems racing on the same three cards from
+/// many clients: no card ever shows a negative available amount, and every cent is accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_captures_and_redeems_race_without_overdraft() {
+    use crate::holds::{authorize_req, capture_req, void_req};
+    use crate::payments::split_req;
+    use giftd::engine::SplitOrder;
+    use giftd::wire::Reply;
+
+    const CARDS: [&str; 3] = ["6035719920000216", "6035719920000224", "6035719920000232"];
+    const INITIAL: i64 = 20_000;
+    let g = Giftd::start();
+    {
+        let mut c = g.client().await;
+        for n in CARDS {
+            issue(&mut c, n, usd(INITIAL)).await;
+        }
+    }
+    let barrier = Arc::new(Barrier::new(CLIENTS / 2));
+    let tasks: Vec<_> = (0..CLIENTS / 2)
+        .map(|t| {
+            let (addr, barrier) = (g.addr().to_string(), barrier.clone());
+            tokio::spawn(async move {
+                let mut c = timed("connect", Client::connect(&addr)).await.expect("connect");
+                barrier.wait().await;
+                // (debited by redeems, captures and splits; holds this client still has open)
+                let (mut debited, mut open) = (0i64, Vec::new());
+                for i in 0..12 {
+                    let (card, amount) = {
+                        let mut rng = rand::thread_rng();
+                        (CARDS[rng.gen_range(0..3)], rng.gen_range(1..=1_500))
+                    };
+                    let choice = rand::thread_rng().gen_range(0..4);
+                    let reply = match choice {
+                        0 => {
+                            let req = authorize_req(card, &format!("a{t}-{i}"), usd(amount), true, 600);
+                            timed("authorize", c.call(&req)).await.expect("authorize")
+                        }
+                        1 if !open.is_empty() => {
+                            let (hold, held): (u64, i64) = open.remove(0);
+                            let take = held / 2 + 1;
+                            let reply = timed("capture", c.call(&capture_req(&format!("c{t}-{i}"), hold, usd(take))))
+                                .await
+                                .expect("capture");
+                            assert_eq!(reply.result(), ResultCode::Approved, "capture of an open hold: {reply:?}");
+                            reply
+                        }
+                        2 => {
+                            let req = split_req(&format!("s{t}-{i}"), &CARDS, usd(amount), SplitOrder::Smallest);
+                            timed("split", c.call(&req)).await.expect("split")
+                        }
+                        _ => timed("redeem", c.call(&redeem_req(card, &format!("r{t}-{i}"), usd(amount), true)))
+                            .await
+                            .expect("redeem"),
+                    };
+                    match reply {
+                        Reply::Hold(o) if o.result == ResultCode::Approved => {
+                            let h = o.hold.expect("approved authorization carries its hold");
+                            open.push((h.id, h.amount_minor));
+                        }
+                        Reply::Card(o) if o.result == ResultCode::Approved => {
+                            let v = o.card.expect("approved card outcome has the card");
+                            assert!(v.held_minor <= v.balance_minor, "held above balance: {o:?}");
+                            debited += o.approved_minor;
+                        }
+                        Reply::Parts(p) if p.result == ResultCode::Approved => debited += p.approved_minor,
+                        other => assert!(
+                            matches!(other.result(), ResultCode::InsufficientFunds),
+                            "unexpected answer {other:?}"
+                        ),
+                    }
+                }
+                // Release what is still held, so the cards end with nothing held.
+                for (n, (hold, held)) in open.into_iter().enumerate() {
+                    let reply = timed("void", c.call(&void_req(&format!("v{t}-{n}"), hold))).await.expect("void");
+                    match reply {
+                        Reply::Card(o) => assert_eq!((o.result, o.approved_minor), (ResultCode::Approved, held)),
+                        other => panic!("void: {other:?}"),
+                    }
+                }
+                debited
+            })
+        })
+        .collect();
+    let mut debited = 0;
+    for t in tasks {
+        debited += timed("client task", t).await.expect("client task panicked");
+    }
+    let mut c = g.client().await;
+    let mut left = 0;
+    for n in CARDS {
+        let v = crate::view(&mut c, n).await;
+        assert_eq!(v.held_minor, 0, "every hold was captured or voided");
+        assert!(v.balance_minor >= 0);
+        left += v.balance_minor;
+    }
+    assert_eq!(left + debited, 3 * INITIAL, "conservation: Σ loaded = Σ balances + redeemed + captured");
+}

@@ -219,3 +219,107 @@ async fn holds_survive_a_crash_and_expire_while_giftd_is_down() {
     let newest = hold_of(&authorize(&mut c, CARD, "a4", usd(100), false, 3_600).await);
     assert!(newest.id > fresh.id, "{newest:?} after {fresh:?}");
 }
+
+/// kill -9 while captures are in flight, with open holds, some of them short: after the restart
+/// every acknowledged capture is there, a retry of each capture key applies it at most once, the
+/// long holds not captured are still open, and the short ones expire as they would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_and_captures_in_flight_survive_kill9_exactly_once() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    const CARDS: usize = 16;
+    const HOLDS_PER_CARD: usize = 15;
+    const HELD: i64 = 100;
+    const TAKE: i64 = 60;
+    const INITIAL: i64 = 100_000;
+    let cards: Vec<String> = (0..CARDS).map(|i| format!("60357199000072{i:02}")).collect();
+    let short_card = "6035719900007299";
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    // Long holds, to be captured under load, on every card; and short ones left to expire.
+    let mut long: Vec<(u64, usize)> = Vec::new();
+    for (ci, n) in cards.iter().enumerate() {
+        issue(&mut c, n, usd(INITIAL)).await;
+        for i in 0..HOLDS_PER_CARD {
+            long.push((hold_of(&authorize(&mut c, n, &format!("a{ci}-{i}"), usd(HELD), false, 3_600).await).id, ci));
+        }
+    }
+    issue(&mut c, short_card, usd(INITIAL)).await;
+    let mut short = Vec::new();
+    for i in 0..4 {
+        short.push(hold_of(&authorize(&mut c, short_card, &format!("s{i}"), usd(HELD), false, 3).await).id);
+    }
+    // Captures of two thirds of the long holds, pipelined on 4 connections; the rest stay open.
+    let to_capture: Vec<(u64, usize)> = long.iter().copied().filter(|(h, _)| h % 3 != 0).collect();
+    let acked: Arc<Mutex<HashMap<u64, Outcome>>> = Arc::default();
+    let tasks: Vec<_> = to_capture
+        .chunks(to_capture.len().div_ceil(4))
+        .map(|chunk| {
+            let (addr, chunk, acked) = (g.addr().to_string(), chunk.to_vec(), acked.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(c)) = tokio::time::timeout(crate::TIMEOUT, Client::connect(&addr)).await else { return };
+                let (mut tx, mut rx) = c.into_split();
+                for window in chunk.chunks(8) {
+                    let ids: Vec<(u64, u64)> = window
+                        .iter()
+                        .map(|(h, _)| (tx.send(&capture_req(&format!("c{h}"), *h, usd(TAKE))), *h))
+                        .collect();
+                    if tx.flush().await.is_err() {
+                        return;
+                    }
+                    for (id, hold) in ids {
+                        let Ok(Ok((got, Reply::Card(o)))) = tokio::time::timeout(crate::TIMEOUT, rx.recv()).await
+                        else {
+                            return;
+                        };
+                        assert_eq!(got, id);
+                        assert_eq!(o.result, ResultCode::Approved, "capture of hold {hold}: {o:?}");
+                        acked.lock().unwrap().insert(hold, o);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill once some, not all, captures are acknowledged.
+    let until = Instant::now() + Duration::from_secs(20);
+    while acked.lock().unwrap().len() < 16 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    drop(c);
+    g.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    assert!(!acked.is_empty(), "no capture was acknowledged before the kill");
+    eprintln!("{} of {} captures acknowledged before kill -9", acked.len(), to_capture.len());
+    // Past the short holds' deadlines while giftd is down.
+    std::thread::sleep(Duration::from_secs(3));
+    g.restart();
+    let mut c = g.client().await;
+
+    // Every capture key, retried: the acknowledged ones answer as before, the others apply now
+    // (or answer as the capture that made it before the kill did). Each takes 60 exactly once.
+    for (h, _) in &to_capture {
+        let o = call(&mut c, &capture_req(&format!("c{h}"), *h, usd(TAKE))).await;
+        assert_eq!((o.result, o.approved_minor), (ResultCode::Approved, TAKE), "retry of capture of {h}: {o:?}");
+        if let Some(first) = acked.get(h) {
+            assert_eq!(&o, first, "an acknowledged capture answers as it did");
+        }
+    }
+    for (ci, n) in cards.iter().enumerate() {
+        let captured = to_capture.iter().filter(|(_, c)| *c == ci).count() as i64;
+        let open = HOLDS_PER_CARD as i64 - captured;
+        let v = view(&mut c, n).await;
+        assert_eq!((v.balance_minor, v.held_minor), (INITIAL - captured * TAKE, open * HELD), "card {n}");
+    }
+    wait_released_to(&mut c, short_card, 0, Duration::from_secs(10)).await;
+    assert_eq!(view(&mut c, short_card).await.balance_minor, INITIAL);
+    for h in short {
+        check(&call(&mut c, &void_req(&format!("vs{h}"), h)).await, ResultCode::HoldNotFound, 0, None);
+    }
+    // A hold not captured is open and still captures.
+    let (open_hold, _) = long.iter().copied().find(|(h, _)| h % 3 == 0).unwrap();
+    check(&call(&mut c, &capture_req("c-open", open_hold, usd(HELD))).await, ResultCode::Approved, HELD, None);
+}
