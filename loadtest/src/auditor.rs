@@ -4,7 +4,7 @@
 //! as a mismatch on its card.
 
 use crate::pipe::sweep_all;
-use crate::workload::{Run, INITIAL_MINOR, REDEEM_MINOR, SETUP_CONNECTIONS};
+use crate::workload::{Run, INITIAL_MINOR, REDEEM_MINOR, SETUP_CONNECTIONS, SPLIT_MINOR};
 use anyhow::Result;
 use giftd::card_number::CardNumber;
 use giftd::model::{Currency, ResultCode, Status};
@@ -40,7 +40,7 @@ impl Ledger {
 /// What the reply checks found, per connection and then merged.
 #[derive(Default)]
 pub struct Findings {
-    /// Redeems not approved, by result name. Every redeem of this workload must be approved.
+    /// Requests not approved, by result name. Every request of these workloads must be approved.
     pub errors: BTreeMap<&'static str, u64>,
     /// Replies that contradict their request (another amount, another card): count and first few.
     pub anomalies: u64,
@@ -97,6 +97,55 @@ pub fn check_redeem(ledger: &Ledger, idx: usize, card: &CardNumber, usd: Currenc
         }
         Reply::Error(code) => f.error(code.name()),
         _ => f.error("unexpected_reply_kind"),
+    }
+}
+
+/// Checks an authorization reply for card `idx`; returns the hold to capture when approved.
+pub fn check_hold(idx: usize, card: &CardNumber, reply: &Reply, f: &mut Findings) -> Option<u64> {
+    match reply {
+        Reply::Hold(o) if o.result == ResultCode::Approved => match o.hold {
+            Some(h) if h.amount_minor == REDEEM_MINOR && o.approved_minor == REDEEM_MINOR => Some(h.id),
+            _ => {
+                f.anomaly(|| format!("card #{idx} {card}: approved authorization {o:?}"));
+                None
+            }
+        },
+        other => {
+            f.error(other.result().name());
+            None
+        }
+    }
+}
+
+/// Checks a split redeem's reply over `cards` (in the order named, which is the order taken) and
+/// records what it took from each.
+pub fn check_split(ledger: &Ledger, cards: &[usize], run: &Run, reply: &Reply, f: &mut Findings) {
+    let Reply::Parts(p) = reply else {
+        f.error(reply.result().name());
+        return;
+    };
+    if p.result != ResultCode::Approved {
+        f.error(p.result.name());
+        return;
+    }
+    let Some(parts) = &p.parts else {
+        f.anomaly(|| "approved split without parts".to_string());
+        return;
+    };
+    let mut next = cards.iter();
+    let mut total = 0;
+    for part in &parts.items {
+        // Parts come in the order taken, skipping cards that gave nothing.
+        match next.find(|&&c| run.cards[c].last4() == part.last4) {
+            Some(&c) => {
+                ledger.add(c, -part.amount_minor);
+                total -= part.amount_minor;
+            }
+            None => f.anomaly(|| format!("split over {cards:?}: part {part:?} names none of its cards")),
+        }
+    }
+    if total != SPLIT_MINOR || p.approved_minor != SPLIT_MINOR {
+        f.anomaly(|| format!("split over {cards:?}: took {total}, approved {}, asked {SPLIT_MINOR}", p.approved_minor));
     }
 }
 

@@ -70,7 +70,12 @@ struct Args {
     /// the loop is closed: a new request as each reply arrives.
     #[arg(long)]
     rate: Option<u64>,
-    /// Stop sending after this many redeems in total (the duration still applies).
+    /// Workloads to run one after the other on the same cards and server, comma-separated:
+    /// redeem, auth-capture (authorize then capture; a unit is the pair), split3 (split redeems
+    /// over three cards). Each runs for --duration-secs; the audit covers them all.
+    #[arg(long, value_delimiter = ',', default_value = "redeem")]
+    workload: Vec<String>,
+    /// Stop sending after this many units per workload (the duration still applies).
     #[arg(long)]
     max_ops: Option<u64>,
     /// Tokio worker threads for giftload. Keep it low: giftd shares the machine.
@@ -99,6 +104,14 @@ impl Args {
                 bail!("--rate must be between 1 and {RATE_MAX}");
             }
         }
+        if self.workload.is_empty() {
+            bail!("--workload must name at least one of redeem, auth-capture, split3");
+        }
+        for w in &self.workload {
+            if workload::Kind::parse(w).is_none() {
+                bail!("--workload {w:?}: not one of redeem, auth-capture, split3");
+            }
+        }
         if self.max_ops == Some(0) {
             bail!("--max-ops must be at least 1");
         }
@@ -123,7 +136,8 @@ fn loopback(addr: &str) -> Result<()> {
 /// Everything the report shows.
 struct Report {
     durability: String,
-    load: LoadResult,
+    /// One per workload, in the order run.
+    loads: Vec<(workload::Kind, LoadResult)>,
     audit: Option<BalanceAudit>,
     /// Why the audit failed; empty when it passed.
     failures: Vec<String>,
@@ -201,33 +215,41 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
     let ledger = Arc::new(Ledger::new(args.cards));
     eprintln!("giftload: run {}: issuing {} cards", run.id, args.cards);
     workload::preload(addr, run.clone()).await?;
-    eprintln!(
-        "giftload: {}×{} redeems for {} s, {} ({} durability)",
-        args.connections,
-        args.pipeline,
-        args.duration_secs,
-        loop_label(args),
-        durability
-    );
-    let shape = workload::Shape {
-        connections: args.connections,
-        pipeline: args.pipeline,
-        duration: Duration::from_secs(args.duration_secs),
-        max_ops: args.max_ops,
-        rate: args.rate,
-    };
-    let load = workload::load(addr, run.clone(), ledger.clone(), &shape).await?;
-    let mut failures = load.failures.clone();
-    if load.unanswered > 0 {
-        failures.push(format!("{} requests never answered", load.unanswered));
-    }
-    let errors = load.findings.error_count();
-    if errors > 0 {
-        failures.push(format!("{errors} redeems not approved ({})", error_names(&load)));
-    }
-    if load.findings.anomalies > 0 {
-        failures.push(format!("{} replies contradict their request", load.findings.anomalies));
-        failures.extend(load.findings.examples.iter().map(|e| format!("  {e}")));
+    let mut loads = Vec::new();
+    let mut failures = Vec::new();
+    for kind in args.workload.iter().filter_map(|w| workload::Kind::parse(w)) {
+        eprintln!(
+            "giftload: {}×{} {} for {} s, {} ({} durability)",
+            args.connections,
+            args.pipeline,
+            kind.name(),
+            args.duration_secs,
+            loop_label(args),
+            durability
+        );
+        let shape = workload::Shape {
+            kind,
+            connections: args.connections,
+            pipeline: args.pipeline,
+            duration: Duration::from_secs(args.duration_secs),
+            max_ops: args.max_ops,
+            rate: args.rate,
+        };
+        let load = workload::load(addr, run.clone(), ledger.clone(), &shape).await?;
+        let name = kind.name();
+        failures.extend(load.failures.iter().map(|f| format!("{name}: {f}")));
+        if load.unanswered > 0 {
+            failures.push(format!("{name}: {} requests never answered", load.unanswered));
+        }
+        let errors = load.findings.error_count();
+        if errors > 0 {
+            failures.push(format!("{name}: {errors} requests not approved ({})", error_names(&load)));
+        }
+        if load.findings.anomalies > 0 {
+            failures.push(format!("{name}: {} replies contradict their request", load.findings.anomalies));
+            failures.extend(load.findings.examples.iter().map(|e| format!("  {e}")));
+        }
+        loads.push((kind, load));
     }
     eprintln!("giftload: auditing {} balances", args.cards);
     let audit = match auditor::audit_balances(addr, run, ledger).await {
@@ -243,7 +265,7 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
             None
         }
     };
-    Ok(Report { durability, load, audit, failures })
+    Ok(Report { durability, loads, audit, failures })
 }
 
 /// How requests were offered, for the report.
@@ -259,52 +281,99 @@ fn error_names(load: &LoadResult) -> String {
     names.join(", ")
 }
 
+/// One workload's figures.
+struct Figures {
+    ops_per_sec: f64,
+    p50: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+    secs: f64,
+}
+
+impl Figures {
+    fn of(load: &LoadResult) -> Figures {
+        let secs = load.elapsed.as_secs_f64();
+        let h = &load.hist;
+        // An empty histogram reports zeros, which is what "no reply arrived" should read as.
+        Figures {
+            ops_per_sec: if secs > 0.0 { load.ops as f64 / secs } else { 0.0 },
+            p50: h.value_at_quantile(0.50),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            secs,
+        }
+    }
+}
+
 fn print_report(args: &Args, r: &Report) {
-    let secs = r.load.elapsed.as_secs_f64();
-    let ops_per_sec = if secs > 0.0 { r.load.ops as f64 / secs } else { 0.0 };
-    let h = &r.load.hist;
-    // An empty histogram reports zeros, which is what "no reply arrived" should read as.
-    let (p50, p99, p999, max) =
-        (h.value_at_quantile(0.50), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max());
     let audit = if r.failures.is_empty() { "ok" } else { "failed" };
-    let errors = r.load.findings.error_count();
     if args.json {
-        let v = json!({
-            "ops_per_sec": (ops_per_sec * 10.0).round() / 10.0,
-            "p50_us": p50,
-            "p99_us": p99,
-            "p999_us": p999,
-            "max_us": max,
-            "max_at_secs": (r.load.slowest_at_secs * 1000.0).round() / 1000.0,
-            "durability": r.durability,
-            "audit": audit,
-            "ops": r.load.ops,
-            "errors": errors,
-            "errors_by_result": r.load.findings.errors,
-            "connections": args.connections,
-            "pipeline": args.pipeline,
-            "rate": args.rate,
-            "cards": args.cards,
-            "duration_secs": (secs * 1000.0).round() / 1000.0,
-            "threads": args.threads,
-            "balances_checked": r.audit.as_ref().map(|a| a.checked),
-            "failures": r.failures,
-        });
+        let per: Vec<serde_json::Value> = r
+            .loads
+            .iter()
+            .map(|(kind, load)| {
+                let f = Figures::of(load);
+                json!({
+                    "workload": kind.name(),
+                    "ops_per_sec": (f.ops_per_sec * 10.0).round() / 10.0,
+                    "requests_per_sec": (f.ops_per_sec * kind.requests_per_unit() as f64 * 10.0).round() / 10.0,
+                    "p50_us": f.p50,
+                    "p99_us": f.p99,
+                    "p999_us": f.p999,
+                    "max_us": f.max,
+                    "max_at_secs": (load.slowest_at_secs * 1000.0).round() / 1000.0,
+                    "ops": load.ops,
+                    "errors": load.findings.error_count(),
+                    "errors_by_result": load.findings.errors,
+                    "duration_secs": (f.secs * 1000.0).round() / 1000.0,
+                })
+            })
+            .collect();
+        // The first workload's figures also stand at the top level, for scripts that run one.
+        let mut v = per.first().cloned().unwrap_or_else(|| json!({}));
+        let top = v.as_object_mut().expect("an object");
+        for (k, val) in [
+            ("durability", json!(r.durability)),
+            ("audit", json!(audit)),
+            ("connections", json!(args.connections)),
+            ("pipeline", json!(args.pipeline)),
+            ("rate", json!(args.rate)),
+            ("cards", json!(args.cards)),
+            ("threads", json!(args.threads)),
+            ("balances_checked", json!(r.audit.as_ref().map(|a| a.checked))),
+            ("failures", json!(r.failures)),
+            ("workloads", json!(per)),
+        ] {
+            top.insert(k.into(), val);
+        }
         println!("{v}");
         for f in &r.failures {
             eprintln!("giftload: audit: {f}");
         }
         return;
     }
-    println!("throughput  {ops_per_sec:.0} ops/s ({})", loop_label(args));
+    for (kind, load) in &r.loads {
+        let f = Figures::of(load);
+        let errors = load.findings.error_count();
+        let errors = if errors > 0 { format!("{errors} ({})", error_names(load)) } else { "0".into() };
+        println!(
+            "{:<13} {:>9.0} units/s ({})  p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs (at {:.3} s)  units {}  errors {errors}",
+            kind.name(),
+            f.ops_per_sec,
+            loop_label(args),
+            f.p50,
+            f.p99,
+            f.p999,
+            f.max,
+            load.slowest_at_secs,
+            load.ops
+        );
+    }
     println!(
-        "latency     p50 {p50} µs  p99 {p99} µs  p99.9 {p999} µs  max {max} µs (at {:.3} s)",
-        r.load.slowest_at_secs
-    );
-    let errors = if errors > 0 { format!("{errors} ({})", error_names(&r.load)) } else { "0".into() };
-    println!(
-        "durability {}  cards {}  connections {}×{}  duration {secs:.2} s  threads {}  ops {}  errors {errors}  audit {audit}",
-        r.durability, args.cards, args.connections, args.pipeline, args.threads, r.load.ops
+        "durability {}  cards {}  connections {}×{}  threads {}  audit {audit}",
+        r.durability, args.cards, args.connections, args.pipeline, args.threads
     );
     for f in &r.failures {
         println!("audit: {f}");

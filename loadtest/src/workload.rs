@@ -29,6 +29,51 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections used to issue cards and to read balances back (not part of the measurement).
 pub const SETUP_CONNECTIONS: usize = 4;
 
+/// What a load connection sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Redeems of 1.00 from random cards.
+    Redeem,
+    /// Authorize 1.00 on a random card, then capture all of it as soon as the hold comes back: a
+    /// unit is the pair (two requests).
+    AuthCapture,
+    /// Split redeems of 3.00 naming three random cards in the given order. The cards are well
+    /// funded, so the first one pays; giftd still locks and checks all three.
+    Split3,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "redeem" => Kind::Redeem,
+            "auth-capture" => Kind::AuthCapture,
+            "split3" => Kind::Split3,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Redeem => "redeem",
+            Kind::AuthCapture => "auth-capture",
+            Kind::Split3 => "split3",
+        }
+    }
+
+    /// Requests one unit of this workload takes.
+    pub fn requests_per_unit(self) -> u64 {
+        match self {
+            Kind::AuthCapture => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A split redeem takes this much (three times a redeem).
+pub const SPLIT_MINOR: i64 = 3 * REDEEM_MINOR;
+/// Marks the tag of a capture (the rest of the tag is the card index).
+const CAPTURE_TAG: usize = 1 << 62;
+
 /// One run's identity and cards.
 pub struct Run {
     /// Random 9-digit prefix of every card number and idempotency key, so runs against a long-lived
@@ -84,6 +129,7 @@ pub async fn preload(addr: &str, run: Arc<Run>) -> Result<()> {
 
 /// What the load phase is allowed to do.
 pub struct Limits {
+    pub kind: Kind,
     /// Requests each connection may have in flight.
     pub pipeline: usize,
     /// Open loop (--rate): each connection sends one request every `interval`, whatever the
@@ -127,7 +173,7 @@ pub struct ConnReport {
     /// The slowest reply (µs) and when it arrived: a stall shows up at a time one can correlate
     /// with giftd's log and metrics.
     pub slowest: (u64, Option<Instant>),
-    /// Replies received (whatever their result).
+    /// Units finished (a redeem, an authorize-capture pair, a split), whatever their result.
     pub ops: u64,
     pub findings: Findings,
     /// Requests sent whose reply never came.
@@ -140,42 +186,122 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// Builds redeems into one reused request: only the key (written in place) and the card number
-/// change, so a request costs one small allocation (the number's clone), not four.
-struct Redeems {
-    req: Request,
+/// Builds the workload's requests. A redeem reuses one request: only the key (written in place)
+/// and the card number change, so it costs one small allocation (the number's clone), not four.
+struct Requests {
+    kind: Kind,
+    redeem: Request,
     rng: StdRng,
     conn: usize,
     seq: u64,
+    /// The cards of each split redeem in flight, oldest first (replies come back in this order).
+    splits: std::collections::VecDeque<Vec<usize>>,
 }
 
-impl Redeems {
-    fn new(run: &Run, conn: usize) -> Redeems {
-        let req = Request::Redeem {
+impl Requests {
+    fn new(run: &Run, conn: usize, kind: Kind) -> Requests {
+        let redeem = Request::Redeem {
             idem: IdemRef { merchant: MERCHANT.into(), key: String::with_capacity(40) },
             number: run.cards[0].clone(),
             money: Money { currency: run.usd, minor: REDEEM_MINOR },
             allow_partial: false,
             invoice: None,
         };
-        Redeems { req, rng: StdRng::from_entropy(), conn, seq: 0 }
+        Requests { kind, redeem, rng: StdRng::from_entropy(), conn, seq: 0, splits: Default::default() }
     }
 
-    /// Buffers a redeem of a uniformly random card under a key unique to (run, connection, seq).
+    fn idem(&mut self, run: &Run) -> IdemRef {
+        self.seq += 1;
+        IdemRef {
+            merchant: MERCHANT.into(),
+            key: format!("{}-{}-{}-{}", run.id, self.kind.name(), self.conn, self.seq),
+        }
+    }
+
+    /// Buffers the first request of a new unit.
     fn push(&mut self, pipe: &mut Pipe, run: &Run) {
         self.push_due(pipe, run, None);
     }
 
-    /// [`Redeems::push`] with the turn a held-back paced request missed.
+    /// [`Requests::push`] with the turn a held-back paced request missed.
     fn push_due(&mut self, pipe: &mut Pipe, run: &Run, due: Option<Instant>) {
         let i = self.rng.gen_range(0..run.cards.len());
-        if let Request::Redeem { idem, number, .. } = &mut self.req {
-            idem.key.clear();
-            let _ = write!(idem.key, "{}-{}-{}", run.id, self.conn, self.seq);
-            *number = run.cards[i].clone();
+        match self.kind {
+            Kind::Redeem => {
+                if let Request::Redeem { idem, number, .. } = &mut self.redeem {
+                    idem.key.clear();
+                    let _ = write!(idem.key, "{}-r-{}-{}", run.id, self.conn, self.seq);
+                    *number = run.cards[i].clone();
+                }
+                self.seq += 1;
+                pipe.push_due(&self.redeem, i, due);
+            }
+            Kind::AuthCapture => {
+                let req = Request::Authorize {
+                    idem: self.idem(run),
+                    number: run.cards[i].clone(),
+                    money: Money { currency: run.usd, minor: REDEEM_MINOR },
+                    allow_partial: false,
+                    ttl_secs: 600,
+                };
+                pipe.push_due(&req, i, due);
+            }
+            Kind::Split3 => {
+                // Three different cards (all of them when the run has fewer).
+                let n = run.cards.len();
+                let cards = rand::seq::index::sample(&mut self.rng, n, n.min(3)).into_vec();
+                let numbers = cards.iter().map(|&c| run.cards[c].clone()).collect();
+                let req = Request::SplitRedeem {
+                    idem: self.idem(run),
+                    money: Money { currency: run.usd, minor: SPLIT_MINOR },
+                    order: giftd::engine::SplitOrder::Given,
+                    numbers,
+                };
+                pipe.push_due(&req, cards[0], due);
+                self.splits.push_back(cards);
+            }
         }
-        self.seq += 1;
-        pipe.push_due(&self.req, i, due);
+    }
+
+    /// Checks a reply. Returns whether it finished its unit; an approved authorization instead
+    /// buffers its capture (also after the deadline, so that no hold is left open).
+    fn on_reply(
+        &mut self,
+        pipe: &mut Pipe,
+        run: &Run,
+        ledger: &Ledger,
+        tag: usize,
+        reply: &Reply,
+        f: &mut Findings,
+    ) -> bool {
+        match self.kind {
+            Kind::Redeem => {
+                auditor::check_redeem(ledger, tag, &run.cards[tag], run.usd, reply, f);
+                true
+            }
+            Kind::AuthCapture if tag & CAPTURE_TAG != 0 => {
+                let i = tag & !CAPTURE_TAG;
+                auditor::check_redeem(ledger, i, &run.cards[i], run.usd, reply, f);
+                true
+            }
+            Kind::AuthCapture => match auditor::check_hold(tag, &run.cards[tag], reply, f) {
+                Some(hold_id) => {
+                    let req = Request::Capture {
+                        idem: self.idem(run),
+                        hold_id,
+                        money: Money { currency: run.usd, minor: REDEEM_MINOR },
+                    };
+                    pipe.push(&req, tag | CAPTURE_TAG);
+                    false
+                }
+                None => true,
+            },
+            Kind::Split3 => {
+                let cards = self.splits.pop_front().expect("a split in flight for every split reply");
+                auditor::check_split(ledger, &cards, run, reply, f);
+                true
+            }
+        }
     }
 }
 
@@ -217,9 +343,9 @@ async fn drive(
     limits: &Limits,
     rep: &mut ConnReport,
 ) -> Result<()> {
-    let mut redeems = Redeems::new(run, conn);
+    let mut requests = Requests::new(run, conn, limits.kind);
     if let Some(pace) = limits.pace {
-        return drive_paced(pipe, conn, run, ledger, limits, pace, rep, redeems).await;
+        return drive_paced(pipe, conn, run, ledger, limits, pace, rep, requests).await;
     }
     let mut sending = true;
     for _ in 0..limits.pipeline {
@@ -227,15 +353,19 @@ async fn drive(
             sending = false;
             break;
         }
-        redeems.push(pipe, run);
+        requests.push(pipe, run);
     }
     while pipe.in_flight() > 0 {
         let (sent, reply) = pipe.next().await?;
         let now = Instant::now();
-        record(rep, ledger, run, now, sent, &reply);
+        latency(rep, now, &sent);
+        if !requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
+            continue;
+        }
+        rep.ops += 1;
         if sending {
             if limits.may_send(now) {
-                redeems.push(pipe, run);
+                requests.push(pipe, run);
             } else {
                 sending = false;
             }
@@ -244,15 +374,13 @@ async fn drive(
     Ok(())
 }
 
-/// Counts and checks one reply.
-fn record(rep: &mut ConnReport, ledger: &Ledger, run: &Run, now: Instant, sent: crate::pipe::Sent, reply: &Reply) {
+/// Records one reply's latency.
+fn latency(rep: &mut ConnReport, now: Instant, sent: &crate::pipe::Sent) {
     let micros = now.saturating_duration_since(sent.at).as_micros() as u64;
     rep.hist.saturating_record(micros);
     if micros > rep.slowest.0 {
         rep.slowest = (micros, Some(now));
     }
-    rep.ops += 1;
-    auditor::check_redeem(ledger, sent.tag, &run.cards[sent.tag], run.usd, reply, &mut rep.findings);
 }
 
 /// The open loop: requests leave on a schedule, not when replies come back, so the latency
@@ -269,7 +397,7 @@ async fn drive_paced(
     limits: &Limits,
     pace: Pace,
     rep: &mut ConnReport,
-    mut redeems: Redeems,
+    mut requests: Requests,
 ) -> Result<()> {
     let mut due = pace.first_due(conn);
     let mut sending = true;
@@ -283,7 +411,7 @@ async fn drive_paced(
                 sending = false;
                 break;
             }
-            redeems.push_due(pipe, run, held.then_some(due));
+            requests.push_due(pipe, run, held.then_some(due));
             due += pace.interval;
         }
         held = sending && due <= now;
@@ -300,7 +428,10 @@ async fn drive_paced(
             biased;
             r = pipe.next() => {
                 let (sent, reply) = r?;
-                record(rep, ledger, run, Instant::now(), sent, &reply);
+                latency(rep, Instant::now(), &sent);
+                if requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
+                    rep.ops += 1;
+                }
             }
             () = tokio::time::sleep_until(due.into()), if can_send => {}
         }
@@ -327,6 +458,7 @@ pub struct LoadResult {
 /// What the load phase offers: how many connections, how deep, how long, and how fast.
 #[derive(Clone, Copy)]
 pub struct Shape {
+    pub kind: Kind,
     pub connections: usize,
     pub pipeline: usize,
     pub duration: Duration,
@@ -336,7 +468,7 @@ pub struct Shape {
 }
 
 pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape) -> Result<LoadResult> {
-    let Shape { connections, pipeline, duration, max_ops, rate } = *shape;
+    let Shape { kind, connections, pipeline, duration, max_ops, rate } = *shape;
     // Connect and handshake first, so the measured time holds only redeems.
     let mut pipes = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -357,6 +489,7 @@ pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape)
         connections,
     });
     let limits = Arc::new(Limits {
+        kind,
         pipeline,
         pace,
         deadline: start + duration,

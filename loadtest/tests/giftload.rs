@@ -50,3 +50,38 @@ fn rate_is_checked() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate must be between"), "{out:?}");
 }
+
+#[test]
+fn every_workload_runs_in_one_audited_run() {
+    let r = giftload(&[
+        "--connections",
+        "2",
+        "--pipeline",
+        "4",
+        "--duration-secs",
+        "1",
+        "--workload",
+        "redeem,auth-capture,split3",
+    ]);
+    assert_eq!(r["audit"], "ok", "{r}");
+    let per = r["workloads"].as_array().unwrap_or_else(|| panic!("no workloads in {r}"));
+    let names: Vec<&str> = per.iter().map(|w| w["workload"].as_str().unwrap()).collect();
+    assert_eq!(names, ["redeem", "auth-capture", "split3"]);
+    for w in per {
+        assert!(w["ops"].as_u64().unwrap() > 0, "{w}");
+        assert_eq!(w["errors"], 0, "{w}");
+    }
+    // A pair is two requests.
+    let pairs = &per[1];
+    assert_eq!(pairs["requests_per_sec"].as_f64().unwrap(), 2.0 * pairs["ops_per_sec"].as_f64().unwrap(), "{pairs}");
+    // The top level repeats the first workload's figures.
+    assert_eq!(r["ops"], per[0]["ops"]);
+}
+
+#[test]
+fn unknown_workload_is_refused() {
+    let exe = env!("CARGO_BIN_EXE_giftload");
+    let out = Command::new(exe).args(["--workload", "redeem,bogus"]).output().expect("run giftload");
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"), "{out:?}");
+}
