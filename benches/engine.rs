@@ -4,7 +4,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use giftd::card_number::CardKey;
 use giftd::engine::{
-    Appended, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs, Settled,
+    Appended, Effect, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs, Settled,
 };
 use giftd::model::{Currency, Money};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,9 @@ impl Journal for DiscardJournal {
         false
     }
     fn find_settled(&self, _: &IdemKey) -> Option<Settled> {
+        None
+    }
+    fn effect_of(&self, _: (u64, u8), _: u64) -> Option<Effect> {
         None
     }
     fn latest_group(&self) -> u64 {

@@ -456,6 +456,18 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
                 obj.insert("updated".into(), json!(rfc3339(l.updated_ms)));
                 obj.insert("transactions".into(), json!(l.txn_count));
                 obj.insert("recent".into(), txns_json(&l.recent, v.currency));
+                let holds = l
+                    .holds
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "hold_id": h.id,
+                            "amount": format_amount(h.amount_minor, v.currency),
+                            "expires": rfc3339(h.expires_ms),
+                        })
+                    })
+                    .collect();
+                obj.insert("holds".into(), Value::Array(holds));
             }
         }
         Reply::History(h) => {
@@ -492,7 +504,7 @@ fn sentence(obj: &Map<String, Value>) -> String {
     if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
         out += &format!("; hold {h} until {}", s("hold_expires"));
     }
-    for key in ["recent", "entries", "parts"] {
+    for key in ["recent", "entries", "parts", "holds"] {
         if let Some(Value::Array(items)) = obj.get(key) {
             for t in items {
                 out += &format!("\n  {t}");

@@ -6,8 +6,13 @@
 use super::card::CardRecord;
 use crate::card_number::CardKey;
 use crate::model::{Currency, Outcome, Parts, TxnKind};
+use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+
+/// Most decisions change one card, and most effects name one: inline, no allocation.
+pub type Changes = SmallVec<[CardChange; 1]>;
+pub type EffectParts = SmallVec<[(CardKey, i64); 1]>;
 
 /// (merchant, idempotency key), as `len(merchant) | merchant | key`.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
@@ -48,10 +53,16 @@ fn prefixed(a: &str, b: &str) -> Box<[u8]> {
 pub struct IdemRecord {
     pub fingerprint: [u8; 16],
     pub outcome: Outcome,
-    /// Per-card amounts, for the operations whose reply lists them (split redeem, reversal).
-    pub parts: Option<Parts>,
-    /// What an approved, reversible mutation did; `None` for declines and for the rest.
+    /// Per-card amounts, for the operations whose reply lists them (split redeem, reversal):
+    /// boxed, so the record every redeem keeps in memory stays small.
+    pub parts: Option<Box<Parts>>,
+    /// What an approved, reversible mutation did; `None` for declines and for the rest. Only the
+    /// engine's memory keeps it: the store keeps `effect_txns` instead, and rebuilds the effect from
+    /// those history entries when a refund or reversal asks ([`Journal::effect_of`]).
     pub effect: Option<Effect>,
+    /// The history entries of the effect's card changes: the first id (assigned by
+    /// [`Journal::append`]) and how many follow it, one per part.
+    pub effect_txns: Option<(u64, u8)>,
     /// Written by a reversal that arrived before its original: the original, when it comes, is
     /// declined `original_reversed` whatever its content.
     pub tombstone: bool,
@@ -59,7 +70,7 @@ pub struct IdemRecord {
 
 impl IdemRecord {
     pub fn new(fingerprint: [u8; 16], outcome: Outcome) -> IdemRecord {
-        IdemRecord { fingerprint, outcome, parts: None, effect: None, tombstone: false }
+        IdemRecord { fingerprint, outcome, parts: None, effect: None, effect_txns: None, tombstone: false }
     }
 }
 
@@ -72,9 +83,24 @@ pub struct Effect {
     pub currency: Currency,
     /// Each card and the amount it gave (spends), got (loads) or had held (authorize), in the
     /// order taken.
-    pub parts: Vec<(CardKey, i64)>,
+    pub parts: EffectParts,
     /// The hold an authorization opened (0 otherwise).
     pub hold_id: u64,
+}
+
+impl Effect {
+    /// Rebuilds an effect from its history entries (each with the card record it left). Every
+    /// entry must be of one reversible kind; the amounts are what each card gave, got or held.
+    pub fn from_history(entries: &[(TxnRecord, CardRecord)], hold_id: u64) -> Option<Effect> {
+        let (first, card) = entries.first()?;
+        Some(Effect {
+            at_ms: first.at_ms,
+            kind: first.kind,
+            currency: card.currency,
+            parts: entries.iter().map(|(t, _)| (t.card, t.amount_minor.abs())).collect(),
+            hold_id,
+        })
+    }
 }
 
 /// What later requests did to a mutation: refunds (per part of its effect) and its reversal.
@@ -122,7 +148,7 @@ pub struct CardChange {
 #[derive(Clone, Debug, Default)]
 pub struct Effects {
     /// Card changes, one per card (several for a multi-card operation), in lock order.
-    pub changes: Vec<CardChange>,
+    pub changes: Changes,
     pub idem: Option<(IdemKey, IdemRecord)>,
     /// The new state of the mutation a refund or reversal acted on.
     pub settled: Option<(IdemKey, Settled)>,
@@ -156,11 +182,16 @@ pub trait Journal: Send + Sync + 'static {
     fn invoice_used(&self, key: &InvoiceKey) -> bool;
     /// The durable settlement state of a mutation (refunds, reversal), if any was written.
     fn find_settled(&self, key: &IdemKey) -> Option<Settled>;
+    /// The effect of a durable mutation, rebuilt from its history entries (`effect_txns` of its
+    /// record; `hold_id` from its outcome). Called only for records the store returned, whose
+    /// history was written in the same batch.
+    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect>;
     /// The newest commit group anything was appended to: a reply that depends on a record found in
     /// the store, possibly not yet synced, waits for this.
     fn latest_group(&self) -> u64;
     /// Queues `effects` and returns the commit group that will make them durable, and the ids it
-    /// gave the history entries (consecutive, from `first_txn_id`). Ids are never reused, not even across restarts, and grow
+    /// gave the history entries (consecutive, from `first_txn_id`). An idempotency record with an
+    /// effect gets `effect_txns` pointing at those entries. Ids are never reused, not even across restarts, and grow
     /// in commit order, so the store keeps history in id order: appending, never inserting. The
     /// id becomes the entry's `id` and the card record's `last_txn_id`.
     /// Called with the card's lock held, so it must not block: it only appends to the open group.
@@ -183,6 +214,8 @@ struct MemoryInner {
     invoices: HashSet<InvoiceKey>,
     cards: HashMap<CardKey, CardRecord>,
     txns: Vec<TxnRecord>,
+    /// Each history entry's card record, as the store's history entries carry it.
+    card_after: HashMap<u64, CardRecord>,
 }
 
 impl MemoryJournal {
@@ -211,6 +244,18 @@ impl Journal for MemoryJournal {
         self.inner.lock().unwrap().settled.get(key).cloned()
     }
 
+    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect> {
+        let g = self.inner.lock().unwrap();
+        let entries: Vec<(TxnRecord, CardRecord)> = (txns.0..txns.0 + txns.1 as u64)
+            .map(|id| {
+                let t = g.txns.iter().find(|t| t.id == id)?;
+                let card = g.card_after.get(&id)?;
+                Some((t.clone(), card.clone()))
+            })
+            .collect::<Option<_>>()?;
+        Effect::from_history(&entries, hold_id)
+    }
+
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.inner.lock().unwrap().invoices.contains(key)
     }
@@ -227,10 +272,15 @@ impl Journal for MemoryJournal {
             g.txn_id += 1;
             let id = g.txn_id;
             c.assign_id(id);
+            g.card_after.insert(id, c.record.clone());
             g.cards.insert(c.txn.card, c.record);
             g.txns.push(c.txn);
         }
-        if let Some((k, r)) = effects.idem {
+        if let Some((k, mut r)) = effects.idem {
+            // Kept as the store keeps it: the effect only by reference to its history entries.
+            if let Some(e) = r.effect.take() {
+                r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
+            }
             g.idem.insert(k, r);
         }
         if let Some((k, s)) = effects.settled {

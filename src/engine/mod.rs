@@ -16,8 +16,8 @@ pub mod rules;
 
 pub use card::{CardRecord, Lifecycle};
 pub use journal::{
-    Appended, CardChange, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta, MemoryJournal,
-    Settled, TxnRecord,
+    Appended, CardChange, Changes, Effect, EffectParts, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta,
+    MemoryJournal, Settled, TxnRecord,
 };
 pub use program::{Program, Programs};
 pub use rules::{Op, SplitOrder};
@@ -272,7 +272,8 @@ impl Engine {
                 v.insert((group, now_ms));
             }
         }
-        let done = Executed { outcome: record.outcome, parts: record.parts.clone(), group, replayed: false };
+        let done =
+            Executed { outcome: record.outcome, parts: record.parts.as_deref().cloned(), group, replayed: false };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
     }
@@ -284,7 +285,7 @@ impl Engine {
         if let Some(r) = self.idem.get(key) {
             return Some(r.record.clone());
         }
-        if let Some(r) = self.journal.find_idem(key) {
+        if let Some(r) = self.durable_original(key) {
             return Some(r);
         }
         if !reversal {
@@ -295,7 +296,7 @@ impl Engine {
             Entry::Vacant(v) => {
                 // As in `execute`: a sweep since the store missed may have moved it there.
                 if self.evictions.load(Ordering::SeqCst) != evictions {
-                    if let Some(r) = self.journal.find_idem(key) {
+                    if let Some(r) = self.durable_original(key) {
                         return Some(r);
                     }
                 }
@@ -309,17 +310,33 @@ impl Engine {
         }
     }
 
+    /// A mutation's record as the store has it, with its effect rebuilt from history.
+    fn durable_original(&self, key: &IdemKey) -> Option<IdemRecord> {
+        let mut r = self.journal.find_idem(key)?;
+        if let (None, Some(txns)) = (&r.effect, r.effect_txns) {
+            r.effect = self.journal.effect_of(txns, r.outcome.hold.map_or(0, |h| h.id));
+        }
+        Some(r)
+    }
+
     /// Appends a decision's effects with its idempotency record; returns the record and where it went.
     fn commit(&self, m: &Mutation, answer: Answer, mut effects: Effects) -> (IdemRecord, Appended) {
-        let record = IdemRecord {
+        // A single-card record has no heap parts, so this copy allocates nothing.
+        let mut record = IdemRecord {
             fingerprint: m.fingerprint,
             outcome: answer.outcome,
-            parts: answer.parts,
+            parts: answer.parts.map(Box::new),
             effect: answer.effect,
+            effect_txns: None,
             tombstone: false,
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
-        (record, self.journal.append(effects))
+        let at = self.journal.append(effects);
+        // The journal points its copy at the history entries it numbered; so does memory's.
+        if let Some(e) = &record.effect {
+            record.effect_txns = Some((at.first_txn_id, e.parts.len() as u8));
+        }
+        (record, at)
     }
 
     /// Records a decision that changes no card (a decline): only its idempotency record.
@@ -366,7 +383,7 @@ impl Engine {
                     let outcome = Outcome::approved(money.minor, rec.view(now_ms));
                     let change = Self::change_of(key, m.idem.merchant(), &rec, TxnKind::Issue, money.minor, now_ms);
                     let effects = Effects {
-                        changes: vec![change],
+                        changes: smallvec::smallvec![change],
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
                             credit_minor: money.minor,
@@ -411,7 +428,7 @@ impl Engine {
                     at_ms: now_ms,
                     kind: d.kind,
                     currency: card.rec.currency,
-                    parts: vec![(key, d.approved_minor)],
+                    parts: smallvec::smallvec![(key, d.approved_minor)],
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
                 // Appended under the card's lock: the journal sees this card's changes in order.
@@ -521,7 +538,7 @@ impl Engine {
         };
         let mut effects = Effects::default();
         let mut items = Vec::with_capacity(take.len());
-        let mut parts = Vec::with_capacity(take.len());
+        let mut parts = EffectParts::with_capacity(take.len());
         for &(i, minor) in &take {
             let g = locked.card(&keys[i]);
             let d = rules::split_part(&g.rec, minor);
@@ -778,7 +795,7 @@ fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
         // A reversal came first: the original is declined, whatever it says.
         Executed { outcome: record.outcome, parts: None, group, replayed: false }
     } else if record.fingerprint == *fingerprint {
-        Executed { outcome: record.outcome, parts: record.parts.clone(), group, replayed: true }
+        Executed { outcome: record.outcome, parts: record.parts.as_deref().cloned(), group, replayed: true }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
         let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);

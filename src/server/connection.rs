@@ -259,6 +259,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
                 updated_ms: 0,
                 txn_count: 0,
                 recent: Vec::new(),
+                holds: Vec::new(),
             }),
             0,
         );
@@ -274,6 +275,8 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
         updated_ms: rec.updated_ms,
         txn_count: rec.txn_count,
         recent,
+        // A hold past its deadline is released, even before giftd writes the release.
+        holds: rec.holds.iter().filter(|h| h.expires_ms > now).copied().collect(),
     };
     (Reply::Lookup(reply), group)
 }

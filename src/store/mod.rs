@@ -17,7 +17,9 @@
 pub mod records;
 
 use crate::card_number::CardKey;
-use crate::engine::{Appended, CardRecord, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, Settled, TxnRecord};
+use crate::engine::{
+    Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, Settled, TxnRecord,
+};
 use crate::metrics::Metrics;
 use crate::model::Currency;
 use rocksdb::{
@@ -315,6 +317,20 @@ impl Journal for Store {
         }
     }
 
+    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect> {
+        let entries = (txns.0..txns.0 + txns.1 as u64)
+            .map(|id| {
+                let key = records::history_key(id);
+                let v = self.get(CF_HISTORY, &key)?;
+                match records::decode_history(&key, &v) {
+                    Ok(entry) => Some(entry),
+                    Err(e) => fail("history record decode", &e),
+                }
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Effect::from_history(&entries, hold_id)
+    }
+
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.get(CF_INVOICES, &hashed_key(&key.0)).is_some()
     }
@@ -337,6 +353,11 @@ impl Journal for Store {
         for c in &mut effects.changes {
             s.txn_id += 1;
             c.assign_id(s.txn_id);
+        }
+        if let Some((_, r)) = &mut effects.idem {
+            if let Some(e) = &r.effect {
+                r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
+            }
         }
         s.entries.push(effects);
         if s.entries.len() == 1 {

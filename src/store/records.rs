@@ -3,7 +3,7 @@
 
 use crate::card_number::CardKey;
 use crate::engine::card::HOLDS_PER_CARD_MAX;
-use crate::engine::{CardRecord, Effect, IdemRecord, Lifecycle, Settled, TxnRecord};
+use crate::engine::{CardRecord, IdemRecord, Lifecycle, Settled, TxnRecord};
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
@@ -222,7 +222,7 @@ fn put_outcome(dst: &mut Vec<u8>, o: &Outcome) {
     }
 }
 
-fn put_parts(dst: &mut Vec<u8>, parts: &Option<Parts>) {
+fn put_parts(dst: &mut Vec<u8>, parts: Option<&Parts>) {
     match parts {
         None => dst.put_u8(0),
         Some(p) => {
@@ -292,21 +292,15 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
     dst.put_u8(IDEM_V3);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
-    put_parts(dst, &rec.parts);
+    put_parts(dst, rec.parts.as_deref());
     dst.put_u8(rec.tombstone as u8);
-    match &rec.effect {
+    // The effect itself is in the history entries this points at (see `IdemRecord::effect`).
+    match rec.effect_txns {
         None => dst.put_u8(0),
-        Some(e) => {
+        Some((first, count)) => {
             dst.put_u8(1);
-            dst.put_i64_le(e.at_ms);
-            dst.put_u8(e.kind as u8);
-            dst.put_slice(&e.currency.code());
-            dst.put_u64_le(e.hold_id);
-            dst.put_u8(e.parts.len() as u8);
-            for (card, amount) in &e.parts {
-                dst.put_slice(&card.0);
-                dst.put_i64_le(*amount);
-            }
+            dst.put_u64_le(first);
+            dst.put_u8(count);
         }
     }
 }
@@ -316,24 +310,10 @@ pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     r.version(IDEM_V3)?;
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
-    let parts = r.parts()?;
+    let parts = r.parts()?.map(Box::new);
     let tombstone = r.u8()? == 1;
-    let effect = if r.u8()? == 1 {
-        let at_ms = r.i64()?;
-        let kind = TxnKind::from_u8(r.u8()?);
-        let kind = r.some(kind)?;
-        let currency = r.currency()?;
-        let hold_id = r.i64()? as u64;
-        let n = r.count()?;
-        let mut parts = Vec::with_capacity(n);
-        for _ in 0..n {
-            parts.push((CardKey(r.arr()?), r.i64()?));
-        }
-        Some(Effect { at_ms, kind, currency, parts, hold_id })
-    } else {
-        None
-    };
-    Ok(IdemRecord { fingerprint, outcome, parts, effect, tombstone })
+    let effect_txns = if r.u8()? == 1 { Some((r.i64()? as u64, r.u8()?)) } else { None };
+    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone })
 }
 
 pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {
@@ -347,7 +327,7 @@ pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {
         Some((o, parts)) => {
             dst.put_u8(1);
             put_outcome(dst, o);
-            put_parts(dst, parts);
+            put_parts(dst, parts.as_ref());
         }
     }
 }
@@ -391,6 +371,7 @@ pub fn decode_totals(key: &[u8], buf: &[u8]) -> Result<(Currency, i128, i128), C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Effect;
 
     #[test]
     fn card_and_history_records_round_trip() {
@@ -451,14 +432,19 @@ mod tests {
             currency: usd,
             items: vec![PartView { last4: *b"0042", amount_minor: -300, balance_after_minor: 700 }],
         };
-        let effect =
-            Effect { at_ms: 9, kind: TxnKind::Redeem, currency: usd, parts: vec![(CardKey([1; 32]), 300)], hold_id: 0 };
+        let effect = Effect {
+            at_ms: 9,
+            kind: TxnKind::Redeem,
+            currency: usd,
+            parts: smallvec::smallvec![(CardKey([1; 32]), 300)],
+            hold_id: 0,
+        };
         let records = [
             IdemRecord::new([3; 16], Outcome { hold: Some(hold), ..Outcome::approved(300, card) }),
             IdemRecord::new([4; 16], Outcome::declined(ResultCode::HoldNotFound, None)),
             IdemRecord {
-                parts: Some(parts.clone()),
-                effect: Some(effect),
+                parts: Some(Box::new(parts.clone())),
+                effect_txns: Some((41, 2)),
                 ..IdemRecord::new([5; 16], Outcome::approved(300, card))
             },
             IdemRecord {
@@ -472,6 +458,15 @@ mod tests {
             assert_eq!(decode_idem(&buf).unwrap(), rec);
             assert!(decode_idem(&buf[..buf.len() - 1]).is_err(), "a truncated record is corrupt");
         }
+        // The effect itself is not written: only where its history entries are.
+        let with_effect = IdemRecord {
+            effect: Some(effect),
+            effect_txns: Some((7, 1)),
+            ..IdemRecord::new([6; 16], Outcome::approved(300, card))
+        };
+        let mut buf = Vec::new();
+        encode_idem(&mut buf, &with_effect);
+        assert_eq!(decode_idem(&buf).unwrap(), IdemRecord { effect: None, ..with_effect });
         let settled =
             Settled { refunded_minor: vec![100, 0], reversal: Some((Outcome::approved(200, card), Some(parts))) };
         let mut buf = Vec::new();

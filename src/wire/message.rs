@@ -228,6 +228,8 @@ pub struct LookupReply {
     pub txn_count: u64,
     /// Newest first.
     pub recent: Vec<TxnView>,
+    /// Open holds, oldest first.
+    pub holds: Vec<HoldView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -708,6 +710,12 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_i64_le(l.updated_ms);
             dst.put_u64_le(l.txn_count);
             put_txns(dst, &l.recent);
+            dst.put_u8(l.holds.len() as u8);
+            for h in &l.holds {
+                dst.put_u64_le(h.id);
+                dst.put_i64_le(h.amount_minor);
+                dst.put_i64_le(h.expires_ms);
+            }
         }
         Reply::History(h) => {
             dst.put_u16_le(h.result as u16);
@@ -758,6 +766,14 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
             updated_ms: r.i64()?,
             txn_count: r.u64()?,
             recent: r.txns()?,
+            holds: {
+                let n = r.u8()? as usize;
+                let mut holds = Vec::with_capacity(n.min(crate::engine::card::HOLDS_PER_CARD_MAX));
+                for _ in 0..n {
+                    holds.push(HoldView { id: r.u64()?, amount_minor: r.i64()?, expires_ms: r.i64()? });
+                }
+                holds
+            },
         }),
         Opcode::History => {
             let has = r.bool()?;

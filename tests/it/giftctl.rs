@@ -228,6 +228,9 @@ fn giftctl_authorizes_captures_and_voids() {
     let hold = v["hold_id"].as_u64().unwrap_or_else(|| panic!("hold_id in {v}")).to_string();
     assert!(v["hold_expires"].as_str().is_some_and(|s| s.contains('T')), "{v}");
     expect(&json(&g, &["balance", "--number", n]), &[("held", "40.00"), ("available", "60.00")]);
+    let v = json(&g, &["lookup", "--number", n]);
+    assert_eq!(v["holds"][0]["hold_id"].to_string(), hold, "{v}");
+    expect(&v["holds"][0], &[("amount", "40.00")]);
 
     let v = json(&g, &["capture", "--hold", &hold, "--amount", "15.00", "--key", "ctl-c1"]);
     expect(&v, &[("result", "approved"), ("approved", "15.00"), ("balance", "85.00"), ("held", "0.00")]);

@@ -59,6 +59,13 @@ async fn authorize_then_capture_part_releases_the_rest() {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     assert!((hold.expires_ms - (now_ms + 3_600_000)).abs() < 60_000, "{hold:?}");
 
+    // Lookup lists the open hold.
+    let lookup = match timed("lookup", c.call(&Request::Lookup { number: num(CARD) })).await.expect("lookup") {
+        Reply::Lookup(l) => l,
+        other => panic!("expected a lookup reply, got {other:?}"),
+    };
+    assert_eq!(lookup.holds, vec![hold]);
+    assert_eq!(lookup.recent.first().map(|t| (t.kind, t.amount_minor)), Some((TxnKind::Authorize, 3_000)));
     // A redeem can only spend what is available, not what is held.
     check(&redeem(&mut c, CARD, "r1", usd(7_001), false).await, ResultCode::InsufficientFunds, 0, Some(10_000));
     check(&redeem(&mut c, CARD, "r2", usd(1_000), false).await, ResultCode::Approved, 1_000, Some(9_000));
