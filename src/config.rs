@@ -63,6 +63,8 @@ pub struct ProgramConfig {
     pub hold_ttl_max_secs: u64,
     /// How long after a mutation a reversal of it is accepted.
     pub reversal_window_secs: u64,
+    /// How long after an authorization its hold may be voided.
+    pub void_window_secs: u64,
     /// Whether a refund may name no original spend.
     pub unreferenced_refunds: bool,
 }
@@ -75,6 +77,7 @@ impl Default for ProgramConfig {
             hold_ttl_default_secs: crate::engine::program::HOLD_TTL_DEFAULT_SECS,
             hold_ttl_max_secs: crate::engine::program::HOLD_TTL_MAX_SECS,
             reversal_window_secs: crate::engine::program::REVERSAL_WINDOW_SECS,
+            void_window_secs: crate::engine::program::VOID_WINDOW_SECS,
             unreferenced_refunds: false,
         }
     }
@@ -171,6 +174,9 @@ impl Config {
             if !(1..=cap).contains(&p.reversal_window_secs) {
                 errs.push(format!("programs.{name}.reversal_window_secs must be between 1 and {cap}"));
             }
+            if !(1..=cap).contains(&p.void_window_secs) {
+                errs.push(format!("programs.{name}.void_window_secs must be between 1 and {cap}"));
+            }
             if !(1..=p.hold_ttl_max_secs).contains(&p.hold_ttl_default_secs) {
                 errs.push(format!("programs.{name}.hold_ttl_default_secs must be between 1 and hold_ttl_max_secs"));
             }
@@ -203,6 +209,7 @@ impl Config {
                 hold_ttl_default_ms: p.hold_ttl_default_secs as i64 * 1000,
                 hold_ttl_max_ms: p.hold_ttl_max_secs as i64 * 1000,
                 reversal_window_ms: p.reversal_window_secs as i64 * 1000,
+                void_window_ms: p.void_window_secs as i64 * 1000,
                 unreferenced_refunds: p.unreferenced_refunds,
             })
             .collect()

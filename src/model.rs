@@ -327,6 +327,7 @@ result_codes! {
     OriginalCardMismatch = 46, "original_card_mismatch";
     AlreadyReversed = 41, "already_reversed";
     ReversalWindowPassed = 43, "reversal_window_passed";
+    VoidWindowPassed = 47, "void_window_passed";
     RefundExceedsOriginal = 42, "refund_exceeds_original";
     InvoiceRequired = 32, "invoice_required";
     InvoiceReused = 33, "invoice_reused";

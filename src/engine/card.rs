@@ -8,7 +8,20 @@ use crate::model::{CardView, Currency, HoldView, LockReason, Status};
 pub const HOLDS_PER_CARD_MAX: usize = 16;
 
 /// An open hold, as the card's record keeps it.
-pub type Hold = HoldView;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hold {
+    pub id: u64,
+    pub amount_minor: i64,
+    pub expires_ms: i64,
+    /// When it was authorized: a void is accepted within the program's window from this.
+    pub opened_ms: i64,
+}
+
+impl Hold {
+    pub fn view(&self) -> HoldView {
+        HoldView { id: self.id, amount_minor: self.amount_minor, expires_ms: self.expires_ms }
+    }
+}
 use std::sync::Arc;
 
 /// Where a card is in its life. Suspension and expiry are not here: a suspension is a lock reason

@@ -72,7 +72,11 @@ struct MHold {
     card: u8,
     amount: i64,
     expires: i64,
+    opened: i64,
 }
+
+/// The sequences' program lets a hold be voided for 2 hours (the clock often moves further).
+const VOID_WINDOW_MS: i64 = 2 * HOUR_MS;
 
 #[derive(Clone, Debug)]
 struct MCard {
@@ -201,7 +205,7 @@ impl Model {
                     Ok(a) => {
                         let id = self.next_hold;
                         self.next_hold += 1;
-                        self.holds.push(MHold { id, card, amount: a, expires: now + ttl_ms });
+                        self.holds.push(MHold { id, card, amount: a, expires: now + ttl_ms, opened: now });
                         let said = Said { hold: Some(id), ..Said::yes(a) };
                         (said, Some(effect(TxnKind::Authorize, now, vec![(card, a)], id)))
                     }
@@ -233,6 +237,9 @@ impl Model {
             }
             Step::Void { hold } => match self.holds.iter().position(|h| h.id == hold && h.expires > now) {
                 None => (Said::no(ResultCode::HoldNotFound), None),
+                Some(i) if now - self.holds[i].opened > VOID_WINDOW_MS => {
+                    (Said::no(ResultCode::VoidWindowPassed), None)
+                }
                 Some(i) => {
                     let h = self.holds.remove(i);
                     (Said::yes(h.amount), None)
@@ -521,10 +528,14 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
     (k, s)
 }
 
+fn programs() -> Programs {
+    Programs::new([Program { void_window_ms: VOID_WINDOW_MS, ..Program::new("default") }])
+}
+
 fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let journal = Arc::new(MemoryJournal::default());
-    let engine = Engine::new(Programs::default(), journal.clone());
+    let engine = Engine::new(programs(), journal.clone());
     for c in 1..=CARDS {
         let op = Op::Issue { program: "default".into(), money: usd(10_000), expiry_ms: None, active: true };
         let m = Mutation {
@@ -578,7 +589,7 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
         );
     }
     // A restart from what was journalled rebuilds the same cards.
-    let again = Engine::new(Programs::default(), Arc::new(MemoryJournal::default()));
+    let again = Engine::new(programs(), Arc::new(MemoryJournal::default()));
     again.restore(journal.cards(), journal.hold_id_next());
     for c in 1..=CARDS {
         assert_eq!(again.snapshot(&key(c)).unwrap().0, engine.snapshot(&key(c)).unwrap().0, "seed {seed}: card {c}");
@@ -610,6 +621,7 @@ fn engine_agrees_with_the_reference_model() {
         OriginalCardMismatch,
         AlreadyReversed,
         ReversalWindowPassed,
+        VoidWindowPassed,
         RefundExceedsOriginal,
         TooManyHolds,
         InsufficientFunds,

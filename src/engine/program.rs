@@ -10,6 +10,8 @@ pub const DEFAULT_PROGRAM: &str = "default";
 pub const HOLD_TTL_DEFAULT_SECS: u64 = 7 * 86_400;
 /// The longest a program lets a hold last unless configured otherwise: 30 days.
 pub const HOLD_TTL_MAX_SECS: u64 = 30 * 86_400;
+/// A hold may be voided as long as it may last (30 days) unless its program sets a shorter window.
+pub const VOID_WINDOW_SECS: u64 = HOLD_TTL_MAX_SECS;
 /// A mutation may be reversed for 24 hours unless its program says otherwise.
 pub const REVERSAL_WINDOW_SECS: u64 = 86_400;
 /// No program may let a hold outlive a year: held money must come back to the cardholder.
@@ -28,6 +30,8 @@ pub struct Program {
     pub hold_ttl_max_ms: i64,
     /// How long after a mutation its reversal is accepted.
     pub reversal_window_ms: i64,
+    /// How long after an authorization its hold may be voided.
+    pub void_window_ms: i64,
     /// Whether a refund may name no original spend (off: every refund must reference one).
     pub unreferenced_refunds: bool,
 }
@@ -41,6 +45,7 @@ impl Program {
             hold_ttl_default_ms: HOLD_TTL_DEFAULT_SECS as i64 * 1000,
             hold_ttl_max_ms: HOLD_TTL_MAX_SECS as i64 * 1000,
             reversal_window_ms: REVERSAL_WINDOW_SECS as i64 * 1000,
+            void_window_ms: VOID_WINDOW_SECS as i64 * 1000,
             unreferenced_refunds: false,
         }
     }

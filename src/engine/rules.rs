@@ -155,7 +155,7 @@ impl Decision {
         match self.hold {
             HoldChange::None => {}
             HoldChange::Open { amount_minor, expires_ms } => {
-                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms });
+                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms, opened_ms: now_ms });
                 card.held_minor += amount_minor;
             }
             HoldChange::Close { id } => {
@@ -315,8 +315,13 @@ pub fn decide(
             })
         }
         Op::Void { hold_id } => {
-            // Releasing reserved money is always allowed: it only gives the cardholder back theirs.
+            // Whatever the card's status: a void only gives the cardholder back what was reserved.
+            // Past the program's window the merchant may no longer void; the hold then runs to
+            // its deadline (or is captured).
             let hold = open_hold(card, *hold_id, now_ms)?;
+            if now_ms - hold.opened_ms > program.void_window_ms {
+                return Err(ResultCode::VoidWindowPassed);
+            }
             Ok(Decision { hold: HoldChange::Close { id: hold.id }, ..same(TxnKind::Void, 0, hold.amount_minor) })
         }
         Op::Reload { money } => {

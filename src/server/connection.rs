@@ -276,7 +276,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
         txn_count: rec.txn_count,
         recent,
         // A hold past its deadline is released, even before giftd writes the release.
-        holds: rec.holds.iter().filter(|h| h.expires_ms > now).copied().collect(),
+        holds: rec.holds.iter().filter(|h| h.expires_ms > now).map(|h| h.view()).collect(),
     };
     (Reply::Lookup(reply), group)
 }

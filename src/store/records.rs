@@ -2,7 +2,7 @@
 //! formats, separate from the wire's: the two evolve independently.
 
 use crate::card_number::CardKey;
-use crate::engine::card::HOLDS_PER_CARD_MAX;
+use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
 use crate::engine::{CardRecord, IdemRecord, Lifecycle, Settled, TxnRecord};
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
@@ -50,6 +50,10 @@ impl<'a> Reader<'a> {
     }
     fn hold(&mut self) -> Result<HoldView, Corrupt> {
         Ok(HoldView { id: self.i64()? as u64, amount_minor: self.i64()?, expires_ms: self.i64()? })
+    }
+    fn card_hold(&mut self) -> Result<Hold, Corrupt> {
+        let v = self.hold()?;
+        Ok(Hold { id: v.id, amount_minor: v.amount_minor, expires_ms: v.expires_ms, opened_ms: self.i64()? })
     }
     fn opt_i64(&mut self) -> Result<Option<i64>, Corrupt> {
         let present = self.u8()? == 1;
@@ -105,7 +109,8 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     put_str8(dst, &c.program);
     dst.put_u8(c.holds.len() as u8);
     for h in &c.holds {
-        put_hold(dst, h);
+        put_hold(dst, &h.view());
+        dst.put_i64_le(h.opened_ms);
     }
 }
 
@@ -138,7 +143,7 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         return Err(Corrupt { what: "card" });
     }
     for _ in 0..n {
-        rec.holds.push(r.hold()?);
+        rec.holds.push(r.card_hold()?);
     }
     // Paired assertion: the invariants checked before writing hold again after reading.
     rec.check().map_err(|_| Corrupt { what: "card" })?;
@@ -381,7 +386,7 @@ mod tests {
             currency: Currency::from_code(*b"USD").unwrap(),
             balance_minor: 9_950,
             held_minor: 50,
-            holds: vec![HoldView { id: 9, amount_minor: 50, expires_ms: 1_800_000_000_000 }],
+            holds: vec![Hold { id: 9, amount_minor: 50, expires_ms: 1_800_000_000_000, opened_ms: 1_700_000_000_500 }],
             lifecycle: Lifecycle::Active,
             lock: LockReason::None,
             pin_locked: false,

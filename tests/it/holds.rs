@@ -330,3 +330,19 @@ async fn holds_and_captures_in_flight_survive_kill9_exactly_once() {
     let (open_hold, _) = long.iter().copied().find(|(h, _)| h % 3 == 0).unwrap();
     check(&call(&mut c, &capture_req("c-open", open_hold, usd(HELD))).await, ResultCode::Approved, HELD, None);
 }
+
+#[tokio::test]
+async fn a_void_past_the_programs_window_is_declined() {
+    let g = Giftd::with_config("[programs.default]\nvoid_window_secs = 1\n");
+    let mut c = g.client().await;
+    issue(&mut c, CARD, usd(5_000)).await;
+    let early = hold_of(&authorize(&mut c, CARD, "a1", usd(1_000), false, 600).await);
+    check(&call(&mut c, &void_req("v1", early.id)).await, ResultCode::Approved, 1_000, Some(5_000));
+    let late = hold_of(&authorize(&mut c, CARD, "a2", usd(1_000), false, 600).await);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let refused = call(&mut c, &void_req("v2", late.id)).await;
+    check(&refused, ResultCode::VoidWindowPassed, 0, Some(5_000));
+    assert_eq!(refused.card.unwrap().held_minor, 1_000, "the hold stays until captured or expired");
+    // It can still be captured.
+    check(&call(&mut c, &capture_req("c1", late.id, usd(1_000))).await, ResultCode::Approved, 1_000, Some(4_000));
+}
