@@ -214,7 +214,7 @@ async fn kill9_cycles(mut g: Giftd, n: &'static str) -> Vec<u8> {
     assert_eq!((expect_seq, balance_after), (0, 0), "history covers every entry back to the issue");
     drop(c);
     // A final clean stop and start still passes recovery.
-    assert!(g.sigterm().success());
+    g.stop_cleanly();
     g.restart();
     assert_eq!(balance(&mut g.client().await, n).await, start);
     // SIGTERM writes a full checkpoint: that start replayed nothing.

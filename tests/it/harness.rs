@@ -214,6 +214,12 @@ impl Giftd {
         self.signal_and_wait(libc::SIGTERM)
     }
 
+    /// SIGTERM, and a clean exit (status 0); otherwise fails with the status and giftd's log.
+    pub fn stop_cleanly(&mut self) {
+        let status = self.sigterm();
+        assert!(status.success(), "giftd exited with {status:?} after SIGTERM; log tail:\n{}", self.log_tail(40));
+    }
+
     /// Starts giftd again on the same data directory (killing it first if it still runs).
     pub fn restart(&mut self) {
         if self.child.is_some() {

@@ -217,7 +217,7 @@ async fn holds_survive_a_crash_and_expire_while_giftd_is_down() {
 
     // Once more through a clean stop, which checkpoints every card: still the same holds.
     drop(c);
-    assert!(g.sigterm().success());
+    g.stop_cleanly();
     g.restart();
     let mut c = g.client().await;
     let v = view(&mut c, CARD).await;

@@ -437,7 +437,7 @@ async fn idempotent_retry_replays_identical_bytes_and_applies_once() {
     assert_eq!(call(&mut c, &mismatch[0]).await.result, ResultCode::IdempotencyMismatch);
     assert_eq!(balance(&mut c, n).await, 14_000);
     // And after a clean shutdown too.
-    assert!(g.sigterm().success());
+    g.stop_cleanly();
     g.restart();
     let mut c = g.client().await;
     assert_eq!(raw_reply(&mut c, &req).await, first);

@@ -105,12 +105,12 @@ async fn card_numbers_are_not_stored_or_logged_in_clear() {
     drop(c);
 
     // A clean stop, a restart (recovery reads everything back) and another stop.
-    assert!(g.sigterm().success());
+    g.stop_cleanly();
     g.restart();
     let mut c = g.client().await;
     assert_eq!(crate::balance(&mut c, TCP_NUMBERS[0]).await, 8_866);
     drop(c);
-    assert!(g.sigterm().success());
+    g.stop_cleanly();
 
     let mut needles: Vec<&str> = TCP_NUMBERS.iter().chain(&CTL_NUMBERS).copied().collect();
     needles.extend([TOO_LONG, UNKNOWN]);
