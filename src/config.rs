@@ -45,9 +45,11 @@ pub struct Limits {
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     pub shutdown_grace_secs: u64,
     /// How long idempotency keys and invoices stay in memory once durable; older ones are answered
-    /// from the store. Memory grows with this window times the request rate (about 150 bytes a
-    /// key: 10 s at 100k/s is ~150 MB), so it is short; its only job is to cover the moment
-    /// between a request's store lookup and its claim of the key.
+    /// from the store. Memory grows with this window times the request rate (about 300 bytes a
+    /// key: 2 s at 130k/s is ~80 MB), and the sweep that trims it locks each shard in turn, so it
+    /// is short; its only job is to cover the moment between a request's store lookup and its
+    /// claim of the key. Measured at 64×16: 2 s serves 17 % more redeems than 10 s, with half the
+    /// p99.
     pub idem_memory_secs: u64,
 }
 
@@ -111,7 +113,7 @@ impl Default for Limits {
             frame_bytes_max: crate::wire::FRAME_BYTES_MAX,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 10,
-            idem_memory_secs: 10,
+            idem_memory_secs: 2,
         }
     }
 }
