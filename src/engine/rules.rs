@@ -7,7 +7,7 @@ use crate::card_number::CardKey;
 use crate::model::{LockReason, Money, ResultCode, Status, TxnKind};
 use std::sync::Arc;
 
-/// A mutation of one card, after the wire layer has validated its fields.
+/// A mutation of one card or more, after the wire layer has validated its fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     Issue {
