@@ -142,14 +142,16 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let http = tokio::spawn(server::http::serve(metrics_listener, metrics, shutdown.clone()));
     tracing::info!(listen = %addr, metrics = %maddr, durability = %durability.label(), "giftd ready");
+    // The handlers are in place before the ready line: a SIGTERM sent as soon as giftd says it is
+    // ready must drain it, not kill it with the default action.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     // One machine-readable line on stdout, for scripts and tests that start giftd on port 0.
     println!("giftd ready listen={addr} metrics={maddr} durability={}", durability.label());
 
     let signals = {
         let shutdown = shutdown.clone();
         async move {
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
                 _ = int.recv() => tracing::info!("SIGINT: draining"),

@@ -157,3 +157,13 @@ async fn idle_connections_are_closed() {
     issue(&mut busy, n, usd(1_000)).await;
     assert_eq!(crate::balance(&mut busy, n).await, 1_000);
 }
+
+/// A SIGTERM sent the moment giftd says it is ready drains it (exit 0), rather than killing it
+/// with the default action: the handlers are installed before the ready line.
+#[test]
+fn sigterm_right_after_ready_exits_0() {
+    for _ in 0..5 {
+        let mut g = Giftd::start();
+        g.stop_cleanly();
+    }
+}
