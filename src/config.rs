@@ -69,6 +69,8 @@ pub struct ProgramConfig {
     pub void_window_secs: u64,
     /// Whether a refund may name no original spend.
     pub unreferenced_refunds: bool,
+    /// A decimal string: cash-out is allowed only for balances up to this (absent: any).
+    pub cash_out_max: Option<String>,
 }
 
 impl Default for ProgramConfig {
@@ -81,6 +83,7 @@ impl Default for ProgramConfig {
             reversal_window_secs: crate::engine::program::REVERSAL_WINDOW_SECS,
             void_window_secs: crate::engine::program::VOID_WINDOW_SECS,
             unreferenced_refunds: false,
+            cash_out_max: None,
         }
     }
 }
@@ -169,6 +172,12 @@ impl Config {
                     errs.push(format!("programs.{name}.max_balance must be a decimal from 0 to 10^15, not {m:?}"));
                 }
             }
+            if let Some(m) = &p.cash_out_max {
+                let max = Decimal::from(crate::wire::AMOUNT_MINOR_MAX);
+                if Decimal::from_str(m).map(|d| d.is_sign_negative() || d > max).unwrap_or(true) {
+                    errs.push(format!("programs.{name}.cash_out_max must be a decimal from 0 to 10^15, not {m:?}"));
+                }
+            }
             let cap = crate::engine::program::HOLD_TTL_CEILING_SECS;
             if !(1..=cap).contains(&p.hold_ttl_max_secs) {
                 errs.push(format!("programs.{name}.hold_ttl_max_secs must be between 1 and {cap}"));
@@ -213,6 +222,7 @@ impl Config {
                 reversal_window_ms: p.reversal_window_secs as i64 * 1000,
                 void_window_ms: p.void_window_secs as i64 * 1000,
                 unreferenced_refunds: p.unreferenced_refunds,
+                cash_out_max: p.cash_out_max.as_deref().and_then(|m| Decimal::from_str(m).ok()),
             })
             .collect()
     }

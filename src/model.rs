@@ -227,6 +227,10 @@ pub enum TxnKind {
     Refund = 11,
     /// An earlier mutation undone; the amount is the change of balance (0 for a released hold).
     Reversal = 12,
+    /// The remaining balance paid out (negative); the card is closed.
+    CashOut = 13,
+    /// Member id or VIP flag set.
+    Register = 14,
 }
 
 impl TxnKind {
@@ -244,6 +248,8 @@ impl TxnKind {
             10 => TxnKind::HoldExpired,
             11 => TxnKind::Refund,
             12 => TxnKind::Reversal,
+            13 => TxnKind::CashOut,
+            14 => TxnKind::Register,
             _ => return None,
         })
     }
@@ -262,6 +268,8 @@ impl TxnKind {
             TxnKind::HoldExpired => "hold_expired",
             TxnKind::Refund => "refund",
             TxnKind::Reversal => "reversal",
+            TxnKind::CashOut => "cash_out",
+            TxnKind::Register => "register",
         }
     }
 }
@@ -331,6 +339,8 @@ result_codes! {
     RefundExceedsOriginal = 42, "refund_exceeds_original";
     InvoiceRequired = 32, "invoice_required";
     InvoiceReused = 33, "invoice_reused";
+    HoldsOpen = 48, "holds_open";
+    CashOutAboveLimit = 49, "cash_out_above_limit";
     MaxBalanceExceeded = 34, "max_balance_exceeded";
     TooManyHolds = 38, "too_many_holds";
     InsufficientFunds = 35, "insufficient_funds";

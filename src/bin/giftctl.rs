@@ -200,6 +200,31 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Pay out the remaining balance and close the card.
+    CashOut {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Link a card to a member id and set or clear VIP; what is not given is kept.
+    Register {
+        #[arg(long)]
+        number: String,
+        /// The member id; an empty string unlinks the card.
+        #[arg(long)]
+        member: Option<String>,
+        #[arg(long, conflicts_with = "no_vip")]
+        vip: bool,
+        #[arg(long)]
+        no_vip: bool,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
     /// Transactions, newest first, a page at a time.
     History {
         #[arg(long)]
@@ -320,6 +345,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             money: money(amount, currency(cur)?)?,
         }),
         Cmd::Void { hold, key, who } => Some(Request::Void { idem: idem(who, Some(key.as_str())), hold_id: *hold }),
+        Cmd::CashOut { number: n, key, who } => {
+            Some(Request::CashOut { idem: idem(who, Some(key.as_str())), number: number(n)? })
+        }
         Cmd::Reverse { original, key, who } => {
             if original.is_empty() {
                 return Err(usage("--original must not be empty"));
@@ -366,6 +394,28 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let numbers = numbers.iter().map(|n| number(n)).collect::<Result<Vec<_>, _>>()?;
             let m = money(amount, card_currency(&mut c, cur.as_deref(), &numbers[0]).await?)?;
             Request::SplitRedeem { idem: idem(who, Some(key.as_str())), money: m, order, numbers }
+        }
+        (None, Cmd::Register { number: n, member, vip, no_vip, key, who }) => {
+            let n = number(n)?;
+            // What is not given is kept: read it first.
+            let (now_vip, now_member) = match c.call(&Request::Lookup { number: n.clone() }).await {
+                Ok(Reply::Lookup(l)) => (l.vip, l.member),
+                Ok(_) => (false, String::new()),
+                Err(e) => return Err(Failure::Connection(e)),
+            };
+            let vip = if *vip {
+                true
+            } else if *no_vip {
+                false
+            } else {
+                now_vip
+            };
+            let member = member.clone().unwrap_or(now_member);
+            if member.len() > giftd::wire::STRING_BYTES_MAX {
+                return Err(usage("--member is at most 64 bytes"));
+            }
+            let member = (!member.is_empty()).then_some(member);
+            Request::Register { idem: idem(who, key.as_deref()), number: n, member, vip }
         }
         (None, _) => unreachable!("every command without a server round trip is built above"),
     };
@@ -452,6 +502,10 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
             if let Some(v) = &l.card {
                 view_json(&mut obj, v);
                 obj.insert("program".into(), json!(l.program));
+                obj.insert("vip".into(), json!(l.vip));
+                if !l.member.is_empty() {
+                    obj.insert("member".into(), json!(l.member));
+                }
                 obj.insert("created".into(), json!(rfc3339(l.created_ms)));
                 obj.insert("updated".into(), json!(rfc3339(l.updated_ms)));
                 obj.insert("transactions".into(), json!(l.txn_count));

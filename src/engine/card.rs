@@ -61,6 +61,10 @@ pub struct CardRecord {
     /// `None` unless the card is suspended.
     pub lock: LockReason,
     pub pin_locked: bool,
+    /// The holder is a VIP (set by register): the reactivation policy treats VIPs differently.
+    pub vip: bool,
+    /// The loyalty member id the card is registered to, if any.
+    pub member: Option<Box<str>>,
     pub expiry_ms: Option<i64>,
     pub created_ms: i64,
     pub updated_ms: i64,

@@ -34,6 +34,8 @@ pub struct Program {
     pub void_window_ms: i64,
     /// Whether a refund may name no original spend (off: every refund must reference one).
     pub unreferenced_refunds: bool,
+    /// Cash-out is allowed only for balances up to this (None: any balance).
+    pub cash_out_max: Option<Decimal>,
 }
 
 impl Program {
@@ -47,6 +49,7 @@ impl Program {
             reversal_window_ms: REVERSAL_WINDOW_SECS as i64 * 1000,
             void_window_ms: VOID_WINDOW_SECS as i64 * 1000,
             unreferenced_refunds: false,
+            cash_out_max: None,
         }
     }
 
@@ -58,12 +61,19 @@ impl Program {
     /// `max_balance` in minor units of `currency`; a limit finer than the currency rounds down, and
     /// one too large to represent is no limit at all (config validation keeps it far below that).
     pub fn max_balance_minor(&self, currency: Currency) -> Option<i64> {
-        self.max_balance.map(|d| {
-            d.checked_mul(Decimal::from(10i64.pow(currency.exponent())))
-                .and_then(|scaled| i64::try_from(scaled.trunc()).ok())
-                .unwrap_or(i64::MAX)
-        })
+        self.max_balance.map(|d| minor_of(d, currency))
     }
+
+    /// `cash_out_max` in minor units of `currency`, rounded down like `max_balance`.
+    pub fn cash_out_max_minor(&self, currency: Currency) -> Option<i64> {
+        self.cash_out_max.map(|d| minor_of(d, currency))
+    }
+}
+
+fn minor_of(d: Decimal, currency: Currency) -> i64 {
+    d.checked_mul(Decimal::from(10i64.pow(currency.exponent())))
+        .and_then(|scaled| i64::try_from(scaled.trunc()).ok())
+        .unwrap_or(i64::MAX)
 }
 
 /// The program table. `default` always exists.

@@ -57,6 +57,13 @@ pub enum Op {
     Reverse {
         original: String,
     },
+    /// Pays out the whole balance and closes the card.
+    CashOut,
+    /// Links the card to a member id (None: unlinks it) and sets or clears VIP.
+    Register {
+        member: Option<String>,
+        vip: bool,
+    },
     /// Takes `money` from several cards, all or nothing, in `order`.
     SplitRedeem {
         cards: Vec<(CardKey, [u8; 4])>,
@@ -125,8 +132,15 @@ pub enum HoldChange {
     },
 }
 
+/// A registration's new values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub vip: bool,
+    pub member: Option<Box<str>>,
+}
+
 /// What an approved operation does to an existing card.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub kind: TxnKind,
     /// Signed change of the balance.
@@ -136,6 +150,8 @@ pub struct Decision {
     /// The amount reported as approved (or loaded, held, captured, released).
     pub approved_minor: i64,
     pub hold: HoldChange,
+    /// Set by a registration.
+    pub register: Option<Registration>,
 }
 
 impl Decision {
@@ -163,6 +179,10 @@ impl Decision {
                     card.held_minor -= card.holds.remove(i).amount_minor;
                 }
             }
+        }
+        if let Some(r) = &self.register {
+            card.vip = r.vip;
+            card.member = r.member.clone();
         }
         card.balance_minor += self.delta_minor;
         card.lifecycle = self.lifecycle;
@@ -224,6 +244,8 @@ pub fn decide_issue(
         lifecycle: if *active { Lifecycle::Active } else { Lifecycle::Inactive },
         lock: LockReason::None,
         pin_locked: false,
+        vip: false,
+        member: None,
         expiry_ms: *expiry_ms,
         created_ms: now_ms,
         updated_ms: now_ms,
@@ -249,6 +271,7 @@ pub fn decide(
         lock: card.lock,
         approved_minor,
         hold: HoldChange::None,
+        register: None,
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
@@ -345,6 +368,30 @@ pub fn decide(
             }
             Ok(Decision { lock: LockReason::None, ..same(TxnKind::Unlock, 0, 0) })
         }
+        Op::CashOut => {
+            // An expired, inactive or PIN-locked card may be paid out: it is the holder's money.
+            // A suspended one may not (it may be a fraud case), nor one with money still held.
+            match status {
+                Status::Closed => return Err(ResultCode::CardClosed),
+                Status::Suspended => return Err(ResultCode::CardSuspended),
+                _ => {}
+            }
+            if card.held_at(now_ms) > 0 {
+                return Err(ResultCode::HoldsOpen);
+            }
+            if program.cash_out_max_minor(card.currency).is_some_and(|max| card.balance_minor > max) {
+                return Err(ResultCode::CashOutAboveLimit);
+            }
+            let paid = card.balance_minor;
+            Ok(Decision { lifecycle: Lifecycle::Closed, ..same(TxnKind::CashOut, -paid, paid) })
+        }
+        Op::Register { member, vip } => {
+            if status == Status::Closed {
+                return Err(ResultCode::CardClosed);
+            }
+            let register = Registration { vip: *vip, member: member.as_deref().map(Into::into) };
+            Ok(Decision { register: Some(register), ..same(TxnKind::Register, 0, 0) })
+        }
     }
 }
 
@@ -377,6 +424,7 @@ pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
         lock: card.lock,
         approved_minor: hold.amount_minor,
         hold: HoldChange::Close { id: hold.id },
+        register: None,
     })
 }
 
@@ -432,6 +480,7 @@ pub fn decide_refund(
         lock: card.lock,
         approved_minor: money.minor,
         hold: HoldChange::None,
+        register: None,
     })
 }
 
@@ -456,6 +505,7 @@ pub fn decide_reversal(
         lock: card.lock,
         approved_minor: delta_minor.abs(),
         hold: HoldChange::None,
+        register: None,
     };
     match kind {
         // Spends come back, less what was refunded already.
@@ -524,5 +574,6 @@ pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
         lock: card.lock,
         approved_minor: minor,
         hold: HoldChange::None,
+        register: None,
     }
 }

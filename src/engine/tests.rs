@@ -721,3 +721,50 @@ fn concurrent_split_redeems_never_deadlock_or_overdraw() {
     assert_eq!(approved % 70, 0, "all or nothing: every split took exactly 0.70");
     assert!(left < 70, "1,200 splits of 0.70 ask more than the 400.00 there is, so all of it went: {left} left");
 }
+
+#[test]
+fn cash_out_pays_the_balance_and_closes_the_card() {
+    let programs = Programs::new([Program { cash_out_max: Some(Decimal::new(5_000, 2)), ..Program::new("small") }]);
+    let journal = Arc::new(MemoryJournal::default());
+    let e = Engine::new(programs, journal.clone());
+    issue(&e, card(1), "small", usd(5_000), None, true);
+    issue(&e, card(2), "small", usd(5_001), None, true);
+    issue(&e, card(3), "default", usd(9_000), Some(NOW - HOUR_MS), true);
+    let cash_out = |key: &str, c| run(&e, key, c, Op::CashOut, NOW).outcome;
+    // Above the program's limit: declined, nothing changes.
+    assert_eq!(cash_out("x2", card(2)).result, ResultCode::CashOutAboveLimit);
+    // Money still held must be settled first.
+    let h = authorize(&e, "a", 1_000, HOUR_MS, NOW);
+    assert_eq!(cash_out("x1", card(1)).result, ResultCode::HoldsOpen);
+    run_hold(&e, "v", Op::Void { hold_id: h.id }, NOW);
+    let paid = cash_out("x1b", card(1));
+    assert_eq!((paid.result, paid.approved_minor), (ResultCode::Approved, 5_000));
+    let v = paid.card.unwrap();
+    assert_eq!((v.balance_minor, v.status), (0, Status::Closed));
+    assert_eq!(cash_out("x1c", card(1)).result, ResultCode::CardClosed);
+    assert_eq!(run(&e, "r", card(1), Op::Reload { money: usd(1) }, NOW).outcome.result, ResultCode::CardClosed);
+    // An expired card is paid out (the default program has no limit); a suspended one is not.
+    assert_eq!(cash_out("x3", card(3)).approved_minor, 9_000);
+    run(&e, "lock", card(2), Op::Lock { reason: LockReason::Fraud }, NOW);
+    assert_eq!(cash_out("x2b", card(2)).result, ResultCode::CardSuspended);
+    // The ledger counts what left: a restart's conservation check sees the payouts.
+    let payouts: Vec<i64> =
+        journal.txns().iter().filter(|t| t.kind == TxnKind::CashOut).map(|t| t.amount_minor).collect();
+    assert_eq!(payouts, [-5_000, -9_000]);
+    let restored = Engine::new(Programs::default(), Arc::new(MemoryJournal::default())).restore(journal.cards(), 1);
+    assert_eq!(restored.balance_minor_by_currency.get(&usd(0).currency), Some(&5_001));
+}
+
+#[test]
+fn register_sets_member_and_vip() {
+    let (e, _) = engine();
+    active_100(&e);
+    let op = |member: Option<&str>, vip| Op::Register { member: member.map(str::to_string), vip };
+    assert_eq!(run(&e, "g1", card(1), op(Some("M-7"), true), NOW).outcome.result, ResultCode::Approved);
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.vip, rec.member.as_deref()), (true, Some("M-7")));
+    run(&e, "g2", card(1), op(None, false), NOW);
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.vip, rec.member.as_deref()), (false, None));
+    assert_eq!(run(&e, "g3", card(9), op(None, true), NOW).outcome.result, ResultCode::CardNotFound);
+}

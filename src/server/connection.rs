@@ -203,6 +203,8 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             mutation(&idem, Some(&number), Op::Refund { money, original })
         }
         Request::Reverse { idem, original } => mutation(&idem, None, Op::Reverse { original }),
+        Request::CashOut { idem, number } => mutation(&idem, Some(&number), Op::CashOut),
+        Request::Register { idem, number, member, vip } => mutation(&idem, Some(&number), Op::Register { member, vip }),
         Request::SplitRedeem { idem, money, order, numbers } => {
             let cards = numbers.iter().map(|n| (shared.keyer.card_key(n), n.last4())).collect();
             mutation(&idem, None, Op::SplitRedeem { cards, money, order })
@@ -260,6 +262,8 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
                 txn_count: 0,
                 recent: Vec::new(),
                 holds: Vec::new(),
+                vip: false,
+                member: String::new(),
             }),
             0,
         );
@@ -277,6 +281,8 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
         recent,
         // A hold past its deadline is released, even before giftd writes the release.
         holds: rec.holds.iter().filter(|h| h.expires_ms > now).map(|h| h.view()).collect(),
+        vip: rec.vip,
+        member: rec.member.as_deref().unwrap_or("").to_string(),
     };
     (Reply::Lookup(reply), group)
 }

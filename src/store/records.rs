@@ -8,9 +8,9 @@ use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, 
 use bytes::BufMut;
 
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
-// entry's previous id); version 3 of cards added holds; version 3 of idempotency records added the
+// entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id; version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag. Nothing deployed holds an older version.
-const CARD_V3: u8 = 3;
+const CARD_V4: u8 = 4;
 const IDEM_V3: u8 = 3;
 const SETTLED_V1: u8 = 1;
 /// Most parts an effect or an answer lists (a split redeem's cards).
@@ -93,7 +93,7 @@ fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
 }
 
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V3);
+    dst.put_u8(CARD_V4);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -112,11 +112,13 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
         put_hold(dst, &h.view());
         dst.put_i64_le(h.opened_ms);
     }
+    dst.put_u8(c.vip as u8);
+    put_str8(dst, c.member.as_deref().unwrap_or(""));
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V3)?;
+    r.version(CARD_V4)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
@@ -137,6 +139,8 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         last_txn_id: r.i64()? as u64,
         program: r.str8()?.into(),
         holds: Vec::new(),
+        vip: false,
+        member: None,
     };
     let n = r.u8()? as usize;
     if n > HOLDS_PER_CARD_MAX {
@@ -145,6 +149,9 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     for _ in 0..n {
         rec.holds.push(r.card_hold()?);
     }
+    rec.vip = r.u8()? == 1;
+    let member = r.str8()?;
+    rec.member = (!member.is_empty()).then(|| member.into());
     // Paired assertion: the invariants checked before writing hold again after reading.
     rec.check().map_err(|_| Corrupt { what: "card" })?;
     Ok(rec)
@@ -390,6 +397,8 @@ mod tests {
             lifecycle: Lifecycle::Active,
             lock: LockReason::None,
             pin_locked: false,
+            vip: true,
+            member: Some("M-0042".into()),
             expiry_ms: Some(1_900_000_000_000),
             created_ms: 1_700_000_000_000,
             updated_ms: 1_700_000_001_000,

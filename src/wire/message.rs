@@ -38,10 +38,12 @@ pub enum Opcode {
     Refund = 0x1C,
     Reverse = 0x1D,
     SplitRedeem = 0x1E,
+    CashOut = 0x1F,
+    Register = 0x20,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 16] = [
+    pub const ALL: [Opcode; 18] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -58,6 +60,8 @@ impl Opcode {
         Opcode::Refund,
         Opcode::Reverse,
         Opcode::SplitRedeem,
+        Opcode::CashOut,
+        Opcode::Register,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -87,6 +91,8 @@ impl Opcode {
             Opcode::Refund => "refund",
             Opcode::Reverse => "reverse",
             Opcode::SplitRedeem => "split_redeem",
+            Opcode::CashOut => "cash_out",
+            Opcode::Register => "register",
         }
     }
 }
@@ -184,6 +190,17 @@ pub enum Request {
         order: SplitOrder,
         numbers: Vec<CardNumber>,
     },
+    CashOut {
+        idem: IdemRef,
+        number: CardNumber,
+    },
+    /// `member`: None unlinks the card from any member.
+    Register {
+        idem: IdemRef,
+        number: CardNumber,
+        member: Option<String>,
+        vip: bool,
+    },
 }
 
 impl Request {
@@ -205,6 +222,8 @@ impl Request {
             Request::Refund { .. } => Opcode::Refund,
             Request::Reverse { .. } => Opcode::Reverse,
             Request::SplitRedeem { .. } => Opcode::SplitRedeem,
+            Request::CashOut { .. } => Opcode::CashOut,
+            Request::Register { .. } => Opcode::Register,
         }
     }
 }
@@ -230,6 +249,9 @@ pub struct LookupReply {
     pub recent: Vec<TxnView>,
     /// Open holds, oldest first.
     pub holds: Vec<HoldView>,
+    pub vip: bool,
+    /// Empty when the card is not registered to a member.
+    pub member: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -511,6 +533,13 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             }
             Request::SplitRedeem { idem, money, order, numbers }
         }
+        Opcode::CashOut => Request::CashOut { idem: r.idem()?, number: r.number()? },
+        Opcode::Register => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let member = r.str8(STRING_BYTES_MAX)?;
+            let vip = r.bool()?;
+            Request::Register { idem, number, member: (!member.is_empty()).then_some(member), vip }
+        }
     };
     r.end()?;
     Ok(req)
@@ -618,6 +647,12 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
                 put_str8(dst, n.expose());
             }
         }
+        Request::CashOut { idem, number } => put_idem(dst, idem, number),
+        Request::Register { idem, number, member, vip } => {
+            put_idem(dst, idem, number);
+            put_str8(dst, member.as_deref().unwrap_or(""));
+            dst.put_u8(*vip as u8);
+        }
     }
 }
 
@@ -716,6 +751,8 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
                 dst.put_i64_le(h.amount_minor);
                 dst.put_i64_le(h.expires_ms);
             }
+            dst.put_u8(l.vip as u8);
+            put_str8(dst, &l.member);
         }
         Reply::History(h) => {
             dst.put_u16_le(h.result as u16);
@@ -774,6 +811,8 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                 }
                 holds
             },
+            vip: r.bool()?,
+            member: r.str8(STRING_BYTES_MAX)?,
         }),
         Opcode::History => {
             let has = r.bool()?;

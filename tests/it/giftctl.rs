@@ -296,3 +296,22 @@ fn giftctl_refunds_reverses_and_splits() {
     ]);
     usage_error(&["--addr", g.addr(), "reverse", "--original", "", "--key", "k"]);
 }
+
+#[test]
+fn giftctl_registers_and_cashes_out() {
+    let g = Giftd::start();
+    let n = "6035719950000052";
+    json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "12.34", "--active", "--key", "ctl-i1"]);
+    expect(&json(&g, &["register", "--number", n, "--member", "M-9", "--vip"]), &[("result", "approved")]);
+    let v = json(&g, &["lookup", "--number", n]);
+    assert_eq!((v["vip"].as_bool(), v["member"].as_str()), (Some(true), Some("M-9")), "{v}");
+    // What is not given is kept.
+    expect(&json(&g, &["register", "--number", n, "--no-vip"]), &[("result", "approved")]);
+    let v = json(&g, &["lookup", "--number", n]);
+    assert_eq!((v["vip"].as_bool(), v["member"].as_str()), (Some(false), Some("M-9")), "{v}");
+    let v = json(&g, &["cash-out", "--number", n, "--key", "ctl-x1"]);
+    expect(&v, &[("result", "approved"), ("approved", "12.34"), ("balance", "0.00"), ("status", "closed")]);
+    let v = json(&g, &["cash-out", "--number", n, "--key", "ctl-x2"]);
+    expect(&v, &[("result", "card_closed"), ("code", "24")]);
+    usage_error(&["--addr", g.addr(), "register", "--number", n, "--vip", "--no-vip"]);
+}
