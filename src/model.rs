@@ -231,6 +231,10 @@ pub enum TxnKind {
     CashOut = 13,
     /// Member id or VIP flag set.
     Register = 14,
+    /// The whole balance moved to another card (negative); the card is closed.
+    TransferOut = 15,
+    /// A balance moved in from another card.
+    TransferIn = 16,
 }
 
 impl TxnKind {
@@ -250,6 +254,8 @@ impl TxnKind {
             12 => TxnKind::Reversal,
             13 => TxnKind::CashOut,
             14 => TxnKind::Register,
+            15 => TxnKind::TransferOut,
+            16 => TxnKind::TransferIn,
             _ => return None,
         })
     }
@@ -270,6 +276,8 @@ impl TxnKind {
             TxnKind::Reversal => "reversal",
             TxnKind::CashOut => "cash_out",
             TxnKind::Register => "register",
+            TxnKind::TransferOut => "transfer_out",
+            TxnKind::TransferIn => "transfer_in",
         }
     }
 }
@@ -317,6 +325,7 @@ result_codes! {
     IdempotencyMismatch = 20, "idempotency_mismatch";
     OriginalReversed = 44, "original_reversed";
     CardNotFound = 21, "card_not_found";
+    TransferTargetNotFound = 50, "transfer_target_not_found";
     HoldNotFound = 36, "hold_not_found";
     OriginalNotFound = 39, "original_not_found";
     CardExists = 22, "card_exists";
@@ -328,7 +337,9 @@ result_codes! {
     CardInactive = 28, "card_inactive";
     AlreadyActive = 29, "already_active";
     NotSuspended = 30, "not_suspended";
+    TransferTargetNotActive = 51, "transfer_target_not_active";
     CurrencyMismatch = 31, "currency_mismatch";
+    ProgramMismatch = 52, "program_mismatch";
     CaptureExceedsHold = 37, "capture_exceeds_hold";
     RefundReferenceRequired = 45, "refund_reference_required";
     NotReversible = 40, "not_reversible";

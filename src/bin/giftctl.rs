@@ -200,6 +200,17 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Move a lost or damaged card's whole balance to another card and close it.
+    Transfer {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
     /// Pay out the remaining balance and close the card.
     CashOut {
         #[arg(long)]
@@ -345,6 +356,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             money: money(amount, currency(cur)?)?,
         }),
         Cmd::Void { hold, key, who } => Some(Request::Void { idem: idem(who, Some(key.as_str())), hold_id: *hold }),
+        Cmd::Transfer { from, to, key, who } => {
+            let (from, to) = (number(from)?, number(to)?);
+            if from.expose() == to.expose() {
+                return Err(usage("--from and --to must be different cards"));
+            }
+            Some(Request::Transfer { idem: idem(who, Some(key.as_str())), number: from, to })
+        }
         Cmd::CashOut { number: n, key, who } => {
             Some(Request::CashOut { idem: idem(who, Some(key.as_str())), number: number(n)? })
         }

@@ -256,6 +256,7 @@ impl Engine {
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
+            (Op::Transfer { to }, _) => self.transfer(&m, m.card.expect("a transfer names its card"), to.0, now_ms),
             _ => {
                 let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
                 match card {
@@ -556,6 +557,53 @@ impl Engine {
             let g = locked.card(&keys[i]);
             g.rec.last_txn_id = appended.first_txn_id + n as u64;
             g.last_group = appended.group;
+        }
+        (record, appended.group)
+    }
+
+    /// Moves one card's whole balance to another and closes the first, in one append.
+    fn transfer(&self, m: &Mutation, from: CardKey, to: CardKey, now_ms: i64) -> (IdemRecord, u64) {
+        let (Some(_), Some(_)) = (self.cell(&from), self.cell(&to)) else {
+            let code =
+                if self.cell(&from).is_none() { ResultCode::CardNotFound } else { ResultCode::TransferTargetNotFound };
+            return self.declined(m, Outcome::declined(code, None));
+        };
+        let Some(cells) = self.lock_all(&[from, to]) else {
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
+        };
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let decided = {
+            let (f, t) = (locked.card_ref(&from), locked.card_ref(&to));
+            rules::decide_transfer(&f.rec, &t.rec, &t.program, now_ms)
+        };
+        let (out, into) = match decided {
+            Err(code) => {
+                return self.declined(m, Outcome::declined(code, Some(locked.card_ref(&from).rec.view(now_ms))))
+            }
+            Ok(d) => d,
+        };
+        let mut effects = Effects::default();
+        let mut items = Vec::with_capacity(2);
+        for (key, d) in [(from, &out), (to, &into)] {
+            let card = locked.card(&key);
+            let (_, change, _) = self.apply(key, card, m.idem.merchant(), d, now_ms);
+            effects.changes.push(change);
+            items.push(PartView {
+                last4: card.rec.last4,
+                amount_minor: d.delta_minor,
+                balance_after_minor: card.rec.balance_minor,
+            });
+        }
+        // Money moves between two cards: nothing enters or leaves the ledger.
+        let currency = locked.card_ref(&from).rec.currency;
+        let outcome =
+            Outcome { result: ResultCode::Approved, approved_minor: out.approved_minor, card: None, hold: None };
+        let answer = Answer { outcome, parts: Some(Parts { currency, items }), effect: None };
+        let (record, appended) = self.commit(m, answer, effects);
+        for (n, key) in [from, to].iter().enumerate() {
+            let card = locked.card(key);
+            card.rec.last_txn_id = appended.first_txn_id + n as u64;
+            card.last_group = appended.group;
         }
         (record, appended.group)
     }

@@ -59,6 +59,11 @@ pub enum Op {
     },
     /// Pays out the whole balance and closes the card.
     CashOut,
+    /// Moves the whole balance to another card of the same currency and program, and closes this
+    /// one (a lost or damaged card).
+    Transfer {
+        to: (CardKey, [u8; 4]),
+    },
     /// Links the card to a member id (None: unlinks it) and sets or clears VIP.
     Register {
         member: Option<String>,
@@ -275,7 +280,7 @@ pub fn decide(
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
-        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } => {
+        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } | Op::Transfer { .. } => {
             unreachable!("refunds, reversals and split redeems have their own rules")
         }
         Op::Activate { load } => {
@@ -576,4 +581,51 @@ pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
         hold: HoldChange::None,
         register: None,
     }
+}
+
+/// Decides a transfer of `from`'s whole balance to `to`: the decisions for each card.
+pub fn decide_transfer(
+    from: &CardRecord,
+    to: &CardRecord,
+    to_program: &Program,
+    now_ms: i64,
+) -> Result<(Decision, Decision), ResultCode> {
+    // The card given up may be lost, stolen (suspended), expired or PIN-locked: that is why its
+    // balance moves. It must not be closed already, nor have money held.
+    if from.status(now_ms) == Status::Closed {
+        return Err(ResultCode::CardClosed);
+    }
+    if to.status(now_ms) != Status::Active {
+        return Err(ResultCode::TransferTargetNotActive);
+    }
+    if to.currency != from.currency {
+        return Err(ResultCode::CurrencyMismatch);
+    }
+    if to.program != from.program {
+        return Err(ResultCode::ProgramMismatch);
+    }
+    if from.held_at(now_ms) > 0 {
+        return Err(ResultCode::HoldsOpen);
+    }
+    let amount = from.balance_minor;
+    checked_load(to_program, to.balance_minor, &Money { currency: to.currency, minor: amount })?;
+    let out = Decision {
+        kind: TxnKind::TransferOut,
+        delta_minor: -amount,
+        lifecycle: Lifecycle::Closed,
+        lock: from.lock,
+        approved_minor: amount,
+        hold: HoldChange::None,
+        register: None,
+    };
+    let into = Decision {
+        kind: TxnKind::TransferIn,
+        delta_minor: amount,
+        lifecycle: to.lifecycle,
+        lock: to.lock,
+        approved_minor: amount,
+        hold: HoldChange::None,
+        register: None,
+    };
+    Ok((out, into))
 }

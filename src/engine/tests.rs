@@ -768,3 +768,39 @@ fn register_sets_member_and_vip() {
     assert_eq!((rec.vip, rec.member.as_deref()), (false, None));
     assert_eq!(run(&e, "g3", card(9), op(None, true), NOW).outcome.result, ResultCode::CardNotFound);
 }
+
+#[test]
+fn transfer_moves_everything_or_nothing() {
+    let programs = Programs::new([Program { max_balance: Some(Decimal::new(15_000, 2)), ..Program::new("capped") }]);
+    let journal = Arc::new(MemoryJournal::default());
+    let e = Engine::new(programs, journal.clone());
+    issue(&e, card(1), "capped", usd(10_000), None, true);
+    issue(&e, card(2), "capped", usd(3_000), None, true);
+    issue(&e, card(3), "default", usd(3_000), None, true);
+    issue(&e, card(4), "capped", eur(3_000), None, true);
+    issue(&e, card(5), "capped", usd(6_000), None, true);
+    let transfer =
+        |key: &str, from, to: CardKey| run(&e, key, from, Op::Transfer { to: (to, *b"0000") }, NOW).outcome.result;
+    assert_eq!(transfer("t1", card(1), card(3)), ResultCode::ProgramMismatch);
+    assert_eq!(transfer("t2", card(1), card(4)), ResultCode::CurrencyMismatch);
+    assert_eq!(transfer("t3", card(1), card(5)), ResultCode::MaxBalanceExceeded, "160.00 > 150.00");
+    assert_eq!(transfer("t4", card(1), card(9)), ResultCode::TransferTargetNotFound);
+    assert_eq!(transfer("t5", card(9), card(1)), ResultCode::CardNotFound);
+    let h = authorize(&e, "a", 100, HOUR_MS, NOW);
+    assert_eq!(transfer("t6", card(1), card(2)), ResultCode::HoldsOpen);
+    run_hold(&e, "v", Op::Void { hold_id: h.id }, NOW);
+    // A lost card (suspended) gives its balance away; the whole move is one append.
+    run(&e, "lost", card(1), Op::Lock { reason: LockReason::Lost }, NOW);
+    let before = j_len(&journal);
+    let done = run(&e, "t7", card(1), Op::Transfer { to: (card(2), *b"0002") }, NOW);
+    assert_eq!((done.outcome.result, done.outcome.approved_minor), (ResultCode::Approved, 10_000));
+    assert_eq!(j_len(&journal), before + 2);
+    let (from, to) = (e.snapshot(&card(1)).unwrap().0, e.snapshot(&card(2)).unwrap().0);
+    assert_eq!((from.balance_minor, from.status(NOW), to.balance_minor), (0, Status::Closed, 13_000));
+    assert_eq!(transfer("t8", card(1), card(2)), ResultCode::CardClosed);
+    assert_eq!(transfer("t9", card(2), card(1)), ResultCode::TransferTargetNotActive);
+}
+
+fn j_len(j: &MemoryJournal) -> usize {
+    j.txns().len()
+}

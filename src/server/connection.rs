@@ -204,6 +204,10 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         }
         Request::Reverse { idem, original } => mutation(&idem, None, Op::Reverse { original }),
         Request::CashOut { idem, number } => mutation(&idem, Some(&number), Op::CashOut),
+        Request::Transfer { idem, number, to } => {
+            let to = (shared.keyer.card_key(&to), to.last4());
+            mutation(&idem, Some(&number), Op::Transfer { to })
+        }
         Request::Register { idem, number, member, vip } => mutation(&idem, Some(&number), Op::Register { member, vip }),
         Request::SplitRedeem { idem, money, order, numbers } => {
             let cards = numbers.iter().map(|n| (shared.keyer.card_key(n), n.last4())).collect();
@@ -217,7 +221,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     }
     let reply = match op {
         Some(Opcode::Authorize) => Reply::Hold(done.outcome),
-        Some(Opcode::Reverse | Opcode::SplitRedeem) => Reply::Parts(PartsReply {
+        Some(Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer) => Reply::Parts(PartsReply {
             result: done.outcome.result,
             approved_minor: done.outcome.approved_minor,
             parts: done.parts,

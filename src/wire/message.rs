@@ -40,10 +40,11 @@ pub enum Opcode {
     SplitRedeem = 0x1E,
     CashOut = 0x1F,
     Register = 0x20,
+    Transfer = 0x21,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 18] = [
+    pub const ALL: [Opcode; 19] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -62,6 +63,7 @@ impl Opcode {
         Opcode::SplitRedeem,
         Opcode::CashOut,
         Opcode::Register,
+        Opcode::Transfer,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -93,6 +95,7 @@ impl Opcode {
             Opcode::SplitRedeem => "split_redeem",
             Opcode::CashOut => "cash_out",
             Opcode::Register => "register",
+            Opcode::Transfer => "transfer",
         }
     }
 }
@@ -201,6 +204,12 @@ pub enum Request {
         member: Option<String>,
         vip: bool,
     },
+    /// `number` gives up its whole balance to `to` and is closed.
+    Transfer {
+        idem: IdemRef,
+        number: CardNumber,
+        to: CardNumber,
+    },
 }
 
 impl Request {
@@ -224,6 +233,7 @@ impl Request {
             Request::SplitRedeem { .. } => Opcode::SplitRedeem,
             Request::CashOut { .. } => Opcode::CashOut,
             Request::Register { .. } => Opcode::Register,
+            Request::Transfer { .. } => Opcode::Transfer,
         }
     }
 }
@@ -540,6 +550,15 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let vip = r.bool()?;
             Request::Register { idem, number, member: (!member.is_empty()).then_some(member), vip }
         }
+        Opcode::Transfer => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let to = r.number()?;
+            // A card cannot give its balance to itself.
+            if to.expose() == number.expose() {
+                return Err(MALFORMED);
+            }
+            Request::Transfer { idem, number, to }
+        }
     };
     r.end()?;
     Ok(req)
@@ -652,6 +671,10 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_idem(dst, idem, number);
             put_str8(dst, member.as_deref().unwrap_or(""));
             dst.put_u8(*vip as u8);
+        }
+        Request::Transfer { idem, number, to } => {
+            put_idem(dst, idem, number);
+            put_str8(dst, to.expose());
         }
     }
 }
@@ -824,7 +847,7 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
         Opcode::Authorize => {
             Reply::Hold(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: r.hold()? })
         }
-        Opcode::Reverse | Opcode::SplitRedeem => {
+        Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer => {
             let approved_minor = r.i64()?;
             let present = r.bool()?;
             let code = r.take(3)?;

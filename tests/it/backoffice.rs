@@ -78,3 +78,82 @@ async fn register_sets_member_and_vip_and_survives_a_restart() {
     let l = lookup(&mut c).await;
     assert_eq!((l.vip, l.member.as_str()), (false, ""));
 }
+
+const NEW_CARD: &str = "6035719900009002";
+
+fn transfer_req(key: &str) -> Request {
+    Request::Transfer { idem: idem("ops", key), number: num(CARD), to: num(NEW_CARD) }
+}
+
+#[tokio::test]
+async fn transfer_moves_a_lost_cards_balance_and_closes_it() {
+    use crate::payments::parts;
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    issue(&mut c, CARD, usd(7_500)).await;
+    issue(&mut c, NEW_CARD, usd(500)).await;
+    let lock = Request::Lock { idem: idem("ops", "l1"), number: num(CARD), reason: giftd::model::LockReason::Lost };
+    check(&call(&mut c, &lock).await, ResultCode::Approved, 0, Some(7_500));
+    let p = parts(&mut c, &transfer_req("t1")).await;
+    assert_eq!((p.result, p.approved_minor), (ResultCode::Approved, 7_500));
+    let items: Vec<(i64, i64)> =
+        p.parts.unwrap().items.iter().map(|i| (i.amount_minor, i.balance_after_minor)).collect();
+    assert_eq!(items, [(-7_500, 0), (7_500, 8_000)]);
+    let old = view(&mut c, CARD).await;
+    assert_eq!((old.balance_minor, old.status), (0, Status::Closed));
+    assert_eq!(view(&mut c, NEW_CARD).await.balance_minor, 8_000);
+    let again = parts(&mut c, &transfer_req("t2")).await;
+    assert_eq!(again.result, ResultCode::CardClosed);
+}
+
+/// kill -9 while transfers are in flight: after the restart, each pair of cards either both
+/// changed or neither did, and every acknowledged transfer is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_in_flight_at_kill9_are_all_or_nothing() {
+    const PAIRS: usize = 300;
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    // Different last six digits: issue_req keys by them.
+    let from = |i: usize| format!("6035719910{i:06}");
+    let to = |i: usize| format!("6035719920{:06}", 500_000 + i);
+    let mut issues = Vec::new();
+    for i in 0..PAIRS {
+        issues.push(crate::issue_req(&from(i), usd(1_000 + i as i64)));
+        issues.push(crate::issue_req(&to(i), usd(100)));
+    }
+    for o in crate::crash::pipeline(&mut c, &issues).await {
+        assert_eq!(o.result, ResultCode::Approved);
+    }
+    // Pipelined transfers on one connection; kill once some are acknowledged.
+    let (mut tx, mut rx) = c.into_split();
+    let reqs: Vec<Request> = (0..PAIRS)
+        .map(|i| Request::Transfer { idem: idem("ops", &format!("t{i}")), number: num(&from(i)), to: num(&to(i)) })
+        .collect();
+    let ids: Vec<u64> = reqs.iter().map(|r| tx.send(r)).collect();
+    timed("flush", tx.flush()).await.expect("flush");
+    let mut acked = 0;
+    for id in ids.iter().take(20) {
+        let (got, reply) = timed("transfer reply", rx.recv()).await.expect("reply");
+        assert_eq!((got, reply.result()), (*id, ResultCode::Approved));
+        acked += 1;
+    }
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    let (mut moved, mut stayed) = (0, 0);
+    for i in 0..PAIRS {
+        let (a, b) = (view(&mut c, &from(i)).await, view(&mut c, &to(i)).await);
+        let initial = 1_000 + i as i64;
+        match (a.balance_minor, a.status, b.balance_minor) {
+            (0, Status::Closed, bal) if bal == 100 + initial => moved += 1,
+            (bal, Status::Active, 100) if bal == initial => {
+                assert!(i >= acked, "acknowledged transfer {i} was lost");
+                stayed += 1;
+            }
+            other => panic!("pair {i} is half-moved: {other:?}"),
+        }
+    }
+    eprintln!("{acked} acknowledged, {moved} moved, {stayed} not moved");
+    assert_eq!(moved + stayed, PAIRS);
+    assert!(moved >= acked, "{moved} moved, {acked} acknowledged");
+}

@@ -315,3 +315,17 @@ fn giftctl_registers_and_cashes_out() {
     expect(&v, &[("result", "card_closed"), ("code", "24")]);
     usage_error(&["--addr", g.addr(), "register", "--number", n, "--vip", "--no-vip"]);
 }
+
+#[test]
+fn giftctl_transfers() {
+    let g = Giftd::start();
+    let (a, b) = ("6035719950000060", "6035719950000078");
+    json(&g, &["issue", "--number", a, "--currency", "USD", "--amount", "25.00", "--active", "--key", "ctl-i1"]);
+    json(&g, &["issue", "--number", b, "--currency", "USD", "--amount", "5.00", "--active", "--key", "ctl-i2"]);
+    let v = json(&g, &["transfer", "--from", a, "--to", b, "--key", "ctl-t1"]);
+    expect(&v, &[("result", "approved"), ("approved", "25.00"), ("currency", "USD")]);
+    expect(&v["parts"][0], &[("last4", "0060"), ("amount", "-25.00"), ("balance_after", "0.00")]);
+    expect(&v["parts"][1], &[("last4", "0078"), ("amount", "25.00"), ("balance_after", "30.00")]);
+    expect(&json(&g, &["balance", "--number", a]), &[("status", "closed")]);
+    usage_error(&["--addr", g.addr(), "transfer", "--from", a, "--to", a, "--key", "k"]);
+}
