@@ -235,6 +235,8 @@ pub enum TxnKind {
     TransferOut = 15,
     /// A balance moved in from another card.
     TransferIn = 16,
+    /// An internal note appended (its text is in the card's notes).
+    Note = 17,
 }
 
 impl TxnKind {
@@ -256,6 +258,7 @@ impl TxnKind {
             14 => TxnKind::Register,
             15 => TxnKind::TransferOut,
             16 => TxnKind::TransferIn,
+            17 => TxnKind::Note,
             _ => return None,
         })
     }
@@ -278,6 +281,7 @@ impl TxnKind {
             TxnKind::Register => "register",
             TxnKind::TransferOut => "transfer_out",
             TxnKind::TransferIn => "transfer_in",
+            TxnKind::Note => "note",
         }
     }
 }
@@ -477,6 +481,15 @@ pub struct PartView {
 pub struct Parts {
     pub currency: Currency,
     pub items: Vec<PartView>,
+}
+
+/// An internal note on a card, as callers see it. Notes are append-only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoteView {
+    pub at_ms: i64,
+    /// Who wrote it: the request's merchant (operator) id, or `giftd` for notes giftd appends.
+    pub author: String,
+    pub text: String,
 }
 
 /// One history entry as callers see it.

@@ -211,6 +211,17 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Append an internal note to a card (--merchant is its author).
+    Note {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        text: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
     /// Pay out the remaining balance and close the card.
     CashOut {
         #[arg(long)]
@@ -362,6 +373,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 return Err(usage("--from and --to must be different cards"));
             }
             Some(Request::Transfer { idem: idem(who, Some(key.as_str())), number: from, to })
+        }
+        Cmd::Note { number: n, text, key, who } => {
+            if text.is_empty() || text.len() > giftd::wire::NOTE_BYTES_MAX || text.chars().any(char::is_control) {
+                return Err(usage("--text must be 1 to 500 bytes, without control characters"));
+            }
+            Some(Request::Note { idem: idem(who, key.as_deref()), number: number(n)?, text: text.clone() })
         }
         Cmd::CashOut { number: n, key, who } => {
             Some(Request::CashOut { idem: idem(who, Some(key.as_str())), number: number(n)? })
@@ -521,6 +538,12 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
                 view_json(&mut obj, v);
                 obj.insert("program".into(), json!(l.program));
                 obj.insert("vip".into(), json!(l.vip));
+                let notes = l
+                    .notes
+                    .iter()
+                    .map(|n| json!({ "at": rfc3339(n.at_ms), "author": n.author, "text": n.text }))
+                    .collect();
+                obj.insert("notes".into(), Value::Array(notes));
                 if !l.member.is_empty() {
                     obj.insert("member".into(), json!(l.member));
                 }
@@ -576,7 +599,7 @@ fn sentence(obj: &Map<String, Value>) -> String {
     if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
         out += &format!("; hold {h} until {}", s("hold_expires"));
     }
-    for key in ["recent", "entries", "parts", "holds"] {
+    for key in ["recent", "entries", "parts", "holds", "notes"] {
         if let Some(Value::Array(items)) = obj.get(key) {
             for t in items {
                 out += &format!("\n  {t}");

@@ -73,6 +73,8 @@ pub struct CardRecord {
     /// The journal's id of the newest history entry (0: none). Each entry names the one before it,
     /// so a card's history is a chain read back from here.
     pub last_txn_id: u64,
+    /// The history id of the newest note (0: none); each note names the one before it.
+    pub last_note_id: u64,
 }
 
 impl CardRecord {

@@ -103,6 +103,16 @@ impl Effect {
     }
 }
 
+/// A note as the store keeps it, keyed by its history entry's id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoteRecord {
+    /// The card's previous note (0: none): a card's notes are a chain read back from its newest.
+    pub prev_id: u64,
+    pub at_ms: i64,
+    pub author: Box<str>,
+    pub text: Box<str>,
+}
+
 /// What later requests did to a mutation: refunds (per part of its effect) and its reversal.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Settled {
@@ -152,6 +162,9 @@ pub struct Effects {
     pub idem: Option<(IdemKey, IdemRecord)>,
     /// The new state of the mutation a refund or reversal acted on.
     pub settled: Option<(IdemKey, Settled)>,
+    /// A note's text, for the change at this index of `changes` (a `Note` entry): stored under
+    /// that entry's id.
+    pub note: Option<(usize, NoteRecord)>,
     pub invoice: Option<InvoiceKey>,
     pub ledger: Option<LedgerDelta>,
     /// Set by a decision that used a hold id: ids below this are taken. Kept durable with the hold
@@ -168,10 +181,14 @@ pub struct Appended {
 }
 
 impl CardChange {
-    /// Gives the history entry `id` and makes it the card's newest.
+    /// Gives the history entry `id` and makes it the card's newest (and, for a note, its newest
+    /// note).
     pub fn assign_id(&mut self, id: u64) {
         self.txn.id = id;
         self.record.last_txn_id = id;
+        if self.txn.kind == TxnKind::Note {
+            self.record.last_note_id = id;
+        }
     }
 }
 

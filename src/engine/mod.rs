@@ -17,7 +17,7 @@ pub mod rules;
 pub use card::{CardRecord, Lifecycle};
 pub use journal::{
     Appended, CardChange, Changes, Effect, EffectParts, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta,
-    MemoryJournal, Settled, TxnRecord,
+    MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
 pub use program::{Program, Programs};
 pub use rules::{Op, SplitOrder};
@@ -422,9 +422,17 @@ impl Engine {
         match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
             Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
+                let prev_note_id = card.rec.last_note_id;
                 let (outcome, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
                 effects.changes.push(change);
                 effects.invoice = claim;
+                if let Op::Note { text } = &m.op {
+                    let author = m.idem.merchant().into();
+                    effects.note = Some((
+                        0,
+                        NoteRecord { prev_id: prev_note_id, at_ms: now_ms, author, text: text.as_str().into() },
+                    ));
+                }
                 let effect = reversible(&m.op).then(|| Effect {
                     at_ms: now_ms,
                     kind: d.kind,
@@ -435,6 +443,9 @@ impl Engine {
                 // Appended under the card's lock: the journal sees this card's changes in order.
                 let (record, at) = self.commit(m, Answer { outcome, parts: None, effect }, effects);
                 card.rec.last_txn_id = at.first_txn_id;
+                if d.kind == TxnKind::Note {
+                    card.rec.last_note_id = at.first_txn_id;
+                }
                 card.last_group = at.group;
                 (record, at.group)
             }
@@ -594,17 +605,30 @@ impl Engine {
                 balance_after_minor: card.rec.balance_minor,
             });
         }
-        // Money moves between two cards: nothing enters or leaves the ledger.
+        // The closed card says where its money went, for the next agent who looks it up.
         let currency = locked.card_ref(&from).rec.currency;
+        let to_last4 = String::from_utf8_lossy(&locked.card_ref(&to).rec.last4).into_owned();
+        let text = format!(
+            "Balance of {} {currency} transferred to card ending {to_last4}; card closed",
+            crate::model::format_amount(out.approved_minor, currency)
+        );
+        let card = locked.card(&from);
+        let prev_id = card.rec.last_note_id;
+        let (_, change, _) = self.apply(from, card, m.idem.merchant(), &rules::note(&card.rec), now_ms);
+        effects.changes.push(change);
+        let author = m.idem.merchant().into();
+        effects.note = Some((2, NoteRecord { prev_id, at_ms: now_ms, author, text: text.into() }));
+        // Money moves between two cards: nothing enters or leaves the ledger.
         let outcome =
             Outcome { result: ResultCode::Approved, approved_minor: out.approved_minor, card: None, hold: None };
         let answer = Answer { outcome, parts: Some(Parts { currency, items }), effect: None };
         let (record, appended) = self.commit(m, answer, effects);
-        for (n, key) in [from, to].iter().enumerate() {
-            let card = locked.card(key);
-            card.rec.last_txn_id = appended.first_txn_id + n as u64;
-            card.last_group = appended.group;
-        }
+        // Entries: the move out, the move in, then the old card's note (its newest entry).
+        let note_id = appended.first_txn_id + 2;
+        let card = locked.card(&from);
+        (card.rec.last_txn_id, card.rec.last_note_id, card.last_group) = (note_id, note_id, appended.group);
+        let card = locked.card(&to);
+        (card.rec.last_txn_id, card.last_group) = (appended.first_txn_id + 1, appended.group);
         (record, appended.group)
     }
 

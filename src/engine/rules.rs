@@ -59,6 +59,10 @@ pub enum Op {
     },
     /// Pays out the whole balance and closes the card.
     CashOut,
+    /// Appends an internal note (the merchant is its author).
+    Note {
+        text: String,
+    },
     /// Moves the whole balance to another card of the same currency and program, and closes this
     /// one (a lost or damaged card).
     Transfer {
@@ -256,6 +260,7 @@ pub fn decide_issue(
         updated_ms: now_ms,
         txn_count: 1,
         last_txn_id: 0,
+        last_note_id: 0,
     })
 }
 
@@ -390,6 +395,8 @@ pub fn decide(
             let paid = card.balance_minor;
             Ok(Decision { lifecycle: Lifecycle::Closed, ..same(TxnKind::CashOut, -paid, paid) })
         }
+        // Notes are for the record, whatever the card's state, closed cards included.
+        Op::Note { .. } => Ok(same(TxnKind::Note, 0, 0)),
         Op::Register { member, vip } => {
             if status == Status::Closed {
                 return Err(ResultCode::CardClosed);
@@ -578,6 +585,19 @@ pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
         lifecycle: card.lifecycle,
         lock: card.lock,
         approved_minor: minor,
+        hold: HoldChange::None,
+        register: None,
+    }
+}
+
+/// A note appended to `card`: nothing else changes.
+pub fn note(card: &CardRecord) -> Decision {
+    Decision {
+        kind: TxnKind::Note,
+        delta_minor: 0,
+        lifecycle: card.lifecycle,
+        lock: card.lock,
+        approved_minor: 0,
         hold: HoldChange::None,
         register: None,
     }

@@ -794,7 +794,7 @@ fn transfer_moves_everything_or_nothing() {
     let before = j_len(&journal);
     let done = run(&e, "t7", card(1), Op::Transfer { to: (card(2), *b"0002") }, NOW);
     assert_eq!((done.outcome.result, done.outcome.approved_minor), (ResultCode::Approved, 10_000));
-    assert_eq!(j_len(&journal), before + 2);
+    assert_eq!(j_len(&journal), before + 3, "the move out, the move in, the old card's note");
     let (from, to) = (e.snapshot(&card(1)).unwrap().0, e.snapshot(&card(2)).unwrap().0);
     assert_eq!((from.balance_minor, from.status(NOW), to.balance_minor), (0, Status::Closed, 13_000));
     assert_eq!(transfer("t8", card(1), card(2)), ResultCode::CardClosed);

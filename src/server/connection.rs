@@ -6,7 +6,7 @@
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
 use crate::engine::{CardRecord, Mutation, Op};
-use crate::model::{ResultCode, TxnView};
+use crate::model::{NoteView, ResultCode, TxnView};
 use crate::wire::{
     self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
     LookupReply, Opcode, PartsReply, Reply, Request, HISTORY_PAGE_MAX,
@@ -204,6 +204,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         }
         Request::Reverse { idem, original } => mutation(&idem, None, Op::Reverse { original }),
         Request::CashOut { idem, number } => mutation(&idem, Some(&number), Op::CashOut),
+        Request::Note { idem, number, text } => mutation(&idem, Some(&number), Op::Note { text }),
         Request::Transfer { idem, number, to } => {
             let to = (shared.keyer.card_key(&to), to.last4());
             mutation(&idem, Some(&number), Op::Transfer { to })
@@ -268,6 +269,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
                 holds: Vec::new(),
                 vip: false,
                 member: String::new(),
+                notes: Vec::new(),
             }),
             0,
         );
@@ -287,6 +289,12 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
         holds: rec.holds.iter().filter(|h| h.expires_ms > now).map(|h| h.view()).collect(),
         vip: rec.vip,
         member: rec.member.as_deref().unwrap_or("").to_string(),
+        notes: shared
+            .store
+            .notes(rec.last_note_id, wire::LOOKUP_NOTES_MAX)
+            .into_iter()
+            .map(|n| NoteView { at_ms: n.at_ms, author: n.author.into(), text: n.text.into() })
+            .collect(),
     };
     (Reply::Lookup(reply), group)
 }

@@ -18,7 +18,7 @@ pub mod records;
 
 use crate::card_number::CardKey;
 use crate::engine::{
-    Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, Settled, TxnRecord,
+    Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled, TxnRecord,
 };
 use crate::metrics::Metrics;
 use crate::model::Currency;
@@ -40,7 +40,8 @@ const CF_IDEM: &str = "idem";
 const CF_INVOICES: &str = "invoices";
 const CF_META: &str = "meta";
 const CF_SETTLED: &str = "settled";
-const CFS: [&str; 6] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META, CF_SETTLED];
+const CF_NOTES: &str = "notes";
+const CFS: [&str; 7] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META, CF_SETTLED, CF_NOTES];
 /// Hashed idempotency and invoice keys are 32 bytes.
 const KEY_BYTES: usize = 32;
 /// WAL kept before the oldest memtables are flushed.
@@ -227,6 +228,22 @@ impl Store {
             if t.seq < before_seq {
                 out.push(t);
             }
+        }
+        out
+    }
+
+    /// A card's notes, newest first, from the one with history id `last_note_id` back, at most
+    /// `limit`. Like history, read only once the card's last change is durable.
+    pub fn notes(&self, last_note_id: u64, limit: usize) -> Vec<NoteRecord> {
+        let mut out = Vec::new();
+        let mut id = last_note_id;
+        while id != 0 && out.len() < limit {
+            let Some(v) = self.get(CF_NOTES, &records::history_key(id)) else {
+                fail("notes read", &format_args!("note {id} of a card's chain is missing"))
+            };
+            let n = records::decode_note(&v).unwrap_or_else(|e| fail("note decode", &e));
+            id = n.prev_id;
+            out.push(n);
         }
         out
     }
@@ -461,7 +478,7 @@ impl Checkpoint {
     }
 
     /// Starts a checkpoint when one is due (or `now`), then writes the running one's next chunk.
-    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 6], wopts: &WriteOptions, now: bool) {
+    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 7], wopts: &WriteOptions, now: bool) {
         if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
             self.last_started = Instant::now();
             self.running = Some(RunningCheckpoint {
@@ -562,6 +579,10 @@ fn commit_loop(
                     hold_ids_used |= n > hold_id_next;
                     hold_id_next = hold_id_next.max(n);
                 }
+                if let Some((i, note)) = &e.note {
+                    let id = e.changes[*i].txn.id;
+                    sorted.put(CfIndex::Notes, &records::history_key(id), |b| records::encode_note(b, note));
+                }
                 for c in e.changes {
                     let t = &c.txn;
                     sorted.put(CfIndex::History, &records::history_key(t.id), |b| {
@@ -626,6 +647,7 @@ enum CfIndex {
     Invoices = 3,
     Meta = 4,
     Settled = 5,
+    Notes = 6,
 }
 
 /// A commit group's writes, sorted by (column family, key) before they go into the `WriteBatch`.
@@ -653,7 +675,7 @@ impl SortedBatch {
         self.entries.push((cf, k..v, v..self.bytes.len()));
     }
 
-    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 6]) -> WriteBatch {
+    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 7]) -> WriteBatch {
         let bytes = &self.bytes;
         self.entries.sort_by(|a, b| (a.0, &bytes[a.1.clone()]).cmp(&(b.0, &bytes[b.1.clone()])));
         let mut batch = WriteBatch::default();

@@ -3,14 +3,16 @@
 
 use crate::card_number::CardKey;
 use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
-use crate::engine::{CardRecord, IdemRecord, Lifecycle, Settled, TxnRecord};
+use crate::engine::{CardRecord, IdemRecord, Lifecycle, NoteRecord, Settled, TxnRecord};
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
-// entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id; version 3 of idempotency records added the
+// entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
+// version 5 the newest note's id; version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag. Nothing deployed holds an older version.
-const CARD_V4: u8 = 4;
+const CARD_V5: u8 = 5;
+const NOTE_V1: u8 = 1;
 const IDEM_V3: u8 = 3;
 const SETTLED_V1: u8 = 1;
 /// Most parts an effect or an answer lists (a split redeem's cards).
@@ -93,7 +95,7 @@ fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
 }
 
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V4);
+    dst.put_u8(CARD_V5);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -114,11 +116,12 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     }
     dst.put_u8(c.vip as u8);
     put_str8(dst, c.member.as_deref().unwrap_or(""));
+    dst.put_u64_le(c.last_note_id);
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V4)?;
+    r.version(CARD_V5)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
@@ -141,6 +144,7 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         holds: Vec::new(),
         vip: false,
         member: None,
+        last_note_id: 0,
     };
     let n = r.u8()? as usize;
     if n > HOLDS_PER_CARD_MAX {
@@ -152,6 +156,7 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     rec.vip = r.u8()? == 1;
     let member = r.str8()?;
     rec.member = (!member.is_empty()).then(|| member.into());
+    rec.last_note_id = r.i64()? as u64;
     // Paired assertion: the invariants checked before writing hold again after reading.
     rec.check().map_err(|_| Corrupt { what: "card" })?;
     Ok(rec)
@@ -356,6 +361,26 @@ pub fn decode_settled(buf: &[u8]) -> Result<Settled, Corrupt> {
     Ok(Settled { refunded_minor, reversal })
 }
 
+pub fn encode_note(dst: &mut Vec<u8>, n: &NoteRecord) {
+    dst.put_u8(NOTE_V1);
+    dst.put_u64_le(n.prev_id);
+    dst.put_i64_le(n.at_ms);
+    put_str8(dst, &n.author);
+    dst.put_u16_le(n.text.len() as u16);
+    dst.put_slice(n.text.as_bytes());
+}
+
+pub fn decode_note(buf: &[u8]) -> Result<NoteRecord, Corrupt> {
+    let mut r = Reader { buf, what: "note" };
+    r.version(NOTE_V1)?;
+    let prev_id = r.i64()? as u64;
+    let at_ms = r.i64()?;
+    let author = r.str8()?.into();
+    let n = u16::from_le_bytes(r.arr()?) as usize;
+    let text = std::str::from_utf8(r.take(n)?).map_err(|_| Corrupt { what: "note" })?.into();
+    Ok(NoteRecord { prev_id, at_ms, author, text })
+}
+
 pub fn totals_key(c: Currency) -> [u8; 10] {
     let mut k = *b"totals/\0\0\0";
     k[7..].copy_from_slice(&c.code());
@@ -404,7 +429,18 @@ mod tests {
             updated_ms: 1_700_000_001_000,
             txn_count: 3,
             last_txn_id: 77,
+            last_note_id: 70,
         };
+        let note = NoteRecord {
+            prev_id: 12,
+            at_ms: 5,
+            author: "ops-ann".into(),
+            text: "Reactivated per policy – VIP customer".into(),
+        };
+        let mut nb = Vec::new();
+        encode_note(&mut nb, &note);
+        assert_eq!(decode_note(&nb).unwrap(), note);
+        assert!(decode_note(&nb[..nb.len() - 1]).is_err(), "a truncated note is corrupt");
         let mut buf = Vec::new();
         encode_card(&mut buf, &card);
         assert_eq!(decode_card(&buf).unwrap(), card);

@@ -6,7 +6,8 @@ use super::REPLY_BIT;
 use crate::card_number::CardNumber;
 use crate::engine::{SplitOrder, SPLIT_CARDS_MAX};
 use crate::model::{
-    CardView, Currency, HoldView, LockReason, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind, TxnView,
+    CardView, Currency, HoldView, LockReason, Money, NoteView, Outcome, PartView, Parts, ResultCode, Status, TxnKind,
+    TxnView,
 };
 use bytes::{BufMut, BytesMut};
 
@@ -18,6 +19,10 @@ pub const PROGRAM_BYTES_MAX: usize = 32;
 pub const AMOUNT_MINOR_MAX: i64 = 1_000_000_000_000_000;
 /// Most history entries one page may return.
 pub const HISTORY_PAGE_MAX: u16 = 100;
+/// Longest note text, in bytes of UTF-8.
+pub const NOTE_BYTES_MAX: usize = 500;
+/// Notes a lookup shows, newest first.
+pub const LOOKUP_NOTES_MAX: usize = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -41,10 +46,11 @@ pub enum Opcode {
     CashOut = 0x1F,
     Register = 0x20,
     Transfer = 0x21,
+    Note = 0x22,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 19] = [
+    pub const ALL: [Opcode; 20] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -64,6 +70,7 @@ impl Opcode {
         Opcode::CashOut,
         Opcode::Register,
         Opcode::Transfer,
+        Opcode::Note,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -96,6 +103,7 @@ impl Opcode {
             Opcode::CashOut => "cash_out",
             Opcode::Register => "register",
             Opcode::Transfer => "transfer",
+            Opcode::Note => "note",
         }
     }
 }
@@ -210,6 +218,12 @@ pub enum Request {
         number: CardNumber,
         to: CardNumber,
     },
+    /// The merchant is the note's author.
+    Note {
+        idem: IdemRef,
+        number: CardNumber,
+        text: String,
+    },
 }
 
 impl Request {
@@ -234,6 +248,7 @@ impl Request {
             Request::CashOut { .. } => Opcode::CashOut,
             Request::Register { .. } => Opcode::Register,
             Request::Transfer { .. } => Opcode::Transfer,
+            Request::Note { .. } => Opcode::Note,
         }
     }
 }
@@ -262,6 +277,8 @@ pub struct LookupReply {
     pub vip: bool,
     /// Empty when the card is not registered to a member.
     pub member: String,
+    /// The newest notes, newest first.
+    pub notes: Vec<NoteView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -358,6 +375,16 @@ impl<'a> Reader<'a> {
             return Err(MALFORMED);
         }
         String::from_utf8(b.to_vec()).map_err(|_| MALFORMED)
+    }
+    /// A u16-length-prefixed UTF-8 string of at most `max` bytes, without control characters.
+    fn str16(&mut self, max: usize) -> Res<String> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        let s = std::str::from_utf8(b).map_err(|_| MALFORMED)?;
+        if n > max || s.chars().any(char::is_control) {
+            return Err(MALFORMED);
+        }
+        Ok(s.to_string())
     }
     fn number(&mut self) -> Res<CardNumber> {
         let n = self.u8()? as usize;
@@ -559,6 +586,14 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             }
             Request::Transfer { idem, number, to }
         }
+        Opcode::Note => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let text = r.str16(NOTE_BYTES_MAX)?;
+            if text.is_empty() {
+                return Err(MALFORMED);
+            }
+            Request::Note { idem, number, text }
+        }
     };
     r.end()?;
     Ok(req)
@@ -567,6 +602,12 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
 fn put_str8(dst: &mut BytesMut, s: &str) {
     debug_assert!(s.len() <= 255);
     dst.put_u8(s.len() as u8);
+    dst.put_slice(s.as_bytes());
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    debug_assert!(s.len() <= u16::MAX as usize);
+    dst.put_u16_le(s.len() as u16);
     dst.put_slice(s.as_bytes());
 }
 
@@ -676,6 +717,10 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_idem(dst, idem, number);
             put_str8(dst, to.expose());
         }
+        Request::Note { idem, number, text } => {
+            put_idem(dst, idem, number);
+            put_str16(dst, text);
+        }
     }
 }
 
@@ -776,6 +821,12 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             }
             dst.put_u8(l.vip as u8);
             put_str8(dst, &l.member);
+            dst.put_u8(l.notes.len() as u8);
+            for n in &l.notes {
+                dst.put_i64_le(n.at_ms);
+                put_str8(dst, &n.author);
+                put_str16(dst, &n.text);
+            }
         }
         Reply::History(h) => {
             dst.put_u16_le(h.result as u16);
@@ -836,6 +887,18 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
             },
             vip: r.bool()?,
             member: r.str8(STRING_BYTES_MAX)?,
+            notes: {
+                let n = r.u8()? as usize;
+                let mut notes = Vec::with_capacity(n.min(LOOKUP_NOTES_MAX));
+                for _ in 0..n {
+                    notes.push(NoteView {
+                        at_ms: r.i64()?,
+                        author: r.str8(STRING_BYTES_MAX)?,
+                        text: r.str16(NOTE_BYTES_MAX)?,
+                    });
+                }
+                notes
+            },
         }),
         Opcode::History => {
             let has = r.bool()?;

@@ -157,3 +157,39 @@ async fn transfers_in_flight_at_kill9_are_all_or_nothing() {
     assert_eq!(moved + stayed, PAIRS);
     assert!(moved >= acked, "{moved} moved, {acked} acknowledged");
 }
+
+fn note_req(key: &str, author: &str, text: &str) -> Request {
+    Request::Note { idem: idem(author, key), number: num(CARD), text: text.into() }
+}
+
+#[tokio::test]
+async fn notes_are_appended_newest_first_and_survive_a_crash() {
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    issue(&mut c, CARD, usd(1_000)).await;
+    check(&call(&mut c, &note_req("n1", "ops-ann", "Customer called: card lost")).await, ResultCode::Approved, 0, None);
+    check(&call(&mut c, &note_req("n2", "ops-bob", "Replacement sent – case 77")).await, ResultCode::Approved, 0, None);
+    // A retry writes nothing more.
+    call(&mut c, &note_req("n2", "ops-bob", "Replacement sent – case 77")).await;
+    let texts = |l: &LookupReply| -> Vec<(String, String)> {
+        l.notes.iter().map(|n| (n.author.clone(), n.text.clone())).collect()
+    };
+    let want = vec![
+        ("ops-bob".to_string(), "Replacement sent – case 77".to_string()),
+        ("ops-ann".to_string(), "Customer called: card lost".to_string()),
+    ];
+    assert_eq!(texts(&lookup(&mut c).await), want);
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    let l = lookup(&mut c).await;
+    assert_eq!(texts(&l), want);
+    assert_eq!(l.recent.first().map(|t| t.kind), Some(TxnKind::Note));
+    // A transfer leaves a note on the card it closes, naming the card that got the balance.
+    issue(&mut c, NEW_CARD, usd(0)).await;
+    crate::payments::parts(&mut c, &transfer_req("t1")).await;
+    let l = lookup(&mut c).await;
+    assert_eq!(l.notes.len(), 3);
+    assert_eq!(l.notes[0].text, "Balance of 10.00 USD transferred to card ending 9002; card closed");
+}

@@ -322,10 +322,19 @@ fn giftctl_transfers() {
     let (a, b) = ("6035719950000060", "6035719950000078");
     json(&g, &["issue", "--number", a, "--currency", "USD", "--amount", "25.00", "--active", "--key", "ctl-i1"]);
     json(&g, &["issue", "--number", b, "--currency", "USD", "--amount", "5.00", "--active", "--key", "ctl-i2"]);
+    let v = json(&g, &["note", "--number", a, "--text", "Card reported damaged", "--merchant", "ops-ann"]);
+    expect(&v, &[("result", "approved")]);
     let v = json(&g, &["transfer", "--from", a, "--to", b, "--key", "ctl-t1"]);
     expect(&v, &[("result", "approved"), ("approved", "25.00"), ("currency", "USD")]);
     expect(&v["parts"][0], &[("last4", "0060"), ("amount", "-25.00"), ("balance_after", "0.00")]);
     expect(&v["parts"][1], &[("last4", "0078"), ("amount", "25.00"), ("balance_after", "30.00")]);
     expect(&json(&g, &["balance", "--number", a]), &[("status", "closed")]);
+    let v = json(&g, &["lookup", "--number", a]);
+    expect(
+        &v["notes"][0],
+        &[("author", "giftctl"), ("text", "Balance of 25.00 USD transferred to card ending 0078; card closed")],
+    );
+    expect(&v["notes"][1], &[("author", "ops-ann"), ("text", "Card reported damaged")]);
     usage_error(&["--addr", g.addr(), "transfer", "--from", a, "--to", a, "--key", "k"]);
+    usage_error(&["--addr", g.addr(), "note", "--number", a, "--text", ""]);
 }
