@@ -43,6 +43,9 @@ enum Step {
     Split { cards: Vec<u8>, money: Money, order: SplitOrder },
     Lock { card: u8 },
     Unlock { card: u8 },
+    CashOut { card: u8 },
+    Transfer { from: u8, to: u8 },
+    Note { card: u8 },
 }
 
 /// What both sides answer: result, amount, and the parts' (card, amount) when listed.
@@ -82,6 +85,7 @@ const VOID_WINDOW_MS: i64 = 2 * HOUR_MS;
 struct MCard {
     balance: i64,
     locked: bool,
+    closed: bool,
 }
 
 /// What an approved reversible step did, and what happened to it since.
@@ -117,7 +121,7 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        let cards = (1..=CARDS).map(|c| (c, MCard { balance: 10_000, locked: false })).collect();
+        let cards = (1..=CARDS).map(|c| (c, MCard { balance: 10_000, locked: false, closed: false })).collect();
         Model { now: START_MS, cards, holds: Vec::new(), next_hold: 1, keys: HashMap::new(), effects: Vec::new() }
     }
 
@@ -144,6 +148,9 @@ impl Model {
     }
 
     fn status_and_currency(&self, card: u8, money: &Money) -> Result<(), ResultCode> {
+        if self.cards[&card].closed {
+            return Err(ResultCode::CardClosed);
+        }
         if self.cards[&card].locked {
             return Err(ResultCode::CardSuspended);
         }
@@ -216,7 +223,9 @@ impl Model {
                     return (Said::no(ResultCode::HoldNotFound), None);
                 };
                 let h = self.holds[i].clone();
-                let r = if self.cards[&h.card].locked {
+                let r = if self.cards[&h.card].closed {
+                    Err(ResultCode::CardClosed)
+                } else if self.cards[&h.card].locked {
                     Err(ResultCode::CardSuspended)
                 } else if money.currency != usd(0).currency {
                     Err(ResultCode::CurrencyMismatch)
@@ -249,10 +258,56 @@ impl Model {
             Step::Reverse { original } => (self.reverse(&original), None),
             Step::Split { cards, money, order } => self.split(&cards, &money, order),
             Step::Lock { card } => {
+                if self.cards[&card].closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
                 self.cards.get_mut(&card).unwrap().locked = true;
                 (Said::yes(0), None)
             }
+            Step::Note { .. } => (Said::yes(0), None),
+            Step::CashOut { card } => {
+                let c = &self.cards[&card];
+                let code = if c.closed {
+                    Some(ResultCode::CardClosed)
+                } else if c.locked {
+                    Some(ResultCode::CardSuspended)
+                } else if self.open_holds(card).next().is_some() {
+                    Some(ResultCode::HoldsOpen)
+                } else {
+                    None
+                };
+                if let Some(code) = code {
+                    return (Said::no(code), None);
+                }
+                let c = self.cards.get_mut(&card).unwrap();
+                let paid = c.balance;
+                (c.balance, c.closed) = (0, true);
+                (Said::yes(paid), None)
+            }
+            Step::Transfer { from, to } => {
+                let (f, t) = (&self.cards[&from], &self.cards[&to]);
+                let code = if f.closed {
+                    Some(ResultCode::CardClosed)
+                } else if t.closed || t.locked {
+                    Some(ResultCode::TransferTargetNotActive)
+                } else if self.open_holds(from).next().is_some() {
+                    Some(ResultCode::HoldsOpen)
+                } else {
+                    None
+                };
+                if let Some(code) = code {
+                    return (Said::no(code), None);
+                }
+                let amount = f.balance;
+                let f = self.cards.get_mut(&from).unwrap();
+                (f.balance, f.closed) = (0, true);
+                self.cards.get_mut(&to).unwrap().balance += amount;
+                (Said { parts: vec![(from, -amount), (to, amount)], ..Said::yes(amount) }, None)
+            }
             Step::Unlock { card } => {
+                if self.cards[&card].closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
                 if !self.cards[&card].locked {
                     return (Said::no(ResultCode::NotSuspended), None);
                 }
@@ -263,21 +318,20 @@ impl Model {
     }
 
     fn refund(&mut self, card: u8, money: &Money, original: Option<&str>) -> Said {
-        let Some(original) = original else {
-            // The default program takes referenced refunds only.
-            return Said::no(if money.currency != usd(0).currency {
-                ResultCode::CurrencyMismatch
-            } else {
-                ResultCode::RefundReferenceRequired
-            });
+        let eff = match original.map(|o| self.keys.get(o)) {
+            Some(None) => return Said::no(ResultCode::OriginalNotFound),
+            Some(Some(MKey::Barred)) | None => None,
+            Some(Some(MKey::Used { effect, .. })) => *effect,
         };
-        let eff = match self.keys.get(original) {
-            None => return Said::no(ResultCode::OriginalNotFound),
-            Some(MKey::Barred) => None,
-            Some(MKey::Used { effect, .. }) => *effect,
-        };
+        if self.cards[&card].closed {
+            return Said::no(ResultCode::CardClosed);
+        }
         if money.currency != usd(0).currency {
             return Said::no(ResultCode::CurrencyMismatch);
+        }
+        if original.is_none() {
+            // The default program takes referenced refunds only.
+            return Said::no(ResultCode::RefundReferenceRequired);
         }
         let Some(e) = eff.filter(|&e| matches!(self.effects[e].kind, TxnKind::Redeem | TxnKind::Capture)) else {
             return Said::no(ResultCode::NotReversible);
@@ -322,6 +376,9 @@ impl Model {
         }
         let mut deltas = Vec::new();
         for (i, (card, amount)) in e.parts.iter().enumerate() {
+            if self.cards[card].closed {
+                return Said::no(ResultCode::CardClosed);
+            }
             let d = match e.kind {
                 TxnKind::Redeem | TxnKind::Capture => amount - e.refunded[i],
                 TxnKind::Reload => {
@@ -411,6 +468,9 @@ fn to_op(step: &Step) -> (Option<CardKey>, Op) {
             (None, Op::SplitRedeem { cards, money, order })
         }
         Step::Lock { card } => (Some(key(card)), Op::Lock { reason: crate::model::LockReason::Lost }),
+        Step::CashOut { card } => (Some(key(card)), Op::CashOut),
+        Step::Transfer { from, to } => (Some(key(from)), Op::Transfer { to: (key(to), [b'0', b'0', b'0', b'0' + to]) }),
+        Step::Note { card } => (Some(key(card)), Op::Note { text: format!("note on card {card}") }),
         Step::Unlock { card } => (Some(key(card)), Op::Unlock),
     }
 }
@@ -522,8 +582,14 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
             let order = if rng.gen_bool(0.5) { SplitOrder::Given } else { SplitOrder::Smallest };
             Step::Split { cards, money: money(rng), order }
         }
-        95..=97 => Step::Lock { card: card_of(rng) },
-        _ => Step::Unlock { card: card_of(rng) },
+        95..=96 => Step::Lock { card: card_of(rng) },
+        97 => Step::Unlock { card: card_of(rng) },
+        98 if rng.gen_ratio(1, 3) => Step::CashOut { card: card_of(rng) },
+        98 => Step::Note { card: card_of(rng) },
+        _ => {
+            let from = card_of(rng);
+            Step::Transfer { from, to: from % CARDS + 1 }
+        }
     };
     (k, s)
 }
@@ -580,7 +646,13 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
         let view = rec.view(model.now);
         let mc = &model.cards[&c];
         let held: i64 = model.open_holds(c).map(|h| h.amount).sum();
-        let status = if mc.locked { Status::Suspended } else { Status::Active };
+        let status = if mc.closed {
+            Status::Closed
+        } else if mc.locked {
+            Status::Suspended
+        } else {
+            Status::Active
+        };
         assert_eq!(
             (view.balance_minor, view.held_minor, view.status),
             (mc.balance, held, status),
@@ -625,6 +697,9 @@ fn engine_agrees_with_the_reference_model() {
         RefundExceedsOriginal,
         TooManyHolds,
         InsufficientFunds,
+        CardClosed,
+        HoldsOpen,
+        TransferTargetNotActive,
     ];
     if sequences >= 1_000 {
         for code in expected {
