@@ -71,6 +71,10 @@ pub struct ProgramConfig {
     pub unreferenced_refunds: bool,
     /// A decimal string: cash-out is allowed only for balances up to this (absent: any).
     pub cash_out_max: Option<String>,
+    /// How long after expiry a card that is not VIP may still be reactivated.
+    pub reactivation_grace_secs: u64,
+    /// A reactivated card expires this long after its reactivation.
+    pub reactivation_extension_secs: u64,
 }
 
 impl Default for ProgramConfig {
@@ -84,6 +88,8 @@ impl Default for ProgramConfig {
             void_window_secs: crate::engine::program::VOID_WINDOW_SECS,
             unreferenced_refunds: false,
             cash_out_max: None,
+            reactivation_grace_secs: crate::engine::program::REACTIVATION_GRACE_SECS,
+            reactivation_extension_secs: crate::engine::program::REACTIVATION_EXTENSION_SECS,
         }
     }
 }
@@ -185,6 +191,11 @@ impl Config {
             if !(1..=cap).contains(&p.reversal_window_secs) {
                 errs.push(format!("programs.{name}.reversal_window_secs must be between 1 and {cap}"));
             }
+            if !(1..=cap).contains(&p.reactivation_grace_secs) || !(1..=cap).contains(&p.reactivation_extension_secs) {
+                errs.push(format!(
+                    "programs.{name}.reactivation_grace_secs and _extension_secs must be between 1 and {cap}"
+                ));
+            }
             if !(1..=cap).contains(&p.void_window_secs) {
                 errs.push(format!("programs.{name}.void_window_secs must be between 1 and {cap}"));
             }
@@ -223,6 +234,8 @@ impl Config {
                 void_window_ms: p.void_window_secs as i64 * 1000,
                 unreferenced_refunds: p.unreferenced_refunds,
                 cash_out_max: p.cash_out_max.as_deref().and_then(|m| Decimal::from_str(m).ok()),
+                reactivation_grace_ms: p.reactivation_grace_secs as i64 * 1000,
+                reactivation_extension_ms: p.reactivation_extension_secs as i64 * 1000,
             })
             .collect()
     }

@@ -237,6 +237,8 @@ pub enum TxnKind {
     TransferIn = 16,
     /// An internal note appended (its text is in the card's notes).
     Note = 17,
+    /// An expired or suspended card made usable again under its program's policy.
+    Reactivate = 18,
 }
 
 impl TxnKind {
@@ -259,6 +261,7 @@ impl TxnKind {
             15 => TxnKind::TransferOut,
             16 => TxnKind::TransferIn,
             17 => TxnKind::Note,
+            18 => TxnKind::Reactivate,
             _ => return None,
         })
     }
@@ -282,6 +285,7 @@ impl TxnKind {
             TxnKind::TransferOut => "transfer_out",
             TxnKind::TransferIn => "transfer_in",
             TxnKind::Note => "note",
+            TxnKind::Reactivate => "reactivate",
         }
     }
 }
@@ -341,6 +345,7 @@ result_codes! {
     CardInactive = 28, "card_inactive";
     AlreadyActive = 29, "already_active";
     NotSuspended = 30, "not_suspended";
+    NotEligible = 53, "not_eligible";
     TransferTargetNotActive = 51, "transfer_target_not_active";
     CurrencyMismatch = 31, "currency_mismatch";
     ProgramMismatch = 52, "program_mismatch";
@@ -455,6 +460,11 @@ pub struct Outcome {
     pub card: Option<CardView>,
     /// The hold an approved authorization opened (its reply carries it).
     pub hold: Option<HoldView>,
+}
+
+/// Hours, rounded down, for the sentences support reads.
+pub fn hours(ms: i64) -> i64 {
+    ms / 3_600_000
 }
 
 impl Outcome {

@@ -222,6 +222,16 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Make an expired or suspended card usable again, under its program's policy; a decline says
+    /// why (in `reason`).
+    Reactivate {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        who: Who,
+    },
     /// Pay out the remaining balance and close the card.
     CashOut {
         #[arg(long)]
@@ -380,6 +390,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
             Some(Request::Note { idem: idem(who, key.as_deref()), number: number(n)?, text: text.clone() })
         }
+        Cmd::Reactivate { number: n, key, who } => {
+            Some(Request::Reactivate { idem: idem(who, Some(key.as_str())), number: number(n)? })
+        }
         Cmd::CashOut { number: n, key, who } => {
             Some(Request::CashOut { idem: idem(who, Some(key.as_str())), number: number(n)? })
         }
@@ -504,6 +517,12 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
     obj.insert("result".into(), json!(reply.result().name()));
     obj.insert("code".into(), json!(reply.result() as u16));
     match reply {
+        Reply::Explained(o, reason) => {
+            if let Some(v) = &o.card {
+                view_json(&mut obj, v);
+            }
+            obj.insert("reason".into(), json!(reason));
+        }
         Reply::Card(o) | Reply::Hold(o) => {
             if let Some(v) = &o.card {
                 view_json(&mut obj, v);
@@ -595,6 +614,9 @@ fn sentence(obj: &Map<String, Value>) -> String {
     }
     if let Some(a) = obj.get("approved").and_then(Value::as_str) {
         out += &format!("; amount {a}");
+    }
+    if let Some(r) = obj.get("reason").and_then(Value::as_str) {
+        out += &format!("; {r}");
     }
     if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
         out += &format!("; hold {h} until {}", s("hold_expires"));

@@ -66,11 +66,22 @@ pub struct IdemRecord {
     /// Written by a reversal that arrived before its original: the original, when it comes, is
     /// declined `original_reversed` whatever its content.
     pub tombstone: bool,
+    /// The sentence that explains the answer, for the operations whose reply carries one
+    /// (reactivate: why not, or the note it appended).
+    pub reason: Option<Box<str>>,
 }
 
 impl IdemRecord {
     pub fn new(fingerprint: [u8; 16], outcome: Outcome) -> IdemRecord {
-        IdemRecord { fingerprint, outcome, parts: None, effect: None, effect_txns: None, tombstone: false }
+        IdemRecord {
+            fingerprint,
+            outcome,
+            parts: None,
+            effect: None,
+            effect_txns: None,
+            tombstone: false,
+            reason: None,
+        }
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Mutation {
 pub struct Executed {
     pub outcome: Outcome,
     pub parts: Option<Parts>,
+    /// The explanation the reply carries (reactivate).
+    pub reason: Option<String>,
     pub group: u64,
     pub replayed: bool,
 }
@@ -116,11 +118,12 @@ struct Answer {
     outcome: Outcome,
     parts: Option<Parts>,
     effect: Option<Effect>,
+    reason: Option<String>,
 }
 
 impl Answer {
     fn plain(outcome: Outcome) -> Answer {
-        Answer { outcome, parts: None, effect: None }
+        Answer { outcome, parts: None, effect: None, reason: None }
     }
 }
 
@@ -256,6 +259,7 @@ impl Engine {
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
+            (Op::Reactivate, _) => self.reactivate(&m, m.card.expect("a reactivation names its card"), now_ms),
             (Op::Transfer { to }, _) => self.transfer(&m, m.card.expect("a transfer names its card"), to.0, now_ms),
             _ => {
                 let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
@@ -273,8 +277,13 @@ impl Engine {
                 v.insert((group, now_ms));
             }
         }
-        let done =
-            Executed { outcome: record.outcome, parts: record.parts.as_deref().cloned(), group, replayed: false };
+        let done = Executed {
+            outcome: record.outcome,
+            parts: record.parts.as_deref().cloned(),
+            reason: record.reason.as_deref().map(str::to_string),
+            group,
+            replayed: false,
+        };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
     }
@@ -330,6 +339,7 @@ impl Engine {
             effect: answer.effect,
             effect_txns: None,
             tombstone: false,
+            reason: answer.reason.map(Into::into),
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
         let at = self.journal.append(effects);
@@ -441,7 +451,7 @@ impl Engine {
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (record, at) = self.commit(m, Answer { outcome, parts: None, effect }, effects);
+                let (record, at) = self.commit(m, Answer { outcome, parts: None, effect, reason: None }, effects);
                 card.rec.last_txn_id = at.first_txn_id;
                 if d.kind == TxnKind::Note {
                     card.rec.last_note_id = at.first_txn_id;
@@ -562,7 +572,12 @@ impl Engine {
         effects.ledger = Some(LedgerDelta { currency: money.currency, credit_minor: 0, debit_minor: money.minor });
         let outcome = Outcome { result: ResultCode::Approved, approved_minor: money.minor, card: None, hold: None };
         let effect = Effect { at_ms: now_ms, kind: TxnKind::Redeem, currency: money.currency, parts, hold_id: 0 };
-        let answer = Answer { outcome, parts: Some(Parts { currency: money.currency, items }), effect: Some(effect) };
+        let answer = Answer {
+            outcome,
+            parts: Some(Parts { currency: money.currency, items }),
+            effect: Some(effect),
+            reason: None,
+        };
         let (record, appended) = self.commit(m, answer, effects);
         for (n, &(i, _)) in take.iter().enumerate() {
             let g = locked.card(&keys[i]);
@@ -570,6 +585,38 @@ impl Engine {
             g.last_group = appended.group;
         }
         (record, appended.group)
+    }
+
+    /// Reactivates a card under its program's policy and appends the note that says why; a decline
+    /// says why not.
+    fn reactivate(&self, m: &Mutation, key: CardKey, now_ms: i64) -> (IdemRecord, u64) {
+        let Some(cell) = self.cell(&key) else {
+            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
+        };
+        let mut card = cell.lock().expect("card lock");
+        let card = &mut *card;
+        self.release_due(key, card, now_ms);
+        let (d, why) = match rules::decide_reactivate(&card.rec, &card.program, now_ms) {
+            Err((code, why)) => {
+                let answer =
+                    Answer { reason: Some(why), ..Answer::plain(Outcome::declined(code, Some(card.rec.view(now_ms)))) };
+                let (record, at) = self.commit(m, answer, Effects::default());
+                return (record, at.group);
+            }
+            Ok(d) => d,
+        };
+        let (_, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+        effects.changes.push(change);
+        let prev_id = card.rec.last_note_id;
+        let (outcome, change, _) = self.apply(key, card, m.idem.merchant(), &rules::note(&card.rec), now_ms);
+        effects.changes.push(change);
+        let author = m.idem.merchant().into();
+        effects.note = Some((1, NoteRecord { prev_id, at_ms: now_ms, author, text: why.as_str().into() }));
+        let (record, at) = self.commit(m, Answer { reason: Some(why), ..Answer::plain(outcome) }, effects);
+        // Entries: the reactivation, then its note (the card's newest entry and note).
+        (card.rec.last_txn_id, card.rec.last_note_id, card.last_group) =
+            (at.first_txn_id + 1, at.first_txn_id + 1, at.group);
+        (record, at.group)
     }
 
     /// Moves one card's whole balance to another and closes the first, in one append.
@@ -621,7 +668,7 @@ impl Engine {
         // Money moves between two cards: nothing enters or leaves the ledger.
         let outcome =
             Outcome { result: ResultCode::Approved, approved_minor: out.approved_minor, card: None, hold: None };
-        let answer = Answer { outcome, parts: Some(Parts { currency, items }), effect: None };
+        let answer = Answer { outcome, parts: Some(Parts { currency, items }), effect: None, reason: None };
         let (record, appended) = self.commit(m, answer, effects);
         // Entries: the move out, the move in, then the old card's note (its newest entry).
         let note_id = appended.first_txn_id + 2;
@@ -724,7 +771,7 @@ impl Engine {
         let mut settled = self.settled_of(key);
         if let Some((outcome, parts)) = &settled.reversal {
             // Reversed already: the same answer again, and nothing changes.
-            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None };
+            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None };
             let (record, at) = self.commit(m, answer, Effects::default());
             return (record, at.group);
         }
@@ -775,7 +822,7 @@ impl Engine {
         let parts = Some(Parts { currency: effect.currency, items });
         settled.reversal = Some((outcome, parts.clone()));
         effects.settled = Some((key.clone(), settled.clone()));
-        let (record, appended) = self.commit(m, Answer { outcome, parts, effect: None }, effects);
+        let (record, appended) = self.commit(m, Answer { outcome, parts, effect: None, reason: None }, effects);
         self.settled.insert(key.clone(), RecentSettled { state: settled, group: appended.group, at_ms: now_ms });
         for (n, k) in keys.iter().enumerate() {
             let g = locked.card(k);
@@ -865,13 +912,14 @@ fn reversible(op: &Op) -> bool {
 fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
     if record.tombstone {
         // A reversal came first: the original is declined, whatever it says.
-        Executed { outcome: record.outcome, parts: None, group, replayed: false }
+        Executed { outcome: record.outcome, parts: None, reason: None, group, replayed: false }
     } else if record.fingerprint == *fingerprint {
-        Executed { outcome: record.outcome, parts: record.parts.as_deref().cloned(), group, replayed: true }
+        let (parts, reason) = (record.parts.as_deref().cloned(), record.reason.as_deref().map(str::to_string));
+        Executed { outcome: record.outcome, parts, reason, group, replayed: true }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
         let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);
-        Executed { outcome, parts: None, group, replayed: false }
+        Executed { outcome, parts: None, reason: None, group, replayed: false }
     }
 }
 

@@ -12,6 +12,10 @@ pub const HOLD_TTL_DEFAULT_SECS: u64 = 7 * 86_400;
 pub const HOLD_TTL_MAX_SECS: u64 = 30 * 86_400;
 /// A hold may be voided as long as it may last (30 days) unless its program sets a shorter window.
 pub const VOID_WINDOW_SECS: u64 = HOLD_TTL_MAX_SECS;
+/// An expired card is reactivated without VIP status up to 24 hours after it expired ...
+pub const REACTIVATION_GRACE_SECS: u64 = 86_400;
+/// ... and reactivation gives it 7 more days.
+pub const REACTIVATION_EXTENSION_SECS: u64 = 7 * 86_400;
 /// A mutation may be reversed for 24 hours unless its program says otherwise.
 pub const REVERSAL_WINDOW_SECS: u64 = 86_400;
 /// No program may let a hold outlive a year: held money must come back to the cardholder.
@@ -36,6 +40,10 @@ pub struct Program {
     pub unreferenced_refunds: bool,
     /// Cash-out is allowed only for balances up to this (None: any balance).
     pub cash_out_max: Option<Decimal>,
+    /// How long after expiry a card that is not VIP may still be reactivated.
+    pub reactivation_grace_ms: i64,
+    /// A reactivated card's new expiry is this long from the reactivation.
+    pub reactivation_extension_ms: i64,
 }
 
 impl Program {
@@ -50,6 +58,8 @@ impl Program {
             void_window_ms: VOID_WINDOW_SECS as i64 * 1000,
             unreferenced_refunds: false,
             cash_out_max: None,
+            reactivation_grace_ms: REACTIVATION_GRACE_SECS as i64 * 1000,
+            reactivation_extension_ms: REACTIVATION_EXTENSION_SECS as i64 * 1000,
         }
     }
 

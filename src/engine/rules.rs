@@ -63,6 +63,8 @@ pub enum Op {
     Note {
         text: String,
     },
+    /// Makes an expired or suspended card usable again, under the program's policy.
+    Reactivate,
     /// Moves the whole balance to another card of the same currency and program, and closes this
     /// one (a lost or damaged card).
     Transfer {
@@ -161,6 +163,8 @@ pub struct Decision {
     pub hold: HoldChange,
     /// Set by a registration.
     pub register: Option<Registration>,
+    /// A new expiry (reactivation).
+    pub new_expiry_ms: Option<i64>,
 }
 
 impl Decision {
@@ -192,6 +196,9 @@ impl Decision {
         if let Some(r) = &self.register {
             card.vip = r.vip;
             card.member = r.member.clone();
+        }
+        if let Some(e) = self.new_expiry_ms {
+            card.expiry_ms = Some(e);
         }
         card.balance_minor += self.delta_minor;
         card.lifecycle = self.lifecycle;
@@ -282,10 +289,11 @@ pub fn decide(
         approved_minor,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
-        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } | Op::Transfer { .. } => {
+        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } | Op::Transfer { .. } | Op::Reactivate => {
             unreachable!("refunds, reversals and split redeems have their own rules")
         }
         Op::Activate { load } => {
@@ -437,6 +445,7 @@ pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
         approved_minor: hold.amount_minor,
         hold: HoldChange::Close { id: hold.id },
         register: None,
+        new_expiry_ms: None,
     })
 }
 
@@ -493,6 +502,7 @@ pub fn decide_refund(
         approved_minor: money.minor,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     })
 }
 
@@ -518,6 +528,7 @@ pub fn decide_reversal(
         approved_minor: delta_minor.abs(),
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     };
     match kind {
         // Spends come back, less what was refunded already.
@@ -587,6 +598,7 @@ pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
         approved_minor: minor,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     }
 }
 
@@ -600,6 +612,7 @@ pub fn note(card: &CardRecord) -> Decision {
         approved_minor: 0,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     }
 }
 
@@ -637,6 +650,7 @@ pub fn decide_transfer(
         approved_minor: amount,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     };
     let into = Decision {
         kind: TxnKind::TransferIn,
@@ -646,6 +660,56 @@ pub fn decide_transfer(
         approved_minor: amount,
         hold: HoldChange::None,
         register: None,
+        new_expiry_ms: None,
     };
     Ok((out, into))
+}
+
+/// Decides a reactivation under `program`'s policy. Approved: the decision and the note to append.
+/// Declined: the code and a sentence a support agent can read to the customer.
+pub fn decide_reactivate(
+    card: &CardRecord,
+    program: &Program,
+    now_ms: i64,
+) -> Result<(Decision, String), (ResultCode, String)> {
+    let no = |why: String| Err((ResultCode::NotEligible, why));
+    let vip = if card.vip { "VIP" } else { "not VIP" };
+    let (lock, why) = match card.status(now_ms) {
+        Status::Closed => return no("card closed: not eligible for reactivation".into()),
+        Status::Active => return no("card is active: nothing to reactivate".into()),
+        Status::Inactive => return no("card was never activated: activate it instead".into()),
+        Status::PinLocked => return no("card is PIN-locked: reset the PIN lock instead".into()),
+        Status::Suspended if card.lock == LockReason::Fraud => {
+            return no("suspended for fraud: not eligible for reactivation".into())
+        }
+        Status::Suspended if !card.vip => {
+            return no(format!("suspended ({}), not VIP: not eligible for reactivation", card.lock.name()))
+        }
+        Status::Suspended => (LockReason::None, "Reactivated per policy – VIP customer".to_string()),
+        Status::Expired => {
+            let ago_ms = now_ms - card.expiry_ms.unwrap_or(now_ms);
+            let grace_h = crate::model::hours(program.reactivation_grace_ms);
+            if card.vip {
+                (card.lock, "Reactivated per policy – VIP customer".to_string())
+            } else if ago_ms <= program.reactivation_grace_ms {
+                (card.lock, format!("Reactivated per policy – expired <{grace_h}h"))
+            } else {
+                let h = crate::model::hours(ago_ms);
+                return no(format!("expired {h} h ago, {vip}: not eligible for reactivation (grace {grace_h} h)"));
+            }
+        }
+    };
+    // A card that has expired gets a new expiry; a suspended one that has not keeps its own.
+    let expired = card.expiry_ms.is_some_and(|e| e <= now_ms);
+    let d = Decision {
+        kind: TxnKind::Reactivate,
+        delta_minor: 0,
+        lifecycle: card.lifecycle,
+        lock,
+        approved_minor: 0,
+        hold: HoldChange::None,
+        register: None,
+        new_expiry_ms: expired.then(|| now_ms + program.reactivation_extension_ms),
+    };
+    Ok((d, why))
 }

@@ -804,3 +804,45 @@ fn transfer_moves_everything_or_nothing() {
 fn j_len(j: &MemoryJournal) -> usize {
     j.txns().len()
 }
+
+#[test]
+fn reactivation_follows_the_policy_and_says_why() {
+    let (e, j) = engine();
+    // Card n expired `ago` hours before NOW.
+    let expired = |n: u8, ago: i64| issue(&e, card(n), "default", usd(1_000), Some(NOW - ago * HOUR_MS), true);
+    expired(1, 23);
+    expired(2, 25);
+    expired(3, 25);
+    run(&e, "vip", card(3), Op::Register { member: None, vip: true }, NOW);
+    issue(&e, card(4), "default", usd(1_000), None, true);
+    expired(5, 1);
+    run(&e, "close", card(5), Op::CashOut, NOW);
+    expired(6, 1);
+    run(&e, "fraud", card(6), Op::Lock { reason: LockReason::Fraud }, NOW);
+    issue(&e, card(7), "default", usd(1_000), None, true);
+    run(&e, "lost", card(7), Op::Lock { reason: LockReason::Lost }, NOW);
+    let go = |n: u8| run(&e, &format!("re{n}"), card(n), Op::Reactivate, NOW);
+    let cases: [(u8, ResultCode, &str); 7] = [
+        (1, ResultCode::Approved, "Reactivated per policy – expired <24h"),
+        (2, ResultCode::NotEligible, "expired 25 h ago, not VIP: not eligible for reactivation (grace 24 h)"),
+        (3, ResultCode::Approved, "Reactivated per policy – VIP customer"),
+        (4, ResultCode::NotEligible, "card is active: nothing to reactivate"),
+        (5, ResultCode::NotEligible, "card closed: not eligible for reactivation"),
+        (6, ResultCode::NotEligible, "suspended for fraud: not eligible for reactivation"),
+        (7, ResultCode::NotEligible, "suspended (lost), not VIP: not eligible for reactivation"),
+    ];
+    for (n, result, reason) in cases {
+        let done = go(n);
+        assert_eq!((done.outcome.result, done.reason.as_deref()), (result, Some(reason)), "card {n}");
+    }
+    // Approved: active, a new expiry 7 days on, and the note is in the journal.
+    let (rec, _) = e.snapshot(&card(1)).unwrap();
+    assert_eq!((rec.status(NOW), rec.expiry_ms), (Status::Active, Some(NOW + 7 * 24 * HOUR_MS)));
+    assert!(rec.last_note_id > 0);
+    let kinds: Vec<TxnKind> = j.txns().iter().filter(|t| t.card == card(1)).map(|t| t.kind).collect();
+    assert_eq!(kinds, [TxnKind::Issue, TxnKind::Reactivate, TxnKind::Note]);
+    // A VIP suspended (not for fraud) is reactivated: the suspension is lifted.
+    run(&e, "vip7", card(7), Op::Register { member: None, vip: true }, NOW);
+    assert_eq!(run(&e, "re7b", card(7), Op::Reactivate, NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(e.snapshot(&card(7)).unwrap().0.status(NOW), Status::Active);
+}

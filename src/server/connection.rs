@@ -205,6 +205,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         Request::Reverse { idem, original } => mutation(&idem, None, Op::Reverse { original }),
         Request::CashOut { idem, number } => mutation(&idem, Some(&number), Op::CashOut),
         Request::Note { idem, number, text } => mutation(&idem, Some(&number), Op::Note { text }),
+        Request::Reactivate { idem, number } => mutation(&idem, Some(&number), Op::Reactivate),
         Request::Transfer { idem, number, to } => {
             let to = (shared.keyer.card_key(&to), to.last4());
             mutation(&idem, Some(&number), Op::Transfer { to })
@@ -222,6 +223,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     }
     let reply = match op {
         Some(Opcode::Authorize) => Reply::Hold(done.outcome),
+        Some(Opcode::Reactivate) => Reply::Explained(done.outcome, done.reason.unwrap_or_default()),
         Some(Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer) => Reply::Parts(PartsReply {
             result: done.outcome.result,
             approved_minor: done.outcome.approved_minor,

@@ -10,10 +10,11 @@ use bytes::BufMut;
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id; version 3 of idempotency records added the
-// hold, the parts, the effect and the tombstone flag. Nothing deployed holds an older version.
+// hold, the parts, the effect and the tombstone flag, version 4 the reason. Nothing deployed holds
+// an older version.
 const CARD_V5: u8 = 5;
 const NOTE_V1: u8 = 1;
-const IDEM_V3: u8 = 3;
+const IDEM_V4: u8 = 4;
 const SETTLED_V1: u8 = 1;
 /// Most parts an effect or an answer lists (a split redeem's cards).
 const PARTS_MAX: usize = 64;
@@ -306,11 +307,14 @@ impl Reader<'_> {
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V3);
+    dst.put_u8(IDEM_V4);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
     put_parts(dst, rec.parts.as_deref());
     dst.put_u8(rec.tombstone as u8);
+    let reason = rec.reason.as_deref().unwrap_or("");
+    dst.put_u16_le(reason.len() as u16);
+    dst.put_slice(reason.as_bytes());
     // The effect itself is in the history entries this points at (see `IdemRecord::effect`).
     match rec.effect_txns {
         None => dst.put_u8(0),
@@ -324,13 +328,16 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V3)?;
+    r.version(IDEM_V4)?;
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
     let parts = r.parts()?.map(Box::new);
     let tombstone = r.u8()? == 1;
+    let n = u16::from_le_bytes(r.arr()?) as usize;
+    let reason = std::str::from_utf8(r.take(n)?).map_err(|_| Corrupt { what: "idempotency" })?;
+    let reason = (!reason.is_empty()).then(|| reason.into());
     let effect_txns = if r.u8()? == 1 { Some((r.i64()? as u64, r.u8()?)) } else { None };
-    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone })
+    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone, reason })
 }
 
 pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {

@@ -19,6 +19,8 @@ pub const PROGRAM_BYTES_MAX: usize = 32;
 pub const AMOUNT_MINOR_MAX: i64 = 1_000_000_000_000_000;
 /// Most history entries one page may return.
 pub const HISTORY_PAGE_MAX: u16 = 100;
+/// Longest explanation in a reply, in bytes of UTF-8.
+pub const REASON_BYTES_MAX: usize = 500;
 /// Longest note text, in bytes of UTF-8.
 pub const NOTE_BYTES_MAX: usize = 500;
 /// Notes a lookup shows, newest first.
@@ -47,10 +49,11 @@ pub enum Opcode {
     Register = 0x20,
     Transfer = 0x21,
     Note = 0x22,
+    Reactivate = 0x23,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 20] = [
+    pub const ALL: [Opcode; 21] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -71,6 +74,7 @@ impl Opcode {
         Opcode::Register,
         Opcode::Transfer,
         Opcode::Note,
+        Opcode::Reactivate,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -104,6 +108,7 @@ impl Opcode {
             Opcode::Register => "register",
             Opcode::Transfer => "transfer",
             Opcode::Note => "note",
+            Opcode::Reactivate => "reactivate",
         }
     }
 }
@@ -224,6 +229,10 @@ pub enum Request {
         number: CardNumber,
         text: String,
     },
+    Reactivate {
+        idem: IdemRef,
+        number: CardNumber,
+    },
 }
 
 impl Request {
@@ -249,6 +258,7 @@ impl Request {
             Request::Register { .. } => Opcode::Register,
             Request::Transfer { .. } => Opcode::Transfer,
             Request::Note { .. } => Opcode::Note,
+            Request::Reactivate { .. } => Opcode::Reactivate,
         }
     }
 }
@@ -309,6 +319,8 @@ pub enum Reply {
     Hold(Outcome),
     /// A multi-card outcome (split redeem, reversal): the total and each card's part.
     Parts(PartsReply),
+    /// A card outcome and the sentence that explains it (reactivate).
+    Explained(Outcome, String),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -321,6 +333,7 @@ impl Reply {
             Reply::Hello(h) => h.result,
             Reply::Card(o) | Reply::Hold(o) => o.result,
             Reply::Parts(p) => p.result,
+            Reply::Explained(o, _) => o.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -594,6 +607,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             }
             Request::Note { idem, number, text }
         }
+        Opcode::Reactivate => Request::Reactivate { idem: r.idem()?, number: r.number()? },
     };
     r.end()?;
     Ok(req)
@@ -721,6 +735,7 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_idem(dst, idem, number);
             put_str16(dst, text);
         }
+        Request::Reactivate { idem, number } => put_idem(dst, idem, number),
     }
 }
 
@@ -783,6 +798,12 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u64_le(h.id);
             dst.put_i64_le(h.amount_minor);
             dst.put_i64_le(h.expires_ms);
+        }
+        Reply::Explained(o, reason) => {
+            dst.put_u16_le(o.result as u16);
+            dst.put_i64_le(o.approved_minor);
+            put_view(dst, &o.card);
+            put_str16(dst, reason);
         }
         Reply::Parts(p) => {
             dst.put_u16_le(p.result as u16);
@@ -909,6 +930,10 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
         }
         Opcode::Authorize => {
             Reply::Hold(Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: r.hold()? })
+        }
+        Opcode::Reactivate => {
+            let outcome = Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None };
+            Reply::Explained(outcome, r.str16(REASON_BYTES_MAX)?)
         }
         Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer => {
             let approved_minor = r.i64()?;

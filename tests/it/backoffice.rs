@@ -193,3 +193,40 @@ async fn notes_are_appended_newest_first_and_survive_a_crash() {
     assert_eq!(l.notes.len(), 3);
     assert_eq!(l.notes[0].text, "Balance of 10.00 USD transferred to card ending 9002; card closed");
 }
+
+#[tokio::test]
+async fn reactivation_over_tcp_answers_with_its_reason_and_leaves_a_note() {
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let expired = |number: &str, hours_ago: i64, key: &str| Request::Issue {
+        idem: idem(MERCHANT, key),
+        number: num(number),
+        program: "default".into(),
+        money: usd(2_000),
+        expiry_ms: Some(now_ms - hours_ago * 3_600_000 - 60_000),
+        active: true,
+    };
+    call(&mut c, &expired(CARD, 30, "i1")).await;
+    call(&mut c, &expired(NEW_CARD, 2, "i2")).await;
+    let react = |number: &str, key: &str| Request::Reactivate { idem: idem("ops", key), number: num(number) };
+    let explained = |reply: Reply| match reply {
+        Reply::Explained(o, reason) => (o, reason),
+        other => panic!("expected an explained reply, got {other:?}"),
+    };
+    let (o, why) = explained(timed("reactivate", c.call(&react(CARD, "re1"))).await.unwrap());
+    assert_eq!(o.result, ResultCode::NotEligible);
+    assert_eq!(why, "expired 30 h ago, not VIP: not eligible for reactivation (grace 24 h)");
+    let (o, why) = explained(timed("reactivate", c.call(&react(NEW_CARD, "re2"))).await.unwrap());
+    assert_eq!((o.result, why.as_str()), (ResultCode::Approved, "Reactivated per policy – expired <24h"));
+    assert_eq!(o.card.unwrap().status, Status::Active);
+    // Once VIP, the card expired 30 h ago is eligible.
+    check(&call(&mut c, &register_req("g1", None, true)).await, ResultCode::Approved, 0, None);
+    let (o, why) = explained(timed("reactivate", c.call(&react(CARD, "re3"))).await.unwrap());
+    assert_eq!((o.result, why.as_str()), (ResultCode::Approved, "Reactivated per policy – VIP customer"));
+    let l = lookup(&mut c).await;
+    assert_eq!(l.notes.first().map(|n| n.text.as_str()), Some("Reactivated per policy – VIP customer"));
+    // The decline's retry gives the same sentence.
+    let (_, again) = explained(timed("reactivate", c.call(&react(CARD, "re1"))).await.unwrap());
+    assert_eq!(again, "expired 30 h ago, not VIP: not eligible for reactivation (grace 24 h)");
+}

@@ -338,3 +338,33 @@ fn giftctl_transfers() {
     usage_error(&["--addr", g.addr(), "transfer", "--from", a, "--to", a, "--key", "k"]);
     usage_error(&["--addr", g.addr(), "note", "--number", a, "--text", ""]);
 }
+
+#[test]
+fn giftctl_reactivate_explains_itself() {
+    let g = Giftd::start();
+    let n = "6035719950000086";
+    let expired = (chrono::Utc::now() - chrono::Duration::minutes(30 * 60 + 1)).to_rfc3339();
+    json(
+        &g,
+        &[
+            "issue",
+            "--number",
+            n,
+            "--currency",
+            "USD",
+            "--amount",
+            "9.00",
+            "--active",
+            "--expires",
+            &expired,
+            "--key",
+            "ctl-i1",
+        ],
+    );
+    let v = json(&g, &["reactivate", "--number", n, "--key", "ctl-r1"]);
+    expect(&v, &[("result", "not_eligible"), ("code", "53"), ("status", "expired")]);
+    assert!(v["reason"].as_str().is_some_and(|r| r.starts_with("expired 30 h ago, not VIP")), "{v}");
+    json(&g, &["register", "--number", n, "--vip"]);
+    let v = json(&g, &["reactivate", "--number", n, "--key", "ctl-r2"]);
+    expect(&v, &[("result", "approved"), ("status", "active"), ("reason", "Reactivated per policy – VIP customer")]);
+}
