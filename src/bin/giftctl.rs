@@ -30,6 +30,17 @@ struct Who {
     merchant: String,
 }
 
+/// A card and the request's key: what a mutation with no other field names.
+#[derive(clap::Args, Debug)]
+struct CardKeyed {
+    #[arg(long)]
+    number: String,
+    #[arg(long)]
+    key: String,
+    #[command(flatten)]
+    who: Who,
+}
+
 /// A card, an amount and the request's key: what every single-card money operation names.
 #[derive(clap::Args, Debug)]
 struct Spend {
@@ -224,23 +235,9 @@ enum Cmd {
     },
     /// Make an expired or suspended card usable again, under its program's policy; a decline says
     /// why (in `reason`).
-    Reactivate {
-        #[arg(long)]
-        number: String,
-        #[arg(long)]
-        key: String,
-        #[command(flatten)]
-        who: Who,
-    },
+    Reactivate(CardKeyed),
     /// Pay out the remaining balance and close the card.
-    CashOut {
-        #[arg(long)]
-        number: String,
-        #[arg(long)]
-        key: String,
-        #[command(flatten)]
-        who: Who,
-    },
+    CashOut(CardKeyed),
     /// Link a card to a member id and set or clear VIP; what is not given is kept.
     Register {
         #[arg(long)]
@@ -390,12 +387,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
             Some(Request::Note { idem: idem(who, key.as_deref()), number: number(n)?, text: text.clone() })
         }
-        Cmd::Reactivate { number: n, key, who } => {
-            Some(Request::Reactivate { idem: idem(who, Some(key.as_str())), number: number(n)? })
+        Cmd::Reactivate(a) => {
+            Some(Request::Reactivate { idem: idem(&a.who, Some(&a.key)), number: number(&a.number)? })
         }
-        Cmd::CashOut { number: n, key, who } => {
-            Some(Request::CashOut { idem: idem(who, Some(key.as_str())), number: number(n)? })
-        }
+        Cmd::CashOut(a) => Some(Request::CashOut { idem: idem(&a.who, Some(&a.key)), number: number(&a.number)? }),
         Cmd::Reverse { original, key, who } => {
             if original.is_empty() {
                 return Err(usage("--original must not be empty"));
