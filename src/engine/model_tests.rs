@@ -46,6 +46,8 @@ enum Step {
     CashOut { card: u8 },
     Transfer { from: u8, to: u8 },
     Note { card: u8 },
+    Register { card: u8, vip: bool },
+    Reactivate { card: u8 },
 }
 
 /// What both sides answer: result, amount, and the parts' (card, amount) when listed.
@@ -55,14 +57,19 @@ struct Said {
     approved: i64,
     hold: Option<u64>,
     parts: Vec<(u8, i64)>,
+    /// The sentence a reactivation answers with.
+    reason: Option<String>,
 }
 
 impl Said {
     fn no(result: ResultCode) -> Said {
-        Said { result, approved: 0, hold: None, parts: Vec::new() }
+        Said { result, approved: 0, hold: None, parts: Vec::new(), reason: None }
     }
     fn yes(approved: i64) -> Said {
-        Said { result: ResultCode::Approved, approved, hold: None, parts: Vec::new() }
+        Said { result: ResultCode::Approved, approved, hold: None, parts: Vec::new(), reason: None }
+    }
+    fn because(self, reason: &str) -> Said {
+        Said { reason: Some(reason.to_string()), ..self }
     }
 }
 
@@ -86,6 +93,7 @@ struct MCard {
     balance: i64,
     locked: bool,
     closed: bool,
+    vip: bool,
 }
 
 /// What an approved reversible step did, and what happened to it since.
@@ -121,7 +129,8 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        let cards = (1..=CARDS).map(|c| (c, MCard { balance: 10_000, locked: false, closed: false })).collect();
+        let cards =
+            (1..=CARDS).map(|c| (c, MCard { balance: 10_000, locked: false, closed: false, vip: false })).collect();
         Model { now: START_MS, cards, holds: Vec::new(), next_hold: 1, keys: HashMap::new(), effects: Vec::new() }
     }
 
@@ -265,6 +274,30 @@ impl Model {
                 (Said::yes(0), None)
             }
             Step::Note { .. } => (Said::yes(0), None),
+            Step::Register { card, vip } => {
+                if self.cards[&card].closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
+                self.cards.get_mut(&card).unwrap().vip = vip;
+                (Said::yes(0), None)
+            }
+            // No card of these sequences expires, and locks are for loss: only a VIP's suspension
+            // is lifted.
+            Step::Reactivate { card } => {
+                let c = self.cards.get_mut(&card).unwrap();
+                let no = Said::no(ResultCode::NotEligible);
+                let said = if c.closed {
+                    no.because("card closed: not eligible for reactivation")
+                } else if !c.locked {
+                    no.because("card is active: nothing to reactivate")
+                } else if !c.vip {
+                    no.because("suspended (lost), not VIP: not eligible for reactivation")
+                } else {
+                    c.locked = false;
+                    Said::yes(0).because("Reactivated per policy – VIP customer")
+                };
+                (said, None)
+            }
             Step::CashOut { card } => {
                 let c = &self.cards[&card];
                 let code = if c.closed {
@@ -471,6 +504,8 @@ fn to_op(step: &Step) -> (Option<CardKey>, Op) {
         Step::CashOut { card } => (Some(key(card)), Op::CashOut),
         Step::Transfer { from, to } => (Some(key(from)), Op::Transfer { to: (key(to), [b'0', b'0', b'0', b'0' + to]) }),
         Step::Note { card } => (Some(key(card)), Op::Note { text: format!("note on card {card}") }),
+        Step::Register { card, vip } => (Some(key(card)), Op::Register { member: None, vip }),
+        Step::Reactivate { card } => (Some(key(card)), Op::Reactivate),
         Step::Unlock { card } => (Some(key(card)), Op::Unlock),
     }
 }
@@ -489,6 +524,7 @@ fn run_engine(e: &Engine, k: &str, step: &Step, now: i64) -> Said {
         approved: done.outcome.approved_minor,
         hold: done.outcome.hold.map(|h| h.id),
         parts,
+        reason: done.reason,
     }
 }
 
@@ -585,7 +621,9 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
         95..=96 => Step::Lock { card: card_of(rng) },
         97 => Step::Unlock { card: card_of(rng) },
         98 if rng.gen_ratio(1, 3) => Step::CashOut { card: card_of(rng) },
-        98 => Step::Note { card: card_of(rng) },
+        98 if rng.gen_bool(0.5) => Step::Note { card: card_of(rng) },
+        98 => Step::Register { card: card_of(rng), vip: rng.gen_bool(0.5) },
+        99 if rng.gen_ratio(1, 3) => Step::Reactivate { card: card_of(rng) },
         _ => {
             let from = card_of(rng);
             Step::Transfer { from, to: from % CARDS + 1 }
@@ -697,6 +735,7 @@ fn engine_agrees_with_the_reference_model() {
         RefundExceedsOriginal,
         TooManyHolds,
         InsufficientFunds,
+        NotEligible,
         CardClosed,
         HoldsOpen,
         TransferTargetNotActive,
