@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use giftd::card_number::CardNumber;
 use giftd::client::Client;
 use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
-use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnView};
+use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnKind, TxnView};
 use giftd::wire::{IdemRef, Reply, Request, HISTORY_PAGE_MAX};
 use serde_json::{json, Map, Value};
 use std::process::ExitCode;
@@ -263,6 +263,9 @@ enum Cmd {
         before: u64,
         #[arg(long, default_value_t = 20)]
         limit: u16,
+        /// Only entries of this kind (redeem, reload, capture, note, ...).
+        #[arg(long)]
+        kind: Option<String>,
     },
 }
 
@@ -353,11 +356,19 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }),
         Cmd::Balance { number: n } => Some(Request::Balance { number: number(n)? }),
         Cmd::Lookup { number: n } => Some(Request::Lookup { number: number(n)? }),
-        Cmd::History { number: n, before, limit } => {
+        Cmd::History { number: n, before, limit, kind } => {
+            let kind = match kind.as_deref() {
+                None => None,
+                Some(k) => {
+                    Some((1..=u8::MAX).filter_map(TxnKind::from_u8).find(|t| t.name() == k).ok_or_else(|| {
+                        usage(format!("--kind {k:?} is not a history kind (e.g. redeem, capture, note)"))
+                    })?)
+                }
+            };
             if *limit == 0 || *limit > HISTORY_PAGE_MAX {
                 return Err(usage(format!("--limit must be 1 to {HISTORY_PAGE_MAX}")));
             }
-            Some(Request::History { number: number(n)?, before_seq: *before, limit: *limit })
+            Some(Request::History { number: number(n)?, before_seq: *before, limit: *limit, kind })
         }
         Cmd::Lock { number: n, reason, key, who } => Some(Request::Lock {
             idem: idem(who, key.as_deref()),

@@ -6,7 +6,7 @@
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
 use crate::engine::{CardRecord, Mutation, Op};
-use crate::model::{NoteView, ResultCode, TxnView};
+use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
     self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
     LookupReply, Opcode, PartsReply, Reply, Request, HISTORY_PAGE_MAX,
@@ -182,7 +182,9 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             return (Reply::Card(outcome), group);
         }
         Request::Lookup { number } => return lookup(shared, &number).await,
-        Request::History { number, before_seq, limit } => return history(shared, &number, before_seq, limit).await,
+        Request::History { number, before_seq, limit, kind } => {
+            return history(shared, &number, before_seq, limit, kind).await
+        }
         Request::Issue { idem, number, program, money, expiry_ms, active } => {
             mutation(&idem, Some(&number), Op::Issue { program, money, expiry_ms, active })
         }
@@ -241,9 +243,19 @@ async fn wait_durable(shared: &Shared, group: u64) {
     let _ = durable.wait_for(|d| *d >= group).await;
 }
 
-fn txn_views(shared: &Shared, card: &CardKey, rec: &CardRecord, before_seq: u64, limit: usize) -> Vec<TxnView> {
-    let txns = shared.store.history(card, rec.last_txn_id, before_seq, limit);
-    txns.into_iter()
+/// Up to `limit` entries older than `before_seq`, newest first (of one kind, when given), and where
+/// to resume: the seq of the last entry looked at when more may follow, else 0.
+fn txn_views(
+    shared: &Shared,
+    card: &CardKey,
+    rec: &CardRecord,
+    before_seq: u64,
+    limit: usize,
+    kind: Option<TxnKind>,
+) -> (Vec<TxnView>, u64) {
+    let (txns, resume) = shared.store.history(card, rec.last_txn_id, before_seq, limit, kind);
+    let views = txns
+        .into_iter()
         .map(|t| TxnView {
             seq: t.seq,
             kind: t.kind,
@@ -252,7 +264,8 @@ fn txn_views(shared: &Shared, card: &CardKey, rec: &CardRecord, before_seq: u64,
             at_ms: t.at_ms,
             merchant: t.merchant.into(),
         })
-        .collect()
+        .collect();
+    (views, resume)
 }
 
 async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
@@ -278,7 +291,7 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
     };
     wait_durable(shared, group).await;
     // Entries newer than the snapshot are left out so the reply is one consistent moment.
-    let recent = txn_views(shared, &card, &rec, rec.txn_count + 1, LOOKUP_RECENT_TXNS);
+    let (recent, _) = txn_views(shared, &card, &rec, rec.txn_count + 1, LOOKUP_RECENT_TXNS, None);
     let reply = LookupReply {
         result: ResultCode::Approved,
         card: Some(rec.view(now)),
@@ -301,7 +314,13 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
     (Reply::Lookup(reply), group)
 }
 
-async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u16) -> (Reply, u64) {
+async fn history(
+    shared: &Shared,
+    number: &CardNumber,
+    before_seq: u64,
+    limit: u16,
+    kind: Option<TxnKind>,
+) -> (Reply, u64) {
     let card = shared.keyer.card_key(number);
     let Some((rec, group)) = shared.engine.snapshot(&card) else {
         let reply =
@@ -311,11 +330,7 @@ async fn history(shared: &Shared, number: &CardNumber, before_seq: u64, limit: u
     wait_durable(shared, group).await;
     let before = if before_seq == 0 { rec.txn_count + 1 } else { before_seq.min(rec.txn_count + 1) };
     let limit = limit.min(HISTORY_PAGE_MAX) as usize;
-    let txns = txn_views(shared, &card, &rec, before, limit);
-    let next_before_seq = match txns.last() {
-        Some(t) if t.seq > 1 && txns.len() == limit => t.seq,
-        _ => 0,
-    };
+    let (txns, next_before_seq) = txn_views(shared, &card, &rec, before, limit, kind);
     (
         Reply::History(HistoryReply {
             result: ResultCode::Approved,

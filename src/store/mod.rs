@@ -21,7 +21,7 @@ use crate::engine::{
     Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled, TxnRecord,
 };
 use crate::metrics::Metrics;
-use crate::model::Currency;
+use crate::model::{Currency, TxnKind};
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBRecoveryMode, Direction, IteratorMode, MemtableFactory, Options,
     SliceTransform, WriteBatch, WriteOptions, DB,
@@ -60,6 +60,9 @@ const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 const CHECKPOINT_CHUNK_CARDS: usize = 2048;
 /// Meta key of the last history id the `cards` family reflects.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint/txn_id";
+/// Entries one filtered history page may look at: a card with a long history and few entries of
+/// the kind asked for is paged through, never walked whole in one request.
+const HISTORY_SCAN_MAX: usize = 10_000;
 /// Hold ids below this value are taken (see `Effects::hold_id_next`).
 const HOLD_ID_KEY: &[u8] = b"holds/id_next";
 
@@ -212,10 +215,22 @@ impl Store {
     /// insert at a random place in the memtable: measured, a quarter of all throughput.)
     /// A read error or a broken chain stops the process, as in [`Store::get`]: a short page would
     /// be a wrong answer.
-    pub fn history(&self, card: &CardKey, last_txn_id: u64, before_seq: u64, limit: usize) -> Vec<TxnRecord> {
+    /// A card's history entries older than `before_seq`, newest first, at most `limit` (of one
+    /// kind, when given), walking its chain back from `last_txn_id`. A filtered walk looks at most
+    /// `HISTORY_SCAN_MAX` entries per call. Also returns where to resume: the seq of the last entry
+    /// looked at when the chain goes on, else 0.
+    pub fn history(
+        &self,
+        card: &CardKey,
+        last_txn_id: u64,
+        before_seq: u64,
+        limit: usize,
+        kind: Option<TxnKind>,
+    ) -> (Vec<TxnRecord>, u64) {
         let mut out = Vec::new();
         let mut id = last_txn_id;
-        while id != 0 && out.len() < limit {
+        let (mut scanned, mut last_seq) = (0, 0);
+        while id != 0 && out.len() < limit && scanned < HISTORY_SCAN_MAX {
             let Some(v) = self.get(CF_HISTORY, &records::history_key(id)) else {
                 fail("history read", &format_args!("entry {id} of a card's chain is missing"))
             };
@@ -226,10 +241,14 @@ impl Store {
             }
             id = t.prev_id;
             if t.seq < before_seq {
-                out.push(t);
+                scanned += 1;
+                last_seq = t.seq;
+                if kind.is_none_or(|k| k == t.kind) {
+                    out.push(t);
+                }
             }
         }
-        out
+        (out, if id != 0 { last_seq } else { 0 })
     }
 
     /// A card's notes, newest first, from the one with history id `last_note_id` back, at most

@@ -167,10 +167,12 @@ pub enum Request {
     Lookup {
         number: CardNumber,
     },
+    /// `kind`: only entries of this kind (None: all).
     History {
         number: CardNumber,
         before_seq: u64,
         limit: u16,
+        kind: Option<TxnKind>,
     },
     /// `ttl_secs` 0: the program's default.
     Authorize {
@@ -539,7 +541,11 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             if limit == 0 || limit > HISTORY_PAGE_MAX {
                 return Err(MALFORMED);
             }
-            Request::History { number, before_seq, limit }
+            let kind = match r.u8()? {
+                0 => None,
+                k => Some(TxnKind::from_u8(k).ok_or(MALFORMED)?),
+            };
+            Request::History { number, before_seq, limit, kind }
         }
         Opcode::Authorize => {
             let (idem, number) = (r.idem()?, r.number()?);
@@ -679,10 +685,11 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             dst.put_u8(*reason as u8);
         }
         Request::Unlock { idem, number } => put_idem(dst, idem, number),
-        Request::History { number, before_seq, limit } => {
+        Request::History { number, before_seq, limit, kind } => {
             put_str8(dst, number.expose());
             dst.put_u64_le(*before_seq);
             dst.put_u16_le(*limit);
+            dst.put_u8(kind.map_or(0, |k| k as u8));
         }
         Request::Authorize { idem, number, money, allow_partial, ttl_secs } => {
             put_idem(dst, idem, number);

@@ -230,3 +230,35 @@ async fn reactivation_over_tcp_answers_with_its_reason_and_leaves_a_note() {
     let (_, again) = explained(timed("reactivate", c.call(&react(CARD, "re1"))).await.unwrap());
     assert_eq!(again, "expired 30 h ago, not VIP: not eligible for reactivation (grace 24 h)");
 }
+
+#[tokio::test]
+async fn history_filters_by_kind_and_pages_through() {
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    issue(&mut c, CARD, usd(10_000)).await;
+    for i in 0..7 {
+        crate::redeem(&mut c, CARD, &format!("r{i}"), usd(100 + i), false).await;
+        call(&mut c, &note_req(&format!("n{i}"), "ops", &format!("note {i}"))).await;
+    }
+    let page = |before_seq, kind| Request::History { number: num(CARD), before_seq, limit: 3, kind };
+    let mut amounts = Vec::new();
+    let mut before = 0;
+    for _ in 0..10 {
+        let h = match timed("history", c.call(&page(before, Some(TxnKind::Redeem)))).await.unwrap() {
+            Reply::History(h) => h,
+            other => panic!("{other:?}"),
+        };
+        assert!(h.txns.iter().all(|t| t.kind == TxnKind::Redeem), "{h:?}");
+        amounts.extend(h.txns.iter().map(|t| t.amount_minor));
+        before = h.next_before_seq;
+        if before == 0 {
+            break;
+        }
+    }
+    assert_eq!(amounts, [-106, -105, -104, -103, -102, -101, -100], "every redeem once, newest first");
+    let notes = match timed("history", c.call(&page(0, Some(TxnKind::Note)))).await.unwrap() {
+        Reply::History(h) => h.txns.len(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(notes, 3);
+}

@@ -199,7 +199,7 @@ async fn kill9_cycles(mut g: Giftd, n: &'static str) -> Vec<u8> {
     // The history survived every crash whole: entries 1..=txns, each balance following from the last.
     let (mut c, mut before, mut expect_seq, mut balance_after) = (g.client().await, 0u64, txns, start);
     for _ in 0..=txns / 100 + 1 {
-        let req = Request::History { number: crate::num(n), before_seq: before, limit: 100 };
+        let req = Request::History { number: crate::num(n), before_seq: before, limit: 100, kind: None };
         let Reply::History(h) = timed("history", c.call(&req)).await.expect("history") else { panic!("history reply") };
         for t in &h.txns {
             assert_eq!((t.seq, t.balance_after_minor), (expect_seq, balance_after), "history entry {t:?}");

@@ -36,7 +36,7 @@ fn hold_of(o: &Outcome) -> HoldView {
 
 /// The kinds and amounts of the card's history, oldest first.
 async fn history_kinds(c: &mut Client, number: &str) -> Vec<(TxnKind, i64)> {
-    let req = Request::History { number: num(number), before_seq: 0, limit: 100 };
+    let req = Request::History { number: num(number), before_seq: 0, limit: 100, kind: None };
     match timed("history", c.call(&req)).await.expect("history") {
         Reply::History(h) => h.txns.iter().rev().map(|t| (t.kind, t.amount_minor)).collect(),
         other => panic!("expected history, got {other:?}"),

@@ -20,7 +20,7 @@ async fn lookup(c: &mut Client, number: &str) -> LookupReply {
 }
 
 async fn history(c: &mut Client, number: &str, before_seq: u64, limit: u16) -> HistoryReply {
-    let req = Request::History { number: num(number), before_seq, limit };
+    let req = Request::History { number: num(number), before_seq, limit, kind: None };
     match timed("history", c.call(&req)).await.expect("history") {
         Reply::History(h) => h,
         other => panic!("expected a history reply, got {other:?}"),

@@ -262,8 +262,8 @@ async fn request_errors_keep_the_connection_and_change_nothing() {
     }
     // Typed requests with values the decoder refuses.
     let refused = [
-        Request::History { number: num(n), before_seq: 0, limit: 0 },
-        Request::History { number: num(n), before_seq: 0, limit: wire::HISTORY_PAGE_MAX + 1 },
+        Request::History { number: num(n), before_seq: 0, limit: 0, kind: None },
+        Request::History { number: num(n), before_seq: 0, limit: wire::HISTORY_PAGE_MAX + 1, kind: None },
         Request::Lock { idem: crate::idem(MERCHANT, "bad-1"), number: num(n), reason: LockReason::None },
         Request::Issue {
             idem: crate::idem(MERCHANT, "bad-1"),

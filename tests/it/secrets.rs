@@ -62,7 +62,10 @@ async fn card_numbers_are_not_stored_or_logged_in_clear() {
         check(&call(&mut c, &lock).await, ResultCode::Approved, 0, Some(8_866));
         let unlock = Request::Unlock { idem: idem(MERCHANT, &format!("sec-u{i}")), number: num(n) };
         check(&call(&mut c, &unlock).await, ResultCode::Approved, 0, Some(8_866));
-        for r in [Request::Lookup { number: num(n) }, Request::History { number: num(n), before_seq: 0, limit: 10 }] {
+        for r in [
+            Request::Lookup { number: num(n) },
+            Request::History { number: num(n), before_seq: 0, limit: 10, kind: None },
+        ] {
             assert_eq!(timed("read", c.call(&r)).await.expect("reply").result(), ResultCode::Approved);
         }
     }
