@@ -621,13 +621,11 @@ impl Engine {
 
     /// Moves one card's whole balance to another and closes the first, in one append.
     fn transfer(&self, m: &Mutation, from: CardKey, to: CardKey, now_ms: i64) -> (IdemRecord, u64) {
-        let (Some(_), Some(_)) = (self.cell(&from), self.cell(&to)) else {
+        let Some(cells) = self.lock_all(&[from, to]) else {
+            // Cards are never removed, so whichever is missing now was missing for lock_all.
             let code =
                 if self.cell(&from).is_none() { ResultCode::CardNotFound } else { ResultCode::TransferTargetNotFound };
             return self.declined(m, Outcome::declined(code, None));
-        };
-        let Some(cells) = self.lock_all(&[from, to]) else {
-            return self.declined(m, Outcome::declined(ResultCode::CardNotFound, None));
         };
         let mut locked = self.lock_cells(&cells, now_ms);
         let decided = {
