@@ -14,6 +14,7 @@ fn redeem() -> Request {
         money: Money { currency: Currency::parse("USD").unwrap(), minor: 100 },
         allow_partial: false,
         invoice: None,
+        pin: None,
     }
 }
 

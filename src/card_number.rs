@@ -12,7 +12,12 @@ type HmacSha256 = Hmac<Sha256>;
 pub const CARD_NUMBER_DIGITS_MIN: usize = 12;
 pub const CARD_NUMBER_DIGITS_MAX: usize = 19;
 pub const SECRET_BYTES: usize = 32;
-const SECRET_FILE: &str = "secret.key";
+pub const SECRET_FILE: &str = "secret.key";
+/// The PIN key lives in its own file: a leak of the card-number key alone must not let anyone
+/// test PINs offline, nor the other way round.
+pub const PIN_SECRET_FILE: &str = "pin.key";
+pub const PIN_DIGITS_MIN: usize = 4;
+pub const PIN_DIGITS_MAX: usize = 12;
 
 /// A full card number, as received. Debug and Display print only the last 4 digits, so a number
 /// that ends up in a log line or a panic message is masked.
@@ -35,6 +40,108 @@ impl CardNumber {
     /// The full digits; only for the wire encoder and the keyer.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// Whether the last digit is the Luhn check digit of the others.
+    pub fn luhn_ok(&self) -> bool {
+        let (body, check) = self.0.split_at(self.0.len() - 1);
+        luhn_check_digit(body) == check.as_bytes()[0]
+    }
+
+    /// A random number of `length` digits: `prefix`, random digits, then the Luhn check digit.
+    /// The caller checks `prefix.len() + 1 < length` (program validation keeps 9 random digits).
+    pub fn generate(prefix: &str, length: usize, rng: &mut impl rand::Rng) -> CardNumber {
+        let mut s = String::with_capacity(length);
+        s.push_str(prefix);
+        while s.len() + 1 < length {
+            s.push(char::from(b'0' + rng.gen_range(0..10u8)));
+        }
+        let check = luhn_check_digit(&s);
+        s.push(char::from(check));
+        CardNumber(s.into())
+    }
+}
+
+/// The Luhn check digit (as an ASCII digit) that completes `body`, a string of ASCII digits.
+pub fn luhn_check_digit(body: &str) -> u8 {
+    // From the right, every other digit starting with the one next to the check digit is doubled.
+    let sum: u32 = body
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    b'0' + ((10 - sum % 10) % 10) as u8
+}
+
+/// A PIN as received: digits only. Debug and Display never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pin(Box<str>);
+
+impl Pin {
+    pub fn parse(s: &str) -> Option<Pin> {
+        let ok = (PIN_DIGITS_MIN..=PIN_DIGITS_MAX).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+        ok.then(|| Pin(s.into()))
+    }
+
+    /// The digits; only for the wire encoder and the PIN keyer.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin(****)")
+    }
+}
+
+/// What giftd keeps of a PIN: a keyed hash of it and the card it belongs to, under the PIN key.
+/// Equal PINs on two cards give different values, and without the key no value can be tested.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PinProof(pub [u8; 16]);
+
+impl PinProof {
+    /// Constant-time equality, so a wrong PIN's timing says nothing of how close it was.
+    pub fn matches(&self, other: &PinProof) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+
+impl fmt::Debug for PinProof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PinProof(..)")
+    }
+}
+
+/// Computes PIN proofs under the PIN key (a secret separate from the card-number key).
+#[derive(Clone)]
+pub struct PinKeyer {
+    mac: HmacSha256,
+}
+
+impl PinKeyer {
+    pub fn new(secret: &[u8; SECRET_BYTES]) -> PinKeyer {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("hmac accepts any key length");
+        mac.update(b"giftd pin v1\0");
+        PinKeyer { mac }
+    }
+
+    pub fn proof(&self, card: &CardKey, pin: &Pin) -> PinProof {
+        let mut m = self.mac.clone();
+        m.update(&card.0);
+        m.update(pin.0.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&m.finalize().into_bytes()[..16]);
+        PinProof(out)
     }
 }
 
@@ -97,9 +204,9 @@ impl Keyer {
     }
 }
 
-/// Reads the secret from `data_dir/secret.key`, creating it (mode 0600, random) on first start.
-pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<[u8; SECRET_BYTES]> {
-    let path = data_dir.join(SECRET_FILE);
+/// Reads a secret from `data_dir/file`, creating it (mode 0600, random) on first start.
+pub fn load_or_create_secret(data_dir: &Path, file: &str) -> std::io::Result<[u8; SECRET_BYTES]> {
+    let path = data_dir.join(file);
     match std::fs::read_to_string(&path) {
         Ok(text) => parse_secret_hex(text.trim()).ok_or_else(|| {
             std::io::Error::new(
@@ -148,6 +255,35 @@ mod tests {
     }
 
     #[test]
+    fn luhn_digits_are_checked_and_generated() {
+        // 79927398713 is the textbook example; 4111 1111 1111 1111 a well-known test number.
+        assert_eq!(luhn_check_digit("7992739871"), b'3');
+        assert!(CardNumber::parse("4111111111111111").unwrap().luhn_ok());
+        assert!(!CardNumber::parse("4111111111111112").unwrap().luhn_ok());
+        let mut rng = rand::rngs::OsRng;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let n = CardNumber::generate("603571", 16, &mut rng);
+            assert!(n.expose().starts_with("603571") && n.expose().len() == 16 && n.luhn_ok(), "{n}");
+            seen.insert(n.expose().to_string());
+        }
+        assert!(seen.len() > 190, "generated numbers must not repeat: {} distinct", seen.len());
+    }
+
+    #[test]
+    fn pin_proofs_are_keyed_per_card_and_masked() {
+        let k = PinKeyer::new(&[7; 32]);
+        let (c1, c2) = (CardKey([1; 32]), CardKey([2; 32]));
+        let pin = Pin::parse("1234").unwrap();
+        assert!(k.proof(&c1, &pin).matches(&k.proof(&c1, &pin)));
+        assert!(!k.proof(&c1, &pin).matches(&k.proof(&c2, &pin)));
+        assert!(!k.proof(&c1, &pin).matches(&k.proof(&c1, &Pin::parse("1235").unwrap())));
+        assert!(!PinKeyer::new(&[8; 32]).proof(&c1, &pin).matches(&k.proof(&c1, &pin)));
+        assert_eq!(format!("{pin:?} {:?}", k.proof(&c1, &pin)), "Pin(****) PinProof(..)");
+        assert!(Pin::parse("123").is_none() && Pin::parse("12a4").is_none() && Pin::parse("1234567890123").is_none());
+    }
+
+    #[test]
     fn keys_depend_on_secret_and_number() {
         let a = Keyer::new(&[1; 32]);
         let b = Keyer::new(&[2; 32]);
@@ -162,9 +298,11 @@ mod tests {
     fn secret_is_created_once_with_mode_0600() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let s1 = load_or_create_secret(dir.path()).unwrap();
-        let s2 = load_or_create_secret(dir.path()).unwrap();
+        let s1 = load_or_create_secret(dir.path(), SECRET_FILE).unwrap();
+        let s2 = load_or_create_secret(dir.path(), SECRET_FILE).unwrap();
         assert_eq!(s1, s2);
+        let p = load_or_create_secret(dir.path(), PIN_SECRET_FILE).unwrap();
+        assert_ne!(s1, p, "the PIN key is a second, independent secret");
         let mode = std::fs::metadata(dir.path().join(SECRET_FILE)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }

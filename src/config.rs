@@ -3,8 +3,10 @@
 //! checks that it parses and equals [`Config::default`].
 
 use crate::engine::Program;
+use crate::model::Currency;
+use crate::wire::AMOUNT_MINOR_MAX;
 use rust_decimal::Decimal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -18,6 +20,9 @@ pub struct Config {
     /// Hex of the 32-byte card-number key. When absent, `data_dir/secret.key` is used (created on
     /// first start with mode 0600).
     pub secret_hex: Option<String>,
+    /// Hex of the 32-byte PIN key, separate from the card-number key. When absent,
+    /// `data_dir/pin.key` is used (created on first start with mode 0600).
+    pub pin_secret_hex: Option<String>,
     pub durability: DurabilityConfig,
     pub limits: Limits,
     pub programs: BTreeMap<String, ProgramConfig>,
@@ -53,12 +58,30 @@ pub struct Limits {
     pub idem_memory_secs: u64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// One program's settings, as the config file and the `program_set` operation write them. Every
+/// key is optional; absent keys take the defaults below. Limits are decimal strings in the card's
+/// currency ("500.00").
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProgramConfig {
+    /// ISO 4217 code: the program's cards are issued in this currency only (absent: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
     pub invoice_required: bool,
     /// A decimal string in the card's currency, e.g. "500.00".
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_balance: Option<String>,
+    /// Smallest and largest single load (issue value above 0, activation load, reload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_min: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_max: Option<String>,
+    /// Most one card may be loaded with in one UTC day.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_load_max: Option<String>,
+    /// A card issued without an expiry expires this long after its issue (absent: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expiry_default_secs: Option<u64>,
     /// How long a hold lasts when the authorization names no TTL.
     pub hold_ttl_default_secs: u64,
     /// The longest TTL an authorization may ask for; a longer one is cut to this.
@@ -70,26 +93,171 @@ pub struct ProgramConfig {
     /// Whether a refund may name no original spend.
     pub unreferenced_refunds: bool,
     /// A decimal string: cash-out is allowed only for balances up to this (absent: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cash_out_max: Option<String>,
     /// How long after expiry a card that is not VIP may still be reactivated.
     pub reactivation_grace_secs: u64,
     /// A reactivated card expires this long after its reactivation.
     pub reactivation_extension_secs: u64,
+    /// Every redeem and authorization must carry the card's PIN.
+    pub pin_required: bool,
+    /// Consecutive wrong PINs that lock the card.
+    pub pin_tries_max: u8,
+    /// Supplied card numbers must carry a valid Luhn check digit.
+    pub luhn_required: bool,
+    /// Generated numbers start with these digits ...
+    pub number_prefix: String,
+    /// ... and have this many digits, the Luhn check digit included.
+    pub number_length: u8,
 }
 
 impl Default for ProgramConfig {
     fn default() -> ProgramConfig {
+        ProgramConfig::from_program(&Program::new(crate::engine::program::DEFAULT_PROGRAM))
+    }
+}
+
+/// A limit as the config file writes it: a decimal from 0 to 10^15.
+fn limit_of(s: &str) -> Option<Decimal> {
+    Decimal::from_str(s.trim()).ok().filter(|d| !d.is_sign_negative() && *d <= Decimal::from(AMOUNT_MINOR_MAX))
+}
+
+impl ProgramConfig {
+    /// Settings as `program_set` carries them: the body of a TOML table (`key = value` lines).
+    pub fn parse(text: &str) -> Result<ProgramConfig, String> {
+        toml::from_str(text).map_err(|e| e.message().to_string())
+    }
+
+    /// The settings as TOML lines: every key, so a reader sees the defaults that apply too.
+    pub fn to_text(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Every problem with program `name`'s settings, each in a sentence naming its key.
+    pub fn problems(&self, name: &str) -> Vec<String> {
+        let mut errs = Vec::new();
+        if name.is_empty() || name.len() > crate::wire::PROGRAM_BYTES_MAX || !name.bytes().all(|b| b.is_ascii_graphic())
+        {
+            errs.push(format!("program name {name:?} must be 1 to 32 printable ASCII bytes"));
+        }
+        if let Some(c) = &self.currency {
+            if Currency::parse(c).is_none() {
+                errs.push(format!("programs.{name}.currency must be a known ISO 4217 code, not {c:?}"));
+            }
+        }
+        for (key, v) in [
+            ("max_balance", &self.max_balance),
+            ("cash_out_max", &self.cash_out_max),
+            ("load_min", &self.load_min),
+            ("load_max", &self.load_max),
+            ("daily_load_max", &self.daily_load_max),
+        ] {
+            if let Some(m) = v {
+                if limit_of(m).is_none() {
+                    errs.push(format!("programs.{name}.{key} must be a decimal from 0 to 10^15, not {m:?}"));
+                }
+            }
+        }
+        if let (Some(lo), Some(hi)) =
+            (self.load_min.as_deref().and_then(limit_of), self.load_max.as_deref().and_then(limit_of))
+        {
+            if lo > hi {
+                errs.push(format!("programs.{name}.load_min must not be above load_max"));
+            }
+        }
+        let cap = crate::engine::program::HOLD_TTL_CEILING_SECS;
+        if !(1..=cap).contains(&self.hold_ttl_max_secs) {
+            errs.push(format!("programs.{name}.hold_ttl_max_secs must be between 1 and {cap}"));
+        }
+        if !(1..=cap).contains(&self.reversal_window_secs) {
+            errs.push(format!("programs.{name}.reversal_window_secs must be between 1 and {cap}"));
+        }
+        if !(1..=cap).contains(&self.reactivation_grace_secs) || !(1..=cap).contains(&self.reactivation_extension_secs)
+        {
+            errs.push(format!("programs.{name}.reactivation_grace_secs and _extension_secs must be between 1 and {cap}"));
+        }
+        if !(1..=cap).contains(&self.void_window_secs) {
+            errs.push(format!("programs.{name}.void_window_secs must be between 1 and {cap}"));
+        }
+        if !(1..=self.hold_ttl_max_secs).contains(&self.hold_ttl_default_secs) {
+            errs.push(format!("programs.{name}.hold_ttl_default_secs must be between 1 and hold_ttl_max_secs"));
+        }
+        // A century is the longest default expiry: beyond it the figure is surely a typo.
+        if self.expiry_default_secs.is_some_and(|s| !(1..=100 * 366 * 86_400).contains(&s)) {
+            errs.push(format!("programs.{name}.expiry_default_secs must be between 1 and 100 years"));
+        }
+        if !(1..=20).contains(&self.pin_tries_max) {
+            errs.push(format!("programs.{name}.pin_tries_max must be between 1 and 20"));
+        }
+        let len = self.number_length as usize;
+        let (lo, hi) = (crate::card_number::CARD_NUMBER_DIGITS_MIN, crate::card_number::CARD_NUMBER_DIGITS_MAX);
+        if !(lo..=hi).contains(&len) {
+            errs.push(format!("programs.{name}.number_length must be between {lo} and {hi}"));
+        }
+        let random_min = crate::engine::program::NUMBER_RANDOM_DIGITS_MIN;
+        if self.number_prefix.is_empty()
+            || !self.number_prefix.bytes().all(|b| b.is_ascii_digit())
+            || self.number_prefix.len() + random_min + 1 > len
+        {
+            errs.push(format!(
+                "programs.{name}.number_prefix must be digits leaving at least {random_min} random digits and \
+                 the check digit in number_length"
+            ));
+        }
+        errs
+    }
+
+    /// The program these settings describe; call only once `problems` found none.
+    pub fn to_program(&self, name: &str) -> Program {
+        Program {
+            name: name.into(),
+            invoice_required: self.invoice_required,
+            max_balance: self.max_balance.as_deref().and_then(limit_of),
+            hold_ttl_default_ms: self.hold_ttl_default_secs as i64 * 1000,
+            hold_ttl_max_ms: self.hold_ttl_max_secs as i64 * 1000,
+            reversal_window_ms: self.reversal_window_secs as i64 * 1000,
+            void_window_ms: self.void_window_secs as i64 * 1000,
+            unreferenced_refunds: self.unreferenced_refunds,
+            cash_out_max: self.cash_out_max.as_deref().and_then(limit_of),
+            reactivation_grace_ms: self.reactivation_grace_secs as i64 * 1000,
+            reactivation_extension_ms: self.reactivation_extension_secs as i64 * 1000,
+            currency: self.currency.as_deref().and_then(Currency::parse),
+            load_min: self.load_min.as_deref().and_then(limit_of),
+            load_max: self.load_max.as_deref().and_then(limit_of),
+            daily_load_max: self.daily_load_max.as_deref().and_then(limit_of),
+            expiry_default_ms: self.expiry_default_secs.map(|s| s as i64 * 1000),
+            pin_required: self.pin_required,
+            pin_tries_max: self.pin_tries_max,
+            luhn_required: self.luhn_required,
+            number_prefix: self.number_prefix.as_str().into(),
+            number_length: self.number_length,
+        }
+    }
+
+    /// The settings of a program (the inverse of `to_program`: program times are whole seconds).
+    pub fn from_program(p: &Program) -> ProgramConfig {
+        let dec = |d: Option<Decimal>| d.map(|d| d.normalize().to_string());
         ProgramConfig {
-            invoice_required: false,
-            max_balance: None,
-            hold_ttl_default_secs: crate::engine::program::HOLD_TTL_DEFAULT_SECS,
-            hold_ttl_max_secs: crate::engine::program::HOLD_TTL_MAX_SECS,
-            reversal_window_secs: crate::engine::program::REVERSAL_WINDOW_SECS,
-            void_window_secs: crate::engine::program::VOID_WINDOW_SECS,
-            unreferenced_refunds: false,
-            cash_out_max: None,
-            reactivation_grace_secs: crate::engine::program::REACTIVATION_GRACE_SECS,
-            reactivation_extension_secs: crate::engine::program::REACTIVATION_EXTENSION_SECS,
+            currency: p.currency.map(|c| c.as_str().to_string()),
+            invoice_required: p.invoice_required,
+            max_balance: dec(p.max_balance),
+            load_min: dec(p.load_min),
+            load_max: dec(p.load_max),
+            daily_load_max: dec(p.daily_load_max),
+            expiry_default_secs: p.expiry_default_ms.map(|ms| (ms / 1000) as u64),
+            hold_ttl_default_secs: (p.hold_ttl_default_ms / 1000) as u64,
+            hold_ttl_max_secs: (p.hold_ttl_max_ms / 1000) as u64,
+            reversal_window_secs: (p.reversal_window_ms / 1000) as u64,
+            void_window_secs: (p.void_window_ms / 1000) as u64,
+            unreferenced_refunds: p.unreferenced_refunds,
+            cash_out_max: dec(p.cash_out_max),
+            reactivation_grace_secs: (p.reactivation_grace_ms / 1000) as u64,
+            reactivation_extension_secs: (p.reactivation_extension_ms / 1000) as u64,
+            pin_required: p.pin_required,
+            pin_tries_max: p.pin_tries_max,
+            luhn_required: p.luhn_required,
+            number_prefix: p.number_prefix.to_string(),
+            number_length: p.number_length,
         }
     }
 }
@@ -101,6 +269,7 @@ impl Default for Config {
             listen: "127.0.0.1:7420".into(),
             metrics_listen: "127.0.0.1:9420".into(),
             secret_hex: None,
+            pin_secret_hex: None,
             durability: DurabilityConfig::default(),
             limits: Limits::default(),
             programs: BTreeMap::new(),
@@ -163,45 +332,16 @@ impl Config {
         if !(1024..=16 * 1024 * 1024).contains(&l.frame_bytes_max) {
             errs.push("limits.frame_bytes_max must be between 1024 and 16777216".into());
         }
-        if let Some(s) = &self.secret_hex {
-            if crate::card_number::parse_secret_hex(s).is_none() {
-                errs.push("secret_hex must be 64 hex digits".into());
+        for (key, v) in [("secret_hex", &self.secret_hex), ("pin_secret_hex", &self.pin_secret_hex)] {
+            if v.as_deref().is_some_and(|s| crate::card_number::parse_secret_hex(s).is_none()) {
+                errs.push(format!("{key} must be 64 hex digits"));
             }
         }
+        if self.secret_hex.is_some() && self.secret_hex == self.pin_secret_hex {
+            errs.push("pin_secret_hex must differ from secret_hex".into());
+        }
         for (name, p) in &self.programs {
-            if name.is_empty() || name.len() > crate::wire::PROGRAM_BYTES_MAX {
-                errs.push(format!("program name {name:?} must be 1 to 32 bytes"));
-            }
-            if let Some(m) = &p.max_balance {
-                let max = Decimal::from(crate::wire::AMOUNT_MINOR_MAX);
-                if Decimal::from_str(m).map(|d| d.is_sign_negative() || d > max).unwrap_or(true) {
-                    errs.push(format!("programs.{name}.max_balance must be a decimal from 0 to 10^15, not {m:?}"));
-                }
-            }
-            if let Some(m) = &p.cash_out_max {
-                let max = Decimal::from(crate::wire::AMOUNT_MINOR_MAX);
-                if Decimal::from_str(m).map(|d| d.is_sign_negative() || d > max).unwrap_or(true) {
-                    errs.push(format!("programs.{name}.cash_out_max must be a decimal from 0 to 10^15, not {m:?}"));
-                }
-            }
-            let cap = crate::engine::program::HOLD_TTL_CEILING_SECS;
-            if !(1..=cap).contains(&p.hold_ttl_max_secs) {
-                errs.push(format!("programs.{name}.hold_ttl_max_secs must be between 1 and {cap}"));
-            }
-            if !(1..=cap).contains(&p.reversal_window_secs) {
-                errs.push(format!("programs.{name}.reversal_window_secs must be between 1 and {cap}"));
-            }
-            if !(1..=cap).contains(&p.reactivation_grace_secs) || !(1..=cap).contains(&p.reactivation_extension_secs) {
-                errs.push(format!(
-                    "programs.{name}.reactivation_grace_secs and _extension_secs must be between 1 and {cap}"
-                ));
-            }
-            if !(1..=cap).contains(&p.void_window_secs) {
-                errs.push(format!("programs.{name}.void_window_secs must be between 1 and {cap}"));
-            }
-            if !(1..=p.hold_ttl_max_secs).contains(&p.hold_ttl_default_secs) {
-                errs.push(format!("programs.{name}.hold_ttl_default_secs must be between 1 and hold_ttl_max_secs"));
-            }
+            errs.extend(p.problems(name));
         }
         if errs.is_empty() {
             Ok(())
@@ -222,22 +362,7 @@ impl Config {
     }
 
     pub fn programs(&self) -> Vec<Program> {
-        self.programs
-            .iter()
-            .map(|(name, p)| Program {
-                name: name.as_str().into(),
-                invoice_required: p.invoice_required,
-                max_balance: p.max_balance.as_deref().and_then(|m| Decimal::from_str(m).ok()),
-                hold_ttl_default_ms: p.hold_ttl_default_secs as i64 * 1000,
-                hold_ttl_max_ms: p.hold_ttl_max_secs as i64 * 1000,
-                reversal_window_ms: p.reversal_window_secs as i64 * 1000,
-                void_window_ms: p.void_window_secs as i64 * 1000,
-                unreferenced_refunds: p.unreferenced_refunds,
-                cash_out_max: p.cash_out_max.as_deref().and_then(|m| Decimal::from_str(m).ok()),
-                reactivation_grace_ms: p.reactivation_grace_secs as i64 * 1000,
-                reactivation_extension_ms: p.reactivation_extension_secs as i64 * 1000,
-            })
-            .collect()
+        self.programs.iter().map(|(name, p)| p.to_program(name)).collect()
     }
 }
 
@@ -263,6 +388,34 @@ mod tests {
         .unwrap();
         let errs = cfg.validate().unwrap_err();
         assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn program_settings_round_trip_through_text() {
+        let text = "currency = \"USD\"\nmax_balance = \"500.00\"\nload_min = \"5\"\nload_max = \"200\"\n\
+                    daily_load_max = \"300\"\nexpiry_default_secs = 31536000\npin_required = true\n\
+                    pin_tries_max = 5\nluhn_required = true\nnumber_prefix = \"603571\"\nnumber_length = 19\n";
+        let cfg = ProgramConfig::parse(text).unwrap();
+        assert_eq!(cfg.problems("mall"), Vec::<String>::new());
+        let program = cfg.to_program("mall");
+        assert_eq!(program.load_max, Some(Decimal::new(200, 0)));
+        assert_eq!(program.pin_tries_max, 5);
+        let back = ProgramConfig::from_program(&program);
+        assert_eq!(ProgramConfig::parse(&back.to_text()).unwrap().to_program("mall"), program);
+    }
+
+    #[test]
+    fn program_problems_name_their_keys() {
+        let cfg = ProgramConfig::parse(
+            "currency = \"XXX\"\nload_min = \"10\"\nload_max = \"5\"\npin_tries_max = 0\nnumber_prefix = \"6x\"\n",
+        )
+        .unwrap();
+        let errs = cfg.problems("p");
+        for key in ["currency", "load_min", "pin_tries_max", "number_prefix"] {
+            assert!(errs.iter().any(|e| e.contains(key)), "{key} not in {errs:?}");
+        }
+        assert!(ProgramConfig::parse("pin_required = 3").is_err());
+        assert!(ProgramConfig::parse("no_such_key = 1").is_err());
     }
 
     #[test]

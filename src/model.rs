@@ -239,6 +239,14 @@ pub enum TxnKind {
     Note = 17,
     /// An expired or suspended card made usable again under its program's policy.
     Reactivate = 18,
+    /// A PIN set (or replaced) by the back office.
+    PinSet = 19,
+    /// A wrong PIN, counted towards the lock (the entry that reaches the limit locks the card).
+    PinFailed = 20,
+    /// A PIN checked and found right.
+    PinVerified = 21,
+    /// A PIN lock lifted by the back office.
+    PinReset = 22,
 }
 
 impl TxnKind {
@@ -262,6 +270,10 @@ impl TxnKind {
             16 => TxnKind::TransferIn,
             17 => TxnKind::Note,
             18 => TxnKind::Reactivate,
+            19 => TxnKind::PinSet,
+            20 => TxnKind::PinFailed,
+            21 => TxnKind::PinVerified,
+            22 => TxnKind::PinReset,
             _ => return None,
         })
     }
@@ -286,6 +298,10 @@ impl TxnKind {
             TxnKind::TransferIn => "transfer_in",
             TxnKind::Note => "note",
             TxnKind::Reactivate => "reactivate",
+            TxnKind::PinSet => "pin_set",
+            TxnKind::PinFailed => "pin_failed",
+            TxnKind::PinVerified => "pin_verified",
+            TxnKind::PinReset => "pin_reset",
         }
     }
 }
@@ -329,6 +345,8 @@ result_codes! {
     BadAmount = 9, "bad_amount";
     MissingKey = 10, "missing_key";
     ShuttingDown = 11, "shutting_down";
+    BadPin = 12, "bad_pin";
+    BadProgramSettings = 13, "bad_program_settings";
     // Engine decisions, in the order the engine checks them.
     IdempotencyMismatch = 20, "idempotency_mismatch";
     OriginalReversed = 44, "original_reversed";
@@ -338,6 +356,7 @@ result_codes! {
     OriginalNotFound = 39, "original_not_found";
     CardExists = 22, "card_exists";
     UnknownProgram = 23, "unknown_program";
+    BadCheckDigit = 57, "bad_check_digit";
     CardClosed = 24, "card_closed";
     CardSuspended = 25, "card_suspended";
     CardPinLocked = 26, "card_pin_locked";
@@ -345,8 +364,12 @@ result_codes! {
     CardInactive = 28, "card_inactive";
     AlreadyActive = 29, "already_active";
     NotSuspended = 30, "not_suspended";
+    NotPinLocked = 61, "not_pin_locked";
     NotEligible = 53, "not_eligible";
     TransferTargetNotActive = 51, "transfer_target_not_active";
+    PinRequired = 58, "pin_required";
+    PinNotSet = 59, "pin_not_set";
+    PinIncorrect = 60, "pin_incorrect";
     CurrencyMismatch = 31, "currency_mismatch";
     ProgramMismatch = 52, "program_mismatch";
     CaptureExceedsHold = 37, "capture_exceeds_hold";
@@ -361,6 +384,9 @@ result_codes! {
     InvoiceReused = 33, "invoice_reused";
     HoldsOpen = 48, "holds_open";
     CashOutAboveLimit = 49, "cash_out_above_limit";
+    LoadBelowMinimum = 54, "load_below_minimum";
+    LoadAboveMaximum = 55, "load_above_maximum";
+    DailyLoadLimitExceeded = 56, "daily_load_limit_exceeded";
     MaxBalanceExceeded = 34, "max_balance_exceeded";
     TooManyHolds = 38, "too_many_holds";
     InsufficientFunds = 35, "insufficient_funds";

@@ -108,19 +108,22 @@ pub async fn preload(addr: &str, run: Arc<Run>) -> Result<()> {
     let r = run.clone();
     let make = move |i: usize| Request::Issue {
         idem: IdemRef { merchant: MERCHANT.into(), key: format!("{}-issue-{i}", r.id) },
-        number: r.cards[i].clone(),
+        number: Some(r.cards[i].clone()),
         program: PROGRAM.into(),
         money: Money { currency: r.usd, minor: INITIAL_MINOR },
         expiry_ms: None,
         active: true,
+        virtual_card: false,
+        email: None,
+        case: None,
     };
     let check = |i: usize, reply: Reply, _: &mut ()| match reply {
-        Reply::Card(o)
+        Reply::Issued(o, None)
             if o.result == ResultCode::Approved && o.card.map(|c| c.balance_minor) == Some(INITIAL_MINOR) =>
         {
             Ok(())
         }
-        Reply::Card(o) if o.result == ResultCode::Approved => bail!("issuing card #{i}: approved with {:?}", o.card),
+        Reply::Issued(o, _) if o.result == ResultCode::Approved => bail!("issuing card #{i}: approved with {:?}", o.card),
         other => bail!("issuing card #{i}: {}", other.result().name()),
     };
     sweep_all(addr, run.cards.len(), SETUP_CONNECTIONS, run.setup_limit(), make, check).await?;
@@ -206,6 +209,7 @@ impl Requests {
             money: Money { currency: run.usd, minor: REDEEM_MINOR },
             allow_partial: false,
             invoice: None,
+            pin: None,
         };
         Requests { kind, redeem, rng: StdRng::from_entropy(), conn, seq: 0, splits: Default::default() }
     }
@@ -243,6 +247,7 @@ impl Requests {
                     money: Money { currency: run.usd, minor: REDEEM_MINOR },
                     allow_partial: false,
                     ttl_secs: 600,
+                    pin: None,
                 };
                 pipe.push_due(&req, i, due);
             }

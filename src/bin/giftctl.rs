@@ -2,7 +2,7 @@
 //! or declined), 2 on a usage error, 1 when giftd could not be reached.
 
 use clap::{Parser, Subcommand};
-use giftd::card_number::CardNumber;
+use giftd::card_number::{CardNumber, Pin};
 use giftd::client::Client;
 use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
 use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnKind, TxnView};
@@ -59,10 +59,23 @@ struct Spend {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create a card.
+    /// Create a card, with a given number or (--generate) a new random one, shown once.
     Issue {
+        #[arg(long, required_unless_present = "generate", conflicts_with = "generate")]
+        number: Option<String>,
+        /// Let giftd choose a random number (Luhn-checked, in the program's format); the reply
+        /// shows it this once, and never again.
         #[arg(long)]
-        number: String,
+        generate: bool,
+        /// A virtual (e-)card rather than plastic.
+        #[arg(long = "virtual")]
+        virtual_card: bool,
+        /// Where an e-card is delivered.
+        #[arg(long)]
+        email: Option<String>,
+        /// A compensation case: issuing again for the same case returns the first card.
+        #[arg(long)]
+        case: Option<String>,
         #[arg(long)]
         currency: String,
         #[arg(long)]
@@ -109,6 +122,9 @@ enum Cmd {
         /// Approve what is available when the amount is more.
         #[arg(long)]
         partial: bool,
+        /// The card's PIN, where its program asks for one.
+        #[arg(long, env = "GIFTCTL_PIN", hide_env_values = true)]
+        pin: Option<String>,
     },
     /// Add value to an active card.
     Reload {
@@ -150,6 +166,9 @@ enum Cmd {
         /// Hold what is available when the amount is more.
         #[arg(long)]
         partial: bool,
+        /// The card's PIN, where its program asks for one.
+        #[arg(long, env = "GIFTCTL_PIN", hide_env_values = true)]
+        pin: Option<String>,
     },
     /// Take all or part of a hold; the rest is released.
     Capture {
@@ -254,6 +273,16 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Set, check or unlock a card's PIN.
+    Pin {
+        #[command(subcommand)]
+        cmd: PinCmd,
+    },
+    /// Show or change a program's settings (the config file's keys).
+    Program {
+        #[command(subcommand)]
+        cmd: ProgramCmd,
+    },
     /// Transactions, newest first, a page at a time.
     History {
         #[arg(long)]
@@ -267,6 +296,85 @@ enum Cmd {
         #[arg(long)]
         kind: Option<String>,
     },
+}
+
+/// A card, its PIN, and the request's key.
+#[derive(clap::Args, Debug)]
+struct PinArgs {
+    #[arg(long)]
+    number: String,
+    /// The PIN (4 to 12 digits); from the environment, it stays out of the process list.
+    #[arg(long, env = "GIFTCTL_PIN", hide_env_values = true)]
+    pin: String,
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    who: Who,
+}
+
+#[derive(Subcommand, Debug)]
+enum PinCmd {
+    /// Set or replace the PIN (a PIN lock stays until reset).
+    Set(PinArgs),
+    /// Check a PIN; a wrong one counts towards the lock.
+    Verify(PinArgs),
+    /// Lift a PIN lock.
+    Reset {
+        #[arg(long)]
+        number: String,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProgramCmd {
+    /// A program's settings, every key.
+    Get {
+        #[arg(long)]
+        name: String,
+    },
+    /// Create a program, or change some of its settings (the others are kept).
+    Set {
+        #[arg(long)]
+        name: String,
+        /// KEY=VALUE, repeatable: e.g. --set max_balance=500.00 --set pin_required=true.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// A key to return to its default, repeatable.
+        #[arg(long = "unset", value_name = "KEY")]
+        unsets: Vec<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        who: Who,
+    },
+}
+
+fn pin(s: &str) -> Result<Pin, Failure> {
+    Pin::parse(s).ok_or_else(|| usage("--pin must be 4 to 12 digits"))
+}
+
+/// The settings text after `sets` and `unsets` are applied to `current` (TOML lines). A value that
+/// reads as a TOML integer or boolean is one; anything else is a string ("500.00", "USD").
+fn merged_settings(current: &str, sets: &[String], unsets: &[String]) -> Result<String, Failure> {
+    let mut table: toml::Table =
+        current.parse().map_err(|e| usage(format!("giftd sent settings giftctl cannot read: {e}")))?;
+    for u in unsets {
+        table.remove(u);
+    }
+    for kv in sets {
+        let (k, v) = kv.split_once('=').ok_or_else(|| usage(format!("--set {kv:?} must be KEY=VALUE")))?;
+        let (k, v) = (k.trim(), v.trim());
+        let value = match format!("v = {v}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")) {
+            Some(x @ (toml::Value::Integer(_) | toml::Value::Boolean(_))) => x,
+            _ => toml::Value::String(v.to_string()),
+        };
+        table.insert(k.to_string(), value);
+    }
+    Ok(toml::to_string(&table).unwrap_or_default())
 }
 
 enum Failure {
@@ -346,14 +454,44 @@ fn parse_expiry(s: &str) -> Result<Option<i64>, Failure> {
 async fn run(cli: &Cli) -> Result<(), Failure> {
     // Validate everything that needs no server before connecting.
     let req_without_server = match &cli.cmd {
-        Cmd::Issue { number: n, currency: cur, amount, program, expires, active, key, who } => Some(Request::Issue {
+        Cmd::Issue {
+            number: n,
+            generate: _,
+            virtual_card,
+            email,
+            case,
+            currency: cur,
+            amount,
+            program,
+            expires,
+            active,
+            key,
+            who,
+        } => Some(Request::Issue {
             idem: idem(who, key.as_deref()),
-            number: number(n)?,
+            number: n.as_deref().map(number).transpose()?,
             program: program.clone(),
             money: money(amount, currency(cur)?)?,
             expiry_ms: parse_expiry(expires)?,
             active: *active,
+            virtual_card: *virtual_card,
+            email: email.clone(),
+            case: case.clone(),
         }),
+        Cmd::Pin { cmd: PinCmd::Set(a) } => Some(Request::PinSet {
+            idem: idem(&a.who, a.key.as_deref()),
+            number: number(&a.number)?,
+            pin: pin(&a.pin)?,
+        }),
+        Cmd::Pin { cmd: PinCmd::Verify(a) } => Some(Request::PinVerify {
+            idem: idem(&a.who, a.key.as_deref()),
+            number: number(&a.number)?,
+            pin: pin(&a.pin)?,
+        }),
+        Cmd::Pin { cmd: PinCmd::Reset { number: n, key, who } } => {
+            Some(Request::PinReset { idem: idem(who, key.as_deref()), number: number(n)? })
+        }
+        Cmd::Program { cmd: ProgramCmd::Get { name } } => Some(Request::ProgramGet { name: name.clone() }),
         Cmd::Balance { number: n } => Some(Request::Balance { number: number(n)? }),
         Cmd::Lookup { number: n } => Some(Request::Lookup { number: number(n)? }),
         Cmd::History { number: n, before, limit, kind } => {
@@ -421,20 +559,22 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             };
             Request::Activate { idem: idem(who, Some(key.as_str())), number: n, load }
         }
-        (None, Cmd::Redeem { spend, invoice, partial }) => {
+        (None, Cmd::Redeem { spend, invoice, partial, pin: pin_arg }) => {
             let (idem, number, money) = spend_of(&mut c, spend).await?;
-            Request::Redeem { idem, number, money, allow_partial: *partial, invoice: invoice.clone() }
+            let pin = pin_arg.as_deref().map(pin).transpose()?;
+            Request::Redeem { idem, number, money, allow_partial: *partial, invoice: invoice.clone(), pin }
         }
         (None, Cmd::Reload { spend }) => {
             let (idem, number, money) = spend_of(&mut c, spend).await?;
             Request::Reload { idem, number, money }
         }
-        (None, Cmd::Authorize { spend, ttl_secs, partial }) => {
+        (None, Cmd::Authorize { spend, ttl_secs, partial, pin: pin_arg }) => {
             if *ttl_secs == Some(0) {
                 return Err(usage("--ttl-secs must be at least 1"));
             }
             let (idem, number, money) = spend_of(&mut c, spend).await?;
-            Request::Authorize { idem, number, money, allow_partial: *partial, ttl_secs: ttl_secs.unwrap_or(0) }
+            let pin = pin_arg.as_deref().map(pin).transpose()?;
+            Request::Authorize { idem, number, money, allow_partial: *partial, ttl_secs: ttl_secs.unwrap_or(0), pin }
         }
         (None, Cmd::Refund { spend, original }) => {
             let (idem, number, money) = spend_of(&mut c, spend).await?;
@@ -470,6 +610,16 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
             let member = (!member.is_empty()).then_some(member);
             Request::Register { idem: idem(who, key.as_deref()), number: n, member, vip }
+        }
+        (None, Cmd::Program { cmd: ProgramCmd::Set { name, sets, unsets, key, who } }) => {
+            // An update: the current settings (none for a new program), with the changes applied.
+            let current = match c.call(&Request::ProgramGet { name: name.clone() }).await {
+                Ok(Reply::Program(p)) if p.result == giftd::model::ResultCode::Approved => p.text,
+                Ok(_) => String::new(),
+                Err(e) => return Err(Failure::Connection(e)),
+            };
+            let settings = merged_settings(&current, sets, unsets)?;
+            Request::ProgramSet { idem: idem(who, key.as_deref()), name: name.clone(), settings }
         }
         (None, _) => unreachable!("every command without a server round trip is built above"),
     };
@@ -529,6 +679,25 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
             }
             obj.insert("reason".into(), json!(reason));
         }
+        Reply::Issued(o, n) => {
+            if let Some(v) = &o.card {
+                view_json(&mut obj, v);
+                obj.insert("approved".into(), json!(format_amount(o.approved_minor, v.currency)));
+            }
+            if let Some(n) = n {
+                // The one time the full number is shown: the caller must keep it now.
+                obj.insert("number".into(), json!(n.expose()));
+            }
+        }
+        Reply::Program(p) => {
+            obj.insert("program".into(), json!(p.name));
+            if p.result == giftd::model::ResultCode::Approved {
+                let settings: toml::Table = p.text.parse().unwrap_or_default();
+                obj.insert("settings".into(), serde_json::to_value(settings).unwrap_or(Value::Null));
+            } else if !p.text.is_empty() {
+                obj.insert("reason".into(), json!(p.text));
+            }
+        }
         Reply::Card(o) | Reply::Hold(o) => {
             if let Some(v) = &o.card {
                 view_json(&mut obj, v);
@@ -563,6 +732,12 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
                 view_json(&mut obj, v);
                 obj.insert("program".into(), json!(l.program));
                 obj.insert("vip".into(), json!(l.vip));
+                obj.insert("pin_set".into(), json!(l.pin_set));
+                obj.insert("pin_failures".into(), json!(l.pin_failures));
+                obj.insert("virtual".into(), json!(l.virtual_card));
+                if !l.email.is_empty() {
+                    obj.insert("email".into(), json!(l.email));
+                }
                 let notes = l
                     .notes
                     .iter()
@@ -623,6 +798,15 @@ fn sentence(obj: &Map<String, Value>) -> String {
     }
     if let Some(r) = obj.get("reason").and_then(Value::as_str) {
         out += &format!("; {r}");
+    }
+    if let Some(n) = obj.get("number").and_then(Value::as_str) {
+        out += &format!("; number {n} (shown this once: keep it now)");
+    }
+    if let Some(Value::Object(settings)) = obj.get("settings") {
+        out += &format!(" ({})", s("program"));
+        for (k, v) in settings {
+            out += &format!("\n  {k} = {v}");
+        }
     }
     if let Some(h) = obj.get("hold_id").and_then(Value::as_u64) {
         out += &format!("; hold {h} until {}", s("hold_expires"));

@@ -1,8 +1,8 @@
 //! giftd: load config, recover, serve, and on SIGTERM drain and sync before exiting 0.
 
 use clap::Parser;
-use giftd::card_number::{load_or_create_secret, parse_secret_hex, Keyer};
-use giftd::config::Config;
+use giftd::card_number::{load_or_create_secret, parse_secret_hex, Keyer, PinKeyer, PIN_SECRET_FILE, SECRET_FILE};
+use giftd::config::{Config, ProgramConfig};
 use giftd::engine::{Engine, Programs};
 use giftd::metrics::Metrics;
 use giftd::server::{self, Shared};
@@ -94,7 +94,11 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let secret = match &cfg.secret_hex {
         Some(h) => parse_secret_hex(h).expect("validated"),
-        None => load_or_create_secret(&cfg.data_dir)?,
+        None => load_or_create_secret(&cfg.data_dir, SECRET_FILE)?,
+    };
+    let pin_secret = match &cfg.pin_secret_hex {
+        Some(h) => parse_secret_hex(h).expect("validated"),
+        None => load_or_create_secret(&cfg.data_dir, PIN_SECRET_FILE)?,
     };
     let metrics = Arc::new(Metrics::new());
     let durability = cfg.durability();
@@ -102,6 +106,31 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.checkpoint_interval(), metrics.clone())?;
     let store = Arc::new(store);
     let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
+    // Programs an admin set over the wire replace the config file's: they are newer.
+    let mut stored_programs = Vec::new();
+    for (name, text) in &recovered.programs {
+        let parsed = ProgramConfig::parse(text).map_err(|e| vec![e]).and_then(|c| {
+            let problems = c.problems(name);
+            if problems.is_empty() {
+                Ok(c)
+            } else {
+                Err(problems)
+            }
+        });
+        match parsed {
+            Ok(c) => {
+                if cfg.programs.get(name).is_some_and(|f| *f != c) {
+                    tracing::warn!(program = %name, "program was updated over the wire; the stored settings replace the config file's");
+                }
+                stored_programs.push(c.to_program(name));
+            }
+            Err(problems) => {
+                tracing::error!(program = %name, problems = %problems.join("; "), "stored program settings are invalid");
+                return Ok(ExitCode::from(EXIT_DATA));
+            }
+        }
+    }
+    engine.restore_programs(stored_programs);
     let totals = recovered.totals;
     let restored = engine.restore(recovered.cards, recovered.hold_id_next);
     for name in &restored.unknown_programs {
@@ -136,6 +165,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         engine,
         store: store.clone(),
         keyer: Keyer::new(&secret),
+        pin_keyer: PinKeyer::new(&pin_secret),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
     });

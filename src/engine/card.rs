@@ -1,6 +1,6 @@
 //! A card as the engine keeps it, and what of it is persisted.
 
-use super::program::Program;
+use crate::card_number::PinProof;
 use crate::model::{CardView, Currency, HoldView, LockReason, Status};
 
 /// Open holds one card may have. Each is a few bytes in the card's record, which every change
@@ -75,6 +75,18 @@ pub struct CardRecord {
     pub last_txn_id: u64,
     /// The history id of the newest note (0: none); each note names the one before it.
     pub last_note_id: u64,
+    /// The keyed hash of the card's PIN (None: no PIN set).
+    pub pin: Option<PinProof>,
+    /// Wrong PINs in a row; reaching the program's `pin_tries_max` sets `pin_locked`.
+    pub pin_failures: u8,
+    /// The UTC day (`program::utc_day`) of `loaded_today_minor`.
+    pub load_day: i64,
+    /// Loaded on `load_day`, for the program's daily load limit.
+    pub loaded_today_minor: i64,
+    /// A virtual (e-)card rather than plastic.
+    pub virtual_card: bool,
+    /// Where an e-card is delivered (the recipient email), if any.
+    pub email: Option<Box<str>>,
 }
 
 impl CardRecord {
@@ -106,6 +118,15 @@ impl CardRecord {
     }
 
     /// Whether a hold is past its deadline and waits to be released.
+    /// Loaded so far on the UTC day of `now_ms`.
+    pub fn loaded_on(&self, now_ms: i64) -> i64 {
+        if self.load_day == super::program::utc_day(now_ms) {
+            self.loaded_today_minor
+        } else {
+            0
+        }
+    }
+
     pub fn has_due_holds(&self, now_ms: i64) -> bool {
         self.holds.iter().any(|h| h.expires_ms <= now_ms)
     }
@@ -144,6 +165,7 @@ impl CardRecord {
 /// read of the card waits until that group is durable, so no reply shows state a crash could undo.
 pub(crate) struct Card {
     pub rec: CardRecord,
-    pub program: Arc<Program>,
+    /// The program's slot: an admin update reaches the card at once.
+    pub program: super::program::ProgramSlot,
     pub last_group: u64,
 }

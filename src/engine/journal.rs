@@ -8,7 +8,7 @@ use crate::card_number::CardKey;
 use crate::model::{Currency, Outcome, Parts, TxnKind};
 use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Most decisions change one card, and most effects name one: inline, no allocation.
 pub type Changes = SmallVec<[CardChange; 1]>;
@@ -181,6 +181,8 @@ pub struct Effects {
     /// Set by a decision that used a hold id: ids below this are taken. Kept durable with the hold
     /// itself, so a restart never hands out an id a durable hold has.
     pub hold_id_next: Option<u64>,
+    /// A program created or replaced by an admin: its name and canonical settings text.
+    pub program: Option<(Arc<str>, String)>,
 }
 
 /// Where [`Journal::append`] put a decision.
@@ -244,6 +246,7 @@ struct MemoryInner {
     txns: Vec<TxnRecord>,
     /// Each history entry's card record, as the store's history entries carry it.
     card_after: HashMap<u64, CardRecord>,
+    programs: HashMap<Arc<str>, String>,
 }
 
 impl MemoryJournal {
@@ -255,6 +258,12 @@ impl MemoryJournal {
 
     pub fn txns(&self) -> Vec<TxnRecord> {
         self.inner.lock().unwrap().txns.clone()
+    }
+
+    /// Programs set by admin updates (name, settings text), as a restart would read them.
+    pub fn programs(&self) -> Vec<(Arc<str>, String)> {
+        let g = self.inner.lock().unwrap();
+        g.programs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// The durable hold-id high-water mark, as a restart would read it.
@@ -319,6 +328,9 @@ impl Journal for MemoryJournal {
         }
         if let Some(n) = effects.hold_id_next {
             g.hold_id_next = g.hold_id_next.max(n);
+        }
+        if let Some((name, text)) = effects.program {
+            g.programs.insert(name, text);
         }
         Appended { group: g.group, first_txn_id }
     }

@@ -19,8 +19,8 @@ pub use journal::{
     Appended, CardChange, Changes, Effect, EffectParts, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta,
     MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
-pub use program::{Program, Programs};
-pub use rules::{Op, SplitOrder};
+pub use program::{Program, ProgramSlot, Programs};
+pub use rules::{IssueNumber, Op, SplitOrder};
 
 use crate::card_number::CardKey;
 use crate::model::{Currency, HoldView, Outcome, PartView, Parts, ResultCode, TxnKind};
@@ -30,12 +30,16 @@ use dashmap::DashMap;
 use rules::{Decision, HoldChange, RefundOf};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// The merchant named in the history entries of decisions giftd makes by itself (hold expiry).
 pub const SYSTEM_MERCHANT: &str = "giftd";
 /// Most cards one split redeem may name.
 pub const SPLIT_CARDS_MAX: usize = 8;
+/// The fingerprint every compensation issue is recorded with: a case's first card answers every
+/// later issue for the case, whatever its content.
+const CASE_FINGERPRINT: [u8; 16] = *b"compensation-cas";
 
 /// A validated mutation, keyed: the card number is already replaced by its key.
 #[derive(Clone, Debug)]
@@ -61,6 +65,9 @@ pub struct Executed {
     pub reason: Option<String>,
     pub group: u64,
     pub replayed: bool,
+    /// Which generated number an approved issue used (index into its candidates); only the first
+    /// answer says, since no one may learn a card's number from a replay.
+    pub issued: Option<u8>,
 }
 
 /// A recently used idempotency key, kept in memory at least until its group is durable.
@@ -140,7 +147,8 @@ pub struct Engine {
     /// The next hold id. Ids are never reused: the journal keeps the high-water mark durable with
     /// each hold that uses one.
     next_hold_id: AtomicU64,
-    programs: Programs,
+    /// Programs by name. Read when a card is issued or restored; cards hold their program's slot.
+    programs: RwLock<HashMap<Arc<str>, ProgramSlot>>,
     journal: Arc<dyn Journal>,
     /// Sweeps of the recent maps so far.
     evictions: AtomicU64,
@@ -156,7 +164,7 @@ impl Engine {
             holds: DashMap::new(),
             deadlines: Mutex::new(BTreeSet::new()),
             next_hold_id: AtomicU64::new(1),
-            programs,
+            programs: RwLock::new(programs.into_slots()),
             journal,
             evictions: AtomicU64::new(0),
         }
@@ -176,16 +184,19 @@ impl Engine {
                 next_hold_id = next_hold_id.max(h.id + 1);
                 out.holds += 1;
             }
-            let program = match self.programs.get(&rec.program) {
-                Some(p) => p.clone(),
+            let program = self.programs.read().expect("programs lock").get(&rec.program).cloned();
+            let program = match program {
+                Some(p) => p,
                 None => {
-                    if !out.unknown_programs.iter().any(|n| **n == *rec.program) {
-                        out.unknown_programs.push(rec.program.to_string());
-                    }
-                    Arc::new(Program::new(&rec.program))
+                    // Default rules apply until an admin sets the program; it then reaches these
+                    // cards through the slot.
+                    out.unknown_programs.push(rec.program.to_string());
+                    let slot: ProgramSlot = Arc::new(arc_swap::ArcSwap::from_pointee(Program::new(&rec.program)));
+                    self.programs.write().expect("programs lock").insert(rec.program.clone(), slot.clone());
+                    slot
                 }
             };
-            rec.program = program.name.clone();
+            rec.program = program.load().name.clone();
             *out.balance_minor_by_currency.entry(rec.currency).or_default() += rec.balance_minor as i128;
             out.cards += 1;
             self.cards.insert(key, Arc::new(Mutex::new(Card { rec, program, last_group: 0 })));
@@ -198,9 +209,44 @@ impl Engine {
         self.cards.get(key).map(|c| c.clone())
     }
 
+    /// The program's current rules.
+    pub fn program(&self, name: &str) -> Option<Arc<Program>> {
+        self.programs.read().expect("programs lock").get(name).map(|s| s.load_full())
+    }
+
+    /// Every program's current rules, by name.
+    pub fn programs(&self) -> Vec<Arc<Program>> {
+        let mut v: Vec<Arc<Program>> =
+            self.programs.read().expect("programs lock").values().map(|s| s.load_full()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Replaces programs with what the journal kept of admin updates (at startup, before
+    /// `restore`): an update made over the wire outlives the config file it started from.
+    pub fn restore_programs(&self, programs: impl IntoIterator<Item = Program>) {
+        let mut map = self.programs.write().expect("programs lock");
+        for p in programs {
+            match map.get(&*p.name) {
+                Some(slot) => slot.store(Arc::new(p)),
+                None => {
+                    map.insert(p.name.clone(), Arc::new(arc_swap::ArcSwap::from_pointee(p)));
+                }
+            }
+        }
+    }
+
     /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
     /// content gets the original outcome, with different content `idempotency_mismatch`.
-    pub fn execute(&self, m: Mutation, now_ms: i64) -> Executed {
+    pub fn execute(&self, mut m: Mutation, now_ms: i64) -> Executed {
+        // A compensation issue is keyed by its case, for every caller: whoever issues again for the
+        // same case, with whatever content, gets the first card's answer. Cases live under the
+        // empty merchant, which no request can name.
+        let author: Arc<str> = m.idem.merchant().into();
+        if let Op::Issue { case: Some(case), .. } = &m.op {
+            m.idem = IdemKey::new("", case);
+            m.fingerprint = CASE_FINGERPRINT;
+        }
         let evictions = self.evictions.load(Ordering::SeqCst);
         if let Some(recent) = self.idem.get(&m.idem) {
             return replay(&recent.record, recent.group, &m.fingerprint);
@@ -254,8 +300,18 @@ impl Engine {
             Some(Entry::Vacant(v)) => Some(v.key().clone()),
             _ => None,
         };
+        let mut issued = None;
         let (record, group) = match (&m.op, original) {
-            (Op::Issue { program, .. }, _) => self.issue(&m, m.card.expect("an issue names its card"), program, now_ms),
+            (Op::Issue { program, number, .. }, _) => {
+                let candidates = match number {
+                    IssueNumber::Supplied { .. } => vec![(m.card.expect("an issue names its card"), m.last4)],
+                    IssueNumber::Generated(c) => c.clone(),
+                };
+                let (record, group, index) = self.issue(&m, &author, &candidates, program, now_ms);
+                issued = index.filter(|_| matches!(number, IssueNumber::Generated(_)));
+                (record, group)
+            }
+            (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
@@ -283,6 +339,7 @@ impl Engine {
             reason: record.reason.as_deref().map(str::to_string),
             group,
             replayed: false,
+            issued,
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
@@ -380,19 +437,36 @@ impl Engine {
         CardChange { record: rec.clone(), txn }
     }
 
-    fn issue(&self, m: &Mutation, key: CardKey, program: &str, now_ms: i64) -> (IdemRecord, u64) {
-        let program = self.programs.get(program);
+    /// Issues the first of `candidates` that is not a card yet (a supplied number is the only
+    /// candidate; generated numbers are several, so a collision picks the next). Returns which.
+    fn issue(
+        &self,
+        m: &Mutation,
+        author: &str,
+        candidates: &[(CardKey, [u8; 4])],
+        program: &str,
+        now_ms: i64,
+    ) -> (IdemRecord, u64, Option<u8>) {
+        let program = self.programs.read().expect("programs lock").get(program).cloned();
         let Op::Issue { money, .. } = &m.op else { unreachable!("issue() is called for Op::Issue") };
-        match self.cards.entry(key) {
-            Entry::Occupied(e) => {
-                let view = e.get().lock().expect("card lock").rec.view(now_ms);
-                self.declined(m, Outcome::declined(ResultCode::CardExists, Some(view)))
-            }
-            Entry::Vacant(v) => match rules::decide_issue(program, m.last4, &m.op, now_ms) {
-                Err(code) => self.declined(m, Outcome::declined(code, None)),
+        let mut last_taken = None;
+        for (i, &(key, last4)) in candidates.iter().enumerate() {
+            let v = match self.cards.entry(key) {
+                Entry::Occupied(e) => {
+                    last_taken = Some(e.get().lock().expect("card lock").rec.view(now_ms));
+                    continue;
+                }
+                Entry::Vacant(v) => v,
+            };
+            let rules = program.as_ref().map(|s| s.load_full());
+            return match rules::decide_issue(rules.as_deref(), last4, &m.op, now_ms) {
+                Err(code) => {
+                    let (record, group) = self.declined(m, Outcome::declined(code, None));
+                    (record, group, None)
+                }
                 Ok(mut rec) => {
                     let outcome = Outcome::approved(money.minor, rec.view(now_ms));
-                    let change = Self::change_of(key, m.idem.merchant(), &rec, TxnKind::Issue, money.minor, now_ms);
+                    let change = Self::change_of(key, author, &rec, TxnKind::Issue, money.minor, now_ms);
                     let effects = Effects {
                         changes: smallvec::smallvec![change],
                         ledger: Some(LedgerDelta {
@@ -405,12 +479,38 @@ impl Engine {
                     // Appended while the vacant entry still holds the shard lock.
                     let (record, at) = self.commit(m, Answer::plain(outcome), effects);
                     rec.last_txn_id = at.first_txn_id;
-                    let program = program.expect("decide_issue checked the program").clone();
+                    let program = program.expect("decide_issue checked the program");
                     v.insert(Arc::new(Mutex::new(Card { rec, program, last_group: at.group })));
-                    (record, at.group)
+                    (record, at.group, Some(i as u8))
                 }
-            },
+            };
         }
+        // Every candidate is a card already: a supplied number, or (never seen in practice) every
+        // generated one.
+        let (record, group) = self.declined(m, Outcome::declined(ResultCode::CardExists, last_taken));
+        (record, group, None)
+    }
+
+    /// Creates or replaces a program. A program's currency, once set, stays: its cards were issued
+    /// in it.
+    fn set_program(&self, m: &Mutation, program: &Arc<Program>, settings: &str) -> (IdemRecord, u64) {
+        let mut map = self.programs.write().expect("programs lock");
+        let current = map.get(&program.name).map(|s| s.load_full());
+        if let Err(code) = rules::decide_program_set(current.as_deref(), program) {
+            drop(map);
+            return self.declined(m, Outcome::declined(code, None));
+        }
+        let effects = Effects { program: Some((program.name.clone(), settings.into())), ..Effects::default() };
+        // Appended under the table's lock, so the journal keeps the updates of one program in the
+        // order memory applied them.
+        let (record, at) = self.commit(m, Answer::plain(Outcome::declined(ResultCode::Approved, None)), effects);
+        match map.get(&program.name) {
+            Some(slot) => slot.store(program.clone()),
+            None => {
+                map.insert(program.name.clone(), Arc::new(arc_swap::ArcSwap::new(program.clone())));
+            }
+        }
+        (record, at.group)
     }
 
     fn change(
@@ -429,7 +529,20 @@ impl Engine {
         // Holds past their deadline are released (and written) before anything else is decided, so
         // the card's history shows the release before the decision that may spend the money.
         self.release_due(key, card, now_ms);
-        match rules::decide(&card.rec, &card.program, &m.op, invoice_used, now_ms) {
+        let program = card.program.load_full();
+        match rules::decide(&card.rec, &program, &m.op, invoice_used, now_ms) {
+            Err(ResultCode::PinIncorrect) => {
+                // A declined request that still changes the card: the wrong PIN is counted (and
+                // may lock the card), durably, so the count survives a restart.
+                let d = rules::pin_failure(&card.rec, &program);
+                let (_, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+                effects.changes.push(change);
+                let outcome = Outcome::declined(ResultCode::PinIncorrect, Some(card.rec.view(now_ms)));
+                let (record, at) = self.commit(m, Answer::plain(outcome), effects);
+                card.rec.last_txn_id = at.first_txn_id;
+                card.last_group = at.group;
+                (record, at.group)
+            }
             Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
                 let prev_note_id = card.rec.last_note_id;
@@ -552,7 +665,9 @@ impl Engine {
         let mut locked = self.lock_cells(&cells, now_ms);
         let decided = {
             let recs: Vec<&CardRecord> = keys.iter().map(|k| &locked.card_ref(k).rec).collect();
-            rules::decide_split(&recs, money, order, now_ms)
+            let programs: Vec<Arc<Program>> = keys.iter().map(|k| locked.card_ref(k).program.load_full()).collect();
+            let programs: Vec<&Program> = programs.iter().map(|p| &**p).collect();
+            rules::decide_split(&recs, &programs, money, order, now_ms)
         };
         let take = match decided {
             Err(code) => return self.declined(m, Outcome::declined(code, None)),
@@ -596,7 +711,7 @@ impl Engine {
         let mut card = cell.lock().expect("card lock");
         let card = &mut *card;
         self.release_due(key, card, now_ms);
-        let (d, why) = match rules::decide_reactivate(&card.rec, &card.program, now_ms) {
+        let (d, why) = match rules::decide_reactivate(&card.rec, &card.program.load(), now_ms) {
             Err((code, why)) => {
                 let answer =
                     Answer { reason: Some(why), ..Answer::plain(Outcome::declined(code, Some(card.rec.view(now_ms)))) };
@@ -630,7 +745,7 @@ impl Engine {
         let mut locked = self.lock_cells(&cells, now_ms);
         let decided = {
             let (f, t) = (locked.card_ref(&from), locked.card_ref(&to));
-            rules::decide_transfer(&f.rec, &t.rec, &t.program, now_ms)
+            rules::decide_transfer(&f.rec, &t.rec, &t.program.load(), now_ms)
         };
         let (out, into) = match decided {
             Err(code) => {
@@ -721,7 +836,7 @@ impl Engine {
                 }
             }
         });
-        match rules::decide_refund(&card.rec, &card.program, money, reference, now_ms) {
+        match rules::decide_refund(&card.rec, &card.program.load(), money, reference, now_ms) {
             Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
             Ok(d) => {
                 let (outcome, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
@@ -773,7 +888,7 @@ impl Engine {
             let (record, at) = self.commit(m, answer, Effects::default());
             return (record, at.group);
         }
-        let window_ms = locked.card_ref(&keys[0]).program.reversal_window_ms;
+        let window_ms = locked.card_ref(&keys[0]).program.load().reversal_window_ms;
         if now_ms - effect.at_ms > window_ms {
             return self.declined(m, Outcome::declined(ResultCode::ReversalWindowPassed, None));
         }
@@ -910,14 +1025,14 @@ fn reversible(op: &Op) -> bool {
 fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
     if record.tombstone {
         // A reversal came first: the original is declined, whatever it says.
-        Executed { outcome: record.outcome, parts: None, reason: None, group, replayed: false }
+        Executed { outcome: record.outcome, parts: None, reason: None, group, replayed: false, issued: None }
     } else if record.fingerprint == *fingerprint {
         let (parts, reason) = (record.parts.as_deref().cloned(), record.reason.as_deref().map(str::to_string));
-        Executed { outcome: record.outcome, parts, reason, group, replayed: true }
+        Executed { outcome: record.outcome, parts, reason, group, replayed: true, issued: None }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
         let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);
-        Executed { outcome, parts: None, reason: None, group, replayed: false }
+        Executed { outcome, parts: None, reason: None, group, replayed: false, issued: None }
     }
 }
 

@@ -486,11 +486,11 @@ fn effect(kind: TxnKind, at: i64, parts: Vec<(u8, i64)>, hold: u64) -> MEffect {
 fn to_op(step: &Step) -> (Option<CardKey>, Op) {
     match step.clone() {
         Step::Redeem { card, money, partial } => {
-            (Some(key(card)), Op::Redeem { money, allow_partial: partial, invoice: None })
+            (Some(key(card)), Op::Redeem { money, allow_partial: partial, invoice: None, pin: None })
         }
         Step::Reload { card, money } => (Some(key(card)), Op::Reload { money }),
         Step::Authorize { card, money, partial, ttl_ms } => {
-            (Some(key(card)), Op::Authorize { money, allow_partial: partial, ttl_ms: Some(ttl_ms) })
+            (Some(key(card)), Op::Authorize { money, allow_partial: partial, ttl_ms: Some(ttl_ms), pin: None })
         }
         Step::Capture { hold, money } => (None, Op::Capture { hold_id: hold, money }),
         Step::Void { hold } => (None, Op::Void { hold_id: hold }),
@@ -641,7 +641,7 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
     let journal = Arc::new(MemoryJournal::default());
     let engine = Engine::new(programs(), journal.clone());
     for c in 1..=CARDS {
-        let op = Op::Issue { program: "default".into(), money: usd(10_000), expiry_ms: None, active: true };
+        let op = Op::Issue { program: "default".into(), money: usd(10_000), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None };
         let m = Mutation {
             idem: IdemKey::new("m", &format!("issue-{c}")),
             fingerprint: [c; 16],

@@ -1,6 +1,7 @@
 //! Programs: the brand or reseller scheme a card belongs to, and the rules it sets.
 
 use crate::model::Currency;
+use arc_swap::ArcSwap;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,8 +21,17 @@ pub const REACTIVATION_EXTENSION_SECS: u64 = 7 * 86_400;
 pub const REVERSAL_WINDOW_SECS: u64 = 86_400;
 /// No program may let a hold outlive a year: held money must come back to the cardholder.
 pub const HOLD_TTL_CEILING_SECS: u64 = 366 * 86_400;
+/// Consecutive wrong PINs that lock a card unless its program says otherwise.
+pub const PIN_TRIES_DEFAULT: u8 = 3;
+/// Generated card numbers start with this unless the program names its own prefix.
+pub const NUMBER_PREFIX_DEFAULT: &str = "60";
+/// Generated card numbers have this many digits (check digit included) unless the program says.
+pub const NUMBER_LENGTH_DEFAULT: u8 = 16;
+/// A generated number keeps at least this many random digits, so numbers cannot be guessed from
+/// one another: 10^9 possibilities per prefix at the least.
+pub const NUMBER_RANDOM_DIGITS_MIN: usize = 9;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Program {
     pub name: Arc<str>,
     /// Every spend must carry a POS invoice number, used once per merchant.
@@ -44,6 +54,25 @@ pub struct Program {
     pub reactivation_grace_ms: i64,
     /// A reactivated card's new expiry is this long from the reactivation.
     pub reactivation_extension_ms: i64,
+    /// The one currency the program's cards are issued in (None: any).
+    pub currency: Option<Currency>,
+    /// Smallest and largest single load (issue value above 0, activation load, reload).
+    pub load_min: Option<Decimal>,
+    pub load_max: Option<Decimal>,
+    /// Most one card may be loaded with in one UTC day, all loads together.
+    pub daily_load_max: Option<Decimal>,
+    /// A card issued with no expiry expires this long after its issue (None: never).
+    pub expiry_default_ms: Option<i64>,
+    /// Every redeem and authorization must carry the card's PIN.
+    pub pin_required: bool,
+    /// Consecutive wrong PINs that lock the card (`pin_locked`).
+    pub pin_tries_max: u8,
+    /// Supplied card numbers must carry a valid Luhn check digit.
+    pub luhn_required: bool,
+    /// Generated numbers: these leading digits, then random digits, then a Luhn check digit,
+    /// `number_length` digits in all.
+    pub number_prefix: Box<str>,
+    pub number_length: u8,
 }
 
 impl Program {
@@ -60,6 +89,16 @@ impl Program {
             cash_out_max: None,
             reactivation_grace_ms: REACTIVATION_GRACE_SECS as i64 * 1000,
             reactivation_extension_ms: REACTIVATION_EXTENSION_SECS as i64 * 1000,
+            currency: None,
+            load_min: None,
+            load_max: None,
+            daily_load_max: None,
+            expiry_default_ms: None,
+            pin_required: false,
+            pin_tries_max: PIN_TRIES_DEFAULT,
+            luhn_required: false,
+            number_prefix: NUMBER_PREFIX_DEFAULT.into(),
+            number_length: NUMBER_LENGTH_DEFAULT,
         }
     }
 
@@ -78,7 +117,27 @@ impl Program {
     pub fn cash_out_max_minor(&self, currency: Currency) -> Option<i64> {
         self.cash_out_max.map(|d| minor_of(d, currency))
     }
+
+    /// The single-load bounds in minor units of `currency` (a minimum finer than the currency
+    /// rounds down too: the limit is never stricter than configured).
+    pub fn load_bounds_minor(&self, currency: Currency) -> (Option<i64>, Option<i64>) {
+        (self.load_min.map(|d| minor_of(d, currency)), self.load_max.map(|d| minor_of(d, currency)))
+    }
+
+    pub fn daily_load_max_minor(&self, currency: Currency) -> Option<i64> {
+        self.daily_load_max.map(|d| minor_of(d, currency))
+    }
 }
+
+/// The UTC day (days since the Unix epoch) of a time: daily load limits count per such day.
+pub fn utc_day(now_ms: i64) -> i64 {
+    now_ms.div_euclid(86_400_000)
+}
+
+/// The program table. Each program sits in a slot that an admin update swaps atomically: cards
+/// hold their program's slot, so an update reaches every card at once without a lookup per
+/// decision.
+pub type ProgramSlot = Arc<ArcSwap<Program>>;
 
 fn minor_of(d: Decimal, currency: Currency) -> i64 {
     d.checked_mul(Decimal::from(10i64.pow(currency.exponent())))
@@ -86,7 +145,7 @@ fn minor_of(d: Decimal, currency: Currency) -> i64 {
         .unwrap_or(i64::MAX)
 }
 
-/// The program table. `default` always exists.
+/// The programs giftd starts with. `default` always exists.
 #[derive(Clone, Debug)]
 pub struct Programs {
     map: HashMap<Arc<str>, Arc<Program>>,
@@ -102,6 +161,10 @@ impl Programs {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Program>> {
         self.map.get(name)
+    }
+
+    pub fn into_slots(self) -> HashMap<Arc<str>, ProgramSlot> {
+        self.map.into_iter().map(|(k, v)| (k, Arc::new(ArcSwap::new(v)))).collect()
     }
 }
 

@@ -3,18 +3,25 @@
 
 use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
 use super::program::Program;
-use crate::card_number::CardKey;
+use super::program::utc_day;
+use crate::card_number::{CardKey, PinProof};
 use crate::model::{LockReason, Money, ResultCode, Status, TxnKind};
 use std::sync::Arc;
 
 /// A mutation of one card or more, after the wire layer has validated its fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// `expiry_ms` None: the program's default expiry (or none). With a `case`, the first issue
+    /// for that case answers every later one (a compensation card is issued once per case).
     Issue {
         program: String,
         money: Money,
         expiry_ms: Option<i64>,
         active: bool,
+        number: IssueNumber,
+        virtual_card: bool,
+        email: Option<String>,
+        case: Option<String>,
     },
     Activate {
         load: Option<Money>,
@@ -23,6 +30,7 @@ pub enum Op {
         money: Money,
         allow_partial: bool,
         invoice: Option<String>,
+        pin: Option<PinProof>,
     },
     Reload {
         money: Money,
@@ -37,6 +45,7 @@ pub enum Op {
         money: Money,
         allow_partial: bool,
         ttl_ms: Option<i64>,
+        pin: Option<PinProof>,
     },
     /// Takes `money` (at most what the hold holds) and releases the rest.
     Capture {
@@ -75,12 +84,52 @@ pub enum Op {
         member: Option<String>,
         vip: bool,
     },
+    /// Sets (or replaces) the card's PIN.
+    PinSet {
+        pin: PinProof,
+    },
+    /// Checks a PIN: a wrong one counts towards the lock, a right one clears the count.
+    PinVerify {
+        pin: PinProof,
+    },
+    /// Lifts a PIN lock (and clears the count of wrong PINs).
+    PinReset,
+    /// Creates or replaces a program; `settings` is its canonical text, kept by the journal.
+    ProgramSet {
+        program: Arc<Program>,
+        settings: String,
+    },
     /// Takes `money` from several cards, all or nothing, in `order`.
     SplitRedeem {
         cards: Vec<(CardKey, [u8; 4])>,
         money: Money,
         order: SplitOrder,
     },
+}
+
+/// The number an issue gives its card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IssueNumber {
+    /// The caller's (in the mutation's card); `luhn_ok`: whether its last digit is its Luhn check
+    /// digit, which matters where the program asks for it.
+    Supplied { luhn_ok: bool },
+    /// Random numbers giftd generated, keyed: the first that is not a card yet is used (its index
+    /// comes back in the answer, so the caller can return that number, once).
+    Generated(Vec<(CardKey, [u8; 4])>),
+}
+
+/// What a decision does to the card's PIN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinChange {
+    None,
+    /// A new PIN; the count of wrong PINs starts again.
+    Set(PinProof),
+    /// A wrong PIN: counted, and the card locks at the program's limit.
+    Failed { lock: bool },
+    /// A right PIN: the count starts again.
+    Verified,
+    /// The lock lifted and the count cleared.
+    Reset,
 }
 
 /// The order a split redeem takes from its cards.
@@ -165,6 +214,9 @@ pub struct Decision {
     pub register: Option<Registration>,
     /// A new expiry (reactivation).
     pub new_expiry_ms: Option<i64>,
+    pub pin: PinChange,
+    /// Counted towards the card's daily load limit.
+    pub loaded_minor: i64,
 }
 
 impl Decision {
@@ -199,6 +251,26 @@ impl Decision {
         }
         if let Some(e) = self.new_expiry_ms {
             card.expiry_ms = Some(e);
+        }
+        match self.pin {
+            PinChange::None => {}
+            PinChange::Set(p) => {
+                card.pin = Some(p);
+                card.pin_failures = 0;
+            }
+            PinChange::Failed { lock } => {
+                card.pin_failures = card.pin_failures.saturating_add(1);
+                card.pin_locked |= lock;
+            }
+            PinChange::Verified => card.pin_failures = 0,
+            PinChange::Reset => {
+                card.pin_failures = 0;
+                card.pin_locked = false;
+            }
+        }
+        if self.loaded_minor > 0 {
+            card.loaded_today_minor = card.loaded_on(now_ms) + self.loaded_minor;
+            card.load_day = utc_day(now_ms);
         }
         card.balance_minor += self.delta_minor;
         card.lifecycle = self.lifecycle;
@@ -237,18 +309,82 @@ fn checked_load(program: &Program, card_balance_minor: i64, money: &Money) -> Re
     }
 }
 
+/// A load of `money` onto `card` (None: a new card) under the program's single-load bounds and
+/// daily limit. An issue of value 0 is no load.
+fn check_load_limits(program: &Program, card: Option<&CardRecord>, money: &Money, now_ms: i64) -> Result<(), ResultCode> {
+    if money.minor == 0 {
+        return Ok(());
+    }
+    let (min, max) = program.load_bounds_minor(money.currency);
+    if min.is_some_and(|min| money.minor < min) {
+        return Err(ResultCode::LoadBelowMinimum);
+    }
+    if max.is_some_and(|max| money.minor > max) {
+        return Err(ResultCode::LoadAboveMaximum);
+    }
+    let today = card.map_or(0, |c| c.loaded_on(now_ms));
+    if program.daily_load_max_minor(money.currency).is_some_and(|max| today.saturating_add(money.minor) > max) {
+        return Err(ResultCode::DailyLoadLimitExceeded);
+    }
+    Ok(())
+}
+
+/// Where the program asks for a PIN, or the request brings one, the PIN must be the card's.
+fn check_pin(card: &CardRecord, program: &Program, pin: Option<&PinProof>) -> Result<(), ResultCode> {
+    match (pin, &card.pin) {
+        (None, _) if program.pin_required => Err(ResultCode::PinRequired),
+        (None, _) => Ok(()),
+        (Some(_), None) => Err(ResultCode::PinNotSet),
+        (Some(given), Some(set)) if given.matches(set) => Ok(()),
+        (Some(_), Some(_)) => Err(ResultCode::PinIncorrect),
+    }
+}
+
+/// The PIN change an approved spend with a PIN makes: the count of wrong PINs starts again.
+fn pin_verified(card: &CardRecord, pin: Option<&PinProof>) -> PinChange {
+    if pin.is_some() && card.pin_failures > 0 {
+        PinChange::Verified
+    } else {
+        PinChange::None
+    }
+}
+
+/// A wrong PIN on `card`: counted, and the card locks once the program's tries are used up.
+pub fn pin_failure(card: &CardRecord, program: &Program) -> Decision {
+    Decision {
+        kind: TxnKind::PinFailed,
+        delta_minor: 0,
+        lifecycle: card.lifecycle,
+        lock: card.lock,
+        approved_minor: 0,
+        hold: HoldChange::None,
+        register: None,
+        new_expiry_ms: None,
+        pin: PinChange::Failed { lock: card.pin_failures.saturating_add(1) >= program.pin_tries_max },
+        loaded_minor: 0,
+    }
+}
+
 /// Decides an issue of a number not yet known (the caller checks that under the card's lock).
 pub fn decide_issue(
-    program: Option<&Arc<Program>>,
+    program: Option<&Program>,
     last4: [u8; 4],
     op: &Op,
     now_ms: i64,
 ) -> Result<CardRecord, ResultCode> {
-    let Op::Issue { money, expiry_ms, active, .. } = op else {
+    let Op::Issue { money, expiry_ms, active, number, virtual_card, email, .. } = op else {
         unreachable!("decide_issue is only called for Op::Issue");
     };
     let program = program.ok_or(ResultCode::UnknownProgram)?;
+    if program.luhn_required && *number == (IssueNumber::Supplied { luhn_ok: false }) {
+        return Err(ResultCode::BadCheckDigit);
+    }
+    if program.currency.is_some_and(|c| c != money.currency) {
+        return Err(ResultCode::CurrencyMismatch);
+    }
+    check_load_limits(program, None, money, now_ms)?;
     checked_load(program, 0, money)?;
+    let expiry_ms = expiry_ms.or_else(|| program.expiry_default_ms.map(|d| now_ms.saturating_add(d)));
     // An expiry in the past is accepted: cards imported from another system may be born expired.
     Ok(CardRecord {
         last4,
@@ -262,13 +398,27 @@ pub fn decide_issue(
         pin_locked: false,
         vip: false,
         member: None,
-        expiry_ms: *expiry_ms,
+        expiry_ms,
         created_ms: now_ms,
         updated_ms: now_ms,
         txn_count: 1,
         last_txn_id: 0,
         last_note_id: 0,
+        pin: None,
+        pin_failures: 0,
+        load_day: utc_day(now_ms),
+        loaded_today_minor: money.minor,
+        virtual_card: *virtual_card,
+        email: email.as_deref().map(Into::into),
     })
+}
+
+/// Decides a program update. A program's currency, once set, stays: cards were issued in it.
+pub fn decide_program_set(current: Option<&Program>, new: &Program) -> Result<(), ResultCode> {
+    match current.and_then(|c| c.currency) {
+        Some(c) if new.currency != Some(c) => Err(ResultCode::CurrencyMismatch),
+        _ => Ok(()),
+    }
 }
 
 /// Decides an operation on an existing card. `invoice_used` says whether the request's invoice
@@ -290,11 +440,18 @@ pub fn decide(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     };
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
-        Op::Refund { .. } | Op::Reverse { .. } | Op::SplitRedeem { .. } | Op::Transfer { .. } | Op::Reactivate => {
-            unreachable!("refunds, reversals and split redeems have their own rules")
+        Op::Refund { .. }
+        | Op::Reverse { .. }
+        | Op::SplitRedeem { .. }
+        | Op::Transfer { .. }
+        | Op::Reactivate
+        | Op::ProgramSet { .. } => {
+            unreachable!("refunds, reversals, split redeems, transfers, reactivations and programs have their own rules")
         }
         Op::Activate { load } => {
             match status {
@@ -305,15 +462,21 @@ pub fn decide(
             let loaded = match load {
                 Some(m) => {
                     require_currency(card, m)?;
+                    check_load_limits(program, Some(card), m, now_ms)?;
                     checked_load(program, card.balance_minor, m)?;
                     m.minor
                 }
                 None => 0,
             };
-            Ok(Decision { lifecycle: Lifecycle::Active, ..same(TxnKind::Activate, loaded, loaded) })
+            Ok(Decision {
+                lifecycle: Lifecycle::Active,
+                loaded_minor: loaded,
+                ..same(TxnKind::Activate, loaded, loaded)
+            })
         }
-        Op::Redeem { money, allow_partial, invoice } => {
+        Op::Redeem { money, allow_partial, invoice, pin } => {
             require_active(status)?;
+            check_pin(card, program, pin.as_ref())?;
             require_currency(card, money)?;
             if program.invoice_required && invoice.is_none() {
                 return Err(ResultCode::InvoiceRequired);
@@ -322,10 +485,11 @@ pub fn decide(
                 return Err(ResultCode::InvoiceReused);
             }
             let approved = spendable(card, money, *allow_partial, now_ms)?;
-            Ok(same(TxnKind::Redeem, -approved, approved))
+            Ok(Decision { pin: pin_verified(card, pin.as_ref()), ..same(TxnKind::Redeem, -approved, approved) })
         }
-        Op::Authorize { money, allow_partial, ttl_ms } => {
+        Op::Authorize { money, allow_partial, ttl_ms, pin } => {
             require_active(status)?;
+            check_pin(card, program, pin.as_ref())?;
             require_currency(card, money)?;
             if card.holds.len() >= HOLDS_PER_CARD_MAX {
                 return Err(ResultCode::TooManyHolds);
@@ -334,6 +498,7 @@ pub fn decide(
             let expires_ms = program.hold_deadline_ms(now_ms, *ttl_ms);
             Ok(Decision {
                 hold: HoldChange::Open { amount_minor: held, expires_ms },
+                pin: pin_verified(card, pin.as_ref()),
                 ..same(TxnKind::Authorize, 0, held)
             })
         }
@@ -368,8 +533,9 @@ pub fn decide(
         Op::Reload { money } => {
             require_active(status)?;
             require_currency(card, money)?;
+            check_load_limits(program, Some(card), money, now_ms)?;
             checked_load(program, card.balance_minor, money)?;
-            Ok(same(TxnKind::Reload, money.minor, money.minor))
+            Ok(Decision { loaded_minor: money.minor, ..same(TxnKind::Reload, money.minor, money.minor) })
         }
         Op::Lock { reason } => {
             if status == Status::Closed {
@@ -402,6 +568,31 @@ pub fn decide(
             }
             let paid = card.balance_minor;
             Ok(Decision { lifecycle: Lifecycle::Closed, ..same(TxnKind::CashOut, -paid, paid) })
+        }
+        // An agent may set a PIN on any card that is not closed; a PIN lock stays until reset.
+        Op::PinSet { pin } => {
+            if status == Status::Closed {
+                return Err(ResultCode::CardClosed);
+            }
+            Ok(Decision { pin: PinChange::Set(*pin), ..same(TxnKind::PinSet, 0, 0) })
+        }
+        Op::PinVerify { pin } => {
+            match status {
+                Status::Closed => return Err(ResultCode::CardClosed),
+                Status::PinLocked => return Err(ResultCode::CardPinLocked),
+                _ => {}
+            }
+            check_pin(card, program, Some(pin))?;
+            Ok(Decision { pin: pin_verified(card, Some(pin)), ..same(TxnKind::PinVerified, 0, 0) })
+        }
+        Op::PinReset => {
+            if status == Status::Closed {
+                return Err(ResultCode::CardClosed);
+            }
+            if !card.pin_locked && card.pin_failures == 0 {
+                return Err(ResultCode::NotPinLocked);
+            }
+            Ok(Decision { pin: PinChange::Reset, ..same(TxnKind::PinReset, 0, 0) })
         }
         // Notes are for the record, whatever the card's state, closed cards included.
         Op::Note { .. } => Ok(same(TxnKind::Note, 0, 0)),
@@ -446,6 +637,8 @@ pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
         hold: HoldChange::Close { id: hold.id },
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     })
 }
 
@@ -503,6 +696,8 @@ pub fn decide_refund(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     })
 }
 
@@ -529,6 +724,8 @@ pub fn decide_reversal(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     };
     match kind {
         // Spends come back, less what was refunded already.
@@ -558,12 +755,15 @@ pub fn decide_reversal(
 /// spend (status, currency) declines the whole request with its reason.
 pub fn decide_split(
     cards: &[&CardRecord],
+    programs: &[&Program],
     money: &Money,
     order: SplitOrder,
     now_ms: i64,
 ) -> Result<Vec<(usize, i64)>, ResultCode> {
-    for card in cards {
+    for (card, program) in cards.iter().zip(programs) {
         require_active(card.status(now_ms))?;
+        // A split redeem carries no PIN, so it cannot spend from a card whose program wants one.
+        check_pin(card, program, None)?;
         require_currency(card, money)?;
     }
     let mut turn: Vec<usize> = (0..cards.len()).collect();
@@ -599,6 +799,8 @@ pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     }
 }
 
@@ -613,6 +815,8 @@ pub fn note(card: &CardRecord) -> Decision {
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     }
 }
 
@@ -651,6 +855,8 @@ pub fn decide_transfer(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     };
     let into = Decision {
         kind: TxnKind::TransferIn,
@@ -661,6 +867,8 @@ pub fn decide_transfer(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: None,
+        pin: PinChange::None,
+        loaded_minor: 0,
     };
     Ok((out, into))
 }
@@ -710,6 +918,8 @@ pub fn decide_reactivate(
         hold: HoldChange::None,
         register: None,
         new_expiry_ms: expired.then(|| now_ms + program.reactivation_extension_ms),
+        pin: PinChange::None,
+        loaded_minor: 0,
     };
     Ok((d, why))
 }

@@ -52,11 +52,11 @@ fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
 
 fn issue(e: &Engine, c: CardKey, program: &str, money: Money, expiry_ms: Option<i64>, active: bool) -> Executed {
     let key = format!("issue-{:?}", c);
-    run(e, &key, c, Op::Issue { program: program.into(), money, expiry_ms, active }, NOW)
+    run(e, &key, c, Op::Issue { program: program.into(), money, expiry_ms, active, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None }, NOW)
 }
 
 fn redeem(minor: i64, partial: bool) -> Op {
-    Op::Redeem { money: usd(minor), allow_partial: partial, invoice: None }
+    Op::Redeem { money: usd(minor), allow_partial: partial, invoice: None, pin: None }
 }
 
 /// One row: a card set up by `setup`, then `op`, expecting `result`, `approved` and the balance after.
@@ -179,7 +179,7 @@ fn rules_table() {
         Case {
             name: "redeem in another currency",
             setup: active_100,
-            op: Op::Redeem { money: eur(1), allow_partial: false, invoice: None },
+            op: Op::Redeem { money: eur(1), allow_partial: false, invoice: None, pin: None },
             now: NOW,
             result: CurrencyMismatch,
             approved: 0,
@@ -197,7 +197,7 @@ fn rules_table() {
         Case {
             name: "invoice given",
             setup: pos_card,
-            op: Op::Redeem { money: usd(1), allow_partial: false, invoice: Some("INV-1".into()) },
+            op: Op::Redeem { money: usd(1), allow_partial: false, invoice: Some("INV-1".into()), pin: None },
             now: NOW,
             result: Approved,
             approved: 1,
@@ -296,7 +296,7 @@ fn rules_table() {
         Case {
             name: "issue over an existing number",
             setup: active_100,
-            op: Op::Issue { program: "default".into(), money: usd(1), expiry_ms: None, active: true },
+            op: Op::Issue { program: "default".into(), money: usd(1), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
             now: NOW,
             result: CardExists,
             approved: 0,
@@ -305,7 +305,7 @@ fn rules_table() {
         Case {
             name: "issue in an unknown program",
             setup: nothing,
-            op: Op::Issue { program: "nope".into(), money: usd(1), expiry_ms: None, active: true },
+            op: Op::Issue { program: "nope".into(), money: usd(1), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
             now: NOW,
             result: UnknownProgram,
             approved: 0,
@@ -314,7 +314,7 @@ fn rules_table() {
         Case {
             name: "issue born expired is accepted",
             setup: nothing,
-            op: Op::Issue { program: "default".into(), money: usd(700), expiry_ms: Some(NOW - 1), active: true },
+            op: Op::Issue { program: "default".into(), money: usd(700), expiry_ms: Some(NOW - 1), active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
             now: NOW,
             result: Approved,
             approved: 700,
@@ -323,7 +323,7 @@ fn rules_table() {
         Case {
             name: "issue over the program maximum",
             setup: nothing,
-            op: Op::Issue { program: "capped".into(), money: usd(50_001), expiry_ms: None, active: true },
+            op: Op::Issue { program: "capped".into(), money: usd(50_001), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
             now: NOW,
             result: MaxBalanceExceeded,
             approved: 0,
@@ -398,7 +398,7 @@ fn invoice_is_accepted_once_per_merchant_ever() {
     pos_card(&e);
     issue(&e, card(2), "pos", usd(10_000), None, true);
     let with_invoice =
-        |inv: &str, minor| Op::Redeem { money: usd(minor), allow_partial: false, invoice: Some(inv.into()) };
+        |inv: &str, minor| Op::Redeem { money: usd(minor), allow_partial: false, invoice: Some(inv.into()), pin: None };
     assert_eq!(run(&e, "a", card(1), with_invoice("INV-9", 100), NOW).outcome.result, ResultCode::Approved);
     assert_eq!(run(&e, "b", card(2), with_invoice("INV-9", 100), NOW).outcome.result, ResultCode::InvoiceReused);
     // A declined sale does not use up its invoice.
@@ -461,7 +461,7 @@ fn run_hold(e: &Engine, key: &str, op: Op, now: i64) -> Executed {
 }
 
 fn authorize(e: &Engine, key: &str, minor: i64, ttl_ms: i64, now: i64) -> crate::model::HoldView {
-    let op = Op::Authorize { money: usd(minor), allow_partial: false, ttl_ms: Some(ttl_ms) };
+    let op = Op::Authorize { money: usd(minor), allow_partial: false, ttl_ms: Some(ttl_ms), pin: None };
     let done = run(e, key, card(1), op, now);
     assert_eq!(done.outcome.result, ResultCode::Approved, "{done:?}");
     done.outcome.hold.expect("an approved authorization carries its hold")

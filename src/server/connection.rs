@@ -5,11 +5,12 @@
 
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
-use crate::engine::{CardRecord, Mutation, Op};
+use crate::config::ProgramConfig;
+use crate::engine::{CardRecord, IssueNumber, Journal, Mutation, Op, Program};
 use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
     self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
-    LookupReply, Opcode, PartsReply, Reply, Request, HISTORY_PAGE_MAX,
+    LookupReply, Opcode, PartsReply, ProgramReply, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -175,6 +176,9 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         last4: number.map_or([b'0'; 4], |n| n.last4()),
         op,
     };
+    // Numbers generated for an issue: the reply returns the one the engine used, once.
+    let mut generated: Vec<CardNumber> = Vec::new();
+    let mut program_name = String::new();
     let m = match req {
         Request::Hello { .. } => unreachable!("hello is answered by the connection"),
         Request::Balance { number } => {
@@ -185,19 +189,61 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         Request::History { number, before_seq, limit, kind } => {
             return history(shared, &number, before_seq, limit, kind).await
         }
-        Request::Issue { idem, number, program, money, expiry_ms, active } => {
-            mutation(&idem, Some(&number), Op::Issue { program, money, expiry_ms, active })
+        Request::Issue { idem, number, program, money, expiry_ms, active, virtual_card, email, case } => {
+            let number_kind = match &number {
+                Some(n) => IssueNumber::Supplied { luhn_ok: n.luhn_ok() },
+                None => {
+                    generated = generate_numbers(shared, &program);
+                    let keyed = generated.iter().map(|n| (shared.keyer.card_key(n), n.last4())).collect();
+                    IssueNumber::Generated(keyed)
+                }
+            };
+            let op =
+                Op::Issue { program, money, expiry_ms, active, number: number_kind, virtual_card, email, case };
+            mutation(&idem, number.as_ref(), op)
+        }
+        Request::PinSet { idem, number, pin } => {
+            let pin = shared.pin_keyer.proof(&shared.keyer.card_key(&number), &pin);
+            mutation(&idem, Some(&number), Op::PinSet { pin })
+        }
+        Request::PinVerify { idem, number, pin } => {
+            let pin = shared.pin_keyer.proof(&shared.keyer.card_key(&number), &pin);
+            mutation(&idem, Some(&number), Op::PinVerify { pin })
+        }
+        Request::PinReset { idem, number } => mutation(&idem, Some(&number), Op::PinReset),
+        Request::ProgramGet { name } => {
+            let reply = match shared.engine.program(&name) {
+                Some(p) => program_reply(ResultCode::Approved, &name, ProgramConfig::from_program(&p).to_text()),
+                None => program_reply(ResultCode::UnknownProgram, &name, String::new()),
+            };
+            // What it shows may be an update not yet durable: wait for everything appended so far.
+            return (reply, shared.store.latest_group());
+        }
+        Request::ProgramSet { idem, name, settings } => {
+            let cfg = match ProgramConfig::parse(&settings) {
+                Ok(cfg) => cfg,
+                Err(e) => return (program_reply(ResultCode::BadProgramSettings, &name, e), 0),
+            };
+            let problems = cfg.problems(&name);
+            if !problems.is_empty() {
+                return (program_reply(ResultCode::BadProgramSettings, &name, problems.join("; ")), 0);
+            }
+            let op = Op::ProgramSet { program: Arc::new(cfg.to_program(&name)), settings: cfg.to_text() };
+            program_name = name;
+            mutation(&idem, None, op)
         }
         Request::Activate { idem, number, load } => mutation(&idem, Some(&number), Op::Activate { load }),
-        Request::Redeem { idem, number, money, allow_partial, invoice } => {
-            mutation(&idem, Some(&number), Op::Redeem { money, allow_partial, invoice })
+        Request::Redeem { idem, number, money, allow_partial, invoice, pin } => {
+            let pin = pin.map(|p| shared.pin_keyer.proof(&shared.keyer.card_key(&number), &p));
+            mutation(&idem, Some(&number), Op::Redeem { money, allow_partial, invoice, pin })
         }
         Request::Reload { idem, number, money } => mutation(&idem, Some(&number), Op::Reload { money }),
         Request::Lock { idem, number, reason } => mutation(&idem, Some(&number), Op::Lock { reason }),
         Request::Unlock { idem, number } => mutation(&idem, Some(&number), Op::Unlock),
-        Request::Authorize { idem, number, money, allow_partial, ttl_secs } => {
+        Request::Authorize { idem, number, money, allow_partial, ttl_secs, pin } => {
             let ttl_ms = (ttl_secs > 0).then_some(ttl_secs as i64 * 1000);
-            mutation(&idem, Some(&number), Op::Authorize { money, allow_partial, ttl_ms })
+            let pin = pin.map(|p| shared.pin_keyer.proof(&shared.keyer.card_key(&number), &p));
+            mutation(&idem, Some(&number), Op::Authorize { money, allow_partial, ttl_ms, pin })
         }
         Request::Capture { idem, hold_id, money } => mutation(&idem, None, Op::Capture { hold_id, money }),
         Request::Void { idem, hold_id } => mutation(&idem, None, Op::Void { hold_id }),
@@ -226,6 +272,17 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     let reply = match op {
         Some(Opcode::Authorize) => Reply::Hold(done.outcome),
         Some(Opcode::Reactivate) => Reply::Explained(done.outcome, done.reason.unwrap_or_default()),
+        Some(Opcode::Issue) => {
+            let number = done.issued.and_then(|i| generated.into_iter().nth(i as usize));
+            Reply::Issued(done.outcome, number)
+        }
+        Some(Opcode::ProgramSet) => {
+            let text = match shared.engine.program(&program_name) {
+                Some(p) if done.outcome.result == ResultCode::Approved => ProgramConfig::from_program(&p).to_text(),
+                _ => String::new(),
+            };
+            program_reply(done.outcome.result, &program_name, text)
+        }
         Some(Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer) => Reply::Parts(PartsReply {
             result: done.outcome.result,
             approved_minor: done.outcome.approved_minor,
@@ -234,6 +291,28 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         _ => Reply::Card(done.outcome),
     };
     (reply, done.group)
+}
+
+/// Candidate numbers for a generated issue, in the program's format (the default's when the
+/// program is unknown: the engine then declines `unknown_program`). Several, so that the engine
+/// can skip one that is a card already without a second round trip; with at least 10^9 random
+/// values per prefix, a second candidate is all but never needed.
+fn generate_numbers(shared: &Shared, program: &str) -> Vec<CardNumber> {
+    const CANDIDATES: usize = 4;
+    let p = shared.engine.program(program).unwrap_or_else(|| Arc::new(Program::new(program)));
+    let mut rng = rand::rngs::OsRng;
+    (0..CANDIDATES).map(|_| CardNumber::generate(&p.number_prefix, p.number_length as usize, &mut rng)).collect()
+}
+
+fn program_reply(result: ResultCode, name: &str, mut text: String) -> Reply {
+    if text.len() > wire::PROGRAM_SETTINGS_BYTES_MAX {
+        let mut end = wire::PROGRAM_SETTINGS_BYTES_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    Reply::Program(ProgramReply { result, name: name.to_string(), text })
 }
 
 /// Waits until `group` is durable. History is read from the store, so it must hold the card's
@@ -285,6 +364,10 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
                 vip: false,
                 member: String::new(),
                 notes: Vec::new(),
+                pin_set: false,
+                pin_failures: 0,
+                virtual_card: false,
+                email: String::new(),
             }),
             0,
         );
@@ -310,6 +393,10 @@ async fn lookup(shared: &Shared, number: &CardNumber) -> (Reply, u64) {
             .into_iter()
             .map(|n| NoteView { at_ms: n.at_ms, author: n.author.into(), text: n.text.into() })
             .collect(),
+        pin_set: rec.pin.is_some(),
+        pin_failures: rec.pin_failures,
+        virtual_card: rec.virtual_card,
+        email: rec.email.as_deref().unwrap_or("").to_string(),
     };
     (Reply::Lookup(reply), group)
 }

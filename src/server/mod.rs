@@ -4,7 +4,7 @@
 mod connection;
 pub mod http;
 
-use crate::card_number::Keyer;
+use crate::card_number::{Keyer, PinKeyer};
 use crate::config::Limits;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -21,6 +21,7 @@ pub struct Shared {
     pub engine: Engine,
     pub store: Arc<Store>,
     pub keyer: Keyer,
+    pub pin_keyer: PinKeyer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
 }

@@ -65,6 +65,9 @@ const CHECKPOINT_KEY: &[u8] = b"checkpoint/txn_id";
 const HISTORY_SCAN_MAX: usize = 10_000;
 /// Hold ids below this value are taken (see `Effects::hold_id_next`).
 const HOLD_ID_KEY: &[u8] = b"holds/id_next";
+/// Meta keys of programs set by admin updates: this prefix, then the name; the value is the
+/// program's settings text (the config file's keys).
+const PROGRAM_KEY_PREFIX: &[u8] = b"program/";
 
 /// Exit status after a failed WAL write or sync (EX_IOERR): never continue on unknown durability.
 pub const EXIT_IO_ERROR: i32 = 74;
@@ -97,6 +100,8 @@ pub struct Recovered {
     pub totals: BTreeMap<Currency, (i128, i128)>,
     /// Hold ids below this are taken.
     pub hold_id_next: u64,
+    /// Programs set by admin updates: (name, settings text), newest settings of each.
+    pub programs: Vec<(String, String)>,
 }
 
 struct Pending {
@@ -457,8 +462,18 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         let (c, credit, debit) = records::decode_totals(&k, &v)?;
         totals.insert(c, (credit, debit));
     }
+    let mut programs = Vec::new();
+    for item in db.prefix_iterator_cf(cf, PROGRAM_KEY_PREFIX) {
+        let (k, v) = item?;
+        if !k.starts_with(PROGRAM_KEY_PREFIX) {
+            break;
+        }
+        let name = std::str::from_utf8(&k[PROGRAM_KEY_PREFIX.len()..]).map_err(|_| records::Corrupt { what: "program" })?;
+        let text = std::str::from_utf8(&v).map_err(|_| records::Corrupt { what: "program" })?;
+        programs.push((name.to_string(), text.to_string()));
+    }
     let cards = cards.into_iter().collect();
-    Ok((Recovered { cards, replayed: replayed_entries, totals, hold_id_next }, replayed))
+    Ok((Recovered { cards, replayed: replayed_entries, totals, hold_id_next, programs }, replayed))
 }
 
 /// The cards changed since the last checkpoint, and the checkpoint being written, if any.
@@ -618,6 +633,10 @@ fn commit_loop(
                 }
                 if let Some(k) = &e.invoice {
                     sorted.put(CfIndex::Invoices, &hashed_key(&k.0), |_| {});
+                }
+                if let Some((name, text)) = &e.program {
+                    let key = [PROGRAM_KEY_PREFIX, name.as_bytes()].concat();
+                    sorted.put(CfIndex::Meta, &key, |b| b.extend_from_slice(text.as_bytes()));
                 }
                 if let Some(l) = &e.ledger {
                     let t = totals.entry(l.currency).or_default();

@@ -1,7 +1,7 @@
 //! On-disk record layouts (little-endian, versioned by a leading byte). These are the store's own
 //! formats, separate from the wire's: the two evolve independently.
 
-use crate::card_number::CardKey;
+use crate::card_number::{CardKey, PinProof};
 use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
 use crate::engine::{CardRecord, IdemRecord, Lifecycle, NoteRecord, Settled, TxnRecord};
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
@@ -9,10 +9,11 @@ use bytes::BufMut;
 
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
-// version 5 the newest note's id; version 3 of idempotency records added the
+// version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
+// virtual flag and the email; version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason. Nothing deployed holds
 // an older version.
-const CARD_V5: u8 = 5;
+const CARD_V6: u8 = 6;
 const NOTE_V1: u8 = 1;
 const IDEM_V4: u8 = 4;
 const SETTLED_V1: u8 = 1;
@@ -96,7 +97,7 @@ fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
 }
 
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V5);
+    dst.put_u8(CARD_V6);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -118,11 +119,18 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     dst.put_u8(c.vip as u8);
     put_str8(dst, c.member.as_deref().unwrap_or(""));
     dst.put_u64_le(c.last_note_id);
+    dst.put_u8(c.pin.is_some() as u8);
+    dst.put_slice(&c.pin.map_or([0; 16], |p| p.0));
+    dst.put_u8(c.pin_failures);
+    dst.put_i64_le(c.load_day);
+    dst.put_i64_le(c.loaded_today_minor);
+    dst.put_u8(c.virtual_card as u8);
+    put_str8(dst, c.email.as_deref().unwrap_or(""));
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V5)?;
+    r.version(CARD_V6)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
@@ -146,6 +154,12 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
         vip: false,
         member: None,
         last_note_id: 0,
+        pin: None,
+        pin_failures: 0,
+        load_day: 0,
+        loaded_today_minor: 0,
+        virtual_card: false,
+        email: None,
     };
     let n = r.u8()? as usize;
     if n > HOLDS_PER_CARD_MAX {
@@ -158,6 +172,15 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let member = r.str8()?;
     rec.member = (!member.is_empty()).then(|| member.into());
     rec.last_note_id = r.i64()? as u64;
+    let has_pin = r.u8()? == 1;
+    let pin = r.arr::<16>()?;
+    rec.pin = has_pin.then_some(PinProof(pin));
+    rec.pin_failures = r.u8()?;
+    rec.load_day = r.i64()?;
+    rec.loaded_today_minor = r.i64()?;
+    rec.virtual_card = r.u8()? == 1;
+    let email = r.str8()?;
+    rec.email = (!email.is_empty()).then(|| email.into());
     // Paired assertion: the invariants checked before writing hold again after reading.
     rec.check().map_err(|_| Corrupt { what: "card" })?;
     Ok(rec)
@@ -437,6 +460,12 @@ mod tests {
             txn_count: 3,
             last_txn_id: 77,
             last_note_id: 70,
+            pin: Some(PinProof([9; 16])),
+            pin_failures: 2,
+            load_day: 20_000,
+            loaded_today_minor: 12_345,
+            virtual_card: true,
+            email: Some("ann@example.com".into()),
         };
         let note = NoteRecord {
             prev_id: 12,

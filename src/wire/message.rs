@@ -3,7 +3,7 @@
 
 use super::frame::{begin_frame, finish_frame};
 use super::REPLY_BIT;
-use crate::card_number::CardNumber;
+use crate::card_number::{CardNumber, Pin};
 use crate::engine::{SplitOrder, SPLIT_CARDS_MAX};
 use crate::model::{
     CardView, Currency, HoldView, LockReason, Money, NoteView, Outcome, PartView, Parts, ResultCode, Status, TxnKind,
@@ -25,6 +25,10 @@ pub const REASON_BYTES_MAX: usize = 500;
 pub const NOTE_BYTES_MAX: usize = 500;
 /// Notes a lookup shows, newest first.
 pub const LOOKUP_NOTES_MAX: usize = 10;
+/// Longest recipient email, in bytes (RFC 5321's limit on a path).
+pub const EMAIL_BYTES_MAX: usize = 254;
+/// Longest program settings text (the config file's keys, one `key = value` per line).
+pub const PROGRAM_SETTINGS_BYTES_MAX: usize = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -50,10 +54,15 @@ pub enum Opcode {
     Transfer = 0x21,
     Note = 0x22,
     Reactivate = 0x23,
+    PinSet = 0x24,
+    PinVerify = 0x25,
+    PinReset = 0x26,
+    ProgramGet = 0x27,
+    ProgramSet = 0x28,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 21] = [
+    pub const ALL: [Opcode; 26] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -75,6 +84,11 @@ impl Opcode {
         Opcode::Transfer,
         Opcode::Note,
         Opcode::Reactivate,
+        Opcode::PinSet,
+        Opcode::PinVerify,
+        Opcode::PinReset,
+        Opcode::ProgramGet,
+        Opcode::ProgramSet,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -109,6 +123,11 @@ impl Opcode {
             Opcode::Transfer => "transfer",
             Opcode::Note => "note",
             Opcode::Reactivate => "reactivate",
+            Opcode::PinSet => "pin_set",
+            Opcode::PinVerify => "pin_verify",
+            Opcode::PinReset => "pin_reset",
+            Opcode::ProgramGet => "program_get",
+            Opcode::ProgramSet => "program_set",
         }
     }
 }
@@ -127,13 +146,19 @@ pub enum Request {
         max_version: u8,
         client: String,
     },
+    /// `number` None: giftd generates one (random, Luhn, in the program's format) and returns it
+    /// in the first answer only. `case`: a compensation case; the case's first card answers every
+    /// later issue for it.
     Issue {
         idem: IdemRef,
-        number: CardNumber,
+        number: Option<CardNumber>,
         program: String,
         money: Money,
         expiry_ms: Option<i64>,
         active: bool,
+        virtual_card: bool,
+        email: Option<String>,
+        case: Option<String>,
     },
     Activate {
         idem: IdemRef,
@@ -149,6 +174,7 @@ pub enum Request {
         money: Money,
         allow_partial: bool,
         invoice: Option<String>,
+        pin: Option<Pin>,
     },
     Reload {
         idem: IdemRef,
@@ -181,6 +207,7 @@ pub enum Request {
         money: Money,
         allow_partial: bool,
         ttl_secs: u32,
+        pin: Option<Pin>,
     },
     Capture {
         idem: IdemRef,
@@ -235,6 +262,30 @@ pub enum Request {
         idem: IdemRef,
         number: CardNumber,
     },
+    PinSet {
+        idem: IdemRef,
+        number: CardNumber,
+        pin: Pin,
+    },
+    PinVerify {
+        idem: IdemRef,
+        number: CardNumber,
+        pin: Pin,
+    },
+    PinReset {
+        idem: IdemRef,
+        number: CardNumber,
+    },
+    ProgramGet {
+        name: String,
+    },
+    /// Creates or replaces program `name` with `settings` (the config file's keys; absent keys
+    /// take their defaults).
+    ProgramSet {
+        idem: IdemRef,
+        name: String,
+        settings: String,
+    },
 }
 
 impl Request {
@@ -261,6 +312,11 @@ impl Request {
             Request::Transfer { .. } => Opcode::Transfer,
             Request::Note { .. } => Opcode::Note,
             Request::Reactivate { .. } => Opcode::Reactivate,
+            Request::PinSet { .. } => Opcode::PinSet,
+            Request::PinVerify { .. } => Opcode::PinVerify,
+            Request::PinReset { .. } => Opcode::PinReset,
+            Request::ProgramGet { .. } => Opcode::ProgramGet,
+            Request::ProgramSet { .. } => Opcode::ProgramSet,
         }
     }
 }
@@ -291,6 +347,20 @@ pub struct LookupReply {
     pub member: String,
     /// The newest notes, newest first.
     pub notes: Vec<NoteView>,
+    pub pin_set: bool,
+    /// Wrong PINs in a row so far.
+    pub pin_failures: u8,
+    pub virtual_card: bool,
+    /// Empty when the card has no recipient email.
+    pub email: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramReply {
+    pub result: ResultCode,
+    pub name: String,
+    /// Approved: the program's settings, every key. `bad_program_settings`: what is wrong.
+    pub text: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -323,6 +393,9 @@ pub enum Reply {
     Parts(PartsReply),
     /// A card outcome and the sentence that explains it (reactivate).
     Explained(Outcome, String),
+    /// An issue's outcome and, in the first answer to a generated issue only, the new number.
+    Issued(Outcome, Option<CardNumber>),
+    Program(ProgramReply),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -335,7 +408,8 @@ impl Reply {
             Reply::Hello(h) => h.result,
             Reply::Card(o) | Reply::Hold(o) => o.result,
             Reply::Parts(p) => p.result,
-            Reply::Explained(o, _) => o.result,
+            Reply::Explained(o, _) | Reply::Issued(o, _) => o.result,
+            Reply::Program(p) => p.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -400,6 +474,33 @@ impl<'a> Reader<'a> {
             return Err(MALFORMED);
         }
         Ok(s.to_string())
+    }
+    /// Settings text: like `str16`, but line breaks and tabs are allowed (TOML lines).
+    fn text16(&mut self, max: usize) -> Res<String> {
+        let n = self.u16()? as usize;
+        let b = self.take(n)?;
+        let s = std::str::from_utf8(b).map_err(|_| MALFORMED)?;
+        if n > max || s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            return Err(MALFORMED);
+        }
+        Ok(s.to_string())
+    }
+    /// A str8 PIN, empty for none; anything else must be 4 to 12 digits.
+    fn pin(&mut self) -> Res<Option<Pin>> {
+        let n = self.u8()? as usize;
+        let b = self.take(n)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        std::str::from_utf8(b).ok().and_then(Pin::parse).map(Some).ok_or(DecodeError(ResultCode::BadPin))
+    }
+    /// A card number, or none when the field is empty (an issue that asks giftd to generate one).
+    fn number_or_none(&mut self) -> Res<Option<CardNumber>> {
+        if self.buf.first() == Some(&0) {
+            self.take(1)?;
+            return Ok(None);
+        }
+        self.number().map(Some)
     }
     fn number(&mut self) -> Res<CardNumber> {
         let n = self.u8()? as usize;
@@ -480,6 +581,13 @@ impl<'a> Reader<'a> {
         }
         Ok(v)
     }
+    fn program_name(&mut self) -> Res<String> {
+        let name = self.str8(PROGRAM_BYTES_MAX)?;
+        if name.is_empty() || name.contains(' ') {
+            return Err(MALFORMED);
+        }
+        Ok(name)
+    }
     fn result(&mut self) -> Res<ResultCode> {
         ResultCode::from_u16(self.u16()?).ok_or(MALFORMED)
     }
@@ -502,7 +610,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             Request::Hello { min_version: r.u8()?, max_version: r.u8()?, client: r.str8(STRING_BYTES_MAX)? }
         }
         Opcode::Issue => {
-            let (idem, number) = (r.idem()?, r.number()?);
+            let (idem, number) = (r.idem()?, r.number_or_none()?);
             let program = r.str8(PROGRAM_BYTES_MAX)?;
             if program.is_empty() {
                 return Err(MALFORMED);
@@ -510,7 +618,24 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let money = r.money(true)?;
             let expiry_ms = r.opt_i64()?;
             let active = r.bool()?;
-            Request::Issue { idem, number, program, money, expiry_ms, active }
+            let virtual_card = r.bool()?;
+            let email = r.str8(EMAIL_BYTES_MAX)?;
+            // Not a full RFC 5322 check: enough to catch a field filled with something else.
+            if !email.is_empty() && (email.contains(' ') || !email.split_once('@').is_some_and(|(a, b)| !a.is_empty() && b.contains('.'))) {
+                return Err(MALFORMED);
+            }
+            let case = r.str8(STRING_BYTES_MAX)?;
+            Request::Issue {
+                idem,
+                number,
+                program,
+                money,
+                expiry_ms,
+                active,
+                virtual_card,
+                email: (!email.is_empty()).then_some(email),
+                case: (!case.is_empty()).then_some(case),
+            }
         }
         Opcode::Activate => {
             let (idem, number) = (r.idem()?, r.number()?);
@@ -524,7 +649,8 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let allow_partial = r.bool()?;
             let invoice = r.str8(STRING_BYTES_MAX)?;
             let invoice = (!invoice.is_empty()).then_some(invoice);
-            Request::Redeem { idem, number, money, allow_partial, invoice }
+            let pin = r.pin()?;
+            Request::Redeem { idem, number, money, allow_partial, invoice, pin }
         }
         Opcode::Reload => Request::Reload { idem: r.idem()?, number: r.number()?, money: r.money(false)? },
         Opcode::Lock => {
@@ -552,7 +678,8 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let money = r.money(false)?;
             let allow_partial = r.bool()?;
             let ttl_secs = u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?);
-            Request::Authorize { idem, number, money, allow_partial, ttl_secs }
+            let pin = r.pin()?;
+            Request::Authorize { idem, number, money, allow_partial, ttl_secs, pin }
         }
         Opcode::Capture => Request::Capture { idem: r.idem()?, hold_id: r.u64()?, money: r.money(false)? },
         Opcode::Void => Request::Void { idem: r.idem()?, hold_id: r.u64()? },
@@ -614,6 +741,23 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             Request::Note { idem, number, text }
         }
         Opcode::Reactivate => Request::Reactivate { idem: r.idem()?, number: r.number()? },
+        Opcode::PinSet | Opcode::PinVerify => {
+            let (idem, number) = (r.idem()?, r.number()?);
+            let pin = r.pin()?.ok_or(DecodeError(ResultCode::BadPin))?;
+            if op == Opcode::PinSet {
+                Request::PinSet { idem, number, pin }
+            } else {
+                Request::PinVerify { idem, number, pin }
+            }
+        }
+        Opcode::PinReset => Request::PinReset { idem: r.idem()?, number: r.number()? },
+        Opcode::ProgramGet => Request::ProgramGet { name: r.program_name()? },
+        Opcode::ProgramSet => {
+            let idem = r.idem()?;
+            let name = r.program_name()?;
+            let settings = r.text16(PROGRAM_SETTINGS_BYTES_MAX)?;
+            Request::ProgramSet { idem, name, settings }
+        }
     };
     r.end()?;
     Ok(req)
@@ -655,12 +799,17 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             dst.put_u8(*max_version);
             put_str8(dst, client);
         }
-        Request::Issue { idem, number, program, money, expiry_ms, active } => {
-            put_idem(dst, idem, number);
+        Request::Issue { idem, number, program, money, expiry_ms, active, virtual_card, email, case } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            put_str8(dst, number.as_ref().map_or("", |n| n.expose()));
             put_str8(dst, program);
             put_money(dst, money);
             put_opt_i64(dst, *expiry_ms);
             dst.put_u8(*active as u8);
+            dst.put_u8(*virtual_card as u8);
+            put_str8(dst, email.as_deref().unwrap_or(""));
+            put_str8(dst, case.as_deref().unwrap_or(""));
         }
         Request::Activate { idem, number, load } => {
             put_idem(dst, idem, number);
@@ -670,11 +819,12 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             }
         }
         Request::Balance { number } | Request::Lookup { number } => put_str8(dst, number.expose()),
-        Request::Redeem { idem, number, money, allow_partial, invoice } => {
+        Request::Redeem { idem, number, money, allow_partial, invoice, pin } => {
             put_idem(dst, idem, number);
             put_money(dst, money);
             dst.put_u8(*allow_partial as u8);
             put_str8(dst, invoice.as_deref().unwrap_or(""));
+            put_str8(dst, pin.as_ref().map_or("", |p| p.expose()));
         }
         Request::Reload { idem, number, money } => {
             put_idem(dst, idem, number);
@@ -691,11 +841,12 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             dst.put_u16_le(*limit);
             dst.put_u8(kind.map_or(0, |k| k as u8));
         }
-        Request::Authorize { idem, number, money, allow_partial, ttl_secs } => {
+        Request::Authorize { idem, number, money, allow_partial, ttl_secs, pin } => {
             put_idem(dst, idem, number);
             put_money(dst, money);
             dst.put_u8(*allow_partial as u8);
             dst.put_u32_le(*ttl_secs);
+            put_str8(dst, pin.as_ref().map_or("", |p| p.expose()));
         }
         Request::Capture { idem, hold_id, money } => {
             put_str8(dst, &idem.merchant);
@@ -742,7 +893,18 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_idem(dst, idem, number);
             put_str16(dst, text);
         }
-        Request::Reactivate { idem, number } => put_idem(dst, idem, number),
+        Request::Reactivate { idem, number } | Request::PinReset { idem, number } => put_idem(dst, idem, number),
+        Request::PinSet { idem, number, pin } | Request::PinVerify { idem, number, pin } => {
+            put_idem(dst, idem, number);
+            put_str8(dst, pin.expose());
+        }
+        Request::ProgramGet { name } => put_str8(dst, name),
+        Request::ProgramSet { idem, name, settings } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            put_str8(dst, name);
+            put_str16(dst, settings);
+        }
     }
 }
 
@@ -812,6 +974,17 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             put_view(dst, &o.card);
             put_str16(dst, reason);
         }
+        Reply::Issued(o, number) => {
+            dst.put_u16_le(o.result as u16);
+            dst.put_i64_le(o.approved_minor);
+            put_view(dst, &o.card);
+            put_str8(dst, number.as_ref().map_or("", |n| n.expose()));
+        }
+        Reply::Program(p) => {
+            dst.put_u16_le(p.result as u16);
+            put_str8(dst, &p.name);
+            put_str16(dst, &p.text);
+        }
         Reply::Parts(p) => {
             dst.put_u16_le(p.result as u16);
             dst.put_i64_le(p.approved_minor);
@@ -855,6 +1028,10 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
                 put_str8(dst, &n.author);
                 put_str16(dst, &n.text);
             }
+            dst.put_u8(l.pin_set as u8);
+            dst.put_u8(l.pin_failures);
+            dst.put_u8(l.virtual_card as u8);
+            put_str8(dst, &l.email);
         }
         Reply::History(h) => {
             dst.put_u16_le(h.result as u16);
@@ -927,6 +1104,10 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                 }
                 notes
             },
+            pin_set: r.bool()?,
+            pin_failures: r.u8()?,
+            virtual_card: r.bool()?,
+            email: r.str8(EMAIL_BYTES_MAX)?,
         }),
         Opcode::History => {
             let has = r.bool()?;
@@ -942,6 +1123,15 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
             let outcome = Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None };
             Reply::Explained(outcome, r.str16(REASON_BYTES_MAX)?)
         }
+        Opcode::Issue => {
+            let outcome = Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None };
+            Reply::Issued(outcome, r.number_or_none()?)
+        }
+        Opcode::ProgramGet | Opcode::ProgramSet => Reply::Program(ProgramReply {
+            result,
+            name: r.str8(PROGRAM_BYTES_MAX)?,
+            text: r.text16(PROGRAM_SETTINGS_BYTES_MAX)?,
+        }),
         Opcode::Reverse | Opcode::SplitRedeem | Opcode::Transfer => {
             let approved_minor = r.i64()?;
             let present = r.bool()?;

@@ -201,11 +201,14 @@ async fn reactivation_over_tcp_answers_with_its_reason_and_leaves_a_note() {
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let expired = |number: &str, hours_ago: i64, key: &str| Request::Issue {
         idem: idem(MERCHANT, key),
-        number: num(number),
+        number: Some(num(number)),
         program: "default".into(),
         money: usd(2_000),
         expiry_ms: Some(now_ms - hours_ago * 3_600_000 - 60_000),
         active: true,
+        virtual_card: false,
+        email: None,
+        case: None,
     };
     call(&mut c, &expired(CARD, 30, "i1")).await;
     call(&mut c, &expired(NEW_CARD, 2, "i2")).await;

@@ -118,11 +118,14 @@ async fn racing_sales_with_one_invoice_approve_once() {
     for (i, n) in cards.iter().enumerate() {
         let req = Request::Issue {
             idem: idem(MERCHANT, &format!("inv-issue-{i}")),
-            number: num(n),
+            number: Some(num(n)),
             program: "pos".into(),
             money: usd(10_000),
             expiry_ms: None,
             active: true,
+            virtual_card: false,
+            email: None,
+            case: None,
         };
         assert_eq!(call(&mut c, &req).await.result, ResultCode::Approved);
     }
@@ -133,6 +136,7 @@ async fn racing_sales_with_one_invoice_approve_once() {
         money: usd(100),
         allow_partial: false,
         invoice: Some("INV-RACE-1".into()),
+        pin: None,
     })
     .await;
     let approved = results.iter().filter(|(_, o)| o.result == ResultCode::Approved).count();
@@ -148,11 +152,14 @@ async fn racing_issues_of_one_number_create_one_card() {
     let n = "6035719920003012";
     let results = race(&g, 32, 1, move |t, _| Request::Issue {
         idem: idem(MERCHANT, &format!("issue-race-{t}")),
-        number: num(n),
+        number: Some(num(n)),
         program: "default".into(),
         money: usd(1_000 + t as i64),
         expiry_ms: None,
         active: true,
+        virtual_card: false,
+        email: None,
+        case: None,
     })
     .await;
     let winners: Vec<&(Request, Outcome)> = results.iter().filter(|(_, o)| o.result == ResultCode::Approved).collect();

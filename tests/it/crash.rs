@@ -133,7 +133,7 @@ pub async fn pipeline(c: &mut Client, reqs: &[Request]) -> Vec<Outcome> {
             let (got, reply) = timed("pipelined reply", c.rx.recv()).await.expect("reply");
             assert_eq!(got, id);
             match reply {
-                Reply::Card(o) => out.push(o),
+                Reply::Card(o) | Reply::Issued(o, None) => out.push(o),
                 other => panic!("unexpected reply {other:?}"),
             }
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 const CARD: &str = "6035719900007001";
 
 pub fn authorize_req(number: &str, key: &str, money: Money, allow_partial: bool, ttl_secs: u32) -> Request {
-    Request::Authorize { idem: idem(MERCHANT, key), number: num(number), money, allow_partial, ttl_secs }
+    Request::Authorize { idem: idem(MERCHANT, key), number: num(number), money, allow_partial, ttl_secs, pin: None }
 }
 
 pub fn capture_req(key: &str, hold_id: u64, money: Money) -> Request {

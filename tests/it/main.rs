@@ -54,23 +54,27 @@ pub fn idem(merchant: &str, key: &str) -> IdemRef {
 pub fn issue_req(number: &str, money: Money) -> Request {
     Request::Issue {
         idem: idem(MERCHANT, &format!("issue-{}", &number[number.len() - 6..])),
-        number: num(number),
+        number: Some(num(number)),
         program: "default".into(),
         money,
         expiry_ms: None,
         active: true,
+        virtual_card: false,
+        email: None,
+        case: None,
     }
 }
 
 /// A redeem by [`MERCHANT`] without invoice.
 pub fn redeem_req(number: &str, key: &str, money: Money, allow_partial: bool) -> Request {
-    Request::Redeem { idem: idem(MERCHANT, key), number: num(number), money, allow_partial, invoice: None }
+    Request::Redeem { idem: idem(MERCHANT, key), number: num(number), money, allow_partial, invoice: None, pin: None }
 }
 
 /// Sends `req` and returns the card outcome; panics on any other kind of reply.
 pub async fn call(c: &mut Client, req: &Request) -> Outcome {
     match timed("call", c.call(req)).await.expect("call") {
-        Reply::Card(o) => o,
+        // An issue of a supplied number answers a card outcome and no number.
+        Reply::Card(o) | Reply::Issued(o, None) => o,
         other => panic!("expected a card outcome for {:?}, got {other:?}", req.opcode()),
     }
 }

@@ -47,17 +47,21 @@ fn sale(number: &str, merchant: &str, key: &str, minor: i64, invoice: Option<&st
         money: usd(minor),
         allow_partial: false,
         invoice: invoice.map(str::to_string),
+        pin: None,
     }
 }
 
 fn issue_in(number: &str, key: &str, program: &str, minor: i64, expiry_ms: Option<i64>, active: bool) -> Request {
     Request::Issue {
         idem: idem(MERCHANT, key),
-        number: num(number),
+        number: Some(num(number)),
         program: program.into(),
         money: usd(minor),
         expiry_ms,
         active,
+        virtual_card: false,
+        email: None,
+        case: None,
     }
 }
 
@@ -402,6 +406,7 @@ async fn idempotent_retry_replays_identical_bytes_and_applies_once() {
             money: usd(3_000),
             allow_partial: true,
             invoice: None,
+            pin: None,
         },
         Request::Reload { idem: idem(MERCHANT, "pay-7781"), number: num(n), money: usd(3_000) },
     ];
@@ -418,6 +423,7 @@ async fn idempotent_retry_replays_identical_bytes_and_applies_once() {
         money: usd(3_000),
         allow_partial: false,
         invoice: None,
+        pin: None,
     };
     check(&call(&mut c, &m2).await, ResultCode::Approved, 3_000, Some(4_000));
 

@@ -47,7 +47,8 @@ fn redeem_body(key: &str, number: &str, currency: &[u8; 3], minor: i64) -> Vec<u
     v.extend_from_slice(currency);
     v.extend_from_slice(&minor.to_le_bytes());
     v.push(0);
-    str8(&mut v, b"");
+    str8(&mut v, b""); // no invoice
+    str8(&mut v, b""); // no PIN
     v
 }
 
@@ -235,8 +236,11 @@ async fn request_errors_keep_the_connection_and_change_nothing() {
     let mut trailing = good.clone();
     trailing.push(0);
     let mut bad_bool = good.clone();
-    let at = bad_bool.len() - 2;
+    let at = bad_bool.len() - 3;
     bad_bool[at] = 2;
+    let mut bad_pin = good.clone();
+    bad_pin.pop();
+    str8(&mut bad_pin, b"12x4");
     let cases: Vec<(&str, Vec<u8>, ResultCode)> = vec![
         ("truncated", truncated, ResultCode::MalformedRequest),
         ("trailing byte", trailing, ResultCode::MalformedRequest),
@@ -251,6 +255,7 @@ async fn request_errors_keep_the_connection_and_change_nothing() {
         ("20 digits", redeem_body("bad-1", "60357199400030180000", b"USD", 100), ResultCode::BadCardNumber),
         ("letter in number", redeem_body("bad-1", "603571994000301A", b"USD", 100), ResultCode::BadCardNumber),
         ("empty key", redeem_body("", n, b"USD", 100), ResultCode::MissingKey),
+        ("PIN not digits", bad_pin, ResultCode::BadPin),
     ];
     for (i, (name, body, code)) in cases.iter().enumerate() {
         let id = 100 + i as u64;
@@ -267,11 +272,14 @@ async fn request_errors_keep_the_connection_and_change_nothing() {
         Request::Lock { idem: crate::idem(MERCHANT, "bad-1"), number: num(n), reason: LockReason::None },
         Request::Issue {
             idem: crate::idem(MERCHANT, "bad-1"),
-            number: num("6035719940003026"),
+            number: Some(num("6035719940003026")),
             program: String::new(),
             money: usd(100),
             expiry_ms: None,
             active: true,
+            virtual_card: false,
+            email: None,
+            case: None,
         },
     ];
     for r in &refused {
