@@ -4,8 +4,8 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use giftd::card_number::CardKey;
 use giftd::engine::{
-    IssueNumber,
-    Appended, Effect, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs, Settled,
+    Appended, Effect, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, IssueNumber, Journal, Mutation, Op, Programs,
+    Settled,
 };
 use giftd::model::{Currency, Money};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +56,16 @@ fn bench(c: &mut Criterion) {
     let engine = Engine::new(Programs::default(), Arc::new(DiscardJournal::default()));
     for i in 0..CARDS {
         let money = Money { currency: usd, minor: i64::MAX / 4 };
-        let op = Op::Issue { program: "default".into(), money, expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None };
+        let op = Op::Issue {
+            program: "default".into(),
+            money,
+            expiry_ms: None,
+            active: true,
+            number: IssueNumber::Supplied { luhn_ok: true },
+            virtual_card: false,
+            email: None,
+            case: None,
+        };
         let idem = IdemKey::new("m", &format!("i{i}"));
         engine.execute(Mutation { idem, fingerprint: [0; 16], card: Some(key(i)), last4: *b"0000", op }, 0);
     }
@@ -67,7 +76,12 @@ fn bench(c: &mut Criterion) {
             if n % EVICT_EVERY == 0 {
                 engine.evict_recent(u64::MAX, i64::MAX);
             }
-            let op = Op::Redeem { money: Money { currency: usd, minor: 100 }, allow_partial: false, invoice: None, pin: None };
+            let op = Op::Redeem {
+                money: Money { currency: usd, minor: 100 },
+                allow_partial: false,
+                invoice: None,
+                pin: None,
+            };
             let idem = IdemKey::new("m", &format!("r{n}"));
             let m = Mutation { idem, fingerprint: [1; 16], card: Some(key(n % CARDS)), last4: *b"0000", op };
             black_box(engine.execute(m, 1))

@@ -174,7 +174,9 @@ impl ProgramConfig {
         }
         if !(1..=cap).contains(&self.reactivation_grace_secs) || !(1..=cap).contains(&self.reactivation_extension_secs)
         {
-            errs.push(format!("programs.{name}.reactivation_grace_secs and _extension_secs must be between 1 and {cap}"));
+            errs.push(format!(
+                "programs.{name}.reactivation_grace_secs and _extension_secs must be between 1 and {cap}"
+            ));
         }
         if !(1..=cap).contains(&self.void_window_secs) {
             errs.push(format!("programs.{name}.void_window_secs must be between 1 and {cap}"));

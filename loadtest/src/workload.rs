@@ -123,7 +123,9 @@ pub async fn preload(addr: &str, run: Arc<Run>) -> Result<()> {
         {
             Ok(())
         }
-        Reply::Issued(o, _) if o.result == ResultCode::Approved => bail!("issuing card #{i}: approved with {:?}", o.card),
+        Reply::Issued(o, _) if o.result == ResultCode::Approved => {
+            bail!("issuing card #{i}: approved with {:?}", o.card)
+        }
         other => bail!("issuing card #{i}: {}", other.result().name()),
     };
     sweep_all(addr, run.cards.len(), SETUP_CONNECTIONS, run.setup_limit(), make, check).await?;

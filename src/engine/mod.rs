@@ -28,9 +28,9 @@ use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rules::{Decision, HoldChange, RefundOf};
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// The merchant named in the history entries of decisions giftd makes by itself (hold expiry).

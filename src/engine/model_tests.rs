@@ -33,21 +33,77 @@ fn key(n: u8) -> CardKey {
 /// One step of a sequence. Cards are 1..=CARDS (card 0 never exists). Keys are short strings.
 #[derive(Clone, Debug, PartialEq)]
 enum Step {
-    Redeem { card: u8, money: Money, partial: bool },
-    Reload { card: u8, money: Money },
-    Authorize { card: u8, money: Money, partial: bool, ttl_ms: i64 },
-    Capture { hold: u64, money: Money },
-    Void { hold: u64 },
-    Refund { card: u8, money: Money, original: Option<String> },
-    Reverse { original: String },
-    Split { cards: Vec<u8>, money: Money, order: SplitOrder },
-    Lock { card: u8 },
-    Unlock { card: u8 },
-    CashOut { card: u8 },
-    Transfer { from: u8, to: u8 },
-    Note { card: u8 },
-    Register { card: u8, vip: bool },
-    Reactivate { card: u8 },
+    /// `pin`: none, the card's PIN (true) or a wrong one (false).
+    Redeem {
+        card: u8,
+        money: Money,
+        partial: bool,
+        pin: Option<bool>,
+    },
+    Reload {
+        card: u8,
+        money: Money,
+    },
+    Authorize {
+        card: u8,
+        money: Money,
+        partial: bool,
+        ttl_ms: i64,
+        pin: Option<bool>,
+    },
+    PinSet {
+        card: u8,
+    },
+    PinVerify {
+        card: u8,
+        right: bool,
+    },
+    PinReset {
+        card: u8,
+    },
+    Capture {
+        hold: u64,
+        money: Money,
+    },
+    Void {
+        hold: u64,
+    },
+    Refund {
+        card: u8,
+        money: Money,
+        original: Option<String>,
+    },
+    Reverse {
+        original: String,
+    },
+    Split {
+        cards: Vec<u8>,
+        money: Money,
+        order: SplitOrder,
+    },
+    Lock {
+        card: u8,
+    },
+    Unlock {
+        card: u8,
+    },
+    CashOut {
+        card: u8,
+    },
+    Transfer {
+        from: u8,
+        to: u8,
+    },
+    Note {
+        card: u8,
+    },
+    Register {
+        card: u8,
+        vip: bool,
+    },
+    Reactivate {
+        card: u8,
+    },
 }
 
 /// What both sides answer: result, amount, and the parts' (card, amount) when listed.
@@ -85,8 +141,14 @@ struct MHold {
     opened: i64,
 }
 
-/// The sequences' program lets a hold be voided for 2 hours (the clock often moves further).
+/// The sequences' program lets a hold be voided for 2 hours (the clock often moves further) ...
 const VOID_WINDOW_MS: i64 = 2 * HOUR_MS;
+/// ... takes single loads of 0.05 to 150.00 and at most 300.00 a card a UTC day, the issue's
+/// 100.00 included, and locks a card at the third wrong PIN in a row.
+const LOAD_MIN: i64 = 5;
+const LOAD_MAX: i64 = 15_000;
+const DAILY_LOAD_MAX: i64 = 30_000;
+const PIN_TRIES: u8 = 3;
 
 #[derive(Clone, Debug)]
 struct MCard {
@@ -94,6 +156,11 @@ struct MCard {
     locked: bool,
     closed: bool,
     vip: bool,
+    pin_set: bool,
+    pin_failures: u8,
+    pin_locked: bool,
+    /// (UTC day, loaded that day).
+    loaded: (i64, i64),
 }
 
 /// What an approved reversible step did, and what happened to it since.
@@ -129,8 +196,18 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        let cards =
-            (1..=CARDS).map(|c| (c, MCard { balance: 10_000, locked: false, closed: false, vip: false })).collect();
+        let day = START_MS / (24 * HOUR_MS);
+        let card = MCard {
+            balance: 10_000,
+            locked: false,
+            closed: false,
+            vip: false,
+            pin_set: false,
+            pin_failures: 0,
+            pin_locked: false,
+            loaded: (day, 10_000),
+        };
+        let cards = (1..=CARDS).map(|c| (c, card.clone())).collect();
         Model { now: START_MS, cards, holds: Vec::new(), next_hold: 1, keys: HashMap::new(), effects: Vec::new() }
     }
 
@@ -156,17 +233,54 @@ impl Model {
         }
     }
 
+    fn status(&self, card: u8) -> Result<(), ResultCode> {
+        let c = &self.cards[&card];
+        if c.closed {
+            Err(ResultCode::CardClosed)
+        } else if c.locked {
+            Err(ResultCode::CardSuspended)
+        } else if c.pin_locked {
+            Err(ResultCode::CardPinLocked)
+        } else {
+            Ok(())
+        }
+    }
+
     fn status_and_currency(&self, card: u8, money: &Money) -> Result<(), ResultCode> {
-        if self.cards[&card].closed {
-            return Err(ResultCode::CardClosed);
-        }
-        if self.cards[&card].locked {
-            return Err(ResultCode::CardSuspended);
-        }
+        self.status(card)?;
         if money.currency != usd(0).currency {
             return Err(ResultCode::CurrencyMismatch);
         }
         Ok(())
+    }
+
+    /// A PIN given with a spend (after the status checks, before the currency): a wrong one is
+    /// counted even though the spend is declined.
+    fn check_pin(&mut self, card: u8, pin: Option<bool>) -> Result<(), ResultCode> {
+        let c = self.cards.get_mut(&card).unwrap();
+        match pin {
+            None => Ok(()),
+            Some(_) if !c.pin_set => Err(ResultCode::PinNotSet),
+            Some(true) => Ok(()),
+            Some(false) => {
+                c.pin_failures += 1;
+                c.pin_locked |= c.pin_failures >= PIN_TRIES;
+                Err(ResultCode::PinIncorrect)
+            }
+        }
+    }
+
+    /// An approved spend with the right PIN starts the count of wrong ones again.
+    fn pin_ok(&mut self, card: u8, pin: Option<bool>) {
+        if pin == Some(true) {
+            self.cards.get_mut(&card).unwrap().pin_failures = 0;
+        }
+    }
+
+    fn spend_checks(&mut self, card: u8, money: &Money, pin: Option<bool>) -> Result<(), ResultCode> {
+        self.status(card)?;
+        self.check_pin(card, pin)?;
+        self.status_and_currency(card, money)
     }
 
     fn apply(&mut self, k: &str, step: &Step) -> Said {
@@ -191,26 +305,42 @@ impl Model {
     fn decide(&mut self, step: &Step) -> (Said, Option<MEffect>) {
         let now = self.now;
         match step.clone() {
-            Step::Redeem { card, money, partial } => {
-                let r = self.status_and_currency(card, &money).and_then(|()| self.spendable(card, &money, partial));
+            Step::Redeem { card, money, partial, pin } => {
+                let r = self.spend_checks(card, &money, pin).and_then(|()| self.spendable(card, &money, partial));
                 match r {
                     Err(c) => (Said::no(c), None),
                     Ok(a) => {
+                        self.pin_ok(card, pin);
                         self.cards.get_mut(&card).unwrap().balance -= a;
                         let e = effect(TxnKind::Redeem, now, vec![(card, a)], 0);
                         (Said::yes(a), Some(e))
                     }
                 }
             }
-            Step::Reload { card, money } => match self.status_and_currency(card, &money) {
+            Step::Reload { card, money } => match self.status_and_currency(card, &money).and_then(|()| {
+                let day = now / (24 * HOUR_MS);
+                let c = &self.cards[&card];
+                let today = if c.loaded.0 == day { c.loaded.1 } else { 0 };
+                if money.minor < LOAD_MIN {
+                    Err(ResultCode::LoadBelowMinimum)
+                } else if money.minor > LOAD_MAX {
+                    Err(ResultCode::LoadAboveMaximum)
+                } else if today + money.minor > DAILY_LOAD_MAX {
+                    Err(ResultCode::DailyLoadLimitExceeded)
+                } else {
+                    Ok(today)
+                }
+            }) {
                 Err(c) => (Said::no(c), None),
-                Ok(()) => {
-                    self.cards.get_mut(&card).unwrap().balance += money.minor;
+                Ok(today) => {
+                    let c = self.cards.get_mut(&card).unwrap();
+                    c.loaded = (now / (24 * HOUR_MS), today + money.minor);
+                    c.balance += money.minor;
                     (Said::yes(money.minor), Some(effect(TxnKind::Reload, now, vec![(card, money.minor)], 0)))
                 }
             },
-            Step::Authorize { card, money, partial, ttl_ms } => {
-                let r = self.status_and_currency(card, &money).and_then(|()| {
+            Step::Authorize { card, money, partial, ttl_ms, pin } => {
+                let r = self.spend_checks(card, &money, pin).and_then(|()| {
                     if self.open_holds(card).count() >= card::HOLDS_PER_CARD_MAX {
                         return Err(ResultCode::TooManyHolds);
                     }
@@ -219,6 +349,7 @@ impl Model {
                 match r {
                     Err(c) => (Said::no(c), None),
                     Ok(a) => {
+                        self.pin_ok(card, pin);
                         let id = self.next_hold;
                         self.next_hold += 1;
                         self.holds.push(MHold { id, card, amount: a, expires: now + ttl_ms, opened: now });
@@ -274,6 +405,41 @@ impl Model {
                 (Said::yes(0), None)
             }
             Step::Note { .. } => (Said::yes(0), None),
+            Step::PinSet { card } => {
+                let c = self.cards.get_mut(&card).unwrap();
+                if c.closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
+                (c.pin_set, c.pin_failures) = (true, 0);
+                (Said::yes(0), None)
+            }
+            Step::PinVerify { card, right } => {
+                let c = &self.cards[&card];
+                if c.closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
+                if c.pin_locked {
+                    return (Said::no(ResultCode::CardPinLocked), None);
+                }
+                match self.check_pin(card, Some(right)) {
+                    Err(code) => (Said::no(code), None),
+                    Ok(()) => {
+                        self.pin_ok(card, Some(true));
+                        (Said::yes(0), None)
+                    }
+                }
+            }
+            Step::PinReset { card } => {
+                let c = self.cards.get_mut(&card).unwrap();
+                if c.closed {
+                    return (Said::no(ResultCode::CardClosed), None);
+                }
+                if !c.pin_locked && c.pin_failures == 0 {
+                    return (Said::no(ResultCode::NotPinLocked), None);
+                }
+                (c.pin_locked, c.pin_failures) = (false, 0);
+                (Said::yes(0), None)
+            }
             Step::Register { card, vip } => {
                 if self.cards[&card].closed {
                     return (Said::no(ResultCode::CardClosed), None);
@@ -288,6 +454,8 @@ impl Model {
                 let no = Said::no(ResultCode::NotEligible);
                 let said = if c.closed {
                     no.because("card closed: not eligible for reactivation")
+                } else if !c.locked && c.pin_locked {
+                    no.because("card is PIN-locked: reset the PIN lock instead")
                 } else if !c.locked {
                     no.because("card is active: nothing to reactivate")
                 } else if !c.vip {
@@ -321,7 +489,7 @@ impl Model {
                 let (f, t) = (&self.cards[&from], &self.cards[&to]);
                 let code = if f.closed {
                     Some(ResultCode::CardClosed)
-                } else if t.closed || t.locked {
+                } else if t.closed || t.locked || t.pin_locked {
                     Some(ResultCode::TransferTargetNotActive)
                 } else if self.open_holds(from).next().is_some() {
                     Some(ResultCode::HoldsOpen)
@@ -485,13 +653,18 @@ fn effect(kind: TxnKind, at: i64, parts: Vec<(u8, i64)>, hold: u64) -> MEffect {
 
 fn to_op(step: &Step) -> (Option<CardKey>, Op) {
     match step.clone() {
-        Step::Redeem { card, money, partial } => {
-            (Some(key(card)), Op::Redeem { money, allow_partial: partial, invoice: None, pin: None })
+        Step::Redeem { card, money, partial, pin } => {
+            let pin = pin.map(|right| pin_of(card, right));
+            (Some(key(card)), Op::Redeem { money, allow_partial: partial, invoice: None, pin })
         }
         Step::Reload { card, money } => (Some(key(card)), Op::Reload { money }),
-        Step::Authorize { card, money, partial, ttl_ms } => {
-            (Some(key(card)), Op::Authorize { money, allow_partial: partial, ttl_ms: Some(ttl_ms), pin: None })
+        Step::Authorize { card, money, partial, ttl_ms, pin } => {
+            let pin = pin.map(|right| pin_of(card, right));
+            (Some(key(card)), Op::Authorize { money, allow_partial: partial, ttl_ms: Some(ttl_ms), pin })
         }
+        Step::PinSet { card } => (Some(key(card)), Op::PinSet { pin: pin_of(card, true) }),
+        Step::PinVerify { card, right } => (Some(key(card)), Op::PinVerify { pin: pin_of(card, right) }),
+        Step::PinReset { card } => (Some(key(card)), Op::PinReset),
         Step::Capture { hold, money } => (None, Op::Capture { hold_id: hold, money }),
         Step::Void { hold } => (None, Op::Void { hold_id: hold }),
         Step::Refund { card, money, original } => (Some(key(card)), Op::Refund { money, original }),
@@ -508,6 +681,11 @@ fn to_op(step: &Step) -> (Option<CardKey>, Op) {
         Step::Reactivate { card } => (Some(key(card)), Op::Reactivate),
         Step::Unlock { card } => (Some(key(card)), Op::Unlock),
     }
+}
+
+/// Card `card`'s PIN proof, or a wrong one.
+fn pin_of(card: u8, right: bool) -> crate::card_number::PinProof {
+    crate::card_number::PinProof(if right { [card; 16] } else { [0xEE; 16] })
 }
 
 fn run_engine(e: &Engine, k: &str, step: &Step, now: i64) -> Said {
@@ -554,7 +732,7 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
         let ttl_ms = rng.gen_range(HOUR_MS..8 * HOUR_MS);
         return (
             format!("k{n}"),
-            Step::Authorize { card: 1, money: usd(rng.gen_range(1..50)), partial: false, ttl_ms },
+            Step::Authorize { card: 1, money: usd(rng.gen_range(1..50)), partial: false, ttl_ms, pin: None },
         );
     }
     if !done.is_empty() && rng.gen_ratio(1, 8) {
@@ -578,14 +756,30 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
             rng.gen_range(1..100)
         }
     };
+    // Mostly no PIN; sometimes the card's, sometimes a wrong one.
+    let pin = |rng: &mut StdRng| match rng.gen_range(0..10) {
+        0..=6 => None,
+        7..=8 => Some(true),
+        _ => Some(false),
+    };
+    if rng.gen_ratio(1, 12) {
+        let card = card_of(rng);
+        let s = match rng.gen_range(0..10) {
+            0..=2 => Step::PinSet { card },
+            3..=7 => Step::PinVerify { card, right: rng.gen_bool(0.4) },
+            _ => Step::PinReset { card },
+        };
+        return (k, s);
+    }
     let s = match rng.gen_range(0..100) {
-        0..=19 => Step::Redeem { card: card_of(rng), money: money(rng), partial: rng.gen_bool(0.3) },
+        0..=19 => Step::Redeem { card: card_of(rng), money: money(rng), partial: rng.gen_bool(0.3), pin: pin(rng) },
         20..=26 => Step::Reload { card: card_of(rng), money: money(rng) },
         27..=41 => Step::Authorize {
             card: card_of(rng),
             money: money(rng),
             partial: rng.gen_bool(0.3),
             ttl_ms: rng.gen_range(1..4 * HOUR_MS),
+            pin: pin(rng),
         },
         42..=53 => Step::Capture { hold: hold(rng), money: money(rng) },
         54..=58 => Step::Void { hold: hold(rng) },
@@ -633,7 +827,15 @@ fn step(rng: &mut StdRng, n: usize, done: &[(String, Step)], model: &Model, hold
 }
 
 fn programs() -> Programs {
-    Programs::new([Program { void_window_ms: VOID_WINDOW_MS, ..Program::new("default") }])
+    let cents = |minor: i64| Some(rust_decimal::Decimal::new(minor, 2));
+    Programs::new([Program {
+        void_window_ms: VOID_WINDOW_MS,
+        load_min: cents(LOAD_MIN),
+        load_max: cents(LOAD_MAX),
+        daily_load_max: cents(DAILY_LOAD_MAX),
+        pin_tries_max: PIN_TRIES,
+        ..Program::new("default")
+    }])
 }
 
 fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
@@ -641,7 +843,16 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
     let journal = Arc::new(MemoryJournal::default());
     let engine = Engine::new(programs(), journal.clone());
     for c in 1..=CARDS {
-        let op = Op::Issue { program: "default".into(), money: usd(10_000), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None };
+        let op = Op::Issue {
+            program: "default".into(),
+            money: usd(10_000),
+            expiry_ms: None,
+            active: true,
+            number: IssueNumber::Supplied { luhn_ok: true },
+            virtual_card: false,
+            email: None,
+            case: None,
+        };
         let m = Mutation {
             idem: IdemKey::new("m", &format!("issue-{c}")),
             fingerprint: [c; 16],
@@ -688,12 +899,14 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
             Status::Closed
         } else if mc.locked {
             Status::Suspended
+        } else if mc.pin_locked {
+            Status::PinLocked
         } else {
             Status::Active
         };
         assert_eq!(
-            (view.balance_minor, view.held_minor, view.status),
-            (mc.balance, held, status),
+            (view.balance_minor, view.held_minor, view.status, rec.pin_failures),
+            (mc.balance, held, status, mc.pin_failures),
             "seed {seed}: card {c} at the end\n{}",
             log.join("\n")
         );
@@ -739,6 +952,13 @@ fn engine_agrees_with_the_reference_model() {
         CardClosed,
         HoldsOpen,
         TransferTargetNotActive,
+        CardPinLocked,
+        PinNotSet,
+        PinIncorrect,
+        NotPinLocked,
+        LoadBelowMinimum,
+        LoadAboveMaximum,
+        DailyLoadLimitExceeded,
     ];
     if sequences >= 1_000 {
         for code in expected {

@@ -2,8 +2,8 @@
 //! no IO, no clock of their own. The checks run in the precedence order of `ResultCode`.
 
 use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
-use super::program::Program;
 use super::program::utc_day;
+use super::program::Program;
 use crate::card_number::{CardKey, PinProof};
 use crate::model::{LockReason, Money, ResultCode, Status, TxnKind};
 use std::sync::Arc;
@@ -125,7 +125,9 @@ pub enum PinChange {
     /// A new PIN; the count of wrong PINs starts again.
     Set(PinProof),
     /// A wrong PIN: counted, and the card locks at the program's limit.
-    Failed { lock: bool },
+    Failed {
+        lock: bool,
+    },
     /// A right PIN: the count starts again.
     Verified,
     /// The lock lifted and the count cleared.
@@ -311,7 +313,12 @@ fn checked_load(program: &Program, card_balance_minor: i64, money: &Money) -> Re
 
 /// A load of `money` onto `card` (None: a new card) under the program's single-load bounds and
 /// daily limit. An issue of value 0 is no load.
-fn check_load_limits(program: &Program, card: Option<&CardRecord>, money: &Money, now_ms: i64) -> Result<(), ResultCode> {
+fn check_load_limits(
+    program: &Program,
+    card: Option<&CardRecord>,
+    money: &Money,
+    now_ms: i64,
+) -> Result<(), ResultCode> {
     if money.minor == 0 {
         return Ok(());
     }
@@ -366,12 +373,7 @@ pub fn pin_failure(card: &CardRecord, program: &Program) -> Decision {
 }
 
 /// Decides an issue of a number not yet known (the caller checks that under the card's lock).
-pub fn decide_issue(
-    program: Option<&Program>,
-    last4: [u8; 4],
-    op: &Op,
-    now_ms: i64,
-) -> Result<CardRecord, ResultCode> {
+pub fn decide_issue(program: Option<&Program>, last4: [u8; 4], op: &Op, now_ms: i64) -> Result<CardRecord, ResultCode> {
     let Op::Issue { money, expiry_ms, active, number, virtual_card, email, .. } = op else {
         unreachable!("decide_issue is only called for Op::Issue");
     };
@@ -451,7 +453,9 @@ pub fn decide(
         | Op::Transfer { .. }
         | Op::Reactivate
         | Op::ProgramSet { .. } => {
-            unreachable!("refunds, reversals, split redeems, transfers, reactivations and programs have their own rules")
+            unreachable!(
+                "refunds, reversals, split redeems, transfers, reactivations and programs have their own rules"
+            )
         }
         Op::Activate { load } => {
             match status {
@@ -577,10 +581,12 @@ pub fn decide(
             Ok(Decision { pin: PinChange::Set(*pin), ..same(TxnKind::PinSet, 0, 0) })
         }
         Op::PinVerify { pin } => {
-            match status {
-                Status::Closed => return Err(ResultCode::CardClosed),
-                Status::PinLocked => return Err(ResultCode::CardPinLocked),
-                _ => {}
+            // The lock itself, not the status: a card suspended as well still has its PIN locked.
+            if status == Status::Closed {
+                return Err(ResultCode::CardClosed);
+            }
+            if card.pin_locked {
+                return Err(ResultCode::CardPinLocked);
             }
             check_pin(card, program, Some(pin))?;
             Ok(Decision { pin: pin_verified(card, Some(pin)), ..same(TxnKind::PinVerified, 0, 0) })

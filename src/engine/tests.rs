@@ -1,6 +1,7 @@
 //! Engine rules, table-driven, against the in-memory journal.
 
 use super::*;
+use crate::card_number::PinProof;
 use crate::model::{LockReason, Money, Status};
 use rust_decimal::Decimal;
 
@@ -52,7 +53,22 @@ fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
 
 fn issue(e: &Engine, c: CardKey, program: &str, money: Money, expiry_ms: Option<i64>, active: bool) -> Executed {
     let key = format!("issue-{:?}", c);
-    run(e, &key, c, Op::Issue { program: program.into(), money, expiry_ms, active, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None }, NOW)
+    run(
+        e,
+        &key,
+        c,
+        Op::Issue {
+            program: program.into(),
+            money,
+            expiry_ms,
+            active,
+            number: IssueNumber::Supplied { luhn_ok: true },
+            virtual_card: false,
+            email: None,
+            case: None,
+        },
+        NOW,
+    )
 }
 
 fn redeem(minor: i64, partial: bool) -> Op {
@@ -296,7 +312,16 @@ fn rules_table() {
         Case {
             name: "issue over an existing number",
             setup: active_100,
-            op: Op::Issue { program: "default".into(), money: usd(1), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
+            op: Op::Issue {
+                program: "default".into(),
+                money: usd(1),
+                expiry_ms: None,
+                active: true,
+                number: IssueNumber::Supplied { luhn_ok: true },
+                virtual_card: false,
+                email: None,
+                case: None,
+            },
             now: NOW,
             result: CardExists,
             approved: 0,
@@ -305,7 +330,16 @@ fn rules_table() {
         Case {
             name: "issue in an unknown program",
             setup: nothing,
-            op: Op::Issue { program: "nope".into(), money: usd(1), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
+            op: Op::Issue {
+                program: "nope".into(),
+                money: usd(1),
+                expiry_ms: None,
+                active: true,
+                number: IssueNumber::Supplied { luhn_ok: true },
+                virtual_card: false,
+                email: None,
+                case: None,
+            },
             now: NOW,
             result: UnknownProgram,
             approved: 0,
@@ -314,7 +348,16 @@ fn rules_table() {
         Case {
             name: "issue born expired is accepted",
             setup: nothing,
-            op: Op::Issue { program: "default".into(), money: usd(700), expiry_ms: Some(NOW - 1), active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
+            op: Op::Issue {
+                program: "default".into(),
+                money: usd(700),
+                expiry_ms: Some(NOW - 1),
+                active: true,
+                number: IssueNumber::Supplied { luhn_ok: true },
+                virtual_card: false,
+                email: None,
+                case: None,
+            },
             now: NOW,
             result: Approved,
             approved: 700,
@@ -323,7 +366,16 @@ fn rules_table() {
         Case {
             name: "issue over the program maximum",
             setup: nothing,
-            op: Op::Issue { program: "capped".into(), money: usd(50_001), expiry_ms: None, active: true, number: IssueNumber::Supplied { luhn_ok: true }, virtual_card: false, email: None, case: None },
+            op: Op::Issue {
+                program: "capped".into(),
+                money: usd(50_001),
+                expiry_ms: None,
+                active: true,
+                number: IssueNumber::Supplied { luhn_ok: true },
+                virtual_card: false,
+                email: None,
+                case: None,
+            },
             now: NOW,
             result: MaxBalanceExceeded,
             approved: 0,
@@ -845,4 +897,197 @@ fn reactivation_follows_the_policy_and_says_why() {
     run(&e, "vip7", card(7), Op::Register { member: None, vip: true }, NOW);
     assert_eq!(run(&e, "re7b", card(7), Op::Reactivate, NOW).outcome.result, ResultCode::Approved);
     assert_eq!(e.snapshot(&card(7)).unwrap().0.status(NOW), Status::Active);
+}
+
+fn issue_op(program: &str, money: Money, number: IssueNumber, case: Option<&str>) -> Op {
+    Op::Issue {
+        program: program.into(),
+        money,
+        expiry_ms: None,
+        active: true,
+        number,
+        virtual_card: false,
+        email: None,
+        case: case.map(str::to_string),
+    }
+}
+
+#[test]
+fn loads_respect_single_and_daily_limits() {
+    let limited = Program {
+        load_min: Some(Decimal::new(500, 2)),
+        load_max: Some(Decimal::new(20_000, 2)),
+        daily_load_max: Some(Decimal::new(30_000, 2)),
+        ..Program::new("limited")
+    };
+    let journal = Arc::new(MemoryJournal::default());
+    let e = Engine::new(Programs::new([limited]), journal.clone());
+    let reload = |key: &str, minor, now| run(&e, key, card(1), Op::Reload { money: usd(minor) }, now).outcome.result;
+    // The issue's value is the day's first load.
+    assert_eq!(issue(&e, card(2), "limited", usd(25_000), None, true).outcome.result, ResultCode::LoadAboveMaximum);
+    assert_eq!(issue(&e, card(1), "limited", usd(10_000), None, true).outcome.result, ResultCode::Approved);
+    assert_eq!(reload("r1", 499, NOW), ResultCode::LoadBelowMinimum);
+    assert_eq!(reload("r2", 20_001, NOW), ResultCode::LoadAboveMaximum);
+    assert_eq!(reload("r3", 20_000, NOW), ResultCode::Approved, "100 + 200 = the daily 300");
+    assert_eq!(reload("r4", 500, NOW + HOUR_MS), ResultCode::DailyLoadLimitExceeded);
+    // The count is durable: a restart from the journal still knows today's loads.
+    let again = Engine::new(
+        Programs::new([Program { daily_load_max: Some(Decimal::new(30_000, 2)), ..Program::new("limited") }]),
+        Arc::new(MemoryJournal::default()),
+    );
+    again.restore(journal.cards(), 1);
+    let r = again
+        .execute(m(Req { merchant: "m1", key: "r5".into(), card: card(1), op: Op::Reload { money: usd(500) } }), NOW);
+    assert_eq!(r.outcome.result, ResultCode::DailyLoadLimitExceeded);
+    // The next UTC day starts from zero; an issue of value 0 is no load at all.
+    assert_eq!(reload("r6", 500, NOW + 24 * HOUR_MS), ResultCode::Approved);
+    assert_eq!(issue(&e, card(3), "limited", usd(0), None, false).outcome.result, ResultCode::Approved);
+}
+
+#[test]
+fn wrong_pins_lock_the_card_durably_and_a_right_one_resets_the_count() {
+    let pinned = Program { pin_required: true, pin_tries_max: 3, ..Program::new("pinned") };
+    let journal = Arc::new(MemoryJournal::default());
+    let e = Engine::new(Programs::new([pinned.clone()]), journal.clone());
+    issue(&e, card(1), "pinned", usd(10_000), None, true);
+    let (right, wrong) = (PinProof([1; 16]), PinProof([2; 16]));
+    let pay = |e: &Engine, key: &str, pin: Option<PinProof>| {
+        let op = Op::Redeem { money: usd(100), allow_partial: false, invoice: None, pin };
+        e.execute(m(Req { merchant: "m1", key: key.into(), card: card(1), op }), NOW).outcome
+    };
+    let failures = |e: &Engine| e.snapshot(&card(1)).unwrap().0.pin_failures;
+    assert_eq!(pay(&e, "p0", None).result, ResultCode::PinRequired);
+    assert_eq!(pay(&e, "p1", Some(right)).result, ResultCode::PinNotSet);
+    assert_eq!(run(&e, "set", card(1), Op::PinSet { pin: right }, NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(pay(&e, "p2", Some(wrong)).result, ResultCode::PinIncorrect);
+    // A retry of the same request is the same answer, not a second wrong PIN.
+    assert_eq!(pay(&e, "p2", Some(wrong)).result, ResultCode::PinIncorrect);
+    assert_eq!(failures(&e), 1);
+    assert_eq!(pay(&e, "p3", Some(wrong)).result, ResultCode::PinIncorrect);
+    assert_eq!(failures(&e), 2);
+    assert_eq!(pay(&e, "p4", Some(right)).result, ResultCode::Approved);
+    assert_eq!(failures(&e), 0, "a right PIN starts the count again");
+    for (i, tries) in (1..=3).enumerate() {
+        let o = pay(&e, &format!("w{i}"), Some(wrong));
+        assert_eq!(o.result, ResultCode::PinIncorrect);
+        let status = o.card.unwrap().status;
+        assert_eq!(status == Status::PinLocked, tries == 3, "wrong PIN {tries} of 3: {status:?}");
+    }
+    assert_eq!(pay(&e, "p5", Some(right)).result, ResultCode::CardPinLocked, "locked: even the right PIN");
+    assert_eq!(run(&e, "v1", card(1), Op::PinVerify { pin: right }, NOW).outcome.result, ResultCode::CardPinLocked);
+    // The lock and the count survive a restart.
+    let again = Engine::new(Programs::new([pinned]), Arc::new(MemoryJournal::default()));
+    again.restore(journal.cards(), 1);
+    let rec = again.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.pin_locked, rec.pin_failures), (true, 3));
+    assert_eq!(pay(&again, "p6", Some(right)).result, ResultCode::CardPinLocked);
+    let reset = |e: &Engine, key: &str| run(e, key, card(1), Op::PinReset, NOW).outcome.result;
+    assert_eq!(reset(&again, "r1"), ResultCode::Approved);
+    assert_eq!(reset(&again, "r2"), ResultCode::NotPinLocked);
+    assert_eq!(pay(&again, "p7", Some(right)).result, ResultCode::Approved);
+    // Standalone verification counts too, and the history says what happened.
+    assert_eq!(run(&again, "v2", card(1), Op::PinVerify { pin: wrong }, NOW).outcome.result, ResultCode::PinIncorrect);
+    assert_eq!(run(&again, "v3", card(1), Op::PinVerify { pin: right }, NOW).outcome.result, ResultCode::Approved);
+    let kinds: Vec<TxnKind> = journal.txns().iter().map(|t| t.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == TxnKind::PinFailed).count(), 5);
+    assert!(kinds.contains(&TxnKind::PinSet));
+    // A split redeem carries no PIN, so it cannot spend from a card whose program wants one.
+    issue(&again, card(2), "default", usd(100), None, true);
+    let split = Op::SplitRedeem {
+        cards: vec![(card(1), *b"0001"), (card(2), *b"0002")],
+        money: usd(200),
+        order: SplitOrder::Given,
+    };
+    assert_eq!(run_hold(&again, "s", split, NOW).outcome.result, ResultCode::PinRequired);
+}
+
+#[test]
+fn issues_follow_their_program() {
+    let strict = Program {
+        luhn_required: true,
+        currency: Some(usd(0).currency),
+        expiry_default_ms: Some(365 * 24 * HOUR_MS),
+        ..Program::new("strict")
+    };
+    let (e, _) = (Engine::new(Programs::new([strict]), Arc::new(MemoryJournal::default())), ());
+    let go = |key: &str, c, op| run(&e, key, c, op, NOW).outcome;
+    let bad = IssueNumber::Supplied { luhn_ok: false };
+    let good = IssueNumber::Supplied { luhn_ok: true };
+    assert_eq!(go("i1", card(1), issue_op("strict", usd(100), bad.clone(), None)).result, ResultCode::BadCheckDigit);
+    assert_eq!(
+        go("i2", card(1), issue_op("default", usd(100), bad, None)).result,
+        ResultCode::Approved,
+        "default asks no Luhn"
+    );
+    assert_eq!(
+        go("i3", card(2), issue_op("strict", eur(100), good.clone(), None)).result,
+        ResultCode::CurrencyMismatch
+    );
+    let o = go("i4", card(2), issue_op("strict", usd(100), good, None));
+    assert_eq!(o.card.unwrap().expiry_ms, Some(NOW + 365 * 24 * HOUR_MS), "the program's default expiry");
+    // Generated numbers: one that is a card already is skipped for the next.
+    let candidates = vec![(card(1), *b"0001"), (card(3), *b"0003"), (card(4), *b"0004")];
+    let done = run(&e, "g1", card(0), issue_op("default", usd(500), IssueNumber::Generated(candidates), None), NOW);
+    assert_eq!((done.outcome.result, done.issued), (ResultCode::Approved, Some(1)));
+    assert_eq!(e.snapshot(&card(3)).unwrap().0.balance_minor, 500);
+    assert!(e.snapshot(&card(4)).is_none());
+    // Its replay says nothing of the number.
+    let again = run(
+        &e,
+        "g1",
+        card(0),
+        issue_op("default", usd(500), IssueNumber::Generated(vec![(card(5), *b"0005")]), None),
+        NOW,
+    );
+    assert_eq!(again.issued, None);
+    // Compensation: a second issue for the same case, by anyone, with other content, gets the first card.
+    let first = e.execute(
+        m(Req {
+            merchant: "ann",
+            key: "c1".into(),
+            card: card(6),
+            op: issue_op("default", usd(1_000), IssueNumber::Supplied { luhn_ok: true }, Some("CASE-9")),
+        }),
+        NOW,
+    );
+    let second = e.execute(
+        m(Req {
+            merchant: "bob",
+            key: "c2".into(),
+            card: card(7),
+            op: issue_op("default", usd(2_000), IssueNumber::Supplied { luhn_ok: true }, Some("CASE-9")),
+        }),
+        NOW,
+    );
+    assert_eq!(first.outcome, second.outcome);
+    assert!(second.replayed && e.snapshot(&card(7)).is_none(), "no second card for the case");
+}
+
+#[test]
+fn program_updates_reach_existing_cards_and_are_journaled() {
+    let (e, j) = engine();
+    active_100(&e);
+    assert_eq!(run(&e, "r1", card(1), redeem(100, false), NOW).outcome.result, ResultCode::Approved);
+    let set = |key: &str, p: Program| {
+        let op = Op::ProgramSet { settings: format!("{p:?}"), program: Arc::new(p) };
+        let mut mutation = m(Req { merchant: "ops", key: key.into(), card: card(0), op });
+        mutation.card = None;
+        e.execute(mutation, NOW).outcome.result
+    };
+    let usd_only = Program { pin_required: true, currency: Some(usd(0).currency), ..Program::new("default") };
+    assert_eq!(set("s1", usd_only.clone()), ResultCode::Approved);
+    assert_eq!(
+        run(&e, "r2", card(1), redeem(100, false), NOW).outcome.result,
+        ResultCode::PinRequired,
+        "the card sees the update"
+    );
+    assert_eq!(e.program("default").unwrap().pin_required, true);
+    // A program's currency, once set, stays.
+    assert_eq!(set("s2", Program { currency: Some(eur(0).currency), ..usd_only }), ResultCode::CurrencyMismatch);
+    // New programs are created; the journal keeps every accepted update for the next start.
+    assert_eq!(set("s3", Program::new("mall")), ResultCode::Approved);
+    assert!(e.program("mall").is_some());
+    let mut names: Vec<String> = j.programs().into_iter().map(|(n, _)| n.to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["default", "mall"]);
 }

@@ -198,8 +198,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
                     IssueNumber::Generated(keyed)
                 }
             };
-            let op =
-                Op::Issue { program, money, expiry_ms, active, number: number_kind, virtual_card, email, case };
+            let op = Op::Issue { program, money, expiry_ms, active, number: number_kind, virtual_card, email, case };
             mutation(&idem, number.as_ref(), op)
         }
         Request::PinSet { idem, number, pin } => {

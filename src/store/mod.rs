@@ -468,7 +468,8 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         if !k.starts_with(PROGRAM_KEY_PREFIX) {
             break;
         }
-        let name = std::str::from_utf8(&k[PROGRAM_KEY_PREFIX.len()..]).map_err(|_| records::Corrupt { what: "program" })?;
+        let name =
+            std::str::from_utf8(&k[PROGRAM_KEY_PREFIX.len()..]).map_err(|_| records::Corrupt { what: "program" })?;
         let text = std::str::from_utf8(&v).map_err(|_| records::Corrupt { what: "program" })?;
         programs.push((name.to_string(), text.to_string()));
     }

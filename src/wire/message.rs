@@ -621,7 +621,10 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let virtual_card = r.bool()?;
             let email = r.str8(EMAIL_BYTES_MAX)?;
             // Not a full RFC 5322 check: enough to catch a field filled with something else.
-            if !email.is_empty() && (email.contains(' ') || !email.split_once('@').is_some_and(|(a, b)| !a.is_empty() && b.contains('.'))) {
+            if !email.is_empty()
+                && (email.contains(' ')
+                    || !email.split_once('@').is_some_and(|(a, b)| !a.is_empty() && b.contains('.')))
+            {
                 return Err(MALFORMED);
             }
             let case = r.str8(STRING_BYTES_MAX)?;
