@@ -368,3 +368,61 @@ fn giftctl_reactivate_explains_itself() {
     let v = json(&g, &["reactivate", "--number", n, "--key", "ctl-r2"]);
     expect(&v, &[("result", "approved"), ("status", "active"), ("reason", "Reactivated per policy – VIP customer")]);
 }
+
+#[test]
+fn giftctl_generates_numbers_manages_pins_and_programs() {
+    let g = Giftd::start();
+    // A program made from giftctl, changed key by key; `program get` shows every key.
+    let v =
+        json(&g, &["program", "set", "--name", "gifts", "--set", "pin_required=true", "--set", "max_balance=300.00"]);
+    expect(&v, &[("result", "approved"), ("program", "gifts")]);
+    assert_eq!(
+        (v["settings"]["pin_required"].as_bool(), v["settings"]["max_balance"].as_str()),
+        (Some(true), Some("300")),
+        "{v}"
+    );
+    let v = json(&g, &["program", "set", "--name", "gifts", "--set", "pin_tries_max=5", "--unset", "max_balance"]);
+    assert_eq!(v["settings"]["pin_tries_max"].as_i64(), Some(5), "{v}");
+    assert!(v["settings"].get("max_balance").is_none() && v["settings"]["pin_required"].as_bool() == Some(true), "{v}");
+    let v = json(&g, &["program", "set", "--name", "gifts", "--set", "pin_tries_max=0"]);
+    expect(&v, &[("result", "bad_program_settings"), ("code", "13")]);
+    assert!(v["reason"].as_str().is_some_and(|r| r.contains("pin_tries_max")), "{v}");
+    expect(&json(&g, &["program", "get", "--name", "nope"]), &[("result", "unknown_program")]);
+
+    // A generated, virtual card: the number shows once.
+    let issue = ["issue", "--generate", "--virtual", "--email", "ann@example.com", "--program", "gifts"];
+    let v =
+        json(&g, &[&issue[..], &["--currency", "USD", "--amount", "20.00", "--active", "--key", "ctl-g1"]].concat());
+    expect(&v, &[("result", "approved"), ("balance", "20.00")]);
+    let n = v["number"].as_str().expect("number in the first answer").to_string();
+    assert!(n.starts_with("60") && n.len() == 16 && n.ends_with(v["last4"].as_str().unwrap()), "{v}");
+    let again =
+        json(&g, &[&issue[..], &["--currency", "USD", "--amount", "20.00", "--active", "--key", "ctl-g1"]].concat());
+    assert!(again.get("number").is_none(), "a replay never shows the number: {again}");
+    let v = json(&g, &["lookup", "--number", &n]);
+    assert_eq!(
+        (v["virtual"].as_bool(), v["email"].as_str(), v["pin_set"].as_bool()),
+        (Some(true), Some("ann@example.com"), Some(false)),
+        "{v}"
+    );
+
+    // PINs: required by the program, set, verified, locked after 5, reset.
+    expect(
+        &json(&g, &["redeem", "--number", &n, "--amount", "1.00", "--key", "ctl-r0"]),
+        &[("result", "pin_required")],
+    );
+    expect(&json(&g, &["pin", "set", "--number", &n, "--pin", "2468"]), &[("result", "approved")]);
+    expect(&json(&g, &["pin", "verify", "--number", &n, "--pin", "2468"]), &[("result", "approved")]);
+    let v = json(&g, &["redeem", "--number", &n, "--amount", "1.00", "--key", "ctl-r1", "--pin", "2468"]);
+    expect(&v, &[("result", "approved"), ("balance", "19.00")]);
+    for i in 0..5 {
+        let v = json(&g, &["pin", "verify", "--number", &n, "--pin", "1357", "--key", &format!("ctl-w{i}")]);
+        expect(&v, &[("result", "pin_incorrect"), ("code", "60")]);
+    }
+    let v = json(&g, &["lookup", "--number", &n]);
+    expect(&v, &[("status", "pin_locked"), ("pin_failures", "5")]);
+    expect(&json(&g, &["pin", "reset", "--number", &n]), &[("result", "approved"), ("status", "active")]);
+    expect(&json(&g, &["pin", "reset", "--number", &n]), &[("result", "not_pin_locked")]);
+    usage_error(&["--addr", g.addr(), "pin", "set", "--number", &n, "--pin", "12"]);
+    usage_error(&["--addr", g.addr(), "issue", "--currency", "USD", "--amount", "1"]);
+}

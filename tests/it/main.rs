@@ -10,6 +10,7 @@ mod holds;
 mod lifecycle;
 mod ops;
 mod payments;
+mod policy;
 mod protocol;
 mod secrets;
 mod wal_failure;

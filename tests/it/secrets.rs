@@ -14,6 +14,8 @@ const CTL_NUMBERS: [&str; 2] = ["603571996000020334", "6035719960000304512"];
 const TOO_LONG: &str = "60357199600004045678";
 /// The merchant id giftctl acts as.
 const CTL_MERCHANT: &str = "m-ctl-secrets";
+/// A PIN distinctive enough that finding it in the data would not be chance.
+const PIN: &str = "90817263";
 /// Never issued: only looked up.
 const UNKNOWN: &str = "6035719960000501";
 
@@ -104,6 +106,14 @@ async fn card_numbers_are_not_stored_or_logged_in_clear() {
         json(&g, &["lookup", "--number", n]);
         json(&g, &["history", "--number", n]);
     }
+    // A PIN, set and tried, and a generated number: neither may be written anywhere either.
+    let pin = giftd::card_number::Pin::parse(PIN).expect("PIN");
+    let set = Request::PinSet { idem: idem(MERCHANT, "sec-p1"), number: num(TCP_NUMBERS[0]), pin: pin.clone() };
+    check(&call(&mut c, &set).await, ResultCode::Approved, 0, None);
+    let verify = Request::PinVerify { idem: idem(MERCHANT, "sec-p2"), number: num(TCP_NUMBERS[0]), pin };
+    check(&call(&mut c, &verify).await, ResultCode::Approved, 0, None);
+    let v = json(&g, &["issue", "--generate", "--currency", "USD", "--amount", "1.00", "--active", "--key", "sec-g1"]);
+    let generated = v["number"].as_str().expect("generated number").to_string();
     let (_, metrics) = http_get(g.metrics_addr(), "/metrics").await;
     drop(c);
 
@@ -116,7 +126,7 @@ async fn card_numbers_are_not_stored_or_logged_in_clear() {
     g.stop_cleanly();
 
     let mut needles: Vec<&str> = TCP_NUMBERS.iter().chain(&CTL_NUMBERS).copied().collect();
-    needles.extend([TOO_LONG, UNKNOWN]);
+    needles.extend([TOO_LONG, UNKNOWN, PIN, generated.as_str()]);
     let hits = scan(&g, &needles);
     assert!(hits.is_empty(), "card numbers found in clear:\n{}", hits.join("\n"));
     for n in &needles {
@@ -127,6 +137,10 @@ async fn card_numbers_are_not_stored_or_logged_in_clear() {
         assert!(!scan(&g, &[m]).is_empty(), "the scan should find merchant id {m} in the data dir");
     }
 
-    let mode = std::fs::metadata(g.data_dir().join("secret.key")).expect("secret.key").permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "secret.key mode {:o}", mode & 0o777);
+    for file in ["secret.key", "pin.key"] {
+        let mode = std::fs::metadata(g.data_dir().join(file)).expect(file).permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file} mode {:o}", mode & 0o777);
+    }
+    let read = |f: &str| std::fs::read(g.data_dir().join(f)).expect(f);
+    assert_ne!(read("secret.key"), read("pin.key"), "the PIN key is a second secret");
 }
