@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use giftd::card_number::{CardNumber, Pin};
 use giftd::client::Client;
 use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
-use giftd::model::{format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, TxnKind, TxnView};
+use giftd::model::{
+    format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView,
+};
 use giftd::wire::{IdemRef, Reply, Request, HISTORY_PAGE_MAX};
 use serde_json::{json, Map, Value};
 use std::process::ExitCode;
@@ -638,7 +640,7 @@ fn view_json(obj: &mut Map<String, Value>, v: &CardView) {
     obj.insert("last4".into(), json!(String::from_utf8_lossy(&v.last4)));
     obj.insert("status".into(), json!(v.status.name()));
     if v.reason != LockReason::None {
-        obj.insert("reason".into(), json!(v.reason.name()));
+        obj.insert("lock_reason".into(), json!(v.reason.name()));
     }
     obj.insert("currency".into(), json!(v.currency.as_str()));
     obj.insert("balance".into(), amt(v.balance_minor));
@@ -668,10 +670,52 @@ fn txns_json(txns: &[TxnView], c: Currency) -> Value {
     )
 }
 
+/// A sentence for a decline that a support agent can read out, where the result code alone does not
+/// say enough. Explanations giftd sends (reactivation, program settings) take precedence.
+fn explain(result: ResultCode, card: Option<&CardView>) -> Option<String> {
+    use ResultCode::*;
+    let expires = card.and_then(|v| v.expiry_ms).map(rfc3339).unwrap_or_default();
+    Some(match result {
+        CardNotFound => "no card has this number".into(),
+        CardClosed => "the card is closed".into(),
+        CardSuspended => format!("the card is suspended ({})", card.map_or("", |v| v.reason.name())),
+        CardPinLocked => "the card is PIN-locked after too many wrong PINs: `giftctl pin reset` lifts it".into(),
+        CardExpired => format!("the card expired {expires}: `giftctl reactivate` may help"),
+        CardInactive => "the card is not activated yet".into(),
+        InsufficientFunds => match card {
+            Some(v) => format!("only {} {} is available", format_amount(v.available_minor(), v.currency), v.currency),
+            None => "not enough money available".into(),
+        },
+        PinRequired => "the card's program requires its PIN (--pin)".into(),
+        PinNotSet => "the card has no PIN yet: `giftctl pin set` sets one".into(),
+        PinIncorrect if card.is_some_and(|v| v.status == Status::PinLocked) => {
+            "wrong PIN; that was the last try: the card is now PIN-locked".into()
+        }
+        PinIncorrect => "wrong PIN; the card locks after the program's number of wrong PINs in a row".into(),
+        NotPinLocked => "the card is not PIN-locked and has no wrong PINs to clear".into(),
+        LoadBelowMinimum => "the amount is below the program's smallest single load".into(),
+        LoadAboveMaximum => "the amount is above the program's largest single load".into(),
+        DailyLoadLimitExceeded => "with this load the card would pass its program's daily load limit".into(),
+        MaxBalanceExceeded => "the balance would pass the program's maximum".into(),
+        BadCheckDigit => "the number's check digit is wrong (the program asks for a Luhn check)".into(),
+        HoldsOpen => "money is still held on the card: capture or void the holds first".into(),
+        IdempotencyMismatch => "this key was used before for a different request".into(),
+        _ => return None,
+    })
+}
+
 fn to_json(reply: &Reply) -> Map<String, Value> {
     let mut obj = Map::new();
     obj.insert("result".into(), json!(reply.result().name()));
     obj.insert("code".into(), json!(reply.result() as u16));
+    let card = match reply {
+        Reply::Card(o) | Reply::Hold(o) | Reply::Issued(o, _) | Reply::Explained(o, _) => o.card.as_ref(),
+        Reply::Lookup(l) => l.card.as_ref(),
+        _ => None,
+    };
+    if let Some(why) = explain(reply.result(), card) {
+        obj.insert("reason".into(), json!(why));
+    }
     match reply {
         Reply::Explained(o, reason) => {
             if let Some(v) = &o.card {
@@ -785,7 +829,7 @@ fn sentence(obj: &Map<String, Value>) -> String {
             ": card …{} {}{}, balance {} {}, available {}, held {}, expires {}",
             s("last4"),
             s("status"),
-            obj.get("reason").map(|r| format!(" ({})", r.as_str().unwrap_or(""))).unwrap_or_default(),
+            obj.get("lock_reason").map(|r| format!(" ({})", r.as_str().unwrap_or(""))).unwrap_or_default(),
             s("balance"),
             s("currency"),
             s("available"),

@@ -88,12 +88,12 @@ fn giftctl_drives_every_command_with_json() {
     let v = json(&g, &["reload", "--number", n, "--amount", "25.50", "--key", "ctl-l1"]);
     expect(&v, &[("result", "approved"), ("approved", "25.50"), ("balance", "25.50")]);
     let v = json(&g, &["lock", "--number", n, "--reason", "stolen"]);
-    expect(&v, &[("result", "approved"), ("status", "suspended"), ("reason", "stolen")]);
+    expect(&v, &[("result", "approved"), ("status", "suspended"), ("lock_reason", "stolen")]);
     let v = json(&g, &["redeem", "--number", n, "--amount", "1.00", "--key", "ctl-r4"]);
     expect(&v, &[("result", "card_suspended"), ("status", "suspended"), ("balance", "25.50")]);
     let v = json(&g, &["unlock", "--number", n]);
     expect(&v, &[("result", "approved"), ("status", "active")]);
-    assert!(v.get("reason").is_none(), "no reason once unlocked: {v}");
+    assert!(v.get("lock_reason").is_none(), "no lock reason once unlocked: {v}");
     expect(&json(&g, &["unlock", "--number", n]), &[("result", "not_suspended")]);
 
     let v = json(&g, &["lookup", "--number", n]);
@@ -418,6 +418,8 @@ fn giftctl_generates_numbers_manages_pins_and_programs() {
     for i in 0..5 {
         let v = json(&g, &["pin", "verify", "--number", &n, "--pin", "1357", "--key", &format!("ctl-w{i}")]);
         expect(&v, &[("result", "pin_incorrect"), ("code", "60")]);
+        let last = v["reason"].as_str().is_some_and(|r| r.contains("the card is now PIN-locked"));
+        assert_eq!(last, i == 4, "only the fifth wrong PIN says it locked the card: {v}");
     }
     let v = json(&g, &["lookup", "--number", &n]);
     expect(&v, &[("status", "pin_locked"), ("pin_failures", "5")]);
