@@ -95,6 +95,8 @@ pub struct ProgramConfig {
     /// A decimal string: cash-out is allowed only for balances up to this (absent: any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cash_out_max: Option<String>,
+    /// Whether VIP cards are reactivated whatever their expiry.
+    pub reactivation_vip_eligible: bool,
     /// How long after expiry a card that is not VIP may still be reactivated.
     pub reactivation_grace_secs: u64,
     /// A reactivated card expires this long after its reactivation.
@@ -221,6 +223,7 @@ impl ProgramConfig {
             void_window_ms: self.void_window_secs as i64 * 1000,
             unreferenced_refunds: self.unreferenced_refunds,
             cash_out_max: self.cash_out_max.as_deref().and_then(limit_of),
+            reactivation_vip_eligible: self.reactivation_vip_eligible,
             reactivation_grace_ms: self.reactivation_grace_secs as i64 * 1000,
             reactivation_extension_ms: self.reactivation_extension_secs as i64 * 1000,
             currency: self.currency.as_deref().and_then(Currency::parse),
@@ -253,6 +256,7 @@ impl ProgramConfig {
             void_window_secs: (p.void_window_ms / 1000) as u64,
             unreferenced_refunds: p.unreferenced_refunds,
             cash_out_max: dec(p.cash_out_max),
+            reactivation_vip_eligible: p.reactivation_vip_eligible,
             reactivation_grace_secs: (p.reactivation_grace_ms / 1000) as u64,
             reactivation_extension_secs: (p.reactivation_extension_ms / 1000) as u64,
             pin_required: p.pin_required,

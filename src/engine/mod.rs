@@ -529,7 +529,9 @@ impl Engine {
         // Holds past their deadline are released (and written) before anything else is decided, so
         // the card's history shows the release before the decision that may spend the money.
         self.release_due(key, card, now_ms);
-        let program = card.program.load_full();
+        // A guard, not a clone: every card of a program shares one `Arc`, and bumping its count on
+        // every decision would bounce that cache line between cores.
+        let program = card.program.load();
         match rules::decide(&card.rec, &program, &m.op, invoice_used, now_ms) {
             Err(ResultCode::PinIncorrect) => {
                 // A declined request that still changes the card: the wrong PIN is counted (and

@@ -50,6 +50,9 @@ pub struct Program {
     pub unreferenced_refunds: bool,
     /// Cash-out is allowed only for balances up to this (None: any balance).
     pub cash_out_max: Option<Decimal>,
+    /// Whether a VIP card is reactivated whatever its expiry (and lifted from a suspension other
+    /// than fraud).
+    pub reactivation_vip_eligible: bool,
     /// How long after expiry a card that is not VIP may still be reactivated.
     pub reactivation_grace_ms: i64,
     /// A reactivated card's new expiry is this long from the reactivation.
@@ -87,6 +90,7 @@ impl Program {
             void_window_ms: VOID_WINDOW_SECS as i64 * 1000,
             unreferenced_refunds: false,
             cash_out_max: None,
+            reactivation_vip_eligible: true,
             reactivation_grace_ms: REACTIVATION_GRACE_SECS as i64 * 1000,
             reactivation_extension_ms: REACTIVATION_EXTENSION_SECS as i64 * 1000,
             currency: None,

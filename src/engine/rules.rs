@@ -887,7 +887,13 @@ pub fn decide_reactivate(
     now_ms: i64,
 ) -> Result<(Decision, String), (ResultCode, String)> {
     let no = |why: String| Err((ResultCode::NotEligible, why));
-    let vip = if card.vip { "VIP" } else { "not VIP" };
+    // A VIP is eligible only where the program's policy says VIPs are.
+    let vip_counts = card.vip && program.reactivation_vip_eligible;
+    let vip = match (card.vip, vip_counts) {
+        (false, _) => "not VIP",
+        (true, false) => "VIP but the program does not reactivate VIPs",
+        (true, true) => "VIP",
+    };
     let (lock, why) = match card.status(now_ms) {
         Status::Closed => return no("card closed: not eligible for reactivation".into()),
         Status::Active => return no("card is active: nothing to reactivate".into()),
@@ -896,14 +902,14 @@ pub fn decide_reactivate(
         Status::Suspended if card.lock == LockReason::Fraud => {
             return no("suspended for fraud: not eligible for reactivation".into())
         }
-        Status::Suspended if !card.vip => {
-            return no(format!("suspended ({}), not VIP: not eligible for reactivation", card.lock.name()))
+        Status::Suspended if !vip_counts => {
+            return no(format!("suspended ({}), {vip}: not eligible for reactivation", card.lock.name()))
         }
         Status::Suspended => (LockReason::None, "Reactivated per policy – VIP customer".to_string()),
         Status::Expired => {
             let ago_ms = now_ms - card.expiry_ms.unwrap_or(now_ms);
             let grace_h = crate::model::hours(program.reactivation_grace_ms);
-            if card.vip {
+            if vip_counts {
                 (card.lock, "Reactivated per policy – VIP customer".to_string())
             } else if ago_ms <= program.reactivation_grace_ms {
                 (card.lock, format!("Reactivated per policy – expired <{grace_h}h"))

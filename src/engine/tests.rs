@@ -899,6 +899,27 @@ fn reactivation_follows_the_policy_and_says_why() {
     assert_eq!(e.snapshot(&card(7)).unwrap().0.status(NOW), Status::Active);
 }
 
+#[test]
+fn a_program_may_leave_vips_out_of_reactivation() {
+    let strict = Program { reactivation_vip_eligible: false, ..Program::new("strict") };
+    let e = Engine::new(Programs::new([strict]), Arc::new(MemoryJournal::default()));
+    issue(&e, card(1), "strict", usd(1_000), Some(NOW - 25 * HOUR_MS), true);
+    issue(&e, card(2), "strict", usd(1_000), Some(NOW - 23 * HOUR_MS), true);
+    for c in [1, 2] {
+        run(&e, &format!("vip{c}"), card(c), Op::Register { member: None, vip: true }, NOW);
+    }
+    let one = run(&e, "re1", card(1), Op::Reactivate, NOW);
+    let why =
+        "expired 25 h ago, VIP but the program does not reactivate VIPs: not eligible for reactivation (grace 24 h)";
+    assert_eq!((one.outcome.result, one.reason.as_deref()), (ResultCode::NotEligible, Some(why)));
+    // The grace still applies to everyone.
+    let two = run(&e, "re2", card(2), Op::Reactivate, NOW);
+    assert_eq!(
+        (two.outcome.result, two.reason.as_deref()),
+        (ResultCode::Approved, Some("Reactivated per policy – expired <24h"))
+    );
+}
+
 fn issue_op(program: &str, money: Money, number: IssueNumber, case: Option<&str>) -> Op {
     Op::Issue {
         program: program.into(),
