@@ -241,7 +241,8 @@ impl ProgramConfig {
 
     /// The settings of a program (the inverse of `to_program`: program times are whole seconds).
     pub fn from_program(p: &Program) -> ProgramConfig {
-        let dec = |d: Option<Decimal>| d.map(|d| d.normalize().to_string());
+        // As written ("500.00" stays "500.00"): the scale is kept from the settings it came from.
+        let dec = |d: Option<Decimal>| d.map(|d| d.to_string());
         ProgramConfig {
             currency: p.currency.map(|c| c.as_str().to_string()),
             invoice_required: p.invoice_required,

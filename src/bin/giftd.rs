@@ -119,7 +119,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         });
         match parsed {
             Ok(c) => {
-                if cfg.programs.get(name).is_some_and(|f| *f != c) {
+                if cfg.programs.get(name).is_some_and(|f| f.to_program(name) != c.to_program(name)) {
                     tracing::warn!(program = %name, "program was updated over the wire; the stored settings replace the config file's");
                 }
                 stored_programs.push(c.to_program(name));

@@ -485,9 +485,11 @@ impl Engine {
                 }
             };
         }
-        // Every candidate is a card already: a supplied number, or (never seen in practice) every
-        // generated one.
-        let (record, group) = self.declined(m, Outcome::declined(ResultCode::CardExists, last_taken));
+        // Every candidate is a card already: a supplied number (its card is shown: it is the
+        // caller's), or (never seen in practice) every generated one, whose cards are strangers'.
+        let supplied = matches!(m.op, Op::Issue { number: IssueNumber::Supplied { .. }, .. });
+        let shown = if supplied { last_taken } else { None };
+        let (record, group) = self.declined(m, Outcome::declined(ResultCode::CardExists, shown));
         (record, group, None)
     }
 

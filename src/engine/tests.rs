@@ -1061,6 +1061,10 @@ fn issues_follow_their_program() {
         NOW,
     );
     assert_eq!(again.issued, None);
+    // Were every generated number a card already, the decline shows none of those strangers' cards.
+    let taken = vec![(card(1), *b"0001"), (card(3), *b"0003")];
+    let done = run(&e, "g2", card(0), issue_op("default", usd(1), IssueNumber::Generated(taken), None), NOW);
+    assert_eq!((done.outcome.result, done.outcome.card), (ResultCode::CardExists, None));
     // Compensation: a second issue for the same case, by anyone, with other content, gets the first card.
     let first = e.execute(
         m(Req {

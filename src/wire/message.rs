@@ -611,10 +611,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
         }
         Opcode::Issue => {
             let (idem, number) = (r.idem()?, r.number_or_none()?);
-            let program = r.str8(PROGRAM_BYTES_MAX)?;
-            if program.is_empty() {
-                return Err(MALFORMED);
-            }
+            let program = r.program_name()?;
             let money = r.money(true)?;
             let expiry_ms = r.opt_i64()?;
             let active = r.bool()?;

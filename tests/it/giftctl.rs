@@ -378,7 +378,7 @@ fn giftctl_generates_numbers_manages_pins_and_programs() {
     expect(&v, &[("result", "approved"), ("program", "gifts")]);
     assert_eq!(
         (v["settings"]["pin_required"].as_bool(), v["settings"]["max_balance"].as_str()),
-        (Some(true), Some("300")),
+        (Some(true), Some("300.00")),
         "{v}"
     );
     let v = json(&g, &["program", "set", "--name", "gifts", "--set", "pin_tries_max=5", "--unset", "max_balance"]);

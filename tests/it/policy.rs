@@ -185,7 +185,11 @@ async fn program_updates_are_validated_durable_and_reach_existing_cards() {
     let ok =
         program(&mut c, &set("s1", "load_max = \"200.00\"\ndaily_load_max = \"600.00\"\ncurrency = \"USD\"\n")).await;
     assert_eq!(ok.result, ResultCode::Approved, "{}", ok.text);
-    assert!(ok.text.contains("load_max = \"200\"") && ok.text.contains("pin_tries_max = 3"), "every key: {}", ok.text);
+    assert!(
+        ok.text.contains("load_max = \"200.00\"") && ok.text.contains("pin_tries_max = 3"),
+        "every key: {}",
+        ok.text
+    );
     // The card issued before the update follows it at once.
     check(&call(&mut c, &reload("r2", 30_000)).await, ResultCode::LoadAboveMaximum, 0, Some(31_000));
     check(&call(&mut c, &reload("r3", 20_000)).await, ResultCode::Approved, 20_000, Some(51_000));
