@@ -247,14 +247,18 @@ impl Engine {
             m.idem = IdemKey::new("", case);
             m.fingerprint = CASE_FINGERPRINT;
         }
+        // Only an issued card binds a case: a declined compensation issue (a mistyped program, say)
+        // changed nothing, so the next issue for the case is decided afresh.
+        let case_issue = matches!(m.op, Op::Issue { case: Some(_), .. });
+        let binds = |r: &IdemRecord| !case_issue || r.outcome.result == ResultCode::Approved;
         let evictions = self.evictions.load(Ordering::SeqCst);
-        if let Some(recent) = self.idem.get(&m.idem) {
+        if let Some(recent) = self.idem.get(&m.idem).filter(|r| binds(&r.record)) {
             return replay(&recent.record, recent.group, &m.fingerprint);
         }
         // Keys older than the memory window are answered by the store. Its record may be written
         // but not yet synced (a retry racing its original), so the reply waits for every group
         // appended so far, which includes the original's.
-        if let Some(record) = self.journal.find_idem(&m.idem) {
+        if let Some(record) = self.journal.find_idem(&m.idem).filter(|r| binds(r)) {
             return replay(&record, self.journal.latest_group(), &m.fingerprint);
         }
         // The mutation a refund or reversal names is looked up before this request's own slot is
@@ -277,8 +281,11 @@ impl Engine {
         let mut invoice_in_store = invoice.as_ref().is_some_and(|k| self.journal.invoice_used(k));
 
         let slot = match self.idem.entry(m.idem.clone()) {
-            Entry::Occupied(e) => return replay(&e.get().record, e.get().group, &m.fingerprint),
-            Entry::Vacant(v) => v,
+            Entry::Occupied(e) if binds(&e.get().record) => {
+                return replay(&e.get().record, e.get().group, &m.fingerprint)
+            }
+            // Vacant, or a case whose issue was declined: decided now, and the slot overwritten.
+            e => e,
         };
         let invoice_slot = invoice.map(|k| self.invoices.entry(k));
         // A sweep between the store lookups above and taking the slots could have dropped this key
@@ -286,7 +293,7 @@ impl Engine {
         // asking the store again, now under the slots, settles it. Sweeps run about once a second,
         // so this second lookup is rare.
         if self.evictions.load(Ordering::SeqCst) != evictions {
-            if let Some(record) = self.journal.find_idem(&m.idem) {
+            if let Some(record) = self.journal.find_idem(&m.idem).filter(|r| binds(r)) {
                 return replay(&record, 0, &m.fingerprint);
             }
             if let Some(Entry::Vacant(v)) = &invoice_slot {

@@ -1086,6 +1086,17 @@ fn issues_follow_their_program() {
     );
     assert_eq!(first.outcome, second.outcome);
     assert!(second.replayed && e.snapshot(&card(7)).is_none(), "no second card for the case");
+    // A declined compensation issue binds nothing: the agent corrects the program and issues again.
+    let issue_for = |key: &str, program: &str, c: u8| {
+        let op = issue_op(program, usd(500), IssueNumber::Supplied { luhn_ok: true }, Some("CASE-10"));
+        e.execute(m(Req { merchant: "ann", key: key.into(), card: card(c), op }), NOW).outcome.result
+    };
+    assert_eq!(issue_for("c3", "defualt", 8), ResultCode::UnknownProgram);
+    e.evict_recent(u64::MAX, i64::MAX);
+    assert_eq!(issue_for("c4", "defualt", 8), ResultCode::UnknownProgram, "declined again, from the store's record");
+    assert_eq!(issue_for("c5", "default", 8), ResultCode::Approved);
+    assert_eq!(issue_for("c6", "default", 9), ResultCode::Approved);
+    assert!(e.snapshot(&card(9)).is_none(), "the case is bound now: card 8's answer, no card 9");
 }
 
 #[test]
