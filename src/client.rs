@@ -34,7 +34,10 @@ impl Client {
         let (rd, wr) = sock.into_split();
         let mut c = Client {
             tx: ClientWriter { wr, buf: BytesMut::with_capacity(4096), next_id: 1 },
-            rx: ClientReader { frames: FramedRead::new(rd, FrameCodec::new(wire::FRAME_BYTES_MAX)) },
+            // A client takes what its server sends: batch replies as large as any server may allow.
+            rx: ClientReader {
+                frames: FramedRead::new(rd, FrameCodec::with_batch_max(wire::FRAME_BYTES_MAX, 16 * 1024 * 1024)),
+            },
             hello: HelloReply {
                 result: crate::model::ResultCode::Approved,
                 version: 0,

@@ -46,6 +46,8 @@ pub struct Limits {
     /// Requests read from one connection whose replies are not yet written; reading pauses at this.
     pub inflight_per_connection_max: usize,
     pub frame_bytes_max: usize,
+    /// A batch frame (up to 8,192 operations) may be this large, request or reply.
+    pub batch_frame_bytes_max: usize,
     pub idle_timeout_secs: u64,
     /// How long SIGTERM waits for in-flight requests before exiting anyway.
     pub shutdown_grace_secs: u64,
@@ -296,6 +298,7 @@ impl Default for Limits {
             connections_max: 1024,
             inflight_per_connection_max: 256,
             frame_bytes_max: crate::wire::FRAME_BYTES_MAX,
+            batch_frame_bytes_max: crate::wire::BATCH_FRAME_BYTES_MAX,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 10,
             idem_memory_secs: 2,
@@ -338,6 +341,9 @@ impl Config {
         }
         if !(1024..=16 * 1024 * 1024).contains(&l.frame_bytes_max) {
             errs.push("limits.frame_bytes_max must be between 1024 and 16777216".into());
+        }
+        if !(l.frame_bytes_max..=16 * 1024 * 1024).contains(&l.batch_frame_bytes_max) {
+            errs.push("limits.batch_frame_bytes_max must be between frame_bytes_max and 16777216".into());
         }
         for (key, v) in [("secret_hex", &self.secret_hex), ("pin_secret_hex", &self.pin_secret_hex)] {
             if v.as_deref().is_some_and(|s| crate::card_number::parse_secret_hex(s).is_none()) {

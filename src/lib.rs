@@ -8,8 +8,10 @@
 //! - [`store`]: RocksDB, the group-commit WAL writer, recovery. The only module naming rocksdb.
 //! - [`server`]: tokio: accept loop, connections, pipelining, backpressure, shutdown.
 //! - [`metrics`], [`config`]: at the side.
-//! - [`client`]: the protocol client that giftctl, giftload and the tests share.
+//! - [`client`]: the protocol client that giftctl, giftload and the tests share; [`bulk`]: bulk jobs
+//!   (range or manifest, batch frames, resumable by job id) on top of it.
 
+pub mod bulk;
 pub mod card_number;
 pub mod client;
 pub mod config;

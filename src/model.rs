@@ -356,6 +356,7 @@ result_codes! {
     OriginalNotFound = 39, "original_not_found";
     CardExists = 22, "card_exists";
     UnknownProgram = 23, "unknown_program";
+    JobNotFound = 63, "job_not_found";
     BadCheckDigit = 57, "bad_check_digit";
     CardClosed = 24, "card_closed";
     CardSuspended = 25, "card_suspended";
@@ -378,6 +379,7 @@ result_codes! {
     OriginalCardMismatch = 46, "original_card_mismatch";
     AlreadyReversed = 41, "already_reversed";
     ReversalWindowPassed = 43, "reversal_window_passed";
+    CardUsed = 62, "card_used";
     VoidWindowPassed = 47, "void_window_passed";
     RefundExceedsOriginal = 42, "refund_exceeds_original";
     InvoiceRequired = 32, "invoice_required";

@@ -2,6 +2,7 @@
 //! or declined), 2 on a usage error, 1 when giftd could not be reached.
 
 use clap::{Parser, Subcommand};
+use giftd::bulk;
 use giftd::card_number::{CardNumber, Pin};
 use giftd::client::Client;
 use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
@@ -285,6 +286,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ProgramCmd,
     },
+    /// Reseller jobs: issue or activate cards by the thousand, or take a job back.
+    Bulk {
+        #[command(subcommand)]
+        cmd: BulkCmd,
+    },
     /// Transactions, newest first, a page at a time.
     History {
         #[arg(long)]
@@ -329,6 +335,165 @@ enum PinCmd {
         #[command(flatten)]
         who: Who,
     },
+}
+
+/// Which cards a job names: a range of consecutive numbers, or a manifest file.
+#[derive(clap::Args, Debug)]
+struct JobCards {
+    /// The range's first number ...
+    #[arg(long, requires = "count", conflicts_with = "manifest")]
+    first: Option<String>,
+    /// ... and how many cards it has.
+    #[arg(long)]
+    count: Option<u64>,
+    /// A CSV file with one card number per line (its first column; a header line is skipped).
+    #[arg(long, required_unless_present = "first")]
+    manifest: Option<std::path::PathBuf>,
+}
+
+/// What every job command takes.
+#[derive(clap::Args, Debug)]
+struct JobRun {
+    /// The job's id, chosen by the caller: running the same job again applies nothing twice and
+    /// answers with the same summary (so an interrupted job is resumed by running it again).
+    #[arg(long)]
+    job: String,
+    /// Cards per batch frame (at most 8192).
+    #[arg(long, default_value_t = 1024)]
+    chunk: usize,
+    /// Batch frames in flight at once.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    #[command(flatten)]
+    who: Who,
+}
+
+#[derive(Subcommand, Debug)]
+enum BulkCmd {
+    /// Create inactive cards (inventory) with a value and an expiry.
+    Issue {
+        #[command(flatten)]
+        cards: JobCards,
+        #[arg(long)]
+        amount: String,
+        #[arg(long)]
+        currency: String,
+        #[arg(long, default_value = "default")]
+        program: String,
+        /// RFC 3339 time, or "never".
+        #[arg(long, default_value = "never")]
+        expires: String,
+        #[command(flatten)]
+        run: JobRun,
+    },
+    /// Activate cards, optionally loading a value.
+    Activate {
+        #[command(flatten)]
+        cards: JobCards,
+        #[arg(long, requires = "currency")]
+        amount: Option<String>,
+        #[arg(long)]
+        currency: Option<String>,
+        #[command(flatten)]
+        run: JobRun,
+    },
+    /// Take back what a job did, card by card; cards used since are reported, not touched.
+    Reverse {
+        #[command(flatten)]
+        run: JobRun,
+    },
+}
+
+fn job_cards(c: &JobCards) -> Result<bulk::Cards, Failure> {
+    if let Some(path) = &c.manifest {
+        let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--manifest {}: {e}", path.display())))?;
+        let mut numbers = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let field = line.split(',').next().unwrap_or("").trim().trim_matches('"');
+            if field.is_empty() || (i == 0 && !field.bytes().all(|b| b.is_ascii_digit())) {
+                continue;
+            }
+            // The line number, never the number itself: it is a card number.
+            numbers.push(
+                CardNumber::parse(field).ok_or_else(|| usage(format!("manifest line {}: not a card number", i + 1)))?,
+            );
+        }
+        return Ok(bulk::Cards::Manifest(numbers));
+    }
+    let first = c.first.as_deref().map(number).transpose()?.ok_or_else(|| usage("--first or --manifest"))?;
+    let cards = bulk::Cards::Range { first, count: c.count.unwrap_or(0) };
+    cards.check().map_err(|e| usage(format!("{e}")))?;
+    Ok(cards)
+}
+
+/// Runs a job command; prints a progress line on a terminal (not with --json) and the summary.
+async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
+    let run = match cmd {
+        BulkCmd::Issue { run, .. } | BulkCmd::Activate { run, .. } | BulkCmd::Reverse { run } => run,
+    };
+    bulk::check_job_id(&run.job).map_err(|e| usage(format!("--job: {e}")))?;
+    if !(1..=giftd::wire::BATCH_ITEMS_MAX).contains(&run.chunk) || run.window == 0 {
+        return Err(usage(format!("--chunk must be 1 to {} and --window at least 1", giftd::wire::BATCH_ITEMS_MAX)));
+    }
+    let show = !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = |done: u64, total: u64| {
+        if show {
+            eprint!("\r{} {done}/{total} cards ({}%)", run.job, done * 100 / total.max(1));
+        }
+    };
+    let job =
+        bulk::Job { addr: &cli.addr, merchant: &run.who.merchant, id: &run.job, chunk: run.chunk, window: run.window };
+    let done = match cmd {
+        BulkCmd::Issue { cards, amount, currency: cur, program, expires, .. } => {
+            let cards = job_cards(cards)?;
+            let work = bulk::Work::Issue {
+                program: program.clone(),
+                money: money(amount, currency(cur)?)?,
+                expiry_ms: parse_expiry(expires)?,
+            };
+            bulk::run(job, &cards, &work, progress).await
+        }
+        BulkCmd::Activate { cards, amount, currency: cur, .. } => {
+            let cards = job_cards(cards)?;
+            let load = match (amount, cur) {
+                (Some(a), Some(c)) => Some(money(a, currency(c)?)?),
+                _ => None,
+            };
+            bulk::run(job, &cards, &bulk::Work::Activate { load }, progress).await
+        }
+        BulkCmd::Reverse { .. } => bulk::reverse(job, progress).await,
+    };
+    let (job, summary) = done.map_err(Failure::Connection)?;
+    if show {
+        eprintln!();
+    }
+    let mut obj = Map::new();
+    obj.insert("result".into(), json!(job.result.name()));
+    obj.insert("code".into(), json!(job.result as u16));
+    obj.insert("job".into(), json!(run.job));
+    obj.insert("count".into(), json!(job.count));
+    if job.result == ResultCode::IdempotencyMismatch {
+        obj.insert("reason".into(), json!("this job id was used for a job of another kind or size"));
+    } else if job.result == ResultCode::JobNotFound {
+        obj.insert("reason".into(), json!("no job has this id (for this --merchant)"));
+    }
+    obj.insert("summary".into(), json!(summary.counts));
+    let failures: Vec<Value> = summary
+        .failures
+        .iter()
+        .map(|(i, last4, r)| json!({ "index": i, "last4": last4, "result": r.name() }))
+        .collect();
+    obj.insert("failures".into(), Value::Array(failures));
+    if cli.json {
+        println!("{}", Value::Object(obj));
+    } else {
+        let counts: Vec<String> = summary.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("{}: job {} of {} cards: {}", job.result.name(), run.job, job.count, counts.join(", "));
+        for (i, last4, r) in &summary.failures {
+            println!("  card #{i} …{last4}: {}", r.name());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -454,6 +619,9 @@ fn parse_expiry(s: &str) -> Result<Option<i64>, Failure> {
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
+    if let Cmd::Bulk { cmd } = &cli.cmd {
+        return bulk_command(cli, cmd).await;
+    }
     // Validate everything that needs no server before connecting.
     let req_without_server = match &cli.cmd {
         Cmd::Issue {
@@ -732,6 +900,12 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
                 // The one time the full number is shown: the caller must keep it now.
                 obj.insert("number".into(), json!(n.expose()));
             }
+        }
+        Reply::Job(j) => {
+            obj.insert("count".into(), json!(j.count));
+        }
+        Reply::Batch(items) => {
+            obj.insert("items".into(), json!(items.len()));
         }
         Reply::Program(p) => {
             obj.insert("program".into(), json!(p.name));

@@ -23,6 +23,12 @@ impl IdemKey {
         IdemKey(prefixed(merchant, key))
     }
 
+    /// A bulk job's key: in a namespace of its own (a byte no request key can hold), so a job id
+    /// never meets an ordinary request's key.
+    pub fn job(merchant: &str, job: &str) -> IdemKey {
+        IdemKey(prefixed(merchant, &format!("\u{1}job/{job}")))
+    }
+
     pub fn merchant(&self) -> &str {
         let n = self.0[0] as usize;
         std::str::from_utf8(&self.0[1..1 + n]).unwrap_or("")

@@ -209,6 +209,15 @@ impl Engine {
         self.cards.get(key).map(|c| c.clone())
     }
 
+    /// A bulk job's record: its answer (the count in `approved_minor`) and the group to wait for.
+    pub fn job(&self, merchant: &str, job: &str) -> Option<(Outcome, u64)> {
+        let key = IdemKey::job(merchant, job);
+        if let Some(r) = self.idem.get(&key) {
+            return Some((r.record.outcome, r.group));
+        }
+        self.journal.find_idem(&key).map(|r| (r.outcome, self.journal.latest_group()))
+    }
+
     /// The program's current rules.
     pub fn program(&self, name: &str) -> Option<Arc<Program>> {
         self.programs.read().expect("programs lock").get(name).map(|s| s.load_full())
@@ -319,6 +328,12 @@ impl Engine {
                 (record, group)
             }
             (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
+            // A job's record is its idempotency record: its count is the answer.
+            (Op::JobOpen { count, .. }, _) => {
+                let outcome =
+                    Outcome { approved_minor: *count as i64, ..Outcome::declined(ResultCode::Approved, None) };
+                self.declined(&m, outcome)
+            }
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
@@ -912,6 +927,7 @@ impl Engine {
                 *amount,
                 refunded,
                 effect.hold_id,
+                effect.at_ms,
                 now_ms,
             ) {
                 Ok(d) => decisions.push(d),

@@ -94,6 +94,11 @@ pub enum Op {
     },
     /// Lifts a PIN lock (and clears the count of wrong PINs).
     PinReset,
+    /// Records a bulk job of `count` cards (`kind` 1: issue, 2: activate); nothing else changes.
+    JobOpen {
+        kind: u8,
+        count: u32,
+    },
     /// Creates or replaces a program; `settings` is its canonical text, kept by the journal.
     ProgramSet {
         program: Arc<Program>,
@@ -452,6 +457,7 @@ pub fn decide(
         | Op::SplitRedeem { .. }
         | Op::Transfer { .. }
         | Op::Reactivate
+        | Op::JobOpen { .. }
         | Op::ProgramSet { .. } => {
             unreachable!(
                 "refunds, reversals, split redeems, transfers, reactivations and programs have their own rules"
@@ -709,12 +715,14 @@ pub fn decide_refund(
 
 /// Decides how a reversal undoes one card's part of an earlier mutation of `kind`, which moved
 /// `amount_minor` (of which `refunded_minor` was refunded since) or opened hold `hold_id`.
+#[allow(clippy::too_many_arguments)]
 pub fn decide_reversal(
     card: &CardRecord,
     kind: TxnKind,
     amount_minor: i64,
     refunded_minor: i64,
     hold_id: u64,
+    at_ms: i64,
     now_ms: i64,
 ) -> Result<Decision, ResultCode> {
     let status = card.status(now_ms);
@@ -738,6 +746,11 @@ pub fn decide_reversal(
         TxnKind::Redeem | TxnKind::Capture => Ok(undo(amount_minor - refunded_minor, card.lifecycle)),
         // Loads go away only if the money is still there to take.
         TxnKind::Reload | TxnKind::Activate => {
+            // An activation is undone only on a card nothing happened to since (a reseller's job
+            // taken back): a card in use is the holder's now.
+            if kind == TxnKind::Activate && card.updated_ms > at_ms {
+                return Err(ResultCode::CardUsed);
+            }
             if card.available_at(now_ms) < amount_minor {
                 return Err(ResultCode::InsufficientFunds);
             }

@@ -9,7 +9,7 @@ use crate::config::ProgramConfig;
 use crate::engine::{CardRecord, IssueNumber, Journal, Mutation, Op, Program};
 use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
-    self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply,
+    self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply, JobReply,
     LookupReply, Opcode, PartsReply, ProgramReply, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
@@ -41,7 +41,7 @@ struct Pending {
 pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) {
     let _ = sock.set_nodelay(true);
     let (rd, mut wr) = sock.into_split();
-    let codec = FrameCodec::new(shared.limits.frame_bytes_max);
+    let codec = FrameCodec::with_batch_max(shared.limits.frame_bytes_max, shared.limits.batch_frame_bytes_max);
     let mut frames = FramedRead::with_capacity(rd, codec, READ_BUFFER_BYTES);
     let mut durable = shared.store.durable();
     let inflight_max = shared.limits.inflight_per_connection_max;
@@ -141,6 +141,10 @@ async fn decide(shared: &Shared, frame: Frame, handshaken: &mut bool) -> (Pendin
             let reply = if ok { hello_reply(shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
             (reply, 0, !ok)
         }
+        Ok(Request::Batch { items }) => {
+            let (reply, group) = batch(shared, items).await;
+            (reply, group, false)
+        }
         Ok(req) => {
             let (reply, group) = handle(shared, opcode, &frame.body, req).await;
             (reply, group, false)
@@ -164,6 +168,31 @@ fn hello_reply(shared: &Shared) -> Reply {
         inflight_max: shared.limits.inflight_per_connection_max as u32,
         server: concat!("giftd ", env!("CARGO_PKG_VERSION")).into(),
     })
+}
+
+/// Decides every item of a batch, in order, each on its own (one refused item changes nothing for
+/// the others). The reply waits for the newest group any item depends on: decisions made in one
+/// go share few groups, so a batch of thousands costs a few fsyncs.
+async fn batch(shared: &Shared, items: Vec<wire::BatchItem>) -> (Reply, u64) {
+    let mut replies = Vec::with_capacity(items.len());
+    let mut group = 0;
+    for item in items {
+        let reply_opcode = item.opcode | wire::REPLY_BIT;
+        let reply = match Opcode::from_u8(item.opcode) {
+            None => Reply::Error(ResultCode::UnknownOpcode),
+            Some(op) if !op.batchable() => Reply::Error(ResultCode::MalformedRequest),
+            Some(_) => match decode_request(item.opcode, &item.body) {
+                Err(DecodeError(code)) => Reply::Error(code),
+                Ok(req) => {
+                    let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
+                    group = group.max(g);
+                    reply
+                }
+            },
+        };
+        replies.push((reply_opcode, reply));
+    }
+    (Reply::Batch(replies), group)
 }
 
 /// Decides one well-formed request. Returns the reply and the group it must wait for.
@@ -218,6 +247,23 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             // What it shows may be an update not yet durable: wait for everything appended so far.
             return (reply, shared.store.latest_group());
         }
+        Request::JobGet { merchant, job } => {
+            let reply = match shared.engine.job(&merchant, &job) {
+                Some((o, group)) => {
+                    return (Reply::Job(JobReply { result: o.result, count: o.approved_minor as u32 }), group)
+                }
+                None => Reply::Job(JobReply { result: ResultCode::JobNotFound, count: 0 }),
+            };
+            return (reply, 0);
+        }
+        Request::JobOpen { idem, kind, count } => Mutation {
+            idem: crate::engine::IdemKey::job(&idem.merchant, &idem.key),
+            fingerprint: shared.keyer.fingerprint(opcode, body),
+            card: None,
+            last4: [b'0'; 4],
+            op: Op::JobOpen { kind: kind as u8, count },
+        },
+        Request::Batch { .. } => unreachable!("a batch is answered by batch()"),
         Request::ProgramSet { idem, name, settings } => {
             let cfg = match ProgramConfig::parse(&settings) {
                 Ok(cfg) => cfg,
@@ -274,6 +320,9 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         Some(Opcode::Issue) => {
             let number = done.issued.and_then(|i| generated.into_iter().nth(i as usize));
             Reply::Issued(done.outcome, number)
+        }
+        Some(Opcode::JobOpen) => {
+            Reply::Job(JobReply { result: done.outcome.result, count: done.outcome.approved_minor as u32 })
         }
         Some(Opcode::ProgramSet) => {
             let text = match shared.engine.program(&program_name) {

@@ -38,11 +38,17 @@ pub enum FrameError {
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     pub frame_bytes_max: usize,
+    /// A batch frame (request or reply) may be this large; every other frame `frame_bytes_max`.
+    pub batch_frame_bytes_max: usize,
 }
 
 impl FrameCodec {
     pub fn new(frame_bytes_max: usize) -> FrameCodec {
-        FrameCodec { frame_bytes_max }
+        FrameCodec { frame_bytes_max, batch_frame_bytes_max: frame_bytes_max.max(super::BATCH_FRAME_BYTES_MAX) }
+    }
+
+    pub fn with_batch_max(frame_bytes_max: usize, batch_frame_bytes_max: usize) -> FrameCodec {
+        FrameCodec { frame_bytes_max, batch_frame_bytes_max }
     }
 }
 
@@ -58,7 +64,15 @@ impl Decoder for FrameCodec {
         let frame_bytes = 4 + len as u64;
         // Checked before anything is reserved, so a hostile length never becomes an allocation.
         if frame_bytes > self.frame_bytes_max as u64 {
-            return Err(FrameError::TooLarge { frame_bytes, frame_bytes_max: self.frame_bytes_max });
+            // Only a batch may be larger: its opcode (byte 5) decides, before anything is buffered.
+            if src.len() < 6 {
+                return Ok(None);
+            }
+            let batch = src[5] & !super::REPLY_BIT == super::message::Opcode::Batch as u8;
+            let max = if batch { self.batch_frame_bytes_max } else { self.frame_bytes_max };
+            if frame_bytes > max as u64 {
+                return Err(FrameError::TooLarge { frame_bytes, frame_bytes_max: max });
+            }
         }
         if (frame_bytes as usize) < HEADER_BYTES {
             return Err(FrameError::TooShort(len));

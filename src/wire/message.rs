@@ -29,6 +29,10 @@ pub const LOOKUP_NOTES_MAX: usize = 10;
 pub const EMAIL_BYTES_MAX: usize = 254;
 /// Longest program settings text (the config file's keys, one `key = value` per line).
 pub const PROGRAM_SETTINGS_BYTES_MAX: usize = 4096;
+/// Most operations one batch may carry.
+pub const BATCH_ITEMS_MAX: usize = 8192;
+/// Most cards one bulk job may name.
+pub const JOB_CARDS_MAX: u32 = 10_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -59,10 +63,13 @@ pub enum Opcode {
     PinReset = 0x26,
     ProgramGet = 0x27,
     ProgramSet = 0x28,
+    Batch = 0x30,
+    JobOpen = 0x31,
+    JobGet = 0x32,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 26] = [
+    pub const ALL: [Opcode; 29] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -89,6 +96,9 @@ impl Opcode {
         Opcode::PinReset,
         Opcode::ProgramGet,
         Opcode::ProgramSet,
+        Opcode::Batch,
+        Opcode::JobOpen,
+        Opcode::JobGet,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -128,7 +138,25 @@ impl Opcode {
             Opcode::PinReset => "pin_reset",
             Opcode::ProgramGet => "program_get",
             Opcode::ProgramSet => "program_set",
+            Opcode::Batch => "batch",
+            Opcode::JobOpen => "job_open",
+            Opcode::JobGet => "job_get",
         }
+    }
+
+    /// Whether an operation may be an item of a batch: every card operation; not the handshake, a
+    /// batch, the reads that page through the store (lookup, history, job_get) or program admin.
+    pub fn batchable(self) -> bool {
+        !matches!(
+            self,
+            Opcode::Hello
+                | Opcode::Lookup
+                | Opcode::History
+                | Opcode::ProgramGet
+                | Opcode::ProgramSet
+                | Opcode::Batch
+                | Opcode::JobGet
+        )
     }
 }
 
@@ -286,6 +314,61 @@ pub enum Request {
         name: String,
         settings: String,
     },
+    /// Several operations in one frame, each decided on its own, all answered in one reply once
+    /// every decision is durable. Items are kept encoded: each is decoded (and refused) on its own.
+    Batch {
+        items: Vec<BatchItem>,
+    },
+    /// Records a bulk job: `key` is the job id; its cards' operations carry keys `<job>/<index>`.
+    JobOpen {
+        idem: IdemRef,
+        kind: JobKind,
+        count: u32,
+    },
+    JobGet {
+        merchant: String,
+        job: String,
+    },
+}
+
+/// One operation of a batch: its opcode and its request body, as a frame would carry them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchItem {
+    pub opcode: u8,
+    pub body: bytes::Bytes,
+}
+
+impl BatchItem {
+    pub fn of(req: &Request) -> BatchItem {
+        let mut body = BytesMut::new();
+        encode_request_body(&mut body, req);
+        BatchItem { opcode: req.opcode() as u8, body: body.freeze() }
+    }
+}
+
+/// What a bulk job does to each of its cards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum JobKind {
+    Issue = 1,
+    Activate = 2,
+}
+
+impl JobKind {
+    pub fn from_u8(v: u8) -> Option<JobKind> {
+        match v {
+            1 => Some(JobKind::Issue),
+            2 => Some(JobKind::Activate),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Issue => "issue",
+            JobKind::Activate => "activate",
+        }
+    }
 }
 
 impl Request {
@@ -317,6 +400,9 @@ impl Request {
             Request::PinReset { .. } => Opcode::PinReset,
             Request::ProgramGet { .. } => Opcode::ProgramGet,
             Request::ProgramSet { .. } => Opcode::ProgramSet,
+            Request::Batch { .. } => Opcode::Batch,
+            Request::JobOpen { .. } => Opcode::JobOpen,
+            Request::JobGet { .. } => Opcode::JobGet,
         }
     }
 }
@@ -353,6 +439,13 @@ pub struct LookupReply {
     pub virtual_card: bool,
     /// Empty when the card has no recipient email.
     pub email: String,
+}
+
+/// A job's record: how many cards it has (0 when not found).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobReply {
+    pub result: ResultCode,
+    pub count: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,6 +489,9 @@ pub enum Reply {
     /// An issue's outcome and, in the first answer to a generated issue only, the new number.
     Issued(Outcome, Option<CardNumber>),
     Program(ProgramReply),
+    /// A batch's replies, one per item in order: the reply opcode (with the reply bit) and reply.
+    Batch(Vec<(u8, Reply)>),
+    Job(JobReply),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -410,6 +506,8 @@ impl Reply {
             Reply::Parts(p) => p.result,
             Reply::Explained(o, _) | Reply::Issued(o, _) => o.result,
             Reply::Program(p) => p.result,
+            Reply::Batch(_) => ResultCode::Approved,
+            Reply::Job(j) => j.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -758,6 +856,38 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             let settings = r.text16(PROGRAM_SETTINGS_BYTES_MAX)?;
             Request::ProgramSet { idem, name, settings }
         }
+        Opcode::Batch => {
+            let n = r.u16()? as usize;
+            if !(1..=BATCH_ITEMS_MAX).contains(&n) {
+                return Err(MALFORMED);
+            }
+            // Each item takes at least 3 bytes, so a lying count reserves no more than the body holds.
+            let mut items = Vec::with_capacity(n.min(r.buf.len() / 3));
+            for _ in 0..n {
+                let opcode = r.u8()?;
+                let len = r.u16()? as usize;
+                let body = bytes::Bytes::copy_from_slice(r.take(len)?);
+                items.push(BatchItem { opcode, body });
+            }
+            Request::Batch { items }
+        }
+        Opcode::JobOpen => {
+            let idem = r.idem()?;
+            let kind = JobKind::from_u8(r.u8()?).ok_or(MALFORMED)?;
+            let count = u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?);
+            if count == 0 || count > JOB_CARDS_MAX {
+                return Err(MALFORMED);
+            }
+            Request::JobOpen { idem, kind, count }
+        }
+        Opcode::JobGet => {
+            let merchant = r.str8(STRING_BYTES_MAX)?;
+            let job = r.str8(STRING_BYTES_MAX)?;
+            if merchant.is_empty() || job.is_empty() {
+                return Err(DecodeError(ResultCode::MissingKey));
+            }
+            Request::JobGet { merchant, job }
+        }
     };
     r.end()?;
     Ok(req)
@@ -899,6 +1029,24 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_str8(dst, pin.expose());
         }
         Request::ProgramGet { name } => put_str8(dst, name),
+        Request::Batch { items } => {
+            dst.put_u16_le(items.len() as u16);
+            for i in items {
+                dst.put_u8(i.opcode);
+                dst.put_u16_le(i.body.len() as u16);
+                dst.put_slice(&i.body);
+            }
+        }
+        Request::JobOpen { idem, kind, count } => {
+            put_str8(dst, &idem.merchant);
+            put_str8(dst, &idem.key);
+            dst.put_u8(*kind as u8);
+            dst.put_u32_le(*count);
+        }
+        Request::JobGet { merchant, job } => {
+            put_str8(dst, merchant);
+            put_str8(dst, job);
+        }
         Request::ProgramSet { idem, name, settings } => {
             put_str8(dst, &idem.merchant);
             put_str8(dst, &idem.key);
@@ -984,6 +1132,22 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u16_le(p.result as u16);
             put_str8(dst, &p.name);
             put_str16(dst, &p.text);
+        }
+        Reply::Batch(items) => {
+            dst.put_u16_le(ResultCode::Approved as u16);
+            dst.put_u16_le(items.len() as u16);
+            for (opcode, reply) in items {
+                dst.put_u8(*opcode);
+                let at = dst.len();
+                dst.put_u16_le(0);
+                encode_reply_body(dst, reply);
+                let len = (dst.len() - at - 2) as u16;
+                dst[at..at + 2].copy_from_slice(&len.to_le_bytes());
+            }
+        }
+        Reply::Job(j) => {
+            dst.put_u16_le(j.result as u16);
+            dst.put_u32_le(j.count);
         }
         Reply::Parts(p) => {
             dst.put_u16_le(p.result as u16);
@@ -1126,6 +1290,24 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
         Opcode::Issue => {
             let outcome = Outcome { result, approved_minor: r.i64()?, card: r.view()?, hold: None };
             Reply::Issued(outcome, r.number_or_none()?)
+        }
+        Opcode::Batch => {
+            let n = r.u16()? as usize;
+            let mut items = Vec::with_capacity(n.min(r.buf.len() / 5));
+            for _ in 0..n {
+                let opcode = r.u8()?;
+                let len = r.u16()? as usize;
+                let body = r.take(len)?;
+                // An item is never itself a batch, so this recursion is one level deep.
+                if opcode & !REPLY_BIT == Opcode::Batch as u8 {
+                    return Err(MALFORMED);
+                }
+                items.push((opcode, decode_reply(opcode, body)?));
+            }
+            Reply::Batch(items)
+        }
+        Opcode::JobOpen | Opcode::JobGet => {
+            Reply::Job(JobReply { result, count: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?) })
         }
         Opcode::ProgramGet | Opcode::ProgramSet => Reply::Program(ProgramReply {
             result,

@@ -16,6 +16,9 @@ pub const VERSION: u8 = 1;
 pub const HEADER_BYTES: usize = 16;
 /// Default hard limit on one frame, header included.
 pub const FRAME_BYTES_MAX: usize = 64 * 1024;
+/// Default hard limit on one batch frame (a request or reply of opcode `batch`), header included:
+/// 8,192 redeems and their replies fit.
+pub const BATCH_FRAME_BYTES_MAX: usize = 1024 * 1024;
 /// Replies set this bit on the request's opcode.
 pub const REPLY_BIT: u8 = 0x80;
 

@@ -2,6 +2,7 @@
 //! to it over TCP, through `giftd::client`, raw frames, giftctl or HTTP.
 
 mod backoffice;
+mod bulk;
 mod concurrency;
 mod crash;
 mod giftctl;

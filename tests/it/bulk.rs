@@ -1,0 +1,169 @@
+//! Batch frames and bulk jobs over TCP: items decided each on their own, jobs by range and by
+//! manifest, resubmission by job id, partial failures, taking a job back, and kill -9 in the middle
+//! of a job.
+
+use crate::{call, check, idem, num, timed, usd, Giftd, MERCHANT};
+use giftd::bulk::{self, Cards, Job, Work};
+use giftd::model::ResultCode;
+use giftd::wire::{BatchItem, Reply, Request};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+const FIRST: &str = "6035719980000000";
+
+fn job<'a>(g: &'a Giftd, id: &'a str, chunk: usize) -> Job<'a> {
+    Job { addr: g.addr(), merchant: "reseller-9", id, chunk, window: 3 }
+}
+
+fn range(count: u64) -> Cards {
+    Cards::Range { first: num(FIRST), count }
+}
+
+fn nth(i: u64) -> String {
+    range(i + 1).get(i).expect("in range").expose().to_string()
+}
+
+#[tokio::test]
+async fn batch_items_are_decided_each_on_its_own() {
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    let a = nth(0);
+    let mut malformed = BatchItem::of(&crate::redeem_req(&a, "b-3", usd(100), false));
+    malformed.body.truncate(malformed.body.len() - 1);
+    let items = vec![
+        BatchItem::of(&crate::issue_req(&a, usd(1_000))),
+        BatchItem::of(&crate::redeem_req(&a, "b-1", usd(300), false)),
+        BatchItem::of(&crate::redeem_req(&nth(1), "b-2", usd(100), false)),
+        malformed,
+        BatchItem::of(&Request::Lookup { number: num(&a) }),
+        BatchItem { opcode: 0x7f, body: bytes::Bytes::from_static(b"\x00") },
+        BatchItem::of(&Request::Balance { number: num(&a) }),
+    ];
+    let req = Request::Batch { items };
+    let reply = timed("batch", c.call(&req)).await.expect("batch");
+    let Reply::Batch(replies) = &reply else { panic!("{reply:?}") };
+    let got: Vec<(u8, ResultCode)> = replies.iter().map(|(op, r)| (*op, r.result())).collect();
+    use ResultCode::*;
+    assert_eq!(
+        got,
+        [
+            (0x90, Approved),
+            (0x93, Approved),
+            (0x93, CardNotFound),
+            (0x93, MalformedRequest),
+            (0x97, MalformedRequest),
+            (0xff, UnknownOpcode),
+            (0x92, Approved),
+        ]
+    );
+    let Reply::Card(balance) = &replies[6].1 else { panic!("{:?}", replies[6]) };
+    assert_eq!(balance.card.unwrap().balance_minor, 700, "items run in order: the balance sees the redeem");
+    // The same batch again: every mutation replays, nothing is applied twice, the reply is the same.
+    assert_eq!(timed("batch again", c.call(&req)).await.expect("batch"), reply);
+    assert_eq!(crate::balance(&mut c, &a).await, 700);
+    // Each item is idempotent as if sent alone: the redeem's key answers a plain retry too.
+    check(&call(&mut c, &crate::redeem_req(&a, "b-1", usd(300), false)).await, Approved, 300, Some(700));
+    // A batch of none, or of more than 8,192, is refused whole.
+    let empty = timed("empty", c.call(&Request::Batch { items: Vec::new() })).await.expect("reply");
+    assert_eq!(empty, Reply::Error(MalformedRequest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_by_range_and_manifest_are_idempotent_and_report_each_outcome() {
+    let g = Giftd::start();
+    let issue = Work::Issue { program: "default".into(), money: usd(2_500), expiry_ms: None };
+    let (opened, s) = bulk::run(job(&g, "inv-1", 500), &range(3_000), &issue, |_, _| {}).await.expect("issue job");
+    assert_eq!((opened.result, opened.count), (ResultCode::Approved, 3_000));
+    assert_eq!(s.counts.get("issued"), Some(&3_000));
+    // The cards are inventory: inactive, with their value.
+    let mut c = g.client().await;
+    let v = crate::view(&mut c, &nth(2_999)).await;
+    assert_eq!((v.status, v.balance_minor), (giftd::model::Status::Inactive, 2_500));
+
+    // A manifest: two cards activated beforehand, one unknown number.
+    let single = Request::Activate { idem: idem(MERCHANT, "pre-1"), number: num(&nth(10)), load: None };
+    check(&call(&mut c, &single).await, ResultCode::Approved, 0, None);
+    let manifest: Vec<_> = [nth(9), nth(10), "6035719989999999".to_string(), nth(11)].iter().map(|n| num(n)).collect();
+    let load = Work::Activate { load: Some(usd(500)) };
+    let (_, s) = bulk::run(job(&g, "act-m", 2), &Cards::Manifest(manifest.clone()), &load, |_, _| {}).await.unwrap();
+    let want: Vec<(&str, u64)> = vec![("activated", 2), ("already_active", 1), ("not_found", 1)];
+    assert_eq!(s.counts.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), want);
+    assert_eq!(
+        s.failures.iter().map(|f| (f.0, f.2)).collect::<Vec<_>>(),
+        [(1, ResultCode::AlreadyActive), (2, ResultCode::CardNotFound)]
+    );
+    // Running it again applies nothing and answers the same summary.
+    let (_, again) = bulk::run(job(&g, "act-m", 3), &Cards::Manifest(manifest), &load, |_, _| {}).await.unwrap();
+    assert_eq!(again, s);
+    assert_eq!(crate::balance(&mut c, &nth(9)).await, 3_000, "loaded once");
+    // The same id for another job is refused before any card is touched.
+    let (other, none) = bulk::run(job(&g, "act-m", 2), &range(5), &load, |_, _| {}).await.unwrap();
+    assert_eq!((other.result, none.total()), (ResultCode::IdempotencyMismatch, 0));
+
+    // Through giftctl: a range activation, then taken back with two cards used in between.
+    let ctl = |args: &[&str]| crate::giftctl::json(&g, &[args, &["--merchant", "reseller-9"][..]].concat());
+    let first = nth(100);
+    let v = ctl(&[
+        "bulk",
+        "activate",
+        "--first",
+        &first,
+        "--count",
+        "200",
+        "--amount",
+        "5.00",
+        "--currency",
+        "USD",
+        "--job",
+        "act-r",
+        "--chunk",
+        "64",
+    ]);
+    assert_eq!(v["summary"]["activated"], 200, "{v}");
+    crate::redeem(&mut c, &nth(150), "use-1", usd(100), false).await;
+    let note = Request::Note { idem: idem("ops", "n-1"), number: num(&nth(160)), text: "customer called".into() };
+    call(&mut c, &note).await;
+    let v = ctl(&["bulk", "reverse", "--job", "act-r"]);
+    assert_eq!((v["summary"]["reversed"].as_u64(), v["summary"]["used"].as_u64()), (Some(198), Some(2)), "{v}");
+    let used: Vec<u64> = v["failures"].as_array().unwrap().iter().map(|f| f["index"].as_u64().unwrap()).collect();
+    assert_eq!(used, [50, 60]);
+    let v = crate::view(&mut c, &nth(101)).await;
+    assert_eq!((v.status, v.balance_minor), (giftd::model::Status::Inactive, 2_500), "back to inventory");
+    assert_eq!(crate::view(&mut c, &nth(150)).await.balance_minor, 2_900, "a used card is left alone");
+    let v = ctl(&["bulk", "reverse", "--job", "nope"]);
+    assert_eq!(v["result"], "job_not_found", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
+    const N: u64 = 20_000;
+    let mut g = Giftd::start();
+    let issue = Work::Issue { program: "default".into(), money: usd(1_000), expiry_ms: None };
+    bulk::run(job(&g, "inv-k", 2_000), &range(N), &issue, |_, _| {}).await.expect("issue job");
+    // Activation with a load, killed once at least a fifth of it is acknowledged.
+    let done = Arc::new(AtomicU64::new(0));
+    let addr = g.addr().to_string();
+    let seen = done.clone();
+    let running = tokio::spawn(async move {
+        let j = Job { addr: &addr, merchant: "reseller-9", id: "act-k", chunk: 256, window: 2 };
+        bulk::run(j, &range(N), &Work::Activate { load: Some(usd(700)) }, |d, _| seen.store(d, Ordering::SeqCst)).await
+    });
+    let deadline = std::time::Instant::now() + crate::TIMEOUT;
+    while done.load(Ordering::SeqCst) < N / 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let at_kill = done.load(Ordering::SeqCst);
+    assert!(at_kill >= N / 5, "the job did not get a fifth done in time");
+    g.kill9();
+    let cut = timed("job end", running).await.expect("task");
+    assert!(cut.is_err() || at_kill == N, "the job saw the kill");
+    // Restarted (the conservation check passes), the same job finishes: every card once.
+    g.restart();
+    let j = job(&g, "act-k", 4_096);
+    let (_, s) = bulk::run(j, &range(N), &Work::Activate { load: Some(usd(700)) }, |_, _| {}).await.unwrap();
+    assert_eq!(s.counts.get("activated"), Some(&N), "{s:?}");
+    let mut c = g.client().await;
+    for i in [0, at_kill.saturating_sub(1), at_kill, N / 2, N - 1] {
+        assert_eq!(crate::balance(&mut c, &nth(i)).await, 1_700, "card #{i} loaded exactly once");
+    }
+}
