@@ -57,7 +57,7 @@ impl Findings {
     }
 
     /// `what` is only formatted for the first few, so a flood of anomalies costs no allocations.
-    fn anomaly(&mut self, what: impl FnOnce() -> String) {
+    pub fn anomaly(&mut self, what: impl FnOnce() -> String) {
         self.anomalies += 1;
         if self.examples.len() < EXAMPLES_MAX {
             self.examples.push(what());

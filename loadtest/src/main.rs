@@ -72,7 +72,8 @@ struct Args {
     rate: Option<u64>,
     /// Workloads to run one after the other on the same cards and server, comma-separated:
     /// redeem, auth-capture (authorize then capture; a unit is the pair), split3 (split redeems
-    /// over three cards). Each runs for --duration-secs; the audit covers them all.
+    /// over three cards), batch or batch:N (batch frames of N redeems, 8192 by default; an op is
+    /// one redeem). Each runs for --duration-secs; the audit covers them all.
     #[arg(long, value_delimiter = ',', default_value = "redeem")]
     workload: Vec<String>,
     /// Stop sending after this many units per workload (the duration still applies).
@@ -318,7 +319,7 @@ fn print_report(args: &Args, r: &Report) {
                 json!({
                     "workload": kind.name(),
                     "ops_per_sec": (f.ops_per_sec * 10.0).round() / 10.0,
-                    "requests_per_sec": (f.ops_per_sec * kind.requests_per_unit() as f64 * 10.0).round() / 10.0,
+                    "requests_per_sec": (f.ops_per_sec * kind.requests_per_op() * 10.0).round() / 10.0,
                     "p50_us": f.p50,
                     "p99_us": f.p99,
                     "p999_us": f.p999,

@@ -40,7 +40,13 @@ pub enum Kind {
     /// Split redeems of 3.00 naming three random cards in the given order. The cards are well
     /// funded, so the first one pays; giftd still locks and checks all three.
     Split3,
+    /// Batch frames of this many redeems of 1.00 from random cards ("batch" or "batch:N"); an op
+    /// is one redeem.
+    Batch(u16),
 }
+
+/// Redeems per batch frame unless the workload names a size: the protocol's maximum.
+pub const BATCH_DEFAULT: u16 = 8192;
 
 impl Kind {
     pub fn parse(s: &str) -> Option<Kind> {
@@ -48,7 +54,14 @@ impl Kind {
             "redeem" => Kind::Redeem,
             "auth-capture" => Kind::AuthCapture,
             "split3" => Kind::Split3,
-            _ => return None,
+            "batch" => Kind::Batch(BATCH_DEFAULT),
+            other => {
+                let n: u16 = other.strip_prefix("batch:")?.parse().ok()?;
+                if n == 0 || n as usize > giftd::wire::BATCH_ITEMS_MAX {
+                    return None;
+                }
+                Kind::Batch(n)
+            }
         })
     }
 
@@ -57,13 +70,23 @@ impl Kind {
             Kind::Redeem => "redeem",
             Kind::AuthCapture => "auth-capture",
             Kind::Split3 => "split3",
+            Kind::Batch(_) => "batch",
         }
     }
 
-    /// Requests one unit of this workload takes.
-    pub fn requests_per_unit(self) -> u64 {
+    /// Requests (frames) one op of this workload takes.
+    pub fn requests_per_op(self) -> f64 {
         match self {
-            Kind::AuthCapture => 2,
+            Kind::AuthCapture => 2.0,
+            Kind::Batch(n) => 1.0 / n as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// Ops one finished unit counts for: a batch's redeems.
+    pub fn ops_per_unit(self) -> u64 {
+        match self {
+            Kind::Batch(n) => n as u64,
             _ => 1,
         }
     }
@@ -199,7 +222,8 @@ struct Requests {
     rng: StdRng,
     conn: usize,
     seq: u64,
-    /// The cards of each split redeem in flight, oldest first (replies come back in this order).
+    /// The cards of each split redeem (or batch) in flight, oldest first (replies come back in
+    /// this order).
     splits: std::collections::VecDeque<Vec<usize>>,
 }
 
@@ -267,6 +291,23 @@ impl Requests {
                 pipe.push_due(&req, cards[0], due);
                 self.splits.push_back(cards);
             }
+            Kind::Batch(n) => {
+                let mut cards = Vec::with_capacity(n as usize);
+                let mut items = Vec::with_capacity(n as usize);
+                for k in 0..n as usize {
+                    let c = if k == 0 { i } else { self.rng.gen_range(0..run.cards.len()) };
+                    if let Request::Redeem { idem, number, .. } = &mut self.redeem {
+                        idem.key.clear();
+                        let _ = write!(idem.key, "{}-b-{}-{}", run.id, self.conn, self.seq);
+                        *number = run.cards[c].clone();
+                    }
+                    self.seq += 1;
+                    items.push(giftd::wire::BatchItem::of(&self.redeem));
+                    cards.push(c);
+                }
+                pipe.push_due(&Request::Batch { items }, i, due);
+                self.splits.push_back(cards);
+            }
         }
     }
 
@@ -306,6 +347,18 @@ impl Requests {
             Kind::Split3 => {
                 let cards = self.splits.pop_front().expect("a split in flight for every split reply");
                 auditor::check_split(ledger, &cards, run, reply, f);
+                true
+            }
+            Kind::Batch(_) => {
+                let cards = self.splits.pop_front().expect("a batch in flight for every batch reply");
+                match reply {
+                    Reply::Batch(items) if items.len() == cards.len() => {
+                        for (&c, (_, r)) in cards.iter().zip(items) {
+                            auditor::check_redeem(ledger, c, &run.cards[c], run.usd, r, f);
+                        }
+                    }
+                    other => f.anomaly(|| format!("a batch of {} redeems got {other:?}", cards.len())),
+                }
                 true
             }
         }
@@ -369,7 +422,7 @@ async fn drive(
         if !requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
             continue;
         }
-        rep.ops += 1;
+        rep.ops += limits.kind.ops_per_unit();
         if sending {
             if limits.may_send(now) {
                 requests.push(pipe, run);
@@ -437,7 +490,7 @@ async fn drive_paced(
                 let (sent, reply) = r?;
                 latency(rep, Instant::now(), &sent);
                 if requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
-                    rep.ops += 1;
+                    rep.ops += limits.kind.ops_per_unit();
                 }
             }
             () = tokio::time::sleep_until(due.into()), if can_send => {}

@@ -891,6 +891,7 @@ impl Engine {
     /// A reversal of the mutation `key` names: every card it touched is put back, atomically.
     fn reverse(&self, m: &Mutation, key: &IdemKey, original: Option<IdemRecord>, now_ms: i64) -> (IdemRecord, u64) {
         let orig = original.expect("a reversal always finds or claims its original");
+        let first_txn = orig.effect_txns.map(|(first, _)| first);
         let Some(effect) = orig.effect else {
             // Nothing to undo: the original was declined or never came (the tombstone now bars
             // it), and reversing what took no effect is a no-op that succeeds. An approved
@@ -927,7 +928,8 @@ impl Engine {
                 *amount,
                 refunded,
                 effect.hold_id,
-                effect.at_ms,
+                // Changed since: its newest history entry is no longer the original's.
+                first_txn.is_some_and(|f| locked.card_ref(k).rec.last_txn_id != f + i as u64),
                 now_ms,
             ) {
                 Ok(d) => decisions.push(d),

@@ -722,7 +722,7 @@ pub fn decide_reversal(
     amount_minor: i64,
     refunded_minor: i64,
     hold_id: u64,
-    at_ms: i64,
+    changed_since: bool,
     now_ms: i64,
 ) -> Result<Decision, ResultCode> {
     let status = card.status(now_ms);
@@ -748,7 +748,7 @@ pub fn decide_reversal(
         TxnKind::Reload | TxnKind::Activate => {
             // An activation is undone only on a card nothing happened to since (a reseller's job
             // taken back): a card in use is the holder's now.
-            if kind == TxnKind::Activate && card.updated_ms > at_ms {
+            if kind == TxnKind::Activate && changed_since {
                 return Err(ResultCode::CardUsed);
             }
             if card.available_at(now_ms) < amount_minor {

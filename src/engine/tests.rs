@@ -694,13 +694,11 @@ fn reversals_of_loads_and_holds() {
     assert_eq!(cap.outcome.result, ResultCode::HoldNotFound, "a reversed authorization's hold is gone");
     assert_eq!(run_cardless(&e, "v2", reverse("rl"), NOW).outcome.result, ResultCode::Approved);
     assert_eq!(balance_of(&e, card(1)), 10_500);
-    // Reversing the activation takes its load back and makes the card inactive again.
+    // An activation is taken back only from a card nothing happened to since: this one is in use.
     run(&e, "spend", card(1), redeem(10_200, false), NOW);
-    assert_eq!(run_cardless(&e, "v3", reverse("act"), NOW).outcome.result, ResultCode::InsufficientFunds);
-    run(&e, "back", card(1), Op::Reload { money: usd(300) }, NOW);
-    assert_eq!(run_cardless(&e, "v4", reverse("act"), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(run_cardless(&e, "v3", reverse("act"), NOW).outcome.result, ResultCode::CardUsed);
     let (o, _) = e.balance(&card(1), NOW);
-    assert_eq!((o.card.unwrap().balance_minor, o.card.unwrap().status), (100, Status::Inactive));
+    assert_eq!((o.card.unwrap().balance_minor, o.card.unwrap().status), (300, Status::Active));
 }
 
 #[test]
@@ -1126,4 +1124,22 @@ fn program_updates_reach_existing_cards_and_are_journaled() {
     let mut names: Vec<String> = j.programs().into_iter().map(|(n, _)| n.to_string()).collect();
     names.sort();
     assert_eq!(names, ["default", "mall"]);
+}
+
+#[test]
+fn an_activation_is_taken_back_only_from_a_card_untouched_since() {
+    let (e, _) = engine();
+    for c in [1, 2] {
+        issue(&e, card(c), "default", usd(1_000), None, false);
+        let op = Op::Activate { load: Some(usd(500)) };
+        assert_eq!(run(&e, &format!("act{c}"), card(c), op, NOW).outcome.result, ResultCode::Approved);
+    }
+    // A note in the very millisecond of the activation still counts as a use.
+    run(&e, "note", card(2), Op::Note { text: "called".into() }, NOW);
+    let back = |key: &str, original: &str| run_hold(&e, key, Op::Reverse { original: original.into() }, NOW);
+    assert_eq!(back("r2", "act2").outcome.result, ResultCode::CardUsed);
+    let done = back("r1", "act1");
+    assert_eq!((done.outcome.result, done.outcome.approved_minor), (ResultCode::Approved, 500));
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.status(NOW), rec.balance_minor), (Status::Inactive, 1_000));
 }

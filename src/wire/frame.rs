@@ -65,6 +65,11 @@ impl Decoder for FrameCodec {
         // Checked before anything is reserved, so a hostile length never becomes an allocation.
         if frame_bytes > self.frame_bytes_max as u64 {
             // Only a batch may be larger: its opcode (byte 5) decides, before anything is buffered.
+            // Past the batch limit no opcode can help, so that is refused at once.
+            let most = self.frame_bytes_max.max(self.batch_frame_bytes_max);
+            if frame_bytes > most as u64 {
+                return Err(FrameError::TooLarge { frame_bytes, frame_bytes_max: most });
+            }
             if src.len() < 6 {
                 return Ok(None);
             }

@@ -1298,8 +1298,9 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                 let opcode = r.u8()?;
                 let len = r.u16()? as usize;
                 let body = r.take(len)?;
-                // An item is never itself a batch, so this recursion is one level deep.
-                if opcode & !REPLY_BIT == Opcode::Batch as u8 {
+                // An item is never itself a batch (only refused as one, with a code-only reply),
+                // so this recursion is one level deep.
+                if opcode & !REPLY_BIT == Opcode::Batch as u8 && body.len() != 2 {
                     return Err(MALFORMED);
                 }
                 items.push((opcode, decode_reply(opcode, body)?));

@@ -37,6 +37,7 @@ async fn batch_items_are_decided_each_on_its_own() {
         malformed,
         BatchItem::of(&Request::Lookup { number: num(&a) }),
         BatchItem { opcode: 0x7f, body: bytes::Bytes::from_static(b"\x00") },
+        BatchItem { opcode: 0x30, body: bytes::Bytes::from_static(b"\x00\x00") },
         BatchItem::of(&Request::Balance { number: num(&a) }),
     ];
     let req = Request::Batch { items };
@@ -53,10 +54,11 @@ async fn batch_items_are_decided_each_on_its_own() {
             (0x93, MalformedRequest),
             (0x97, MalformedRequest),
             (0xff, UnknownOpcode),
+            (0xb0, MalformedRequest),
             (0x92, Approved),
         ]
     );
-    let Reply::Card(balance) = &replies[6].1 else { panic!("{:?}", replies[6]) };
+    let Reply::Card(balance) = &replies[7].1 else { panic!("{:?}", replies[7]) };
     assert_eq!(balance.card.unwrap().balance_minor, 700, "items run in order: the balance sees the redeem");
     // The same batch again: every mutation replays, nothing is applied twice, the reply is the same.
     assert_eq!(timed("batch again", c.call(&req)).await.expect("batch"), reply);
