@@ -166,7 +166,7 @@ async fn drive(
         while next < total && in_flight.len() < window.max(1) {
             let end = (next + chunk).min(total);
             let items = (next..end).map(|i| item(i).map(|r| BatchItem::of(&r))).collect::<anyhow::Result<Vec<_>>>()?;
-            let id = tx.send(&Request::Batch { items });
+            let id = tx.send(&Request::Batch { atomic: None, items });
             in_flight.push_back((id, next, end));
             next = end;
         }

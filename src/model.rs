@@ -392,6 +392,7 @@ result_codes! {
     MaxBalanceExceeded = 34, "max_balance_exceeded";
     TooManyHolds = 38, "too_many_holds";
     InsufficientFunds = 35, "insufficient_funds";
+    BatchAborted = 64, "batch_aborted";
 }
 
 #[cfg(test)]

@@ -305,7 +305,7 @@ impl Requests {
                     items.push(giftd::wire::BatchItem::of(&self.redeem));
                     cards.push(c);
                 }
-                pipe.push_due(&Request::Batch { items }, i, due);
+                pipe.push_due(&Request::Batch { atomic: None, items }, i, due);
                 self.splits.push_back(cards);
             }
         }

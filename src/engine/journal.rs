@@ -75,6 +75,8 @@ pub struct IdemRecord {
     /// The sentence that explains the answer, for the operations whose reply carries one
     /// (reactivate: why not, or the note it appended).
     pub reason: Option<Box<str>>,
+    /// Each item's answer, for an all-or-nothing batch (in item order).
+    pub items: Option<Box<Vec<Outcome>>>,
 }
 
 impl IdemRecord {
@@ -87,6 +89,7 @@ impl IdemRecord {
             effect_txns: None,
             tombstone: false,
             reason: None,
+            items: None,
         }
     }
 }

@@ -20,7 +20,7 @@ pub use journal::{
     MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
 pub use program::{Program, ProgramSlot, Programs};
-pub use rules::{IssueNumber, Op, SplitOrder};
+pub use rules::{AtomicItem, IssueNumber, Op, SplitOrder};
 
 use crate::card_number::CardKey;
 use crate::model::{Currency, HoldView, Outcome, PartView, Parts, ResultCode, TxnKind};
@@ -68,6 +68,8 @@ pub struct Executed {
     /// Which generated number an approved issue used (index into its candidates); only the first
     /// answer says, since no one may learn a card's number from a replay.
     pub issued: Option<u8>,
+    /// An all-or-nothing batch's answer for each item.
+    pub items: Option<Vec<Outcome>>,
 }
 
 /// A recently used idempotency key, kept in memory at least until its group is durable.
@@ -126,11 +128,13 @@ struct Answer {
     parts: Option<Parts>,
     effect: Option<Effect>,
     reason: Option<String>,
+    /// An all-or-nothing batch's answer for each item.
+    items: Option<Vec<Outcome>>,
 }
 
 impl Answer {
     fn plain(outcome: Outcome) -> Answer {
-        Answer { outcome, parts: None, effect: None, reason: None }
+        Answer { outcome, parts: None, effect: None, reason: None, items: None }
     }
 }
 
@@ -328,6 +332,7 @@ impl Engine {
                 (record, group)
             }
             (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
+            (Op::Atomic { items }, _) => self.atomic(&m, items, now_ms),
             // A job's record is its idempotency record: its count is the answer.
             (Op::JobOpen { count, .. }, _) => {
                 let outcome =
@@ -362,6 +367,7 @@ impl Engine {
             group,
             replayed: false,
             issued,
+            items: record.items.as_deref().cloned(),
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
@@ -419,6 +425,7 @@ impl Engine {
             effect_txns: None,
             tombstone: false,
             reason: answer.reason.map(Into::into),
+            items: answer.items.map(Box::new),
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
         let at = self.journal.append(effects);
@@ -590,7 +597,8 @@ impl Engine {
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (record, at) = self.commit(m, Answer { outcome, parts: None, effect, reason: None }, effects);
+                let (record, at) =
+                    self.commit(m, Answer { outcome, parts: None, effect, reason: None, items: None }, effects);
                 card.rec.last_txn_id = at.first_txn_id;
                 if d.kind == TxnKind::Note {
                     card.rec.last_note_id = at.first_txn_id;
@@ -718,6 +726,7 @@ impl Engine {
             parts: Some(Parts { currency: money.currency, items }),
             effect: Some(effect),
             reason: None,
+            items: None,
         };
         let (record, appended) = self.commit(m, answer, effects);
         for (n, &(i, _)) in take.iter().enumerate() {
@@ -807,7 +816,8 @@ impl Engine {
         // Money moves between two cards: nothing enters or leaves the ledger.
         let outcome =
             Outcome { result: ResultCode::Approved, approved_minor: out.approved_minor, card: None, hold: None };
-        let answer = Answer { outcome, parts: Some(Parts { currency, items }), effect: None, reason: None };
+        let answer =
+            Answer { outcome, parts: Some(Parts { currency, items }), effect: None, reason: None, items: None };
         let (record, appended) = self.commit(m, answer, effects);
         // Entries: the move out, the move in, then the old card's note (its newest entry).
         let note_id = appended.first_txn_id + 2;
@@ -911,7 +921,7 @@ impl Engine {
         let mut settled = self.settled_of(key);
         if let Some((outcome, parts)) = &settled.reversal {
             // Reversed already: the same answer again, and nothing changes.
-            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None };
+            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None, items: None };
             let (record, at) = self.commit(m, answer, Effects::default());
             return (record, at.group);
         }
@@ -964,7 +974,8 @@ impl Engine {
         let parts = Some(Parts { currency: effect.currency, items });
         settled.reversal = Some((outcome, parts.clone()));
         effects.settled = Some((key.clone(), settled.clone()));
-        let (record, appended) = self.commit(m, Answer { outcome, parts, effect: None, reason: None }, effects);
+        let (record, appended) =
+            self.commit(m, Answer { outcome, parts, effect: None, reason: None, items: None }, effects);
         self.settled.insert(key.clone(), RecentSettled { state: settled, group: appended.group, at_ms: now_ms });
         for (n, k) in keys.iter().enumerate() {
             let g = locked.card(k);
@@ -972,6 +983,81 @@ impl Engine {
             g.last_group = appended.group;
         }
         (record, appended.group)
+    }
+
+    /// An all-or-nothing batch: every item decided in order against the cards as the items before
+    /// it left them, with all its cards locked; applied in one append if every item is approved,
+    /// else nothing is, and each item says why (the first declined its own code, the others
+    /// `batch_aborted`). One idempotency record, the batch's, answers a retry item by item.
+    fn atomic(&self, m: &Mutation, items: &[rules::AtomicItem], now_ms: i64) -> (IdemRecord, u64) {
+        let aborted = |failed: usize, code: ResultCode, view| -> Vec<Outcome> {
+            (0..items.len())
+                .map(|i| {
+                    if i == failed {
+                        Outcome::declined(code, view)
+                    } else {
+                        Outcome::declined(ResultCode::BatchAborted, None)
+                    }
+                })
+                .collect()
+        };
+        let abort = |failed: usize, code: ResultCode, view| {
+            let outcome = Outcome::declined(code, None);
+            let answer = Answer { items: Some(aborted(failed, code, view)), ..Answer::plain(outcome) };
+            let (record, at) = self.commit(m, answer, Effects::default());
+            (record, at.group)
+        };
+        let keys: Vec<CardKey> = items.iter().map(|i| i.card).collect();
+        let Some(cells) = self.lock_all(&keys) else {
+            let missing = keys.iter().position(|k| self.cell(k).is_none()).unwrap_or(0);
+            return abort(missing, ResultCode::CardNotFound, None);
+        };
+        let mut locked = self.lock_cells(&cells, now_ms);
+        // Decided on copies first: nothing is applied until every item is approved.
+        let mut scratch: Vec<CardRecord> = keys.iter().map(|k| locked.card_ref(k).rec.clone()).collect();
+        let mut decisions = Vec::with_capacity(items.len());
+        let currency = items.iter().find_map(|i| rules::money_of(&i.op)).map(|m| m.currency);
+        for (i, item) in items.iter().enumerate() {
+            let card = locked.card_ref(&item.card);
+            let view = Some(card.rec.view(now_ms));
+            // One currency per batch: its ledger change is one sum.
+            if rules::money_of(&item.op).is_some_and(|m| Some(m.currency) != currency) {
+                return abort(i, ResultCode::CurrencyMismatch, view);
+            }
+            let program = card.program.load();
+            match rules::decide(&scratch[i], &program, &item.op, false, now_ms) {
+                Ok(d) => {
+                    d.apply(&mut scratch[i], now_ms, 0);
+                    decisions.push(d);
+                }
+                Err(code) => return abort(i, code, view),
+            }
+        }
+        let mut effects = Effects::default();
+        let mut outcomes = Vec::with_capacity(items.len());
+        let (mut credit, mut debit, mut total) = (0i64, 0i64, 0i64);
+        for (item, d) in items.iter().zip(&decisions) {
+            let card = locked.card(&item.card);
+            let (outcome, change, _) = self.apply(item.card, card, m.idem.merchant(), d, now_ms);
+            effects.changes.push(change);
+            outcomes.push(outcome);
+            credit += d.delta_minor.max(0);
+            debit += (-d.delta_minor).max(0);
+            total += d.approved_minor;
+        }
+        if let Some(currency) = currency.filter(|_| credit + debit > 0) {
+            effects.ledger = Some(LedgerDelta { currency, credit_minor: credit, debit_minor: debit });
+        }
+        let outcome = Outcome { approved_minor: total, ..Outcome::declined(ResultCode::Approved, None) };
+        let answer = Answer { items: Some(outcomes), ..Answer::plain(outcome) };
+        let (record, at) = self.commit(m, answer, effects);
+        // Each card is in the batch once (the wire refuses repeats), so change n is card n's.
+        for (n, item) in items.iter().enumerate() {
+            let card = locked.card(&item.card);
+            card.rec.last_txn_id = at.first_txn_id + n as u64;
+            card.last_group = at.group;
+        }
+        (record, at.group)
     }
 
     /// The earliest deadline of an open hold, for the expiry timer.
@@ -1054,14 +1140,23 @@ fn reversible(op: &Op) -> bool {
 fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
     if record.tombstone {
         // A reversal came first: the original is declined, whatever it says.
-        Executed { outcome: record.outcome, parts: None, reason: None, group, replayed: false, issued: None }
+        Executed {
+            outcome: record.outcome,
+            parts: None,
+            reason: None,
+            group,
+            replayed: false,
+            issued: None,
+            items: None,
+        }
     } else if record.fingerprint == *fingerprint {
         let (parts, reason) = (record.parts.as_deref().cloned(), record.reason.as_deref().map(str::to_string));
-        Executed { outcome: record.outcome, parts, reason, group, replayed: true, issued: None }
+        let items = record.items.as_deref().cloned();
+        Executed { outcome: record.outcome, parts, reason, group, replayed: true, issued: None, items }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
         let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);
-        Executed { outcome, parts: None, reason: None, group, replayed: false, issued: None }
+        Executed { outcome, parts: None, reason: None, group, replayed: false, issued: None, items: None }
     }
 }
 

@@ -94,6 +94,11 @@ pub enum Op {
     },
     /// Lifts a PIN lock (and clears the count of wrong PINs).
     PinReset,
+    /// An all-or-nothing batch of single-card money operations (redeem, reload, activate), each
+    /// card at most once.
+    Atomic {
+        items: Vec<AtomicItem>,
+    },
     /// Records a bulk job of `count` cards (`kind` 1: issue, 2: activate); nothing else changes.
     JobOpen {
         kind: u8,
@@ -110,6 +115,23 @@ pub enum Op {
         money: Money,
         order: SplitOrder,
     },
+}
+
+/// One operation of an all-or-nothing batch, on its card.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AtomicItem {
+    pub card: CardKey,
+    pub last4: [u8; 4],
+    pub op: Op,
+}
+
+/// The money an operation moves, for the operations an all-or-nothing batch may hold.
+pub fn money_of(op: &Op) -> Option<Money> {
+    match op {
+        Op::Redeem { money, .. } | Op::Reload { money } => Some(*money),
+        Op::Activate { load } => *load,
+        _ => None,
+    }
 }
 
 /// The number an issue gives its card.
@@ -458,6 +480,7 @@ pub fn decide(
         | Op::Transfer { .. }
         | Op::Reactivate
         | Op::JobOpen { .. }
+        | Op::Atomic { .. }
         | Op::ProgramSet { .. } => {
             unreachable!(
                 "refunds, reversals, split redeems, transfers, reactivations and programs have their own rules"

@@ -141,8 +141,12 @@ async fn decide(shared: &Shared, frame: Frame, handshaken: &mut bool) -> (Pendin
             let reply = if ok { hello_reply(shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
             (reply, 0, !ok)
         }
-        Ok(Request::Batch { items }) => {
+        Ok(Request::Batch { atomic: None, items }) => {
             let (reply, group) = batch(shared, items).await;
+            (reply, group, false)
+        }
+        Ok(Request::Batch { atomic: Some(idem), items }) => {
+            let (reply, group) = atomic_batch(shared, &frame.body, idem, &items);
             (reply, group, false)
         }
         Ok(req) => {
@@ -193,6 +197,55 @@ async fn batch(shared: &Shared, items: Vec<wire::BatchItem>) -> (Reply, u64) {
         replies.push((reply_opcode, reply));
     }
     (Reply::Batch(replies), group)
+}
+
+/// An all-or-nothing batch: one mutation of the engine. Its items must be redeems (without invoice
+/// or PIN, whose rules keep records of their own), reloads or activations, each on another card;
+/// anything else refuses the whole batch before anything is decided.
+fn atomic_batch(shared: &Shared, body: &[u8], idem: wire::IdemRef, items: &[wire::BatchItem]) -> (Reply, u64) {
+    let mut ops = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    for item in items {
+        let req = match decode_request(item.opcode, &item.body) {
+            Ok(r) => r,
+            Err(DecodeError(code)) => return (Reply::Error(code), 0),
+        };
+        let (number, op) = match req {
+            Request::Redeem { number, money, allow_partial, invoice: None, pin: None, .. } => {
+                (number, Op::Redeem { money, allow_partial, invoice: None, pin: None })
+            }
+            Request::Reload { number, money, .. } => (number, Op::Reload { money }),
+            Request::Activate { number, load, .. } => (number, Op::Activate { load }),
+            _ => return (Reply::Error(ResultCode::MalformedRequest), 0),
+        };
+        let card = shared.keyer.card_key(&number);
+        if !seen.insert(card) {
+            return (Reply::Error(ResultCode::MalformedRequest), 0);
+        }
+        ops.push(crate::engine::AtomicItem { card, last4: number.last4(), op });
+    }
+    let m = Mutation {
+        idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
+        fingerprint: shared.keyer.fingerprint(Opcode::Batch as u8, body),
+        card: None,
+        last4: [b'0'; 4],
+        op: Op::Atomic { items: ops },
+    };
+    let done = shared.engine.execute(m, now_ms());
+    if done.replayed {
+        shared.metrics.idempotent_replays.inc();
+    }
+    let replies = match done.items {
+        Some(outcomes) => {
+            items.iter().zip(outcomes).map(|(i, o)| (i.opcode | wire::REPLY_BIT, Reply::Card(o))).collect()
+        }
+        // The batch's key was used for something else: every item says so.
+        None => {
+            let o = crate::model::Outcome::declined(done.outcome.result, None);
+            items.iter().map(|i| (i.opcode | wire::REPLY_BIT, Reply::Card(o))).collect()
+        }
+    };
+    (Reply::Batch(replies), done.group)
 }
 
 /// Decides one well-formed request. Returns the reply and the group it must wait for.
@@ -263,7 +316,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             last4: [b'0'; 4],
             op: Op::JobOpen { kind: kind as u8, count },
         },
-        Request::Batch { .. } => unreachable!("a batch is answered by batch()"),
+        Request::Batch { .. } => unreachable!("a batch is answered by batch() or atomic_batch()"),
         Request::ProgramSet { idem, name, settings } => {
             let cfg = match ProgramConfig::parse(&settings) {
                 Ok(cfg) => cfg,

@@ -11,11 +11,14 @@ use bytes::BufMut;
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
 // virtual flag and the email; version 3 of idempotency records added the
-// hold, the parts, the effect and the tombstone flag, version 4 the reason. Nothing deployed holds
+// hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
+// all-or-nothing batch's item answers. Nothing deployed holds
 // an older version.
 const CARD_V6: u8 = 6;
 const NOTE_V1: u8 = 1;
-const IDEM_V4: u8 = 4;
+const IDEM_V5: u8 = 5;
+/// Most item answers an idempotency record holds (an all-or-nothing batch's).
+const ITEMS_MAX: usize = 8192;
 const SETTLED_V1: u8 = 1;
 /// Most parts an effect or an answer lists (a split redeem's cards).
 const PARTS_MAX: usize = 64;
@@ -330,7 +333,7 @@ impl Reader<'_> {
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V4);
+    dst.put_u8(IDEM_V5);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
     put_parts(dst, rec.parts.as_deref());
@@ -347,11 +350,21 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
             dst.put_u8(count);
         }
     }
+    match &rec.items {
+        None => dst.put_u8(0),
+        Some(items) => {
+            dst.put_u8(1);
+            dst.put_u16_le(items.len() as u16);
+            for o in items.iter() {
+                put_outcome(dst, o);
+            }
+        }
+    }
 }
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V4)?;
+    r.version(IDEM_V5)?;
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
     let parts = r.parts()?.map(Box::new);
@@ -360,7 +373,20 @@ pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let reason = std::str::from_utf8(r.take(n)?).map_err(|_| Corrupt { what: "idempotency" })?;
     let reason = (!reason.is_empty()).then(|| reason.into());
     let effect_txns = if r.u8()? == 1 { Some((r.i64()? as u64, r.u8()?)) } else { None };
-    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone, reason })
+    let items = if r.u8()? == 1 {
+        let n = u16::from_le_bytes(r.arr()?) as usize;
+        if n > ITEMS_MAX {
+            return Err(Corrupt { what: "idempotency" });
+        }
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(r.outcome()?);
+        }
+        Some(Box::new(v))
+    } else {
+        None
+    };
+    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone, reason, items })
 }
 
 pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {
@@ -536,6 +562,13 @@ mod tests {
             IdemRecord {
                 tombstone: true,
                 ..IdemRecord::new([0; 16], Outcome::declined(ResultCode::OriginalReversed, None))
+            },
+            IdemRecord {
+                items: Some(Box::new(vec![
+                    Outcome::approved(300, card),
+                    Outcome::declined(ResultCode::BatchAborted, None),
+                ])),
+                ..IdemRecord::new([7; 16], Outcome::declined(ResultCode::Approved, None))
             },
         ];
         for rec in records {

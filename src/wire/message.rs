@@ -314,9 +314,12 @@ pub enum Request {
         name: String,
         settings: String,
     },
-    /// Several operations in one frame, each decided on its own, all answered in one reply once
-    /// every decision is durable. Items are kept encoded: each is decoded (and refused) on its own.
+    /// Several operations in one frame, all answered in one reply once every decision is durable.
+    /// Items are kept encoded: each is decoded (and refused) on its own. With `atomic` (the
+    /// batch's own merchant and key), the batch is all or nothing: one mutation, idempotent on
+    /// that key, of redeems, reloads and activations on distinct cards.
     Batch {
+        atomic: Option<IdemRef>,
         items: Vec<BatchItem>,
     },
     /// Records a bulk job: `key` is the job id; its cards' operations carry keys `<job>/<index>`.
@@ -857,6 +860,11 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             Request::ProgramSet { idem, name, settings }
         }
         Opcode::Batch => {
+            let atomic = match r.u8()? {
+                0 => None,
+                1 => Some(r.idem()?),
+                _ => return Err(MALFORMED),
+            };
             let n = r.u16()? as usize;
             if !(1..=BATCH_ITEMS_MAX).contains(&n) {
                 return Err(MALFORMED);
@@ -869,7 +877,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
                 let body = bytes::Bytes::copy_from_slice(r.take(len)?);
                 items.push(BatchItem { opcode, body });
             }
-            Request::Batch { items }
+            Request::Batch { atomic, items }
         }
         Opcode::JobOpen => {
             let idem = r.idem()?;
@@ -1029,7 +1037,12 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_str8(dst, pin.expose());
         }
         Request::ProgramGet { name } => put_str8(dst, name),
-        Request::Batch { items } => {
+        Request::Batch { atomic, items } => {
+            dst.put_u8(atomic.is_some() as u8);
+            if let Some(idem) = atomic {
+                put_str8(dst, &idem.merchant);
+                put_str8(dst, &idem.key);
+            }
             dst.put_u16_le(items.len() as u16);
             for i in items {
                 dst.put_u8(i.opcode);

@@ -40,7 +40,7 @@ async fn batch_items_are_decided_each_on_its_own() {
         BatchItem { opcode: 0x30, body: bytes::Bytes::from_static(b"\x00\x00") },
         BatchItem::of(&Request::Balance { number: num(&a) }),
     ];
-    let req = Request::Batch { items };
+    let req = Request::Batch { atomic: None, items };
     let reply = timed("batch", c.call(&req)).await.expect("batch");
     let Reply::Batch(replies) = &reply else { panic!("{reply:?}") };
     let got: Vec<(u8, ResultCode)> = replies.iter().map(|(op, r)| (*op, r.result())).collect();
@@ -66,7 +66,7 @@ async fn batch_items_are_decided_each_on_its_own() {
     // Each item is idempotent as if sent alone: the redeem's key answers a plain retry too.
     check(&call(&mut c, &crate::redeem_req(&a, "b-1", usd(300), false)).await, Approved, 300, Some(700));
     // A batch of none, or of more than 8,192, is refused whole.
-    let empty = timed("empty", c.call(&Request::Batch { items: Vec::new() })).await.expect("reply");
+    let empty = timed("empty", c.call(&Request::Batch { atomic: None, items: Vec::new() })).await.expect("reply");
     assert_eq!(empty, Reply::Error(MalformedRequest));
 }
 
@@ -168,4 +168,62 @@ async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
     for i in [0, at_kill.saturating_sub(1), at_kill, N / 2, N - 1] {
         assert_eq!(crate::balance(&mut c, &nth(i)).await, 1_700, "card #{i} loaded exactly once");
     }
+}
+
+#[tokio::test]
+async fn an_all_or_nothing_batch_applies_every_item_or_none() {
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    let (a, b, z) = (nth(0), nth(1), nth(2));
+    for n in [&a, &b] {
+        crate::issue(&mut c, n, usd(1_000)).await;
+    }
+    let atomic = |key: &str, items: Vec<Request>| Request::Batch {
+        atomic: Some(idem("res-1", key)),
+        items: items.iter().map(BatchItem::of).collect(),
+    };
+    let results = |reply: &Reply| -> Vec<(ResultCode, i64)> {
+        let Reply::Batch(items) = reply else { panic!("{reply:?}") };
+        items
+            .iter()
+            .map(|(_, r)| match r {
+                Reply::Card(o) => (o.result, o.approved_minor),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    // The second item cannot be paid: nothing is applied, and each item says why.
+    let redeem = |n: &str, k: &str, minor| crate::redeem_req(n, k, usd(minor), false);
+    let reload =
+        |n: &str, k: &str, minor| Request::Reload { idem: idem(MERCHANT, k), number: num(n), money: usd(minor) };
+    let short = atomic("ab-1", vec![reload(&a, "i1", 500), redeem(&b, "i2", 5_000)]);
+    let reply = timed("atomic", c.call(&short)).await.expect("reply");
+    use ResultCode::*;
+    assert_eq!(results(&reply), [(BatchAborted, 0), (InsufficientFunds, 0)]);
+    assert_eq!((crate::balance(&mut c, &a).await, crate::balance(&mut c, &b).await), (1_000, 1_000));
+    // The same batch key answers the same again; other content under it is a mismatch.
+    assert_eq!(timed("again", c.call(&short)).await.expect("reply"), reply);
+    let other = atomic("ab-1", vec![reload(&a, "i1", 1)]);
+    assert_eq!(results(&timed("other", c.call(&other)).await.expect("reply")), [(IdempotencyMismatch, 0)]);
+    // Every item fits: all applied at once; the items see each other's effects in order.
+    let ok = atomic("ab-2", vec![reload(&a, "i3", 500), redeem(&b, "i4", 900), redeem(&a, "i5", 1_500)]);
+    let wrong_order = timed("ok", c.call(&ok)).await.expect("reply");
+    assert_eq!(wrong_order, Reply::Error(MalformedRequest), "card a twice: refused whole");
+    let ok = atomic("ab-2", vec![reload(&a, "i3", 500), redeem(&b, "i4", 900)]);
+    let reply = timed("ok", c.call(&ok)).await.expect("reply");
+    assert_eq!(results(&reply), [(Approved, 500), (Approved, 900)]);
+    // An unknown card aborts the lot; items an all-or-nothing batch cannot hold refuse it whole.
+    let unknown = atomic("ab-3", vec![reload(&a, "i6", 1), redeem(&z, "i7", 1)]);
+    let r = timed("unknown", c.call(&unknown)).await.expect("reply");
+    assert_eq!(results(&r), [(BatchAborted, 0), (CardNotFound, 0)]);
+    let lock = Request::Lock { idem: idem(MERCHANT, "i8"), number: num(&a), reason: giftd::model::LockReason::Lost };
+    let refused = timed("refused", c.call(&atomic("ab-4", vec![lock]))).await.expect("reply");
+    assert_eq!(refused, Reply::Error(MalformedRequest));
+    // Durable as one: after kill -9 both changes are there, and the key still answers the same.
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    assert_eq!((crate::balance(&mut c, &a).await, crate::balance(&mut c, &b).await), (1_500, 100));
+    assert_eq!(timed("after restart", c.call(&ok)).await.expect("reply"), reply);
 }
