@@ -1008,9 +1008,15 @@ impl Engine {
             (record, at.group)
         };
         let keys: Vec<CardKey> = items.iter().map(|i| i.card).collect();
-        let Some(cells) = self.lock_all(&keys) else {
-            let missing = keys.iter().position(|k| self.cell(k).is_none()).unwrap_or(0);
-            return abort(missing, ResultCode::CardNotFound, None);
+        // Cards are never removed: a card missing for lock_all but found now was issued in between,
+        // and the next try locks it.
+        let cells = loop {
+            if let Some(cells) = self.lock_all(&keys) {
+                break cells;
+            }
+            if let Some(missing) = keys.iter().position(|k| self.cell(k).is_none()) {
+                return abort(missing, ResultCode::CardNotFound, None);
+            }
         };
         let mut locked = self.lock_cells(&cells, now_ms);
         // Decided on copies first: nothing is applied until every item is approved.
@@ -1020,12 +1026,13 @@ impl Engine {
         for (i, item) in items.iter().enumerate() {
             let card = locked.card_ref(&item.card);
             let view = Some(card.rec.view(now_ms));
-            // One currency per batch: its ledger change is one sum.
-            if rules::money_of(&item.op).is_some_and(|m| Some(m.currency) != currency) {
-                return abort(i, ResultCode::CurrencyMismatch, view);
-            }
             let program = card.program.load();
             match rules::decide(&scratch[i], &program, &item.op, false, now_ms) {
+                // One currency per batch, so that its ledger change is one sum: checked after the
+                // item's own rules, which answer first as they would for the item alone.
+                Ok(_) if rules::money_of(&item.op).is_some_and(|m| Some(m.currency) != currency) => {
+                    return abort(i, ResultCode::CurrencyMismatch, view);
+                }
                 Ok(d) => {
                     d.apply(&mut scratch[i], now_ms, 0);
                     decisions.push(d);
