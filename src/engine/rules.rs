@@ -298,7 +298,9 @@ impl Decision {
             }
         }
         if self.loaded_minor > 0 {
-            card.loaded_today_minor = card.loaded_on(now_ms) + self.loaded_minor;
+            // Saturating: with no daily limit a card may be loaded without end, and a count stuck
+            // at the top still refuses every load under a limit set later.
+            card.loaded_today_minor = card.loaded_on(now_ms).saturating_add(self.loaded_minor);
             card.load_day = utc_day(now_ms);
         }
         card.balance_minor += self.delta_minor;

@@ -1143,3 +1143,26 @@ fn an_activation_is_taken_back_only_from_a_card_untouched_since() {
     let rec = e.snapshot(&card(1)).unwrap().0;
     assert_eq!((rec.status(NOW), rec.balance_minor), (Status::Inactive, 1_000));
 }
+
+#[test]
+fn a_program_missing_from_the_configuration_issues_nothing_until_set() {
+    let journal = Arc::new(MemoryJournal::default());
+    let e = Engine::new(Programs::new([Program { pin_required: true, ..Program::new("gone") }]), journal.clone());
+    issue(&e, card(1), "gone", usd(1_000), None, true);
+    // Restarted with "gone" dropped from the configuration: its card keeps working, by default rules.
+    let again = Engine::new(Programs::default(), Arc::new(MemoryJournal::default()));
+    let restored = again.restore(journal.cards(), 1);
+    assert_eq!(restored.unknown_programs, ["gone"]);
+    assert_eq!(run(&again, "r1", card(1), redeem(100, false), NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(issue(&again, card(2), "gone", usd(100), None, true).outcome.result, ResultCode::UnknownProgram);
+    // Once an admin sets it, it is issuable, and the old card follows it.
+    let op = Op::ProgramSet {
+        program: Arc::new(Program { pin_required: true, ..Program::new("gone") }),
+        settings: String::new(),
+    };
+    let mut mutation = m(Req { merchant: "ops", key: "set".into(), card: card(0), op });
+    mutation.card = None;
+    assert_eq!(again.execute(mutation, NOW).outcome.result, ResultCode::Approved);
+    assert_eq!(run(&again, "r2", card(1), redeem(100, false), NOW).outcome.result, ResultCode::PinRequired);
+    assert_eq!(issue(&again, card(3), "gone", usd(100), None, true).outcome.result, ResultCode::Approved);
+}

@@ -248,12 +248,38 @@ fn atomic_batch(shared: &Shared, body: &[u8], idem: wire::IdemRef, items: &[wire
     (Reply::Batch(replies), done.group)
 }
 
+/// The fingerprint of a request that carries a PIN, taken with the PIN's proof in place of its
+/// digits. Fingerprints are keyed with the card-number key and stored: were the digits in them,
+/// that key alone would let anyone holding the data test PINs offline, which the separate PIN key
+/// exists to prevent. None for a request without a PIN.
+fn pin_free_fingerprint(shared: &Shared, opcode: u8, req: &Request) -> Option<[u8; 16]> {
+    let (without, number, pin) = match req {
+        Request::Redeem { number, pin: Some(pin), .. } | Request::Authorize { number, pin: Some(pin), .. } => {
+            let mut r = req.clone();
+            if let Request::Redeem { pin, .. } | Request::Authorize { pin, .. } = &mut r {
+                *pin = None;
+            }
+            (r, number, pin)
+        }
+        Request::PinSet { idem, number, pin } | Request::PinVerify { idem, number, pin } => {
+            (Request::PinReset { idem: idem.clone(), number: number.clone() }, number, pin)
+        }
+        _ => return None,
+    };
+    let mut buf = BytesMut::new();
+    wire::encode_request_body(&mut buf, &without);
+    buf.extend_from_slice(&shared.pin_keyer.proof(&shared.keyer.card_key(number), pin).0);
+    Some(shared.keyer.fingerprint(opcode, &buf))
+}
+
 /// Decides one well-formed request. Returns the reply and the group it must wait for.
 async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Reply, u64) {
     let now = now_ms();
+    let fingerprint =
+        pin_free_fingerprint(shared, opcode, &req).unwrap_or_else(|| shared.keyer.fingerprint(opcode, body));
     let mutation = |idem: &wire::IdemRef, number: Option<&CardNumber>, op: Op| Mutation {
         idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
-        fingerprint: shared.keyer.fingerprint(opcode, body),
+        fingerprint,
         card: number.map(|n| shared.keyer.card_key(n)),
         last4: number.map_or([b'0'; 4], |n| n.last4()),
         op,
@@ -261,6 +287,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     // Numbers generated for an issue: the reply returns the one the engine used, once.
     let mut generated: Vec<CardNumber> = Vec::new();
     let mut program_name = String::new();
+    let mut program_text = String::new();
     let m = match req {
         Request::Hello { .. } => unreachable!("hello is answered by the connection"),
         Request::Balance { number } => {
@@ -327,6 +354,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
                 return (program_reply(ResultCode::BadProgramSettings, &name, problems.join("; ")), 0);
             }
             let op = Op::ProgramSet { program: Arc::new(cfg.to_program(&name)), settings: cfg.to_text() };
+            program_text = cfg.to_text();
             program_name = name;
             mutation(&idem, None, op)
         }
@@ -378,9 +406,13 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             Reply::Job(JobReply { result: done.outcome.result, count: done.outcome.approved_minor as u32 })
         }
         Some(Opcode::ProgramSet) => {
+            // What this update set, from its own settings, not a later update's (which may not
+            // be durable yet); a replay shows the settings as they are now.
             let text = match shared.engine.program(&program_name) {
-                Some(p) if done.outcome.result == ResultCode::Approved => ProgramConfig::from_program(&p).to_text(),
-                _ => String::new(),
+                _ if done.outcome.result != ResultCode::Approved => String::new(),
+                _ if !done.replayed => program_text,
+                Some(p) => ProgramConfig::from_program(&p).to_text(),
+                None => String::new(),
             };
             program_reply(done.outcome.result, &program_name, text)
         }

@@ -83,7 +83,9 @@ impl Decoder for FrameCodec {
             return Err(FrameError::TooShort(len));
         }
         if src.len() < frame_bytes as usize {
-            src.reserve(frame_bytes as usize - src.len());
+            // Room for at most one ordinary frame at a time: a header claiming a large batch makes
+            // the buffer grow with the bytes that actually arrive, not all at once.
+            src.reserve((frame_bytes as usize - src.len()).min(self.frame_bytes_max));
             return Ok(None);
         }
         let mut raw = src.split_to(frame_bytes as usize);

@@ -78,6 +78,9 @@ async fn wrong_pins_lock_the_card_and_the_lock_survives_kill9() {
         check(&o, ResultCode::PinIncorrect, 0, Some(5_000));
         assert_eq!(lookup(&mut c, CARD).await.pin_failures, i as u8 + 1);
     }
+    // The same key with another PIN is other content: declined, and not counted.
+    check(&call(&mut c, &pay("w1", 100, Some("1112"))).await, ResultCode::IdempotencyMismatch, 0, None);
+    assert_eq!(lookup(&mut c, CARD).await.pin_failures, 2);
     // The count is durable: a kill -9 does not give the guesser fresh tries.
     drop(c);
     g.kill9();
