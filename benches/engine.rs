@@ -4,8 +4,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use giftd::card_number::CardKey;
 use giftd::engine::{
-    Appended, Effect, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, IssueNumber, Journal, Mutation, Op, Programs,
-    Settled,
+    Appended, Effect, Effects, Engine, IdemKey, IdemRecord, InvoiceKey, Journal, Mutation, Op, Programs, Settled,
 };
 use giftd::model::{Currency, Money};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,16 +55,7 @@ fn bench(c: &mut Criterion) {
     let engine = Engine::new(Programs::default(), Arc::new(DiscardJournal::default()));
     for i in 0..CARDS {
         let money = Money { currency: usd, minor: i64::MAX / 4 };
-        let op = Op::Issue {
-            program: "default".into(),
-            money,
-            expiry_ms: None,
-            active: true,
-            number: IssueNumber::Supplied { luhn_ok: true },
-            virtual_card: false,
-            email: None,
-            case: None,
-        };
+        let op = Op::issue("default", money, None, true);
         let idem = IdemKey::new("m", &format!("i{i}"));
         engine.execute(Mutation { idem, fingerprint: [0; 16], card: Some(key(i)), last4: *b"0000", op }, 0);
     }

@@ -267,14 +267,20 @@ impl Engine {
         // A compensation issue is keyed by its case, for every caller: whoever issues again for the
         // same case, with whatever content, gets the first card's answer. Cases live under the
         // empty merchant, which no request can name.
-        let author: Arc<str> = m.idem.merchant().into();
-        if let Op::Issue { case: Some(case), .. } = &m.op {
-            m.idem = IdemKey::new("", case);
-            m.fingerprint = CASE_FINGERPRINT;
-        }
+        // The issuer is kept for the card's history (only a case issue needs the copy, so nothing
+        // is allocated for other requests).
+        let case_author: Option<Box<str>> = match &m.op {
+            Op::Issue { case: Some(case), .. } => {
+                let author = m.idem.merchant().into();
+                m.idem = IdemKey::new("", case);
+                m.fingerprint = CASE_FINGERPRINT;
+                Some(author)
+            }
+            _ => None,
+        };
         // Only an issued card binds a case: a declined compensation issue (a mistyped program, say)
         // changed nothing, so the next issue for the case is decided afresh.
-        let case_issue = matches!(m.op, Op::Issue { case: Some(_), .. });
+        let case_issue = case_author.is_some();
         let binds = |r: &IdemRecord| !case_issue || r.outcome.result == ResultCode::Approved;
         let evictions = self.evictions.load(Ordering::SeqCst);
         if let Some(recent) = self.idem.get(&m.idem).filter(|r| binds(&r.record)) {
@@ -339,7 +345,8 @@ impl Engine {
                     IssueNumber::Supplied { .. } => vec![(m.card.expect("an issue names its card"), m.last4)],
                     IssueNumber::Generated(c) => c.clone(),
                 };
-                let (record, group, index) = self.issue(&m, &author, &candidates, program, now_ms);
+                let author = case_author.as_deref().unwrap_or(m.idem.merchant());
+                let (record, group, index) = self.issue(&m, author, &candidates, program, now_ms);
                 issued = index.filter(|_| matches!(number, IssueNumber::Generated(_)));
                 (record, group)
             }

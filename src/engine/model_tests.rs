@@ -843,16 +843,7 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
     let journal = Arc::new(MemoryJournal::default());
     let engine = Engine::new(programs(), journal.clone());
     for c in 1..=CARDS {
-        let op = Op::Issue {
-            program: "default".into(),
-            money: usd(10_000),
-            expiry_ms: None,
-            active: true,
-            number: IssueNumber::Supplied { luhn_ok: true },
-            virtual_card: false,
-            email: None,
-            case: None,
-        };
+        let op = Op::issue("default", usd(10_000), None, true);
         let m = Mutation {
             idem: IdemKey::new("m", &format!("issue-{c}")),
             fingerprint: [c; 16],

@@ -197,6 +197,20 @@ impl SplitOrder {
 }
 
 impl Op {
+    /// A plain issue: a supplied number (with a valid check digit), plastic, no email, no case.
+    pub fn issue(program: &str, money: Money, expiry_ms: Option<i64>, active: bool) -> Op {
+        Op::Issue {
+            program: program.into(),
+            money,
+            expiry_ms,
+            active,
+            number: IssueNumber::Supplied { luhn_ok: true },
+            virtual_card: false,
+            email: None,
+            case: None,
+        }
+    }
+
     /// The hold an operation names: such an operation reaches its card through the hold.
     pub fn hold_id(&self) -> Option<u64> {
         match self {
@@ -249,6 +263,23 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A decision of `kind` that moves `delta_minor` and leaves the rest of the card as it is: the
+    /// base every rule starts from.
+    pub fn keep(card: &CardRecord, kind: TxnKind, delta_minor: i64, approved_minor: i64) -> Decision {
+        Decision {
+            kind,
+            delta_minor,
+            lifecycle: card.lifecycle,
+            lock: card.lock,
+            approved_minor,
+            hold: HoldChange::None,
+            register: None,
+            new_expiry_ms: None,
+            pin: PinChange::None,
+            loaded_minor: 0,
+        }
+    }
+
     /// The amount its history entry records: the change of balance, except for the hold
     /// operations that leave the balance alone, which record the amount held or released.
     pub fn history_amount(&self) -> i64 {
@@ -387,18 +418,8 @@ fn pin_verified(card: &CardRecord, pin: Option<&PinProof>) -> PinChange {
 
 /// A wrong PIN on `card`: counted, and the card locks once the program's tries are used up.
 pub fn pin_failure(card: &CardRecord, program: &Program) -> Decision {
-    Decision {
-        kind: TxnKind::PinFailed,
-        delta_minor: 0,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor: 0,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::Failed { lock: card.pin_failures.saturating_add(1) >= program.pin_tries_max },
-        loaded_minor: 0,
-    }
+    let lock = card.pin_failures.saturating_add(1) >= program.pin_tries_max;
+    Decision { pin: PinChange::Failed { lock }, ..Decision::keep(card, TxnKind::PinFailed, 0, 0) }
 }
 
 /// Decides an issue of a number not yet known (the caller checks that under the card's lock).
@@ -462,18 +483,7 @@ pub fn decide(
     now_ms: i64,
 ) -> Result<Decision, ResultCode> {
     let status = card.status(now_ms);
-    let same = |kind, delta_minor, approved_minor| Decision {
-        kind,
-        delta_minor,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    };
+    let same = |kind, delta_minor, approved_minor| Decision::keep(card, kind, delta_minor, approved_minor);
     match op {
         Op::Issue { .. } => Err(ResultCode::CardExists),
         Op::Refund { .. }
@@ -666,16 +676,8 @@ fn open_hold(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode
 pub fn expiry(card: &CardRecord, now_ms: i64) -> Option<Decision> {
     let hold = card.holds.iter().find(|h| h.expires_ms <= now_ms)?;
     Some(Decision {
-        kind: TxnKind::HoldExpired,
-        delta_minor: 0,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor: hold.amount_minor,
         hold: HoldChange::Close { id: hold.id },
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
+        ..Decision::keep(card, TxnKind::HoldExpired, 0, hold.amount_minor)
     })
 }
 
@@ -724,18 +726,7 @@ pub fn decide_refund(
             }
         }
     }
-    Ok(Decision {
-        kind: TxnKind::Refund,
-        delta_minor: money.minor,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor: money.minor,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    })
+    Ok(Decision::keep(card, TxnKind::Refund, money.minor, money.minor))
 }
 
 /// Decides how a reversal undoes one card's part of an earlier mutation of `kind`, which moved
@@ -755,16 +746,8 @@ pub fn decide_reversal(
         return Err(ResultCode::CardClosed);
     }
     let undo = |delta_minor: i64, lifecycle| Decision {
-        kind: TxnKind::Reversal,
-        delta_minor,
         lifecycle,
-        lock: card.lock,
-        approved_minor: delta_minor.abs(),
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
+        ..Decision::keep(card, TxnKind::Reversal, delta_minor, delta_minor.abs())
     };
     match kind {
         // Spends come back, less what was refunded already.
@@ -834,34 +817,12 @@ pub fn decide_split(
 
 /// A spend of `minor` from `card` as a split redeem's part.
 pub fn split_part(card: &CardRecord, minor: i64) -> Decision {
-    Decision {
-        kind: TxnKind::Redeem,
-        delta_minor: -minor,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor: minor,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    }
+    Decision::keep(card, TxnKind::Redeem, -minor, minor)
 }
 
 /// A note appended to `card`: nothing else changes.
 pub fn note(card: &CardRecord) -> Decision {
-    Decision {
-        kind: TxnKind::Note,
-        delta_minor: 0,
-        lifecycle: card.lifecycle,
-        lock: card.lock,
-        approved_minor: 0,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    }
+    Decision::keep(card, TxnKind::Note, 0, 0)
 }
 
 /// Decides a transfer of `from`'s whole balance to `to`: the decisions for each card.
@@ -890,30 +851,8 @@ pub fn decide_transfer(
     }
     let amount = from.balance_minor;
     checked_load(to_program, to.balance_minor, &Money { currency: to.currency, minor: amount })?;
-    let out = Decision {
-        kind: TxnKind::TransferOut,
-        delta_minor: -amount,
-        lifecycle: Lifecycle::Closed,
-        lock: from.lock,
-        approved_minor: amount,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    };
-    let into = Decision {
-        kind: TxnKind::TransferIn,
-        delta_minor: amount,
-        lifecycle: to.lifecycle,
-        lock: to.lock,
-        approved_minor: amount,
-        hold: HoldChange::None,
-        register: None,
-        new_expiry_ms: None,
-        pin: PinChange::None,
-        loaded_minor: 0,
-    };
+    let out = Decision { lifecycle: Lifecycle::Closed, ..Decision::keep(from, TxnKind::TransferOut, -amount, amount) };
+    let into = Decision::keep(to, TxnKind::TransferIn, amount, amount);
     Ok((out, into))
 }
 
@@ -960,16 +899,9 @@ pub fn decide_reactivate(
     // A card that has expired gets a new expiry; a suspended one that has not keeps its own.
     let expired = card.expiry_ms.is_some_and(|e| e <= now_ms);
     let d = Decision {
-        kind: TxnKind::Reactivate,
-        delta_minor: 0,
-        lifecycle: card.lifecycle,
         lock,
-        approved_minor: 0,
-        hold: HoldChange::None,
-        register: None,
         new_expiry_ms: expired.then(|| now_ms + program.reactivation_extension_ms),
-        pin: PinChange::None,
-        loaded_minor: 0,
+        ..Decision::keep(card, TxnKind::Reactivate, 0, 0)
     };
     Ok((d, why))
 }

@@ -53,22 +53,7 @@ fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {
 
 fn issue(e: &Engine, c: CardKey, program: &str, money: Money, expiry_ms: Option<i64>, active: bool) -> Executed {
     let key = format!("issue-{:?}", c);
-    run(
-        e,
-        &key,
-        c,
-        Op::Issue {
-            program: program.into(),
-            money,
-            expiry_ms,
-            active,
-            number: IssueNumber::Supplied { luhn_ok: true },
-            virtual_card: false,
-            email: None,
-            case: None,
-        },
-        NOW,
-    )
+    run(e, &key, c, Op::issue(program, money, expiry_ms, active), NOW)
 }
 
 fn redeem(minor: i64, partial: bool) -> Op {
@@ -312,16 +297,7 @@ fn rules_table() {
         Case {
             name: "issue over an existing number",
             setup: active_100,
-            op: Op::Issue {
-                program: "default".into(),
-                money: usd(1),
-                expiry_ms: None,
-                active: true,
-                number: IssueNumber::Supplied { luhn_ok: true },
-                virtual_card: false,
-                email: None,
-                case: None,
-            },
+            op: Op::issue("default", usd(1), None, true),
             now: NOW,
             result: CardExists,
             approved: 0,
@@ -330,16 +306,7 @@ fn rules_table() {
         Case {
             name: "issue in an unknown program",
             setup: nothing,
-            op: Op::Issue {
-                program: "nope".into(),
-                money: usd(1),
-                expiry_ms: None,
-                active: true,
-                number: IssueNumber::Supplied { luhn_ok: true },
-                virtual_card: false,
-                email: None,
-                case: None,
-            },
+            op: Op::issue("nope", usd(1), None, true),
             now: NOW,
             result: UnknownProgram,
             approved: 0,
@@ -348,16 +315,7 @@ fn rules_table() {
         Case {
             name: "issue born expired is accepted",
             setup: nothing,
-            op: Op::Issue {
-                program: "default".into(),
-                money: usd(700),
-                expiry_ms: Some(NOW - 1),
-                active: true,
-                number: IssueNumber::Supplied { luhn_ok: true },
-                virtual_card: false,
-                email: None,
-                case: None,
-            },
+            op: Op::issue("default", usd(700), Some(NOW - 1), true),
             now: NOW,
             result: Approved,
             approved: 700,
@@ -366,16 +324,7 @@ fn rules_table() {
         Case {
             name: "issue over the program maximum",
             setup: nothing,
-            op: Op::Issue {
-                program: "capped".into(),
-                money: usd(50_001),
-                expiry_ms: None,
-                active: true,
-                number: IssueNumber::Supplied { luhn_ok: true },
-                virtual_card: false,
-                email: None,
-                case: None,
-            },
+            op: Op::issue("capped", usd(50_001), None, true),
             now: NOW,
             result: MaxBalanceExceeded,
             approved: 0,
