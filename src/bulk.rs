@@ -1,19 +1,20 @@
-//! Bulk jobs, client side (giftctl and giftload use this). A job is a durable record on giftd
-//! (`job_open`: its kind and card count, idempotent on the job id) plus one operation per card,
-//! keyed `<job>/<index>`, sent in batch frames. Every card's operation is idempotent on its key, so
-//! running a job again (after a kill, a lost connection, or only to see its summary) applies nothing
-//! twice and answers with the same summary. Taking a job back is one reversal per card, keyed
-//! `<job>/<index>/r`, naming the card's operation.
+//! Bulk jobs, client side (giftctl uses this). A job is a durable record on giftd (`job_open`: its
+//! kind, card count and chunk size, idempotent on the job id) plus its cards, sent a chunk at a
+//! time (`job_chunk`). Each chunk is decided card by card and recorded once, under its place in the
+//! job, so running a job again (after a kill, a lost connection, or only to see its summary)
+//! applies nothing twice and answers with the same summary. Taking a job back is one reversal per
+//! chunk.
 
 use crate::card_number::CardNumber;
 use crate::client::Client;
+use crate::engine::ChunkWork;
 use crate::model::{Money, ResultCode};
-use crate::wire::{BatchItem, IdemRef, JobKind, JobReply, Reply, Request, BATCH_ITEMS_MAX, STRING_BYTES_MAX};
+use crate::wire::{IdemRef, JobKind, JobReply, Reply, Request, JOB_CHUNK_CARDS_MAX, STRING_BYTES_MAX};
 use anyhow::{bail, Context};
 use std::collections::{BTreeMap, VecDeque};
 
-/// Longest job id: its cards' keys add `/<index>/r` (up to 10 bytes) and must fit a key.
-pub const JOB_ID_BYTES_MAX: usize = STRING_BYTES_MAX - 10;
+/// Longest job id (a key).
+pub const JOB_ID_BYTES_MAX: usize = STRING_BYTES_MAX;
 /// Failures a summary lists one by one (the counts cover all of them).
 pub const FAILURES_LISTED_MAX: usize = 100;
 
@@ -107,11 +108,6 @@ impl Summary {
     }
 }
 
-/// The job's card `i`'s key.
-pub fn card_key(job: &str, i: u64) -> String {
-    format!("{job}/{i}")
-}
-
 pub fn check_job_id(job: &str) -> anyhow::Result<()> {
     if job.is_empty() || job.len() > JOB_ID_BYTES_MAX || job.contains('/') || !job.bytes().all(|b| b.is_ascii_graphic())
     {
@@ -120,68 +116,66 @@ pub fn check_job_id(job: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The name a card's outcome is counted under, and whether it is a failure.
-fn outcome_of(kind: Option<JobKind>, reply: &Reply) -> (&'static str, bool) {
-    let result = reply.result();
-    let approved_minor = match reply {
-        Reply::Card(o) | Reply::Issued(o, _) => o.approved_minor,
-        Reply::Parts(p) => p.approved_minor,
-        _ => 0,
-    };
+/// The name a card's outcome is counted under, and whether it is a failure. `kind` None: taking
+/// a job back.
+fn outcome_of(kind: Option<JobKind>, result: ResultCode, changed: bool) -> (&'static str, bool) {
     match (kind, result) {
         (Some(JobKind::Issue), ResultCode::Approved) => ("issued", false),
         (Some(JobKind::Issue), ResultCode::CardExists) => ("already_exists", true),
         (Some(JobKind::Activate), ResultCode::Approved) => ("activated", false),
         (Some(JobKind::Activate), ResultCode::AlreadyActive) => ("already_active", true),
         (Some(_), ResultCode::CardNotFound) => ("not_found", true),
-        // Taking back: a reversal that found nothing to undo (the card's operation was declined
-        // or never made) succeeds with nothing moved.
-        (None, ResultCode::Approved)
-            if approved_minor == 0 && matches!(reply, Reply::Parts(p) if p.parts.is_none()) =>
-        {
-            ("nothing_to_undo", false)
-        }
+        // Taking back: a card the job did not change (its operation was declined, or its chunk
+        // never sent) has nothing to undo.
+        (None, ResultCode::Approved) if !changed => ("nothing_to_undo", false),
         (None, ResultCode::Approved) => ("reversed", false),
         (None, ResultCode::CardUsed | ResultCode::InsufficientFunds) => ("used", true),
         (_, other) => (other.name(), true),
     }
 }
 
-/// Sends `items` (built lazily, `total` of them) in batches of `chunk`, `window` batches in flight,
-/// and counts each reply with `count(index, reply)`.
+/// Sends the job's chunks (`chunk` cards each, the last one shorter), `window` chunk frames in
+/// flight, the chunk that starts at card `first` built by `request(first, end)`, and counts each
+/// card's answer with `count(index, result, changed)`.
 async fn drive(
     c: Client,
     total: u64,
-    chunk: usize,
+    chunk: u64,
     window: usize,
-    mut item: impl FnMut(u64) -> anyhow::Result<Request>,
-    mut count: impl FnMut(u64, &Reply),
+    mut request: impl FnMut(u64, u64) -> anyhow::Result<Request>,
+    mut count: impl FnMut(u64, ResultCode, bool),
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<()> {
-    let chunk = chunk.clamp(1, BATCH_ITEMS_MAX) as u64;
     let (mut tx, mut rx) = c.into_split();
     let mut in_flight: VecDeque<(u64, u64, u64)> = VecDeque::new();
     let (mut next, mut done) = (0u64, 0u64);
     while done < total {
         while next < total && in_flight.len() < window.max(1) {
             let end = (next + chunk).min(total);
-            let items = (next..end).map(|i| item(i).map(|r| BatchItem::of(&r))).collect::<anyhow::Result<Vec<_>>>()?;
-            let id = tx.send(&Request::Batch { atomic: None, items });
+            let id = tx.send(&request(next, end)?);
             in_flight.push_back((id, next, end));
             next = end;
         }
         tx.flush().await?;
-        let (id, from, to) = in_flight.pop_front().expect("a batch is in flight");
+        let (id, from, to) = in_flight.pop_front().expect("a chunk is in flight");
         let (got, reply) = rx.recv().await?;
         if got != id {
             bail!("reply for request {got}, expected {id}");
         }
-        let Reply::Batch(replies) = reply else { bail!("a batch was answered {}", reply.result().name()) };
-        if replies.len() as u64 != to - from {
-            bail!("a batch of {} got {} replies", to - from, replies.len());
-        }
-        for (i, (_, r)) in (from..to).zip(replies.iter()) {
-            count(i, r);
+        match reply {
+            Reply::Chunk(r) if r.result == ResultCode::Approved && r.items.len() as u64 == to - from => {
+                for (i, (result, changed)) in (from..to).zip(r.items) {
+                    count(i, result, changed);
+                }
+            }
+            // A reversal of a chunk that was never sent: nothing to undo (its key now bars it).
+            Reply::Chunk(r) if r.result == ResultCode::Approved && r.items.is_empty() => {
+                (from..to).for_each(|i| count(i, ResultCode::Approved, false));
+            }
+            // The whole chunk declined (e.g. `original_reversed`: it was taken back before it
+            // was sent): every card of it says so.
+            Reply::Chunk(r) if r.items.is_empty() => (from..to).for_each(|i| count(i, r.result, false)),
+            other => bail!("a chunk of {} cards was answered {other:?}", to - from),
         }
         done = to;
         progress(done, total);
@@ -189,8 +183,8 @@ async fn drive(
     Ok(())
 }
 
-/// A job of a merchant on a giftd, and how it is sent: `chunk` cards a batch frame, `window` batch
-/// frames in flight.
+/// A job of a merchant on a giftd, and how it is sent: `chunk` cards a chunk (for a new job; a job
+/// run again keeps the chunk size it was opened with), `window` chunk frames in flight.
 #[derive(Clone, Copy, Debug)]
 pub struct Job<'a> {
     pub addr: &'a str,
@@ -200,7 +194,15 @@ pub struct Job<'a> {
     pub window: usize,
 }
 
-/// Runs (or runs again) `job`: records it, then does `work` to every card.
+/// The job's record, if it was opened.
+async fn find(c: &mut Client, merchant: &str, job: &str) -> anyhow::Result<JobReply> {
+    match c.call(&Request::JobGet { merchant: merchant.into(), job: job.into() }).await? {
+        Reply::Job(j) => Ok(j),
+        other => bail!("job_get answered {}", other.result().name()),
+    }
+}
+
+/// Runs (or runs again) `job`: records it, then does `work` to every card, a chunk at a time.
 pub async fn run(
     job: Job<'_>,
     cards: &Cards,
@@ -211,10 +213,18 @@ pub async fn run(
     check_job_id(job)?;
     cards.check()?;
     let mut c = Client::connect(addr).await?;
+    // A job run again is sent in the chunks it was first sent in: a chunk is what is idempotent.
+    let found = find(&mut c, merchant, job).await?;
+    let chunk_cards = if found.result == ResultCode::Approved {
+        found.chunk_cards
+    } else {
+        chunk.clamp(1, JOB_CHUNK_CARDS_MAX as usize) as u16
+    };
     let open = Request::JobOpen {
         idem: IdemRef { merchant: merchant.into(), key: job.into() },
         kind: work.kind(),
         count: u32::try_from(cards.count()).context("too many cards for one job")?,
+        chunk_cards,
     };
     let opened = match c.call(&open).await? {
         Reply::Job(j) => j,
@@ -224,59 +234,59 @@ pub async fn run(
         // The id is taken by a job of another kind or size: nothing of this one is sent.
         return Ok((opened, Summary::default()));
     }
-    let idem = |i: u64| IdemRef { merchant: merchant.into(), key: card_key(job, i) };
-    let item = |i: u64| -> anyhow::Result<Request> {
-        let number = cards.get(i).context("card index past the job's cards")?;
-        Ok(match work {
-            Work::Issue { program, money, expiry_ms } => Request::Issue {
-                idem: idem(i),
-                number: Some(number),
-                program: program.clone(),
-                money: *money,
-                expiry_ms: *expiry_ms,
-                active: false,
-                virtual_card: false,
-                email: None,
-                case: None,
-            },
-            Work::Activate { load } => Request::Activate { idem: idem(i), number, load: *load },
+    let chunk_work = match work {
+        Work::Issue { program, money, expiry_ms } => {
+            ChunkWork::Issue { program: program.clone(), money: *money, expiry_ms: *expiry_ms }
+        }
+        Work::Activate { load } => ChunkWork::Activate { load: *load },
+    };
+    let request = |first: u64, end: u64| -> anyhow::Result<Request> {
+        let numbers = (first..end)
+            .map(|i| cards.get(i).context("card index past the job's cards"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Request::JobChunk {
+            merchant: merchant.into(),
+            job: job.into(),
+            first: first as u32,
+            work: chunk_work.clone(),
+            numbers,
         })
     };
     let mut summary = Summary::default();
     let kind = Some(work.kind());
-    let count = |i: u64, r: &Reply| {
-        let (name, failed) = outcome_of(kind, r);
-        let last4 = cards.get(i).map(|n| String::from_utf8_lossy(&n.last4()).into_owned()).unwrap_or_default();
-        summary.add(name, failed.then(|| (i, last4, r.result())));
+    let count = |i: u64, result: ResultCode, changed: bool| {
+        let (name, failed) = outcome_of(kind, result, changed);
+        let last4 = || cards.get(i).map(|n| String::from_utf8_lossy(&n.last4()).into_owned()).unwrap_or_default();
+        summary.add(name, failed.then(|| (i, last4(), result)));
     };
-    drive(c, cards.count(), chunk, window, item, count, progress).await?;
+    drive(c, cards.count(), chunk_cards as u64, window, request, count, progress).await?;
     Ok((opened, summary))
 }
 
-/// Takes back what `job` did: every card's operation is reversed, where it still can be (a card
-/// used since is reported, not touched).
+/// Takes back what `job` did, a chunk at a time: every card it activated is made inactive again,
+/// where it still can be (a card used since is reported, not touched).
 pub async fn reverse(job: Job<'_>, progress: impl FnMut(u64, u64)) -> anyhow::Result<(JobReply, Summary)> {
-    let Job { addr, merchant, id: job, chunk, window } = job;
+    let Job { addr, merchant, id: job, window, .. } = job;
     check_job_id(job)?;
     let mut c = Client::connect(addr).await?;
-    let found = match c.call(&Request::JobGet { merchant: merchant.into(), job: job.into() }).await? {
-        Reply::Job(j) => j,
-        other => bail!("job_get answered {}", other.result().name()),
-    };
+    let found = find(&mut c, merchant, job).await?;
     if found.result != ResultCode::Approved {
         return Ok((found, Summary::default()));
     }
-    let item = |i: u64| -> anyhow::Result<Request> {
-        Ok(Request::Reverse {
-            idem: IdemRef { merchant: merchant.into(), key: format!("{}/r", card_key(job, i)) },
-            original: card_key(job, i),
+    let request = |first: u64, _end: u64| -> anyhow::Result<Request> {
+        Ok(Request::JobChunk {
+            merchant: merchant.into(),
+            job: job.into(),
+            first: first as u32,
+            work: ChunkWork::Reverse,
+            numbers: Vec::new(),
         })
     };
     let mut summary = Summary::default();
-    let count = |i: u64, r: &Reply| {
-        let (name, failed) = outcome_of(None, r);
-        summary.add(name, failed.then(|| (i, String::new(), r.result())));
+    let count = |i: u64, result: ResultCode, changed: bool| {
+        let (name, failed) = outcome_of(None, result, changed);
+        summary.add(name, failed.then(|| (i, String::new(), result)));
     };
-    drive(c, found.count as u64, chunk, window, item, count, progress).await?;
+    drive(c, found.count as u64, found.chunk_cards as u64, window, request, count, progress).await?;
     Ok((found, summary))
 }

@@ -357,6 +357,7 @@ result_codes! {
     CardExists = 22, "card_exists";
     UnknownProgram = 23, "unknown_program";
     JobNotFound = 63, "job_not_found";
+    JobChunkMismatch = 65, "job_chunk_mismatch";
     BadCheckDigit = 57, "bad_check_digit";
     CardClosed = 24, "card_closed";
     CardSuspended = 25, "card_suspended";

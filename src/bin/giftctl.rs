@@ -358,10 +358,11 @@ struct JobRun {
     /// answers with the same summary (so an interrupted job is resumed by running it again).
     #[arg(long)]
     job: String,
-    /// Cards per batch frame (at most 8192).
+    /// Cards per chunk, for a new job (at most 4096); a job run again keeps the chunk size it
+    /// was opened with.
     #[arg(long, default_value_t = 1024)]
     chunk: usize,
-    /// Batch frames in flight at once.
+    /// Chunks in flight at once.
     #[arg(long, default_value_t = 4)]
     window: usize,
     #[command(flatten)]
@@ -432,8 +433,9 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         BulkCmd::Issue { run, .. } | BulkCmd::Activate { run, .. } | BulkCmd::Reverse { run } => run,
     };
     bulk::check_job_id(&run.job).map_err(|e| usage(format!("--job: {e}")))?;
-    if !(1..=giftd::wire::BATCH_ITEMS_MAX).contains(&run.chunk) || run.window == 0 {
-        return Err(usage(format!("--chunk must be 1 to {} and --window at least 1", giftd::wire::BATCH_ITEMS_MAX)));
+    let most = giftd::wire::JOB_CHUNK_CARDS_MAX as usize;
+    if !(1..=most).contains(&run.chunk) || run.window == 0 {
+        return Err(usage(format!("--chunk must be 1 to {most} and --window at least 1")));
     }
     let show = !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let progress = |done: u64, total: u64| {
@@ -903,9 +905,16 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
         }
         Reply::Job(j) => {
             obj.insert("count".into(), json!(j.count));
+            if let Some(kind) = j.kind {
+                obj.insert("kind".into(), json!(kind.name()));
+                obj.insert("chunk_cards".into(), json!(j.chunk_cards));
+            }
         }
         Reply::Batch(items) => {
             obj.insert("items".into(), json!(items.len()));
+        }
+        Reply::Chunk(c) => {
+            obj.insert("items".into(), json!(c.items.len()));
         }
         Reply::Program(p) => {
             obj.insert("program".into(), json!(p.name));

@@ -5,7 +5,7 @@
 
 use super::card::CardRecord;
 use crate::card_number::CardKey;
-use crate::model::{Currency, Outcome, Parts, TxnKind};
+use crate::model::{Currency, Outcome, Parts, ResultCode, TxnKind};
 use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,13 @@ impl IdemKey {
     /// never meets an ordinary request's key.
     pub fn job(merchant: &str, job: &str) -> IdemKey {
         IdemKey(prefixed(merchant, &format!("\u{1}job/{job}")))
+    }
+
+    /// The key of a job's chunk that starts at card `first`, in the job's namespace; `reversal`:
+    /// the key of the chunk's reversal.
+    pub fn chunk(merchant: &str, job: &str, first: u32, reversal: bool) -> IdemKey {
+        let r = if reversal { "/r" } else { "" };
+        IdemKey(prefixed(merchant, &format!("\u{1}job/{job}/@{first}{r}")))
     }
 
     pub fn merchant(&self) -> &str {
@@ -77,6 +84,8 @@ pub struct IdemRecord {
     pub reason: Option<Box<str>>,
     /// Each item's answer, for an all-or-nothing batch (in item order).
     pub items: Option<Box<Vec<Outcome>>>,
+    /// A bulk job's record, or the record of one chunk of its cards.
+    pub bulk: Option<Box<Bulk>>,
 }
 
 impl IdemRecord {
@@ -90,8 +99,77 @@ impl IdemRecord {
             tombstone: false,
             reason: None,
             items: None,
+            bulk: None,
         }
     }
+
+    /// The chunk record this holds, if it is one.
+    pub fn chunk(&self) -> Option<&ChunkRecord> {
+        match self.bulk.as_deref() {
+            Some(Bulk::Chunk(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The job this records, if it is a job's record.
+    pub fn job(&self) -> Option<JobSpec> {
+        match self.bulk.as_deref() {
+            Some(Bulk::Job(j)) => Some(*j),
+            _ => None,
+        }
+    }
+}
+
+/// What a bulk job does to each card: 1 issue, 2 activate; chunks also 3, taking one back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ChunkKind {
+    Issue = 1,
+    Activate = 2,
+    Reverse = 3,
+}
+
+impl ChunkKind {
+    pub fn from_u8(v: u8) -> Option<ChunkKind> {
+        match v {
+            1 => Some(ChunkKind::Issue),
+            2 => Some(ChunkKind::Activate),
+            3 => Some(ChunkKind::Reverse),
+            _ => None,
+        }
+    }
+}
+
+/// A bulk job as `job_open` recorded it: its cards are sent in chunks of `chunk_cards`, chunk `n`
+/// holding cards `n * chunk_cards ..`, so that a job run again meets the same chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobSpec {
+    pub kind: ChunkKind,
+    pub count: u32,
+    pub chunk_cards: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bulk {
+    Job(JobSpec),
+    Chunk(ChunkRecord),
+}
+
+/// One chunk of a bulk job, decided card by card and recorded once: each card's answer, and what
+/// a reversal of the chunk needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub kind: ChunkKind,
+    pub at_ms: i64,
+    /// What each changed card got (an activation's load), for the reversal.
+    pub amount_minor: i64,
+    /// Each card's answer, in the chunk's order, and whether it changed the card.
+    pub results: Vec<(ResultCode, bool)>,
+    /// The cards changed, in the chunk's order (activation chunks only: what a reversal undoes).
+    pub changed: Vec<CardKey>,
+    /// The history entry of the first change, assigned by [`Journal::append`]; the changes follow
+    /// one apart, in the chunk's order.
+    pub first_txn_id: u64,
 }
 
 /// What an approved mutation did to money, as a refund or reversal needs to know it.
@@ -326,6 +404,9 @@ impl Journal for MemoryJournal {
             // Kept as the store keeps it: the effect only by reference to its history entries.
             if let Some(e) = r.effect.take() {
                 r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
+            }
+            if let Some(Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
+                c.first_txn_id = first_txn_id;
             }
             g.idem.insert(k, r);
         }

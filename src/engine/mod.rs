@@ -16,14 +16,14 @@ pub mod rules;
 
 pub use card::{CardRecord, Lifecycle};
 pub use journal::{
-    Appended, CardChange, Changes, Effect, EffectParts, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, LedgerDelta,
-    MemoryJournal, NoteRecord, Settled, TxnRecord,
+    Appended, Bulk, CardChange, Changes, ChunkKind, ChunkRecord, Effect, EffectParts, Effects, IdemKey, IdemRecord,
+    InvoiceKey, JobSpec, Journal, LedgerDelta, MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
 pub use program::{Program, ProgramSlot, Programs};
-pub use rules::{AtomicItem, IssueNumber, Op, SplitOrder};
+pub use rules::{AtomicItem, ChunkCard, ChunkWork, IssueNumber, Op, SplitOrder};
 
 use crate::card_number::CardKey;
-use crate::model::{Currency, HoldView, Outcome, PartView, Parts, ResultCode, TxnKind};
+use crate::model::{Currency, HoldView, Money, Outcome, PartView, Parts, ResultCode, TxnKind};
 use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -70,6 +70,8 @@ pub struct Executed {
     pub issued: Option<u8>,
     /// An all-or-nothing batch's answer for each item.
     pub items: Option<Vec<Outcome>>,
+    /// A job chunk's answer for each card, and whether it changed the card.
+    pub chunk: Option<Vec<(ResultCode, bool)>>,
 }
 
 /// A recently used idempotency key, kept in memory at least until its group is durable.
@@ -132,11 +134,13 @@ struct Answer {
     reason: Option<String>,
     /// An all-or-nothing batch's answer for each item.
     items: Option<Vec<Outcome>>,
+    /// A job's record, or a job chunk's.
+    bulk: Option<Bulk>,
 }
 
 impl Answer {
     fn plain(outcome: Outcome) -> Answer {
-        Answer { outcome, parts: None, effect: None, reason: None, items: None }
+        Answer { outcome, parts: None, effect: None, reason: None, items: None, bulk: None }
     }
 }
 
@@ -225,13 +229,39 @@ impl Engine {
         self.cards.get(key).map(|c| c.clone())
     }
 
-    /// A bulk job's record: its answer (the count in `approved_minor`) and the group to wait for.
-    pub fn job(&self, merchant: &str, job: &str) -> Option<(Outcome, u64)> {
+    /// A bulk job as `job_open` recorded it, and the group to wait for.
+    pub fn job(&self, merchant: &str, job: &str) -> Option<(JobSpec, u64)> {
         let key = IdemKey::job(merchant, job);
         if let Some(r) = self.idem.get(&key) {
-            return Some((r.record.outcome, r.group));
+            return r.record.job().map(|j| (j, r.group));
         }
-        self.journal.find_idem(&key).map(|r| (r.outcome, self.journal.latest_group()))
+        self.journal.find_idem(&key).and_then(|r| r.job()).map(|j| (j, self.journal.latest_group()))
+    }
+
+    /// Whether a chunk fits its job: the job is open, the chunk starts at a chunk boundary and
+    /// holds that chunk's cards, and does the job's kind of work (or takes a chunk back). Else the
+    /// decline and the group it waits for.
+    fn chunk_fits(
+        &self,
+        merchant: &str,
+        job: &str,
+        first: u32,
+        work: &ChunkWork,
+        cards: usize,
+    ) -> Result<(), (ResultCode, u64)> {
+        let Some((spec, group)) = self.job(merchant, job) else { return Err((ResultCode::JobNotFound, 0)) };
+        let size = spec.count.saturating_sub(first).min(spec.chunk_cards as u32) as usize;
+        let fits = first < spec.count
+            && first % spec.chunk_cards as u32 == 0
+            && match work {
+                ChunkWork::Reverse => cards == 0,
+                _ => work.kind() == spec.kind && cards == size,
+            };
+        if fits {
+            Ok(())
+        } else {
+            Err((ResultCode::JobChunkMismatch, group))
+        }
     }
 
     /// The program's current rules.
@@ -281,6 +311,13 @@ impl Engine {
         // Only an issued card binds a case: a declined compensation issue (a mistyped program, say)
         // changed nothing, so the next issue for the case is decided afresh.
         let case_issue = case_author.is_some();
+        // A chunk belongs to an open job, at its place: checked before its key is taken, so that a
+        // chunk sent before its job (or out of place) binds nothing.
+        if let Op::JobChunk { job, first, work, cards } = &m.op {
+            if let Err((code, group)) = self.chunk_fits(m.idem.merchant(), job, *first, work, cards.len()) {
+                return Executed { group, ..Executed::of(Outcome::declined(code, None)) };
+            }
+        }
         let binds = |r: &IdemRecord| !case_issue || r.outcome.result == ResultCode::Approved;
         let evictions = self.evictions.load(Ordering::SeqCst);
         if let Some(recent) = self.idem.get(&m.idem).filter(|r| binds(&r.record)) {
@@ -301,6 +338,10 @@ impl Engine {
             }
             Op::Reverse { original } => {
                 let key = IdemKey::new(m.idem.merchant(), original);
+                Some((self.original(&key, true, evictions, now_ms), key))
+            }
+            Op::JobChunk { job, first, work: ChunkWork::Reverse, .. } => {
+                let key = IdemKey::chunk(m.idem.merchant(), job, *first, false);
                 Some((self.original(&key, true, evictions, now_ms), key))
             }
             _ => None,
@@ -353,10 +394,19 @@ impl Engine {
             (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
             (Op::Atomic { items }, _) => self.atomic(&m, items, now_ms),
             // A job's record is its idempotency record: its count is the answer.
-            (Op::JobOpen { count, .. }, _) => {
+            (Op::JobOpen { spec }, _) => {
                 let outcome =
-                    Outcome { approved_minor: *count as i64, ..Outcome::declined(ResultCode::Approved, None) };
-                self.declined(&m, outcome)
+                    Outcome { approved_minor: spec.count as i64, ..Outcome::declined(ResultCode::Approved, None) };
+                let answer = Answer { bulk: Some(Bulk::Job(*spec)), ..Answer::plain(outcome) };
+                let (record, at) = self.commit(&m, answer, Effects::default());
+                (record, at.group)
+            }
+            (Op::JobChunk { work: ChunkWork::Reverse, .. }, Some((orig, _))) => self.chunk_reverse(&m, orig, now_ms),
+            (Op::JobChunk { work: ChunkWork::Issue { program, money, expiry_ms }, cards, .. }, _) => {
+                self.chunk_issue(&m, program, *money, *expiry_ms, cards, now_ms)
+            }
+            (Op::JobChunk { work: ChunkWork::Activate { load }, cards, .. }, _) => {
+                self.chunk_activate(&m, *load, cards, now_ms)
             }
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
@@ -387,6 +437,7 @@ impl Engine {
             replayed: false,
             issued,
             items: record.items.as_deref().cloned(),
+            chunk: record.chunk().map(|c| c.results.clone()),
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
@@ -445,12 +496,16 @@ impl Engine {
             tombstone: false,
             reason: answer.reason.map(Into::into),
             items: answer.items.map(Box::new),
+            bulk: answer.bulk.map(Box::new),
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
         let at = self.journal.append(effects);
         // The journal points its copy at the history entries it numbered; so does memory's.
         if let Some(e) = &record.effect {
             record.effect_txns = Some((at.first_txn_id, e.parts.len() as u8));
+        }
+        if let Some(Bulk::Chunk(c)) = record.bulk.as_deref_mut() {
+            c.first_txn_id = at.first_txn_id;
         }
         (record, at)
     }
@@ -501,7 +556,11 @@ impl Engine {
         for (i, &(key, last4)) in candidates.iter().enumerate() {
             let v = match self.cards.entry(key) {
                 Entry::Occupied(e) => {
-                    last_taken = Some(e.get().lock().expect("card lock").rec.view(now_ms));
+                    // Locked after the shard is let go: a job chunk holds new cards' locks while it
+                    // publishes them, shard by shard.
+                    let cell = e.get().clone();
+                    drop(e);
+                    last_taken = Some(cell.lock().expect("card lock").rec.view(now_ms));
                     continue;
                 }
                 Entry::Vacant(v) => v,
@@ -621,8 +680,11 @@ impl Engine {
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (record, at) =
-                    self.commit(m, Answer { outcome, parts: None, effect, reason: None, items: None }, effects);
+                let (record, at) = self.commit(
+                    m,
+                    Answer { outcome, parts: None, effect, reason: None, items: None, bulk: None },
+                    effects,
+                );
                 card.rec.last_txn_id = at.first_txn_id;
                 if d.kind == TxnKind::Note {
                     card.rec.last_note_id = at.first_txn_id;
@@ -751,6 +813,7 @@ impl Engine {
             effect: Some(effect),
             reason: None,
             items: None,
+            bulk: None,
         };
         let (record, appended) = self.commit(m, answer, effects);
         for (n, &(i, _)) in take.iter().enumerate() {
@@ -840,8 +903,14 @@ impl Engine {
         // Money moves between two cards: nothing enters or leaves the ledger.
         let outcome =
             Outcome { result: ResultCode::Approved, approved_minor: out.approved_minor, card: None, hold: None };
-        let answer =
-            Answer { outcome, parts: Some(Parts { currency, items }), effect: None, reason: None, items: None };
+        let answer = Answer {
+            outcome,
+            parts: Some(Parts { currency, items }),
+            effect: None,
+            reason: None,
+            items: None,
+            bulk: None,
+        };
         let (record, appended) = self.commit(m, answer, effects);
         // Entries: the move out, the move in, then the old card's note (its newest entry).
         let note_id = appended.first_txn_id + 2;
@@ -945,7 +1014,8 @@ impl Engine {
         let mut settled = self.settled_of(key);
         if let Some((outcome, parts)) = &settled.reversal {
             // Reversed already: the same answer again, and nothing changes.
-            let answer = Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None, items: None };
+            let answer =
+                Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None, items: None, bulk: None };
             let (record, at) = self.commit(m, answer, Effects::default());
             return (record, at.group);
         }
@@ -999,7 +1069,7 @@ impl Engine {
         settled.reversal = Some((outcome, parts.clone()));
         effects.settled = Some((key.clone(), settled.clone()));
         let (record, appended) =
-            self.commit(m, Answer { outcome, parts, effect: None, reason: None, items: None }, effects);
+            self.commit(m, Answer { outcome, parts, effect: None, reason: None, items: None, bulk: None }, effects);
         self.settled.insert(key.clone(), RecentSettled { state: settled, group: appended.group, at_ms: now_ms });
         for (n, k) in keys.iter().enumerate() {
             let g = locked.card(k);
@@ -1091,6 +1161,236 @@ impl Engine {
         (record, at.group)
     }
 
+    /// Records a chunk's answers with its changes (one append), then points each changed card at
+    /// its history entry (they follow one apart, in `cards` order).
+    fn commit_chunk(
+        &self,
+        m: &Mutation,
+        chunk: ChunkRecord,
+        effects: Effects,
+        cards: &mut [&mut Card],
+    ) -> (IdemRecord, u64) {
+        let changed = chunk.results.iter().filter(|(_, c)| *c).count();
+        debug_assert_eq!(changed, effects.changes.len());
+        let outcome = Outcome { approved_minor: changed as i64, ..Outcome::declined(ResultCode::Approved, None) };
+        let (record, at) = self.commit(m, Answer { bulk: Some(Bulk::Chunk(chunk)), ..Answer::plain(outcome) }, effects);
+        for (n, card) in cards.iter_mut().enumerate() {
+            card.rec.last_txn_id = at.first_txn_id + n as u64;
+            card.last_group = at.group;
+        }
+        (record, at.group)
+    }
+
+    /// A job chunk that issues inactive cards, each on its own (a card that exists is
+    /// `card_exists`, a number the program refuses gets that program's answer). The new cards are
+    /// locked before they are published in the card map, so no request decides on a card before
+    /// its issue is journalled.
+    fn chunk_issue(
+        &self,
+        m: &Mutation,
+        program: &str,
+        money: Money,
+        expiry_ms: Option<i64>,
+        cards: &[ChunkCard],
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
+        let slot = self.programs.read().expect("programs lock").get(program).cloned();
+        let rules = slot.as_ref().map(|s| s.load_full());
+        let mut op = Op::Issue {
+            program: program.to_string(),
+            money,
+            expiry_ms,
+            active: false,
+            number: IssueNumber::Supplied { luhn_ok: true },
+            virtual_card: false,
+            email: None,
+            case: None,
+        };
+        let mut results = Vec::with_capacity(cards.len());
+        let mut fresh: Vec<(usize, CardKey, CardCell)> = Vec::new();
+        for (i, c) in cards.iter().enumerate() {
+            if self.cards.contains_key(&c.key) {
+                results.push((ResultCode::CardExists, false));
+                continue;
+            }
+            if let Op::Issue { number, .. } = &mut op {
+                *number = IssueNumber::Supplied { luhn_ok: c.luhn_ok };
+            }
+            match rules::decide_issue(rules.as_deref(), c.last4, &op, now_ms) {
+                Err(code) => results.push((code, false)),
+                Ok(rec) => {
+                    let program = slot.clone().expect("decide_issue checked the program");
+                    results.push((ResultCode::Approved, true));
+                    fresh.push((i, c.key, Arc::new(Mutex::new(Card { rec, program, last_group: 0 }))));
+                }
+            }
+        }
+        let mut guards: Vec<MutexGuard<'_, Card>> =
+            fresh.iter().map(|(_, _, c)| c.lock().expect("card lock")).collect();
+        let mut effects = Effects::default();
+        let mut published = Vec::with_capacity(guards.len());
+        for ((i, key, cell), guard) in fresh.iter().zip(guards.iter_mut()) {
+            match self.cards.entry(*key) {
+                Entry::Vacant(v) => {
+                    v.insert(cell.clone());
+                    let merchant = m.idem.merchant();
+                    effects.changes.push(Self::change_of(
+                        *key,
+                        merchant,
+                        &guard.rec,
+                        TxnKind::Issue,
+                        money.minor,
+                        now_ms,
+                    ));
+                    published.push(&mut **guard);
+                }
+                // Issued since it was looked at (by another request, or earlier in this chunk).
+                Entry::Occupied(_) => results[*i] = (ResultCode::CardExists, false),
+            }
+        }
+        if !published.is_empty() {
+            let credit_minor = money.minor * published.len() as i64;
+            effects.ledger = Some(LedgerDelta { currency: money.currency, credit_minor, debit_minor: 0 });
+        }
+        let chunk = ChunkRecord {
+            kind: ChunkKind::Issue,
+            at_ms: now_ms,
+            amount_minor: money.minor,
+            results,
+            changed: Vec::new(),
+            first_txn_id: 0,
+        };
+        self.commit_chunk(m, chunk, effects, &mut published)
+    }
+
+    /// A job chunk that activates cards, each on its own, with the rules of a single activation.
+    /// Its cards are locked in key order for the chunk's one append.
+    fn chunk_activate(&self, m: &Mutation, load: Option<Money>, cards: &[ChunkCard], now_ms: i64) -> (IdemRecord, u64) {
+        let mut keys: Vec<CardKey> = cards.iter().map(|c| c.key).collect();
+        keys.sort_unstable_by_key(|k| k.0);
+        keys.dedup();
+        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let op = Op::Activate { load };
+        let mut results = Vec::with_capacity(cards.len());
+        let mut effects = Effects::default();
+        let mut changed = Vec::new();
+        let mut credit_minor = 0i64;
+        for c in cards {
+            let Ok(at) = locked.keys.binary_search(&c.key) else {
+                results.push((ResultCode::CardNotFound, false));
+                continue;
+            };
+            let card = &mut *locked.guards[at];
+            let decision = rules::decide(&card.rec, &card.program.load(), &op, false, now_ms);
+            match decision {
+                Err(code) => results.push((code, false)),
+                Ok(d) => {
+                    let (_, change, _) = self.apply(c.key, card, m.idem.merchant(), &d, now_ms);
+                    effects.changes.push(change);
+                    changed.push(c.key);
+                    credit_minor += d.delta_minor;
+                    results.push((ResultCode::Approved, true));
+                }
+            }
+        }
+        if let Some(load) = load.filter(|_| credit_minor > 0) {
+            effects.ledger = Some(LedgerDelta { currency: load.currency, credit_minor, debit_minor: 0 });
+        }
+        let chunk = ChunkRecord {
+            kind: ChunkKind::Activate,
+            at_ms: now_ms,
+            amount_minor: load.map_or(0, |l| l.minor),
+            results,
+            changed: changed.clone(),
+            first_txn_id: 0,
+        };
+        let mut order: Vec<usize> = changed.iter().map(|k| locked.at(k)).collect();
+        let mut cards: Vec<&mut Card> = Vec::with_capacity(order.len());
+        // Each changed card once (the chunk's activation of a card is its only change), in the
+        // order of the changes.
+        let mut rest: Vec<Option<&mut Card>> = locked.guards.iter_mut().map(|g| Some(&mut **g)).collect();
+        for i in order.drain(..) {
+            cards.push(rest[i].take().expect("a card changes once per chunk"));
+        }
+        self.commit_chunk(m, chunk, effects, &mut cards)
+    }
+
+    /// Takes back what the chunk `original` did: each card it activated is made inactive and its
+    /// load taken back, unless the card changed since (`card_used`) or the program's reversal
+    /// window has passed. Cards it did not change have nothing to undo. A chunk never sent is
+    /// barred by the tombstone `original` left, and its reversal changes nothing.
+    fn chunk_reverse(&self, m: &Mutation, original: Option<IdemRecord>, now_ms: i64) -> (IdemRecord, u64) {
+        let orig = original.expect("a reversal always finds or claims its original");
+        let mut chunk = ChunkRecord {
+            kind: ChunkKind::Reverse,
+            at_ms: now_ms,
+            amount_minor: 0,
+            results: Vec::new(),
+            changed: Vec::new(),
+            first_txn_id: 0,
+        };
+        let Some(done) = orig.chunk().filter(|_| !orig.tombstone) else {
+            return self.commit_chunk(m, chunk, Effects::default(), &mut []);
+        };
+        chunk.amount_minor = done.amount_minor;
+        if done.kind != ChunkKind::Activate {
+            // Issued cards stay: an issue cannot be taken back.
+            chunk.results = done
+                .results
+                .iter()
+                .map(|&(_, c)| (if c { ResultCode::NotReversible } else { ResultCode::Approved }, false))
+                .collect();
+            return self.commit_chunk(m, chunk, Effects::default(), &mut []);
+        }
+        let mut keys = done.changed.clone();
+        keys.sort_unstable_by_key(|k| k.0);
+        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let mut effects = Effects::default();
+        let mut reversed = Vec::new();
+        let (mut debit_minor, mut currency) = (0i64, None);
+        let mut n = 0u64;
+        for &(_, was_changed) in &done.results {
+            if !was_changed {
+                chunk.results.push((ResultCode::Approved, false));
+                continue;
+            }
+            let (key, txn) = (done.changed[n as usize], done.first_txn_id + n);
+            n += 1;
+            let Ok(at) = locked.keys.binary_search(&key) else {
+                chunk.results.push((ResultCode::CardNotFound, false));
+                continue;
+            };
+            let card = &mut *locked.guards[at];
+            let window_ms = card.program.load().reversal_window_ms;
+            if now_ms - done.at_ms > window_ms {
+                chunk.results.push((ResultCode::ReversalWindowPassed, false));
+                continue;
+            }
+            // Changed since: its newest history entry is no longer the activation.
+            let used = card.rec.last_txn_id != txn;
+            match rules::decide_reversal(&card.rec, TxnKind::Activate, done.amount_minor, 0, 0, used, now_ms) {
+                Err(code) => chunk.results.push((code, false)),
+                Ok(d) => {
+                    let (_, change, _) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
+                    effects.changes.push(change);
+                    debit_minor -= d.delta_minor;
+                    currency = Some(card.rec.currency);
+                    reversed.push(at);
+                    chunk.results.push((ResultCode::Approved, true));
+                }
+            }
+        }
+        if let Some(currency) = currency.filter(|_| debit_minor > 0) {
+            effects.ledger = Some(LedgerDelta { currency, credit_minor: 0, debit_minor });
+        }
+        let mut rest: Vec<Option<&mut Card>> = locked.guards.iter_mut().map(|g| Some(&mut **g)).collect();
+        let mut cards: Vec<&mut Card> =
+            reversed.into_iter().map(|i| rest[i].take().expect("a card is reversed once per chunk")).collect();
+        self.commit_chunk(m, chunk, effects, &mut cards)
+    }
+
     /// The earliest deadline of an open hold, for the expiry timer.
     pub fn next_hold_deadline(&self) -> Option<i64> {
         self.deadlines.lock().expect("deadlines lock").first().map(|(at, _)| *at)
@@ -1168,26 +1468,39 @@ fn reversible(op: &Op) -> bool {
     )
 }
 
-fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
-    if record.tombstone {
-        // A reversal came first: the original is declined, whatever it says.
+impl Executed {
+    /// An answer with nothing but its outcome.
+    fn of(outcome: Outcome) -> Executed {
         Executed {
-            outcome: record.outcome,
+            outcome,
             parts: None,
             reason: None,
-            group,
+            group: 0,
             replayed: false,
             issued: None,
             items: None,
+            chunk: None,
         }
+    }
+}
+
+fn replay(record: &IdemRecord, group: u64, fingerprint: &[u8; 16]) -> Executed {
+    if record.tombstone {
+        // A reversal came first: the original is declined, whatever it says.
+        Executed { group, ..Executed::of(record.outcome) }
     } else if record.fingerprint == *fingerprint {
-        let (parts, reason) = (record.parts.as_deref().cloned(), record.reason.as_deref().map(str::to_string));
-        let items = record.items.as_deref().cloned();
-        Executed { outcome: record.outcome, parts, reason, group, replayed: true, issued: None, items }
+        Executed {
+            parts: record.parts.as_deref().cloned(),
+            reason: record.reason.as_deref().map(str::to_string),
+            group,
+            replayed: true,
+            items: record.items.as_deref().cloned(),
+            chunk: record.chunk().map(|c| c.results.clone()),
+            ..Executed::of(record.outcome)
+        }
     } else {
         // The decline reveals that the key is taken, so it too waits until the original is durable.
-        let outcome = Outcome::declined(ResultCode::IdempotencyMismatch, None);
-        Executed { outcome, parts: None, reason: None, group, replayed: false, issued: None, items: None }
+        Executed { group, ..Executed::of(Outcome::declined(ResultCode::IdempotencyMismatch, None)) }
     }
 }
 

@@ -2,6 +2,7 @@
 //! no IO, no clock of their own. The checks run in the precedence order of `ResultCode`.
 
 use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
+use super::journal::{ChunkKind, JobSpec};
 use super::program::utc_day;
 use super::program::Program;
 use crate::card_number::{CardKey, PinProof};
@@ -99,10 +100,18 @@ pub enum Op {
     Atomic {
         items: Vec<AtomicItem>,
     },
-    /// Records a bulk job of `count` cards (`kind` 1: issue, 2: activate); nothing else changes.
+    /// Records a bulk job (its kind, card count and chunk size); nothing else changes.
     JobOpen {
-        kind: u8,
-        count: u32,
+        spec: JobSpec,
+    },
+    /// One chunk of job `job`: the cards from its `first`, each decided on its own (issued or
+    /// activated), or the reversal of the chunk that starts there (no cards: the chunk's record
+    /// names them).
+    JobChunk {
+        job: String,
+        first: u32,
+        work: ChunkWork,
+        cards: Vec<ChunkCard>,
     },
     /// Creates or replaces a program; `settings` is its canonical text, kept by the journal.
     ProgramSet {
@@ -115,6 +124,41 @@ pub enum Op {
         money: Money,
         order: SplitOrder,
     },
+}
+
+/// What a chunk does to each of its cards.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkWork {
+    /// Inactive cards with this value and expiry (None: the program's default).
+    Issue {
+        program: String,
+        money: Money,
+        expiry_ms: Option<i64>,
+    },
+    Activate {
+        load: Option<Money>,
+    },
+    /// Takes back what the chunk at the same place did.
+    Reverse,
+}
+
+impl ChunkWork {
+    pub fn kind(&self) -> ChunkKind {
+        match self {
+            ChunkWork::Issue { .. } => ChunkKind::Issue,
+            ChunkWork::Activate { .. } => ChunkKind::Activate,
+            ChunkWork::Reverse => ChunkKind::Reverse,
+        }
+    }
+}
+
+/// A card of a chunk: its key, its last 4 digits, and whether its number passes the Luhn check
+/// (for programs that require one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkCard {
+    pub key: CardKey,
+    pub last4: [u8; 4],
+    pub luhn_ok: bool,
 }
 
 /// One operation of an all-or-nothing batch, on its card.
@@ -492,6 +536,7 @@ pub fn decide(
         | Op::Transfer { .. }
         | Op::Reactivate
         | Op::JobOpen { .. }
+        | Op::JobChunk { .. }
         | Op::Atomic { .. }
         | Op::ProgramSet { .. } => {
             unreachable!(

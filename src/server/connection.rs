@@ -6,11 +6,13 @@
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
 use crate::config::ProgramConfig;
-use crate::engine::{CardRecord, IssueNumber, Journal, Mutation, Op, Program};
+use crate::engine::{
+    CardRecord, ChunkCard, ChunkKind, ChunkWork, IssueNumber, JobSpec, Journal, Mutation, Op, Program,
+};
 use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
-    self, decode_request, encode_reply, DecodeError, Frame, FrameCodec, FrameError, HelloReply, HistoryReply, JobReply,
-    LookupReply, Opcode, PartsReply, ProgramReply, Reply, Request, HISTORY_PAGE_MAX,
+    self, decode_request, encode_reply, ChunkReply, DecodeError, Frame, FrameCodec, FrameError, HelloReply,
+    HistoryReply, JobKind, JobReply, LookupReply, Opcode, PartsReply, ProgramReply, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -288,6 +290,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     let mut generated: Vec<CardNumber> = Vec::new();
     let mut program_name = String::new();
     let mut program_text = String::new();
+    let mut job_spec = None;
     let m = match req {
         Request::Hello { .. } => unreachable!("hello is answered by the connection"),
         Request::Balance { number } => {
@@ -328,21 +331,39 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             return (reply, shared.store.latest_group());
         }
         Request::JobGet { merchant, job } => {
-            let reply = match shared.engine.job(&merchant, &job) {
-                Some((o, group)) => {
-                    return (Reply::Job(JobReply { result: o.result, count: o.approved_minor as u32 }), group)
-                }
-                None => Reply::Job(JobReply { result: ResultCode::JobNotFound, count: 0 }),
+            return match shared.engine.job(&merchant, &job) {
+                Some((spec, group)) => (job_reply(ResultCode::Approved, Some(spec)), group),
+                None => (job_reply(ResultCode::JobNotFound, None), 0),
             };
-            return (reply, 0);
         }
-        Request::JobOpen { idem, kind, count } => Mutation {
-            idem: crate::engine::IdemKey::job(&idem.merchant, &idem.key),
-            fingerprint: shared.keyer.fingerprint(opcode, body),
-            card: None,
-            last4: [b'0'; 4],
-            op: Op::JobOpen { kind: kind as u8, count },
-        },
+        Request::JobOpen { idem, kind, count, chunk_cards } => {
+            let kind = match kind {
+                JobKind::Issue => ChunkKind::Issue,
+                JobKind::Activate => ChunkKind::Activate,
+            };
+            job_spec = Some(JobSpec { kind, count, chunk_cards });
+            Mutation {
+                idem: crate::engine::IdemKey::job(&idem.merchant, &idem.key),
+                fingerprint: shared.keyer.fingerprint(opcode, body),
+                card: None,
+                last4: [b'0'; 4],
+                op: Op::JobOpen { spec: JobSpec { kind, count, chunk_cards } },
+            }
+        }
+        Request::JobChunk { merchant, job, first, work, numbers } => {
+            let reversal = work == ChunkWork::Reverse;
+            let cards = numbers
+                .iter()
+                .map(|n| ChunkCard { key: shared.keyer.card_key(n), last4: n.last4(), luhn_ok: n.luhn_ok() })
+                .collect();
+            Mutation {
+                idem: crate::engine::IdemKey::chunk(&merchant, &job, first, reversal),
+                fingerprint: shared.keyer.fingerprint(opcode, body),
+                card: None,
+                last4: [b'0'; 4],
+                op: Op::JobChunk { job, first, work, cards },
+            }
+        }
         Request::Batch { .. } => unreachable!("a batch is answered by batch() or atomic_batch()"),
         Request::ProgramSet { idem, name, settings } => {
             let cfg = match ProgramConfig::parse(&settings) {
@@ -403,7 +424,11 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
             Reply::Issued(done.outcome, number)
         }
         Some(Opcode::JobOpen) => {
-            Reply::Job(JobReply { result: done.outcome.result, count: done.outcome.approved_minor as u32 })
+            let spec = job_spec.filter(|_| done.outcome.result == ResultCode::Approved);
+            job_reply(done.outcome.result, spec)
+        }
+        Some(Opcode::JobChunk) => {
+            Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() })
         }
         Some(Opcode::ProgramSet) => {
             // What this update set, from its own settings, not a later update's (which may not
@@ -424,6 +449,17 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         _ => Reply::Card(done.outcome),
     };
     (reply, done.group)
+}
+
+/// A job's record as a reply: zeros when there is none.
+fn job_reply(result: ResultCode, spec: Option<JobSpec>) -> Reply {
+    let kind = spec.and_then(|s| match s.kind {
+        ChunkKind::Issue => Some(JobKind::Issue),
+        ChunkKind::Activate => Some(JobKind::Activate),
+        ChunkKind::Reverse => None,
+    });
+    let (count, chunk_cards) = spec.map_or((0, 0), |s| (s.count, s.chunk_cards));
+    Reply::Job(JobReply { result, kind, count, chunk_cards })
 }
 
 /// Candidate numbers for a generated issue, in the program's format (the default's when the

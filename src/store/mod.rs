@@ -399,6 +399,9 @@ impl Journal for Store {
             if let Some(e) = &r.effect {
                 r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
             }
+            if let Some(crate::engine::Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
+                c.first_txn_id = first_txn_id;
+            }
         }
         s.entries.push(effects);
         if s.entries.len() == 1 {
@@ -489,8 +492,10 @@ struct Checkpoint {
 }
 
 struct RunningCheckpoint {
-    cards: Vec<(CardKey, CardRecord)>,
-    done: usize,
+    /// The cards still to write. Taken whole from `dirty` (a swap, however many cards changed: a
+    /// copy of a million records would hold the committer, hence every reply, for a tenth of a
+    /// second) and consumed a chunk per step.
+    cards: std::collections::hash_map::IntoIter<CardKey, CardRecord>,
     /// The history id the `cards` family reflects once every chunk is written.
     upto_txn_id: u64,
 }
@@ -517,22 +522,24 @@ impl Checkpoint {
         if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
             self.last_started = Instant::now();
             self.running = Some(RunningCheckpoint {
-                cards: self.dirty.drain().collect(),
-                done: 0,
+                // The next interval's map starts as large as this one ended: growing it again
+                // would move every record at each doubling, another stall.
+                cards: {
+                    let next = HashMap::with_capacity(self.dirty.len());
+                    std::mem::replace(&mut self.dirty, next).into_iter()
+                },
                 upto_txn_id: self.written_txn_id,
             });
         }
         let Some(run) = &mut self.running else { return };
         let mut batch = WriteBatch::default();
         let mut value = Vec::new();
-        let end = (run.done + CHECKPOINT_CHUNK_CARDS).min(run.cards.len());
-        for (key, rec) in &run.cards[run.done..end] {
+        for (key, rec) in run.cards.by_ref().take(CHECKPOINT_CHUNK_CARDS) {
             value.clear();
-            records::encode_card(&mut value, rec);
+            records::encode_card(&mut value, &rec);
             batch.put_cf(cfs[CfIndex::Cards as usize], key.0, &value);
         }
-        run.done = end;
-        let finished = end == run.cards.len();
+        let finished = run.cards.len() == 0;
         if finished {
             // Written after (or with) every chunk: the WAL replays in order, so once this is
             // durable, all the chunks are too.

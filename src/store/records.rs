@@ -3,7 +3,9 @@
 
 use crate::card_number::{CardKey, PinProof};
 use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
-use crate::engine::{CardRecord, IdemRecord, Lifecycle, NoteRecord, Settled, TxnRecord};
+use crate::engine::{
+    Bulk, CardRecord, ChunkKind, ChunkRecord, IdemRecord, JobSpec, Lifecycle, NoteRecord, Settled, TxnRecord,
+};
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
 
@@ -12,11 +14,14 @@ use bytes::BufMut;
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
 // virtual flag and the email; version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
-// all-or-nothing batch's item answers. Nothing deployed holds
+// all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
+// Nothing deployed holds
 // an older version.
 const CARD_V6: u8 = 6;
 const NOTE_V1: u8 = 1;
-const IDEM_V5: u8 = 5;
+const IDEM_V6: u8 = 6;
+/// Most cards a job chunk's record lists.
+const CHUNK_CARDS_MAX: usize = 4096;
 /// Most item answers an idempotency record holds (an all-or-nothing batch's).
 const ITEMS_MAX: usize = 8192;
 const SETTLED_V1: u8 = 1;
@@ -333,7 +338,7 @@ impl Reader<'_> {
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V5);
+    dst.put_u8(IDEM_V6);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
     put_parts(dst, rec.parts.as_deref());
@@ -360,11 +365,71 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
             }
         }
     }
+    match rec.bulk.as_deref() {
+        None => dst.put_u8(0),
+        Some(Bulk::Job(j)) => {
+            dst.put_u8(1);
+            dst.put_u8(j.kind as u8);
+            dst.put_u32_le(j.count);
+            dst.put_u16_le(j.chunk_cards);
+        }
+        Some(Bulk::Chunk(c)) => {
+            dst.put_u8(2);
+            dst.put_u8(c.kind as u8);
+            dst.put_i64_le(c.at_ms);
+            dst.put_i64_le(c.amount_minor);
+            dst.put_u64_le(c.first_txn_id);
+            dst.put_u16_le(c.results.len() as u16);
+            for (code, changed) in &c.results {
+                dst.put_u16_le(*code as u16);
+                dst.put_u8(*changed as u8);
+            }
+            dst.put_u16_le(c.changed.len() as u16);
+            for k in &c.changed {
+                dst.put_slice(&k.0);
+            }
+        }
+    }
+}
+
+fn read_bulk(r: &mut Reader<'_>) -> Result<Option<Box<Bulk>>, Corrupt> {
+    let bulk = match r.u8()? {
+        0 => return Ok(None),
+        1 => {
+            let kind = ChunkKind::from_u8(r.u8()?);
+            let kind = r.some(kind)?;
+            let count = u32::from_le_bytes(r.arr()?);
+            Bulk::Job(JobSpec { kind, count, chunk_cards: u16::from_le_bytes(r.arr()?) })
+        }
+        2 => {
+            let kind = ChunkKind::from_u8(r.u8()?);
+            let kind = r.some(kind)?;
+            let (at_ms, amount_minor, first_txn_id) = (r.i64()?, r.i64()?, r.i64()? as u64);
+            let n = u16::from_le_bytes(r.arr()?) as usize;
+            if n > CHUNK_CARDS_MAX {
+                return Err(Corrupt { what: r.what });
+            }
+            let mut results = Vec::with_capacity(n);
+            for _ in 0..n {
+                let code = ResultCode::from_u16(u16::from_le_bytes(r.arr()?));
+                let code = r.some(code)?;
+                results.push((code, r.u8()? == 1));
+            }
+            let n = u16::from_le_bytes(r.arr()?) as usize;
+            if n > CHUNK_CARDS_MAX {
+                return Err(Corrupt { what: r.what });
+            }
+            let changed = (0..n).map(|_| r.arr().map(CardKey)).collect::<Result<Vec<_>, _>>()?;
+            Bulk::Chunk(ChunkRecord { kind, at_ms, amount_minor, results, changed, first_txn_id })
+        }
+        _ => return Err(Corrupt { what: r.what }),
+    };
+    Ok(Some(Box::new(bulk)))
 }
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V5)?;
+    r.version(IDEM_V6)?;
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
     let parts = r.parts()?.map(Box::new);
@@ -386,7 +451,8 @@ pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     } else {
         None
     };
-    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone, reason, items })
+    let bulk = read_bulk(&mut r)?;
+    Ok(IdemRecord { fingerprint, outcome, parts, effect: None, effect_txns, tombstone, reason, items, bulk })
 }
 
 pub fn encode_settled(dst: &mut Vec<u8>, s: &Settled) {
@@ -569,6 +635,25 @@ mod tests {
                     Outcome::declined(ResultCode::BatchAborted, None),
                 ])),
                 ..IdemRecord::new([7; 16], Outcome::declined(ResultCode::Approved, None))
+            },
+            IdemRecord {
+                bulk: Some(Box::new(Bulk::Job(JobSpec {
+                    kind: ChunkKind::Activate,
+                    count: 1_000_000,
+                    chunk_cards: 4096,
+                }))),
+                ..IdemRecord::new([8; 16], Outcome::declined(ResultCode::Approved, None))
+            },
+            IdemRecord {
+                bulk: Some(Box::new(Bulk::Chunk(ChunkRecord {
+                    kind: ChunkKind::Activate,
+                    at_ms: 1_700_000_000_000,
+                    amount_minor: 500,
+                    results: vec![(ResultCode::Approved, true), (ResultCode::AlreadyActive, false)],
+                    changed: vec![CardKey([2; 32])],
+                    first_txn_id: 99,
+                }))),
+                ..IdemRecord::new([9; 16], Outcome::declined(ResultCode::Approved, None))
             },
         ];
         for rec in records {

@@ -38,7 +38,8 @@ pub enum FrameError {
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     pub frame_bytes_max: usize,
-    /// A batch frame (request or reply) may be this large; every other frame `frame_bytes_max`.
+    /// A batch or job chunk frame (request or reply) may be this large; every other frame
+    /// `frame_bytes_max`.
     pub batch_frame_bytes_max: usize,
 }
 
@@ -64,7 +65,7 @@ impl Decoder for FrameCodec {
         let frame_bytes = 4 + len as u64;
         // Checked before anything is reserved, so a hostile length never becomes an allocation.
         if frame_bytes > self.frame_bytes_max as u64 {
-            // Only a batch may be larger: its opcode (byte 5) decides, before anything is buffered.
+            // Only a batch or a job chunk may be larger: its opcode (byte 5) decides, before anything is buffered.
             // Past the batch limit no opcode can help, so that is refused at once.
             let most = self.frame_bytes_max.max(self.batch_frame_bytes_max);
             if frame_bytes > most as u64 {
@@ -73,7 +74,9 @@ impl Decoder for FrameCodec {
             if src.len() < 6 {
                 return Ok(None);
             }
-            let batch = src[5] & !super::REPLY_BIT == super::message::Opcode::Batch as u8;
+            let opcode = src[5] & !super::REPLY_BIT;
+            let batch =
+                opcode == super::message::Opcode::Batch as u8 || opcode == super::message::Opcode::JobChunk as u8;
             let max = if batch { self.batch_frame_bytes_max } else { self.frame_bytes_max };
             if frame_bytes > max as u64 {
                 return Err(FrameError::TooLarge { frame_bytes, frame_bytes_max: max });

@@ -4,7 +4,7 @@
 use super::frame::{begin_frame, finish_frame};
 use super::REPLY_BIT;
 use crate::card_number::{CardNumber, Pin};
-use crate::engine::{SplitOrder, SPLIT_CARDS_MAX};
+use crate::engine::{ChunkWork, SplitOrder, SPLIT_CARDS_MAX};
 use crate::model::{
     CardView, Currency, HoldView, LockReason, Money, NoteView, Outcome, PartView, Parts, ResultCode, Status, TxnKind,
     TxnView,
@@ -33,6 +33,8 @@ pub const PROGRAM_SETTINGS_BYTES_MAX: usize = 4096;
 pub const BATCH_ITEMS_MAX: usize = 8192;
 /// Most cards one bulk job may name.
 pub const JOB_CARDS_MAX: u32 = 10_000_000;
+/// Most cards one chunk of a job may hold (a job's chunk size is 1 to this).
+pub const JOB_CHUNK_CARDS_MAX: u16 = 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -66,10 +68,11 @@ pub enum Opcode {
     Batch = 0x30,
     JobOpen = 0x31,
     JobGet = 0x32,
+    JobChunk = 0x33,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 29] = [
+    pub const ALL: [Opcode; 30] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -99,6 +102,7 @@ impl Opcode {
         Opcode::Batch,
         Opcode::JobOpen,
         Opcode::JobGet,
+        Opcode::JobChunk,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -141,6 +145,7 @@ impl Opcode {
             Opcode::Batch => "batch",
             Opcode::JobOpen => "job_open",
             Opcode::JobGet => "job_get",
+            Opcode::JobChunk => "job_chunk",
         }
     }
 
@@ -156,6 +161,7 @@ impl Opcode {
                 | Opcode::ProgramSet
                 | Opcode::Batch
                 | Opcode::JobGet
+                | Opcode::JobChunk
         )
     }
 }
@@ -322,11 +328,21 @@ pub enum Request {
         atomic: Option<IdemRef>,
         items: Vec<BatchItem>,
     },
-    /// Records a bulk job: `key` is the job id; its cards' operations carry keys `<job>/<index>`.
+    /// Records a bulk job: `key` is the job id; its cards are sent in chunks of `chunk_cards`.
     JobOpen {
         idem: IdemRef,
         kind: JobKind,
         count: u32,
+        chunk_cards: u16,
+    },
+    /// The chunk of job `job` that starts at its card `first`: the work done to each of `numbers`,
+    /// or (`Reverse`, no numbers) the reversal of that chunk.
+    JobChunk {
+        merchant: String,
+        job: String,
+        first: u32,
+        work: ChunkWork,
+        numbers: Vec<CardNumber>,
     },
     JobGet {
         merchant: String,
@@ -406,6 +422,7 @@ impl Request {
             Request::Batch { .. } => Opcode::Batch,
             Request::JobOpen { .. } => Opcode::JobOpen,
             Request::JobGet { .. } => Opcode::JobGet,
+            Request::JobChunk { .. } => Opcode::JobChunk,
         }
     }
 }
@@ -444,11 +461,22 @@ pub struct LookupReply {
     pub email: String,
 }
 
-/// A job's record: how many cards it has (0 when not found).
+/// A job's record: what it does, how many cards it has and its chunk size (zeros when not found).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobReply {
     pub result: ResultCode,
+    /// None when not found or declined.
+    pub kind: Option<JobKind>,
     pub count: u32,
+    pub chunk_cards: u16,
+}
+
+/// A job chunk's answer: each card's result, in the chunk's order, and whether it changed the
+/// card (a reversal approves a card it had nothing to undo, without changing it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkReply {
+    pub result: ResultCode,
+    pub items: Vec<(ResultCode, bool)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -495,6 +523,7 @@ pub enum Reply {
     /// A batch's replies, one per item in order: the reply opcode (with the reply bit) and reply.
     Batch(Vec<(u8, Reply)>),
     Job(JobReply),
+    Chunk(ChunkReply),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -511,6 +540,7 @@ impl Reply {
             Reply::Program(p) => p.result,
             Reply::Batch(_) => ResultCode::Approved,
             Reply::Job(j) => j.result,
+            Reply::Chunk(c) => c.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -543,6 +573,9 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Res<u16> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| MALFORMED)?))
+    }
+    fn u32(&mut self) -> Res<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| MALFORMED)?))
     }
     fn u64(&mut self) -> Res<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| MALFORMED)?))
@@ -881,12 +914,52 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
         }
         Opcode::JobOpen => {
             let idem = r.idem()?;
+            // Chunks are keyed `<job>/@<first>`: a job id holds no `/`, so no two keys meet.
+            if idem.key.contains('/') {
+                return Err(MALFORMED);
+            }
             let kind = JobKind::from_u8(r.u8()?).ok_or(MALFORMED)?;
-            let count = u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?);
+            let count = r.u32()?;
             if count == 0 || count > JOB_CARDS_MAX {
                 return Err(MALFORMED);
             }
-            Request::JobOpen { idem, kind, count }
+            let chunk_cards = r.u16()?;
+            if chunk_cards == 0 || chunk_cards > JOB_CHUNK_CARDS_MAX {
+                return Err(MALFORMED);
+            }
+            Request::JobOpen { idem, kind, count, chunk_cards }
+        }
+        Opcode::JobChunk => {
+            let merchant = r.str8(STRING_BYTES_MAX)?;
+            let job = r.str8(STRING_BYTES_MAX)?;
+            if merchant.is_empty() || job.is_empty() {
+                return Err(DecodeError(ResultCode::MissingKey));
+            }
+            if job.contains('/') {
+                return Err(MALFORMED);
+            }
+            let first = r.u32()?;
+            let work = match r.u8()? {
+                1 => {
+                    let program = r.program_name()?;
+                    let money = r.money(true)?;
+                    ChunkWork::Issue { program, money, expiry_ms: r.opt_i64()? }
+                }
+                2 => ChunkWork::Activate { load: if r.bool()? { Some(r.money(false)?) } else { None } },
+                3 => ChunkWork::Reverse,
+                _ => return Err(MALFORMED),
+            };
+            let n = r.u16()? as usize;
+            let reverse = work == ChunkWork::Reverse;
+            if (reverse && n != 0) || (!reverse && !(1..=JOB_CHUNK_CARDS_MAX as usize).contains(&n)) {
+                return Err(MALFORMED);
+            }
+            // Each number takes at least 13 bytes, so a lying count reserves no more than the body holds.
+            let mut numbers = Vec::with_capacity(n.min(r.buf.len() / 13));
+            for _ in 0..n {
+                numbers.push(r.number()?);
+            }
+            Request::JobChunk { merchant, job, first, work, numbers }
         }
         Opcode::JobGet => {
             let merchant = r.str8(STRING_BYTES_MAX)?;
@@ -1050,11 +1123,37 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
                 dst.put_slice(&i.body);
             }
         }
-        Request::JobOpen { idem, kind, count } => {
+        Request::JobOpen { idem, kind, count, chunk_cards } => {
             put_str8(dst, &idem.merchant);
             put_str8(dst, &idem.key);
             dst.put_u8(*kind as u8);
             dst.put_u32_le(*count);
+            dst.put_u16_le(*chunk_cards);
+        }
+        Request::JobChunk { merchant, job, first, work, numbers } => {
+            put_str8(dst, merchant);
+            put_str8(dst, job);
+            dst.put_u32_le(*first);
+            match work {
+                ChunkWork::Issue { program, money, expiry_ms } => {
+                    dst.put_u8(1);
+                    put_str8(dst, program);
+                    put_money(dst, money);
+                    put_opt_i64(dst, *expiry_ms);
+                }
+                ChunkWork::Activate { load } => {
+                    dst.put_u8(2);
+                    dst.put_u8(load.is_some() as u8);
+                    if let Some(m) = load {
+                        put_money(dst, m);
+                    }
+                }
+                ChunkWork::Reverse => dst.put_u8(3),
+            }
+            dst.put_u16_le(numbers.len() as u16);
+            for n in numbers {
+                put_str8(dst, n.expose());
+            }
         }
         Request::JobGet { merchant, job } => {
             put_str8(dst, merchant);
@@ -1160,7 +1259,17 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
         }
         Reply::Job(j) => {
             dst.put_u16_le(j.result as u16);
+            dst.put_u8(j.kind.map_or(0, |k| k as u8));
             dst.put_u32_le(j.count);
+            dst.put_u16_le(j.chunk_cards);
+        }
+        Reply::Chunk(c) => {
+            dst.put_u16_le(c.result as u16);
+            dst.put_u16_le(c.items.len() as u16);
+            for (code, changed) in &c.items {
+                dst.put_u16_le(*code as u16);
+                dst.put_u8(*changed as u8);
+            }
         }
         Reply::Parts(p) => {
             dst.put_u16_le(p.result as u16);
@@ -1321,7 +1430,22 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
             Reply::Batch(items)
         }
         Opcode::JobOpen | Opcode::JobGet => {
-            Reply::Job(JobReply { result, count: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?) })
+            let kind = match r.u8()? {
+                0 => None,
+                k => Some(JobKind::from_u8(k).ok_or(MALFORMED)?),
+            };
+            Reply::Job(JobReply { result, kind, count: r.u32()?, chunk_cards: r.u16()? })
+        }
+        Opcode::JobChunk => {
+            let n = r.u16()? as usize;
+            if n > JOB_CHUNK_CARDS_MAX as usize {
+                return Err(MALFORMED);
+            }
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push((r.result()?, r.bool()?));
+            }
+            Reply::Chunk(ChunkReply { result, items })
         }
         Opcode::ProgramGet | Opcode::ProgramSet => Reply::Program(ProgramReply {
             result,
