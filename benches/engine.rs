@@ -63,7 +63,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("engine redeem decision", |b| {
         b.iter(|| {
             n = n.wrapping_add(1);
-            if n % EVICT_EVERY == 0 {
+            if n.is_multiple_of(EVICT_EVERY) {
                 engine.evict_recent(u64::MAX, i64::MAX);
             }
             let op = Op::Redeem {

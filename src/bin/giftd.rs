@@ -18,6 +18,12 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when recovered data fails its checks (EX_DATAERR).
 const EXIT_DATA: u8 = 65;
+/// The bulk thread's nice value: with the CPU contended, it gets about a tenth of a
+/// normal thread's share, so job chunks take what payments leave.
+const BULK_NICE: i32 = 10;
+/// Job chunks waiting for the bulk thread; the connections that sent more wait to hand theirs over
+/// (and read nothing more meanwhile).
+const BULK_QUEUE_MAX: usize = 16;
 
 #[derive(Parser, Debug)]
 #[command(name = "giftd", version, about = "Gift-card authorization daemon")]
@@ -168,6 +174,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         pin_keyer: PinKeyer::new(&pin_secret),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
+        bulk: giftd::server::background::Background::start("giftd-bulk", BULK_NICE, BULK_QUEUE_MAX)?,
     });
     let shutdown = CancellationToken::new();
     let http = tokio::spawn(server::http::serve(metrics_listener, metrics, shutdown.clone()));

@@ -166,6 +166,8 @@ pub struct Engine {
     journal: Arc<dyn Journal>,
     /// Sweeps of the recent maps so far.
     evictions: AtomicU64,
+    /// Held while a job chunk is decided: one at a time (see `execute_chunk`).
+    chunks: Mutex<()>,
 }
 
 impl Engine {
@@ -182,6 +184,7 @@ impl Engine {
             orphans: Mutex::new(HashMap::new()),
             journal,
             evictions: AtomicU64::new(0),
+            chunks: Mutex::new(()),
         }
     }
 
@@ -252,7 +255,7 @@ impl Engine {
         let Some((spec, group)) = self.job(merchant, job) else { return Err((ResultCode::JobNotFound, 0)) };
         let size = spec.count.saturating_sub(first).min(spec.chunk_cards as u32) as usize;
         let fits = first < spec.count
-            && first % spec.chunk_cards as u32 == 0
+            && first.is_multiple_of(spec.chunk_cards as u32)
             && match work {
                 ChunkWork::Reverse => cards == 0,
                 _ => work.kind() == spec.kind && cards == size,
@@ -311,12 +314,8 @@ impl Engine {
         // Only an issued card binds a case: a declined compensation issue (a mistyped program, say)
         // changed nothing, so the next issue for the case is decided afresh.
         let case_issue = case_author.is_some();
-        // A chunk belongs to an open job, at its place: checked before its key is taken, so that a
-        // chunk sent before its job (or out of place) binds nothing.
-        if let Op::JobChunk { job, first, work, cards } = &m.op {
-            if let Err((code, group)) = self.chunk_fits(m.idem.merchant(), job, *first, work, cards.len()) {
-                return Executed { group, ..Executed::of(Outcome::declined(code, None)) };
-            }
+        if matches!(m.op, Op::JobChunk { .. }) {
+            return self.execute_chunk(m, now_ms);
         }
         let binds = |r: &IdemRecord| !case_issue || r.outcome.result == ResultCode::Approved;
         let evictions = self.evictions.load(Ordering::SeqCst);
@@ -338,10 +337,6 @@ impl Engine {
             }
             Op::Reverse { original } => {
                 let key = IdemKey::new(m.idem.merchant(), original);
-                Some((self.original(&key, true, evictions, now_ms), key))
-            }
-            Op::JobChunk { job, first, work: ChunkWork::Reverse, .. } => {
-                let key = IdemKey::chunk(m.idem.merchant(), job, *first, false);
                 Some((self.original(&key, true, evictions, now_ms), key))
             }
             _ => None,
@@ -401,13 +396,6 @@ impl Engine {
                 let (record, at) = self.commit(&m, answer, Effects::default());
                 (record, at.group)
             }
-            (Op::JobChunk { work: ChunkWork::Reverse, .. }, Some((orig, _))) => self.chunk_reverse(&m, orig, now_ms),
-            (Op::JobChunk { work: ChunkWork::Issue { program, money, expiry_ms }, cards, .. }, _) => {
-                self.chunk_issue(&m, program, *money, *expiry_ms, cards, now_ms)
-            }
-            (Op::JobChunk { work: ChunkWork::Activate { load }, cards, .. }, _) => {
-                self.chunk_activate(&m, *load, cards, now_ms)
-            }
             (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
             (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
@@ -440,6 +428,42 @@ impl Engine {
             chunk: record.chunk().map(|c| c.results.clone()),
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
+        done
+    }
+
+    /// A chunk of a bulk job. Chunks are decided one at a time (`chunks`), and only chunks use
+    /// chunk keys (a job id holds no `/`), so that lock, not the key's idempotency slot, makes a
+    /// chunk exactly-once: a chunk of thousands of cards takes milliseconds, and holding a shard
+    /// of the idempotency map that long would stall every payment whose key falls in it.
+    fn execute_chunk(&self, m: Mutation, now_ms: i64) -> Executed {
+        let Op::JobChunk { job, first, work, cards } = &m.op else { unreachable!("execute_chunk is for chunks") };
+        let _one_at_a_time = self.chunks.lock().expect("chunks lock");
+        // A chunk belongs to an open job, at its place: checked before anything is recorded, so
+        // that a chunk sent before its job (or out of place) binds nothing.
+        if let Err((code, group)) = self.chunk_fits(m.idem.merchant(), job, *first, work, cards.len()) {
+            return Executed { group, ..Executed::of(Outcome::declined(code, None)) };
+        }
+        let evictions = self.evictions.load(Ordering::SeqCst);
+        if let Some(recent) = self.idem.get(&m.idem) {
+            return replay(&recent.record, recent.group, &m.fingerprint);
+        }
+        // What a sweep drops from memory is durable: asked after memory, the store has it.
+        if let Some(record) = self.journal.find_idem(&m.idem) {
+            return replay(&record, self.journal.latest_group(), &m.fingerprint);
+        }
+        let (record, group) = match work {
+            ChunkWork::Reverse => {
+                let key = IdemKey::chunk(m.idem.merchant(), job, *first, false);
+                let original = self.original(&key, true, evictions, now_ms);
+                self.chunk_reverse(&m, original, now_ms)
+            }
+            ChunkWork::Issue { program, money, expiry_ms } => {
+                self.chunk_issue(&m, program, *money, *expiry_ms, cards, now_ms)
+            }
+            ChunkWork::Activate { load } => self.chunk_activate(&m, *load, cards, now_ms),
+        };
+        let done = Executed { group, chunk: record.chunk().map(|c| c.results.clone()), ..Executed::of(record.outcome) };
+        self.idem.insert(m.idem, RecentIdem { record, group, at_ms: now_ms });
         done
     }
 

@@ -854,7 +854,7 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
         assert_eq!(engine.execute(m, START_MS).outcome.result, ResultCode::Approved);
     }
     let mut model = Model::new();
-    let holds_heavy = seed % 10 == 0;
+    let holds_heavy = seed.is_multiple_of(10);
     let mut done: Vec<(String, Step)> = Vec::new();
     let mut log = Vec::new();
     for n in 0..OPS_PER_SEQUENCE {

@@ -128,7 +128,7 @@ fn frame_buffered(buf: &BytesMut) -> bool {
 }
 
 /// Decides one frame. Returns its pending reply and whether the connection must close after it.
-async fn decide(shared: &Shared, frame: Frame, handshaken: &mut bool) -> (Pending, bool) {
+async fn decide(shared: &Arc<Shared>, frame: Frame, handshaken: &mut bool) -> (Pending, bool) {
     let started = Instant::now();
     let opcode = frame.header.opcode;
     let request_id = frame.header.request_id;
@@ -149,6 +149,10 @@ async fn decide(shared: &Shared, frame: Frame, handshaken: &mut bool) -> (Pendin
         }
         Ok(Request::Batch { atomic: Some(idem), items }) => {
             let (reply, group) = atomic_batch(shared, &frame.body, idem, &items);
+            (reply, group, false)
+        }
+        Ok(req @ Request::JobChunk { .. }) => {
+            let (reply, group) = job_chunk(shared, opcode, frame.body, req).await;
             (reply, group, false)
         }
         Ok(req) => {
@@ -199,6 +203,35 @@ async fn batch(shared: &Shared, items: Vec<wire::BatchItem>) -> (Reply, u64) {
         replies.push((reply_opcode, reply));
     }
     (Reply::Batch(replies), group)
+}
+
+/// A chunk of a bulk job, keyed and decided on the bulk thread (see `background`), so that its
+/// thousands of cards take the CPU payments leave, not a tokio worker.
+async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Request) -> (Reply, u64) {
+    let Request::JobChunk { merchant, job, first, work, numbers } = req else {
+        unreachable!("job_chunk() is called for a job chunk")
+    };
+    let s = shared.clone();
+    let decided = shared.bulk.run(move || {
+        let reversal = work == ChunkWork::Reverse;
+        let cards = numbers
+            .iter()
+            .map(|n| ChunkCard { key: s.keyer.card_key(n), last4: n.last4(), luhn_ok: n.luhn_ok() })
+            .collect();
+        let m = Mutation {
+            idem: crate::engine::IdemKey::chunk(&merchant, &job, first, reversal),
+            fingerprint: s.keyer.fingerprint(opcode, &body),
+            card: None,
+            last4: [b'0'; 4],
+            op: Op::JobChunk { job, first, work, cards },
+        };
+        s.engine.execute(m, now_ms())
+    });
+    let Some(done) = decided.await else { return (Reply::Error(ResultCode::ShuttingDown), 0) };
+    if done.replayed {
+        shared.metrics.idempotent_replays.inc();
+    }
+    (Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() }), done.group)
 }
 
 /// An all-or-nothing batch: one mutation of the engine. Its items must be redeems (without invoice
@@ -350,20 +383,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
                 op: Op::JobOpen { spec: JobSpec { kind, count, chunk_cards } },
             }
         }
-        Request::JobChunk { merchant, job, first, work, numbers } => {
-            let reversal = work == ChunkWork::Reverse;
-            let cards = numbers
-                .iter()
-                .map(|n| ChunkCard { key: shared.keyer.card_key(n), last4: n.last4(), luhn_ok: n.luhn_ok() })
-                .collect();
-            Mutation {
-                idem: crate::engine::IdemKey::chunk(&merchant, &job, first, reversal),
-                fingerprint: shared.keyer.fingerprint(opcode, body),
-                card: None,
-                last4: [b'0'; 4],
-                op: Op::JobChunk { job, first, work, cards },
-            }
-        }
+        Request::JobChunk { .. } => unreachable!("a job chunk is answered by job_chunk()"),
         Request::Batch { .. } => unreachable!("a batch is answered by batch() or atomic_batch()"),
         Request::ProgramSet { idem, name, settings } => {
             let cfg = match ProgramConfig::parse(&settings) {
@@ -426,9 +446,6 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
         Some(Opcode::JobOpen) => {
             let spec = job_spec.filter(|_| done.outcome.result == ResultCode::Approved);
             job_reply(done.outcome.result, spec)
-        }
-        Some(Opcode::JobChunk) => {
-            Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() })
         }
         Some(Opcode::ProgramSet) => {
             // What this update set, from its own settings, not a later update's (which may not

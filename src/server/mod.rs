@@ -1,6 +1,7 @@
 //! The server: tokio, connections, backpressure, shutdown. It turns wire requests into engine calls
 //! (replacing card numbers with keys) and holds every reply until its commit group is durable.
 
+pub mod background;
 mod connection;
 pub mod http;
 
@@ -24,6 +25,8 @@ pub struct Shared {
     pub pin_keyer: PinKeyer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Where job chunks are decided: a thread that yields to payments.
+    pub bulk: background::Background,
 }
 
 /// Milliseconds since the Unix epoch: the clock the engine is given.

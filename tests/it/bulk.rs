@@ -227,3 +227,66 @@ async fn an_all_or_nothing_batch_applies_every_item_or_none() {
     assert_eq!((crate::balance(&mut c, &a).await, crate::balance(&mut c, &b).await), (1_500, 100));
     assert_eq!(timed("after restart", c.call(&ok)).await.expect("reply"), reply);
 }
+
+#[tokio::test]
+async fn a_chunk_fits_its_job_replays_and_is_barred_once_taken_back_unsent() {
+    use giftd::engine::ChunkWork;
+    use giftd::wire::{ChunkReply, JobKind};
+    use ResultCode::*;
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    let cards: Vec<String> = (0..3).map(nth).collect();
+    for n in &cards {
+        let mut req = crate::issue_req(n, usd(1_000));
+        if let Request::Issue { active, .. } = &mut req {
+            *active = false;
+        }
+        check(&call(&mut c, &req).await, Approved, 1_000, Some(1_000));
+    }
+    let load = ChunkWork::Activate { load: Some(usd(500)) };
+    let chunk = |first: u32, work: ChunkWork, n: &[String]| Request::JobChunk {
+        merchant: "res-7".into(),
+        job: "j-1".into(),
+        first,
+        work,
+        numbers: n.iter().map(|s| num(s)).collect(),
+    };
+    let ask = |reply: Reply| match reply {
+        Reply::Chunk(ChunkReply { result, items }) => (result, items),
+        other => panic!("{other:?}"),
+    };
+    // Before its job is opened a chunk binds nothing: job_not_found, and the card is untouched.
+    let early = chunk(0, load.clone(), &cards[..2]);
+    assert_eq!(ask(timed("early", c.call(&early)).await.unwrap()), (JobNotFound, vec![]));
+    assert_eq!(crate::view(&mut c, &cards[0]).await.status, giftd::model::Status::Inactive);
+    let open = Request::JobOpen { idem: idem("res-7", "j-1"), kind: JobKind::Activate, count: 3, chunk_cards: 2 };
+    let Reply::Job(j) = timed("open", c.call(&open)).await.unwrap() else { panic!() };
+    assert_eq!((j.result, j.kind, j.count, j.chunk_cards), (Approved, Some(JobKind::Activate), 3, 2));
+    // Out of place, of the wrong size, or of the wrong kind: job_chunk_mismatch, nothing recorded.
+    let issue = ChunkWork::Issue { program: "default".into(), money: usd(1), expiry_ms: None };
+    for bad in [chunk(1, load.clone(), &cards[1..3]), chunk(0, load.clone(), &cards[..1]), chunk(0, issue, &cards[..2])]
+    {
+        assert_eq!(ask(timed("bad", c.call(&bad)).await.unwrap()), (JobChunkMismatch, vec![]), "{bad:?}");
+    }
+    // The first chunk now: each card answered; again, the same bytes; other cards there, a mismatch.
+    let first = chunk(0, load.clone(), &cards[..2]);
+    let got = ask(timed("chunk", c.call(&first)).await.unwrap());
+    assert_eq!(got, (Approved, vec![(Approved, true), (Approved, true)]));
+    assert_eq!(ask(timed("again", c.call(&first)).await.unwrap()), got);
+    let other = chunk(0, load.clone(), &[cards[1].clone(), cards[0].clone()]);
+    assert_eq!(ask(timed("other", c.call(&other)).await.unwrap()), (IdempotencyMismatch, vec![]));
+    assert_eq!(crate::balance(&mut c, &cards[0]).await, 1_500, "loaded once");
+    // The last chunk is taken back before it is sent: nothing to undo, and the chunk is barred.
+    let back = chunk(2, ChunkWork::Reverse, &[]);
+    assert_eq!(ask(timed("back", c.call(&back)).await.unwrap()), (Approved, vec![]));
+    let late = chunk(2, load.clone(), &cards[2..]);
+    assert_eq!(ask(timed("late", c.call(&late)).await.unwrap()), (OriginalReversed, vec![]));
+    assert_eq!(crate::view(&mut c, &cards[2]).await.status, giftd::model::Status::Inactive, "never activated");
+    // The first chunk taken back: both cards inactive again with their load gone; again, the same.
+    let back = chunk(0, ChunkWork::Reverse, &[]);
+    let undone = ask(timed("back 0", c.call(&back)).await.unwrap());
+    assert_eq!(undone, (Approved, vec![(Approved, true), (Approved, true)]));
+    assert_eq!(ask(timed("back 0 again", c.call(&back)).await.unwrap()), undone);
+    let v = crate::view(&mut c, &cards[1]).await;
+    assert_eq!((v.status, v.balance_minor), (giftd::model::Status::Inactive, 1_000));
+}
