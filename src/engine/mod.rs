@@ -1185,24 +1185,14 @@ impl Engine {
         (record, at.group)
     }
 
-    /// Records a chunk's answers with its changes (one append), then points each changed card at
-    /// its history entry (they follow one apart, in `cards` order).
-    fn commit_chunk(
-        &self,
-        m: &Mutation,
-        chunk: ChunkRecord,
-        effects: Effects,
-        cards: &mut [&mut Card],
-    ) -> (IdemRecord, u64) {
+    /// Records a chunk's answers with its changes (one append). The caller then points the
+    /// changed cards at their history entries: they follow one apart from `first_txn_id`, in the
+    /// order of the changes.
+    fn commit_chunk(&self, m: &Mutation, chunk: ChunkRecord, effects: Effects) -> (IdemRecord, Appended) {
         let changed = chunk.results.iter().filter(|(_, c)| *c).count();
         debug_assert_eq!(changed, effects.changes.len());
         let outcome = Outcome { approved_minor: changed as i64, ..Outcome::declined(ResultCode::Approved, None) };
-        let (record, at) = self.commit(m, Answer { bulk: Some(Bulk::Chunk(chunk)), ..Answer::plain(outcome) }, effects);
-        for (n, card) in cards.iter_mut().enumerate() {
-            card.rec.last_txn_id = at.first_txn_id + n as u64;
-            card.last_group = at.group;
-        }
-        (record, at.group)
+        self.commit(m, Answer { bulk: Some(Bulk::Chunk(chunk)), ..Answer::plain(outcome) }, effects)
     }
 
     /// A job chunk that issues inactive cards, each on its own (a card that exists is
@@ -1284,7 +1274,12 @@ impl Engine {
             changed: Vec::new(),
             first_txn_id: 0,
         };
-        self.commit_chunk(m, chunk, effects, &mut published)
+        let (record, at) = self.commit_chunk(m, chunk, effects);
+        for (n, card) in published.iter_mut().enumerate() {
+            card.rec.last_txn_id = at.first_txn_id + n as u64;
+            card.last_group = at.group;
+        }
+        (record, at.group)
     }
 
     /// A job chunk that activates cards, each on its own, with the rules of a single activation.
@@ -1326,18 +1321,18 @@ impl Engine {
             at_ms: now_ms,
             amount_minor: load.map_or(0, |l| l.minor),
             results,
-            changed: changed.clone(),
+            changed,
             first_txn_id: 0,
         };
-        let mut order: Vec<usize> = changed.iter().map(|k| locked.at(k)).collect();
-        let mut cards: Vec<&mut Card> = Vec::with_capacity(order.len());
-        // Each changed card once (the chunk's activation of a card is its only change), in the
-        // order of the changes.
-        let mut rest: Vec<Option<&mut Card>> = locked.guards.iter_mut().map(|g| Some(&mut **g)).collect();
-        for i in order.drain(..) {
-            cards.push(rest[i].take().expect("a card changes once per chunk"));
+        let (record, at) = self.commit_chunk(m, chunk, effects);
+        // Each changed card once (a card's activation is its only change in the chunk).
+        let changed = record.chunk().map_or(&[][..], |c| &c.changed);
+        for (n, key) in changed.iter().enumerate() {
+            let card = locked.card(key);
+            card.rec.last_txn_id = at.first_txn_id + n as u64;
+            card.last_group = at.group;
         }
-        self.commit_chunk(m, chunk, effects, &mut cards)
+        (record, at.group)
     }
 
     /// Takes back what the chunk `original` did: each card it activated is made inactive and its
@@ -1355,7 +1350,8 @@ impl Engine {
             first_txn_id: 0,
         };
         let Some(done) = orig.chunk().filter(|_| !orig.tombstone) else {
-            return self.commit_chunk(m, chunk, Effects::default(), &mut []);
+            let (record, at) = self.commit_chunk(m, chunk, Effects::default());
+            return (record, at.group);
         };
         chunk.amount_minor = done.amount_minor;
         if done.kind != ChunkKind::Activate {
@@ -1365,7 +1361,8 @@ impl Engine {
                 .iter()
                 .map(|&(_, c)| (if c { ResultCode::NotReversible } else { ResultCode::Approved }, false))
                 .collect();
-            return self.commit_chunk(m, chunk, Effects::default(), &mut []);
+            let (record, at) = self.commit_chunk(m, chunk, Effects::default());
+            return (record, at.group);
         }
         let mut keys = done.changed.clone();
         keys.sort_unstable_by_key(|k| k.0);
@@ -1401,7 +1398,7 @@ impl Engine {
                     effects.changes.push(change);
                     debit_minor -= d.delta_minor;
                     currency = Some(card.rec.currency);
-                    reversed.push(at);
+                    reversed.push(key);
                     chunk.results.push((ResultCode::Approved, true));
                 }
             }
@@ -1409,10 +1406,13 @@ impl Engine {
         if let Some(currency) = currency.filter(|_| debit_minor > 0) {
             effects.ledger = Some(LedgerDelta { currency, credit_minor: 0, debit_minor });
         }
-        let mut rest: Vec<Option<&mut Card>> = locked.guards.iter_mut().map(|g| Some(&mut **g)).collect();
-        let mut cards: Vec<&mut Card> =
-            reversed.into_iter().map(|i| rest[i].take().expect("a card is reversed once per chunk")).collect();
-        self.commit_chunk(m, chunk, effects, &mut cards)
+        let (record, at) = self.commit_chunk(m, chunk, effects);
+        for (n, key) in reversed.iter().enumerate() {
+            let card = locked.card(key);
+            card.rec.last_txn_id = at.first_txn_id + n as u64;
+            card.last_group = at.group;
+        }
+        (record, at.group)
     }
 
     /// The earliest deadline of an open hold, for the expiry timer.
