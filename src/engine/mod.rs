@@ -22,7 +22,7 @@ pub use journal::{
 pub use program::{Program, ProgramSlot, Programs};
 pub use rules::{AtomicItem, ChunkCard, ChunkWork, IssueNumber, Op, SplitOrder};
 
-use crate::card_number::CardKey;
+use crate::card_number::{CardKey, CardKeyState};
 use crate::model::{Currency, HoldView, Money, Outcome, PartView, Parts, ResultCode, TxnKind};
 use card::Card;
 use dashmap::mapref::entry::Entry;
@@ -144,8 +144,12 @@ impl Answer {
     }
 }
 
+/// Shards of the card map. Many, so that growing one (a bulk issue adds a million cards) moves
+/// a few thousand entries under its lock, never a large share of all cards.
+const CARD_SHARDS: usize = 256;
+
 pub struct Engine {
-    cards: DashMap<CardKey, CardCell>,
+    cards: DashMap<CardKey, CardCell, CardKeyState>,
     idem: DashMap<IdemKey, RecentIdem>,
     settled: DashMap<IdemKey, RecentSettled>,
     invoices: DashMap<InvoiceKey, (u64, i64)>,
@@ -173,7 +177,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(programs: Programs, journal: Arc<dyn Journal>) -> Engine {
         Engine {
-            cards: DashMap::new(),
+            cards: DashMap::with_hasher_and_shard_amount(CardKeyState::default(), CARD_SHARDS),
             idem: DashMap::new(),
             settled: DashMap::new(),
             invoices: DashMap::new(),
