@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DATA_DIR ?= ./data
 
-.PHONY: all deps build run test fmt lint bench clean
+.PHONY: all deps test-deps build run test fmt lint bench clean
 
 all: build
 
@@ -22,6 +22,15 @@ deps:
 	@if ! command -v cargo >/dev/null 2>&1; then \
 		echo "installing the Rust toolchain (rustup)"; \
 		curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; \
+	fi
+
+# The observability tests run Debian's promtool and a real Prometheus server on loopback. The
+# package's own service is not wanted on a development machine: it is disabled if systemd started it.
+test-deps:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+		echo "installing prometheus and promtool (used by the observability tests)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+		if command -v systemctl >/dev/null 2>&1; then $(SUDO) systemctl disable --now prometheus >/dev/null 2>&1 || true; fi; \
 	fi
 
 build: deps
@@ -38,7 +47,7 @@ fmt:
 lint: deps
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
-test: deps fmt lint
+test: deps test-deps fmt lint
 	cargo test --release --workspace
 
 bench: deps

@@ -2,10 +2,12 @@
 //! never card numbers, merchant ids or client addresses. Hot-path handles are resolved once into
 //! arrays indexed by operation and result, so recording a request is two atomic adds.
 
-use crate::model::ResultCode;
+use crate::engine::Census;
+use crate::model::{ResultCode, Status};
 use crate::wire::Opcode;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use std::time::Duration;
 
@@ -31,6 +33,45 @@ pub struct Metrics {
     pub idem_keys_memory: IntGauge,
     pub cards_recovered: IntGauge,
     pub recovery_seconds: prometheus::Gauge,
+    /// Replies queued on connections, decided or not yet durable.
+    pub requests_in_flight: IntGauge,
+    /// 1 once recovered and accepting, 0 before and while draining: what `/readyz` answers.
+    pub ready: IntGauge,
+    cards: IntGaugeVec,
+    holds_open: IntGauge,
+    held_minor: IntGaugeVec,
+    liability_minor: IntGaugeVec,
+    commit_queue: IntGauge,
+    memtable_bytes: IntGauge,
+    pending_compaction_bytes: IntGauge,
+    write_stopped: IntGauge,
+    write_delayed: IntGauge,
+    /// When the census gauges were last refreshed: a scrape storm counts the cards at most once a
+    /// second.
+    census_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Storage figures, read when metrics are scraped.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Decisions appended and waiting for the committer.
+    pub commit_queue_decisions: usize,
+    pub memtable_bytes: u64,
+    pub pending_compaction_bytes: u64,
+    /// RocksDB has stopped all writes (every decision waits), or is slowing them down.
+    pub write_stopped: bool,
+    pub write_delayed: bool,
+}
+
+/// The shortest time between two card censuses.
+const CENSUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("metric")
+}
+
+fn gauge_vec(name: &str, help: &str, label: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &[label]).expect("metric")
 }
 
 impl Metrics {
@@ -102,6 +143,37 @@ impl Metrics {
         let recovery_seconds =
             prometheus::Gauge::new("giftd_recovery_seconds", "Seconds the last start spent recovering.")
                 .expect("metric");
+        let requests_in_flight = gauge(
+            "giftd_requests_in_flight",
+            "Requests read and not yet answered, over all connections (decided replies wait to be durable).",
+        );
+        let ready = gauge("giftd_ready", "1 when recovered and accepting requests; 0 while starting or draining.");
+        let cards =
+            gauge_vec("giftd_cards", "Cards in memory by status (counted at scrape, at most once a second).", "status");
+        let holds_open = gauge("giftd_holds_open", "Open holds that still reserve money.");
+        let held_minor = gauge_vec(
+            "giftd_held_minor_units",
+            "Money reserved by open holds, per currency, in minor units (cents for USD).",
+            "currency",
+        );
+        let liability_minor = gauge_vec(
+            "giftd_liability_minor_units",
+            "Outstanding liability per currency: the sum of card balances, in minor units (cents for USD).",
+            "currency",
+        );
+        let commit_queue =
+            gauge("giftd_commit_queue_decisions", "Decisions appended and waiting for the committer to write them.");
+        let memtable_bytes = gauge("giftd_rocksdb_memtable_bytes", "Bytes in RocksDB memtables, all column families.");
+        let pending_compaction_bytes = gauge(
+            "giftd_rocksdb_pending_compaction_bytes",
+            "RocksDB's estimate of bytes compaction must rewrite; growth ends in write stalls.",
+        );
+        let write_stopped =
+            gauge("giftd_rocksdb_write_stopped", "1 while RocksDB stops all writes (every decision waits).");
+        let write_delayed =
+            gauge("giftd_rocksdb_write_delayed", "1 while RocksDB slows writes down to let compaction catch up.");
+        let build_info = gauge_vec("giftd_build_info", "Always 1; the labels say which giftd is running.", "version");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for c in [
             Box::new(requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency_vec.clone()),
@@ -118,6 +190,18 @@ impl Metrics {
             Box::new(idem_keys_memory.clone()),
             Box::new(cards_recovered.clone()),
             Box::new(recovery_seconds.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(ready.clone()),
+            Box::new(cards.clone()),
+            Box::new(holds_open.clone()),
+            Box::new(held_minor.clone()),
+            Box::new(liability_minor.clone()),
+            Box::new(commit_queue.clone()),
+            Box::new(memtable_bytes.clone()),
+            Box::new(pending_compaction_bytes.clone()),
+            Box::new(write_stopped.clone()),
+            Box::new(write_delayed.clone()),
+            Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -143,7 +227,51 @@ impl Metrics {
             idem_keys_memory,
             cards_recovered,
             recovery_seconds,
+            requests_in_flight,
+            ready,
+            cards,
+            holds_open,
+            held_minor,
+            liability_minor,
+            commit_queue,
+            memtable_bytes,
+            pending_compaction_bytes,
+            write_stopped,
+            write_delayed,
+            census_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether a census is due (and if so, marks it taken now).
+    pub fn census_due(&self) -> bool {
+        let mut at = self.census_at.lock().expect("census lock");
+        if at.is_some_and(|t| t.elapsed() < CENSUS_INTERVAL) {
+            return false;
+        }
+        *at = Some(std::time::Instant::now());
+        true
+    }
+
+    pub fn set_census(&self, census: &Census) {
+        for s in Status::ALL {
+            self.cards.with_label_values(&[s.name()]).set(census.cards_by_status[s as usize] as i64);
+        }
+        self.holds_open.set(census.holds_open as i64);
+        let minor = |v: i128| i64::try_from(v).unwrap_or(i64::MAX);
+        // Every currency with cards gets both series, so a currency whose holds all closed shows 0.
+        for (currency, sum) in &census.liability_minor {
+            let label = [currency.as_str()];
+            self.liability_minor.with_label_values(&label).set(minor(*sum));
+            self.held_minor.with_label_values(&label).set(minor(census.held_minor.get(currency).copied().unwrap_or(0)));
+        }
+    }
+
+    pub fn set_store_stats(&self, stats: &StoreStats) {
+        self.commit_queue.set(stats.commit_queue_decisions as i64);
+        self.memtable_bytes.set(stats.memtable_bytes as i64);
+        self.pending_compaction_bytes.set(stats.pending_compaction_bytes as i64);
+        self.write_stopped.set(stats.write_stopped as i64);
+        self.write_delayed.set(stats.write_delayed as i64);
     }
 
     pub fn request(&self, op: Opcode, result: ResultCode, elapsed: Duration) {

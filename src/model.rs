@@ -137,6 +137,9 @@ pub enum Status {
 }
 
 impl Status {
+    pub const ALL: [Status; 6] =
+        [Status::Inactive, Status::Active, Status::Suspended, Status::PinLocked, Status::Expired, Status::Closed];
+
     pub fn from_u8(v: u8) -> Option<Status> {
         Some(match v {
             0 => Status::Inactive,

@@ -107,6 +107,13 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         None => load_or_create_secret(&cfg.data_dir, PIN_SECRET_FILE)?,
     };
     let metrics = Arc::new(Metrics::new());
+    // Served from before recovery until after the drain: /healthz says the process is up, /readyz
+    // whether it has recovered and accepts requests.
+    let metrics_listener = tokio::net::TcpListener::bind(&cfg.metrics_listen).await?;
+    let maddr = metrics_listener.local_addr()?;
+    let sources = server::http::Sources::default();
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(server::http::serve(metrics_listener, metrics.clone(), sources.clone(), http_stop.clone()));
     let durability = cfg.durability();
     let started = Instant::now();
     let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.checkpoint_interval(), metrics.clone())?;
@@ -165,8 +172,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     );
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await?;
-    let metrics_listener = tokio::net::TcpListener::bind(&cfg.metrics_listen).await?;
-    let (addr, maddr) = (listener.local_addr()?, metrics_listener.local_addr()?);
+    let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
         engine,
         store: store.clone(),
@@ -176,8 +182,8 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         limits: cfg.limits.clone(),
         bulk: giftd::server::background::Background::start("giftd-bulk", BULK_NICE, BULK_QUEUE_MAX)?,
     });
+    let _ = sources.set(shared.clone());
     let shutdown = CancellationToken::new();
-    let http = tokio::spawn(server::http::serve(metrics_listener, metrics, shutdown.clone()));
     tracing::info!(listen = %addr, metrics = %maddr, durability = %durability.label(), "giftd ready");
     // The handlers are in place before the ready line: a SIGTERM sent as soon as giftd says it is
     // ready must drain it, not kill it with the default action.
@@ -185,21 +191,24 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let mut int = signal(SignalKind::interrupt())?;
     // One machine-readable line on stdout, for scripts and tests that start giftd on port 0.
     println!("giftd ready listen={addr} metrics={maddr} durability={}", durability.label());
+    metrics.ready.set(1);
 
     let signals = {
-        let shutdown = shutdown.clone();
+        let (shutdown, metrics) = (shutdown.clone(), metrics.clone());
         async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: draining"),
                 _ = int.recv() => tracing::info!("SIGINT: draining"),
             }
+            metrics.ready.set(0);
             shutdown.cancel();
         }
     };
     tokio::spawn(signals);
     let drained = server::serve(listener, shared.clone(), shutdown.clone()).await;
-    let _ = http.await;
     tokio::task::spawn_blocking(move || store.close()).await?;
+    http_stop.cancel();
+    let _ = http.await;
     tracing::info!(drained, "stopped; WAL synced");
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,7 @@ pub use program::{Program, ProgramSlot, Programs};
 pub use rules::{AtomicItem, ChunkCard, ChunkWork, IssueNumber, Op, SplitOrder};
 
 use crate::card_number::{CardKey, CardKeyState};
-use crate::model::{Currency, HoldView, Money, Outcome, PartView, Parts, ResultCode, TxnKind};
+use crate::model::{Currency, HoldView, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -97,6 +97,18 @@ pub struct Restored {
     pub unknown_programs: Vec<String>,
     /// Open holds (some may be past their deadline: the expiry sweep releases them first thing).
     pub holds: u64,
+}
+
+/// What the cards hold now, for dashboards: counted over every card in memory.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Cards by status, indexed by `Status as usize`.
+    pub cards_by_status: [u64; Status::ALL.len()],
+    /// Open holds that still reserve money (not past their deadline).
+    pub holds_open: u64,
+    /// Per currency: Σ balances (what the issuer owes holders) and Σ of what open holds reserve.
+    pub liability_minor: BTreeMap<Currency, i128>,
+    pub held_minor: BTreeMap<Currency, i128>,
 }
 
 /// A card's cell: the map's shard lock is held only to find it, the card's own mutex while
@@ -229,6 +241,27 @@ impl Engine {
             self.cards.insert(key, Arc::new(Mutex::new(Card { rec, program, last_group: 0 })));
         }
         self.next_hold_id.store(next_hold_id, Ordering::SeqCst);
+        out
+    }
+
+    /// Counts every card by status and sums balances and holds per currency. Each card is read
+    /// under its own lock, one at a time, so a census is a consistent view of each card but not a
+    /// snapshot of all of them. The cells are gathered first, so no shard lock is held while a
+    /// card's lock is awaited (a decision may hold a card and then want a shard).
+    pub fn census(&self, now_ms: i64) -> Census {
+        let cells: Vec<CardCell> = self.cards.iter().map(|c| c.value().clone()).collect();
+        let mut out = Census::default();
+        for cell in cells {
+            let card = cell.lock().expect("card lock");
+            let rec = &card.rec;
+            out.cards_by_status[rec.status(now_ms) as usize] += 1;
+            *out.liability_minor.entry(rec.currency).or_default() += rec.balance_minor as i128;
+            let held = rec.held_at(now_ms);
+            if held > 0 {
+                *out.held_minor.entry(rec.currency).or_default() += held as i128;
+            }
+            out.holds_open += rec.holds.iter().filter(|h| h.expires_ms > now_ms).count() as u64;
+        }
         out
     }
 

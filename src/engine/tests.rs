@@ -494,6 +494,33 @@ fn holds_expire_by_deadline_under_a_controlled_clock() {
 }
 
 #[test]
+fn census_counts_statuses_balances_and_live_holds() {
+    let (e, _) = engine();
+    active_100(&e);
+    let h = authorize(&e, "a", 1_500, HOUR_MS, NOW);
+    authorize(&e, "b", 500, 2 * HOUR_MS, NOW);
+    issue(&e, card(2), "default", usd(2_000), None, false);
+    issue(&e, card(3), "default", eur(700), Some(NOW + HOUR_MS), true);
+    issue(&e, card(4), "default", usd(300), None, true);
+    run(&e, "lock4", card(4), Op::Lock { reason: LockReason::Lost }, NOW);
+    let census = e.census(NOW);
+    let by = |s: Status| census.cards_by_status[s as usize];
+    assert_eq!((by(Status::Active), by(Status::Inactive), by(Status::Suspended), by(Status::Expired)), (2, 1, 1, 0));
+    let usd_code = usd(0).currency;
+    let eur_code = eur(0).currency;
+    assert_eq!(census.liability_minor.get(&usd_code), Some(&12_300));
+    assert_eq!(census.liability_minor.get(&eur_code), Some(&700));
+    assert_eq!((census.holds_open, census.held_minor.get(&usd_code)), (2, Some(&2_000)));
+    // An hour on: card 3 has expired and the first hold reserves nothing, released or not.
+    let later = e.census(h.expires_ms);
+    assert_eq!(
+        (later.cards_by_status[Status::Expired as usize], later.cards_by_status[Status::Active as usize]),
+        (1, 1)
+    );
+    assert_eq!((later.holds_open, later.held_minor.get(&usd_code)), (1, Some(&500)));
+}
+
+#[test]
 fn a_decision_first_releases_the_cards_due_holds() {
     let (e, j) = engine();
     active_100(&e);

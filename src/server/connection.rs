@@ -58,6 +58,7 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
     let mut handshaken = false;
     // Set when the connection must end: replies already queued are still written first.
     let mut closing = false;
+    let mut in_flight = InFlight { gauge: &shared.metrics.requests_in_flight, counted: 0 };
     loop {
         let durable_group = *durable.borrow_and_update();
         while queue.front().is_some_and(|p| p.group <= durable_group) {
@@ -78,6 +79,7 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
         if closing && queue.is_empty() {
             break;
         }
+        in_flight.set(queue.len());
         let can_read = !closing && queue.len() < inflight_max;
         tokio::select! {
             biased;
@@ -120,6 +122,29 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Keeps `giftd_requests_in_flight` equal to the sum of every connection's queued replies, even
+/// when a connection ends with replies still queued (its write failed).
+struct InFlight<'a> {
+    gauge: &'a prometheus::IntGauge,
+    counted: i64,
+}
+
+impl InFlight<'_> {
+    fn set(&mut self, queued: usize) {
+        let queued = queued as i64;
+        if queued != self.counted {
+            self.gauge.add(queued - self.counted);
+            self.counted = queued;
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.counted);
+    }
 }
 
 /// Whether `buf` already holds a whole frame (judged by its length prefix alone).

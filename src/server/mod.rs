@@ -76,6 +76,16 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     tokio::time::timeout(grace, tracker.wait()).await.is_ok()
 }
 
+/// Brings the gauges a scrape shows up to date: the commit queue and RocksDB's figures every time,
+/// the card census (a walk over every card) at most once a second. Blocking: run it off the
+/// async workers.
+pub fn refresh_metrics(shared: &Shared) {
+    shared.metrics.set_store_stats(&shared.store.stats());
+    if shared.metrics.census_due() {
+        shared.metrics.set_census(&shared.engine.census(now_ms()));
+    }
+}
+
 /// Holds released per step of the expiry loop; a burst of deadlines is worked off in steps of
 /// this size, with the other tasks served between them.
 const EXPIRY_STEP_HOLDS_MAX: usize = 512;

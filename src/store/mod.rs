@@ -20,7 +20,7 @@ use crate::card_number::{CardKey, CardKeyState};
 use crate::engine::{
     Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled, TxnRecord,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreStats};
 use crate::model::{Currency, TxnKind};
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBRecoveryMode, Direction, IteratorMode, MemtableFactory, Options,
@@ -286,6 +286,23 @@ impl Store {
 
     /// Stops the committer and the syncer after everything appended so far is written and synced,
     /// with a final checkpoint so the next start has nothing to replay.
+    /// Figures for dashboards: the commit queue and what RocksDB says about memory and stalls.
+    /// A property that cannot be read counts as 0: these are observations, not durability.
+    pub fn stats(&self) -> StoreStats {
+        let commit_queue_decisions = self.pending.state.lock().expect("pending lock").entries.len();
+        let int = |cf: &rocksdb::ColumnFamily, name: &str| self.db.property_int_value_cf(cf, name).ok().flatten();
+        let mut stats = StoreStats { commit_queue_decisions, ..StoreStats::default() };
+        for name in CFS {
+            let cf = self.db.cf_handle(name).expect("column family");
+            stats.memtable_bytes += int(cf, "rocksdb.cur-size-all-mem-tables").unwrap_or(0);
+            stats.pending_compaction_bytes += int(cf, "rocksdb.estimate-pending-compaction-bytes").unwrap_or(0);
+        }
+        let db_wide = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        stats.write_stopped = db_wide("rocksdb.is-write-stopped") > 0;
+        stats.write_delayed = db_wide("rocksdb.actual-delayed-write-rate") > 0;
+        stats
+    }
+
     pub fn close(&self) {
         self.pending.state.lock().expect("pending lock").closing = true;
         self.pending.wake.notify_all();

@@ -7,7 +7,7 @@ use giftd::model::ResultCode;
 use std::time::Instant;
 
 /// The value of the sample whose name and labels are exactly `series`, if present.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 

@@ -9,6 +9,7 @@ mod giftctl;
 mod harness;
 mod holds;
 mod lifecycle;
+mod observability;
 mod ops;
 mod payments;
 mod policy;

@@ -1,0 +1,223 @@
+//! Observability with the real tools: promtool checks a live scrape, a real Prometheus server
+//! scrapes giftd and answers a PromQL query, the alert rules pass their promtool unit tests, and
+//! the Grafana dashboard asks only for metrics giftd exports. promtool and prometheus come from
+//! Debian's `prometheus` package, which `make test` installs.
+
+use crate::holds::authorize;
+use crate::lifecycle::sample;
+use crate::{call, http_get, idem, issue, num, redeem, usd, Giftd, MERCHANT, TIMEOUT};
+use giftd::model::{LockReason, ResultCode};
+use giftd::wire::Request;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
+}
+
+/// Runs a tool to completion; panics with its output unless it succeeds.
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run ({e}); is Debian's prometheus installed?"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{what} failed ({:?}):\n{text}", out.status);
+    text
+}
+
+/// A live scrape after some traffic: promtool finds nothing to fix in it, and the gauges count the
+/// cards, holds and liabilities that the traffic made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_scrape_passes_promtool_and_counts_cards_holds_and_liability() {
+    let g = Giftd::start();
+    let (status, body) = http_get(g.metrics_addr(), "/readyz").await;
+    assert_eq!((status, body.trim()), (200, "ready"));
+    let mut c = g.client().await;
+    let cards = ["6035719980000012", "6035719980000020", "6035719980000038"];
+    for n in cards {
+        issue(&mut c, n, usd(10_000)).await;
+    }
+    let hold = authorize(&mut c, cards[0], "obs-a1", usd(2_500), false, 600).await;
+    assert_eq!(hold.result, ResultCode::Approved);
+    assert_eq!(redeem(&mut c, cards[1], "obs-r1", usd(1_000), false).await.result, ResultCode::Approved);
+    let lock = Request::Lock { idem: idem(MERCHANT, "obs-l1"), number: num(cards[2]), reason: LockReason::Lost };
+    assert_eq!(call(&mut c, &lock).await.result, ResultCode::Approved);
+
+    let (status, body) = http_get(g.metrics_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    promtool.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write scrape");
+    let out = promtool.wait_with_output().expect("promtool");
+    let problems = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && problems.trim().is_empty(), "promtool check metrics:\n{problems}\n{body}");
+
+    let at = |series: &str| sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    assert_eq!(at(r#"giftd_cards{status="active"}"#), 2.0);
+    assert_eq!(at(r#"giftd_cards{status="suspended"}"#), 1.0);
+    assert_eq!(at(r#"giftd_cards{status="inactive"}"#), 0.0);
+    assert_eq!(at("giftd_holds_open"), 1.0);
+    assert_eq!(at(r#"giftd_held_minor_units{currency="USD"}"#), 2_500.0);
+    assert_eq!(at(r#"giftd_liability_minor_units{currency="USD"}"#), 29_000.0);
+    assert_eq!(at("giftd_ready"), 1.0);
+    assert_eq!(at("giftd_requests_in_flight"), 0.0);
+    assert_eq!(at("giftd_rocksdb_write_stopped"), 0.0);
+    assert!(at("giftd_rocksdb_memtable_bytes") > 0.0);
+    assert!(body.contains(&format!("giftd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A Prometheus server, killed when dropped.
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A real Prometheus (Debian's) scrapes giftd every second, with the alert rules loaded; its query
+/// API returns the count of approved redeems that giftd answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_giftd_and_answers_promql() {
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    let n = "6035719980000046";
+    issue(&mut c, n, usd(10_000)).await;
+    for i in 0..3 {
+        assert_eq!(redeem(&mut c, n, &format!("prom-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: giftd\n    static_configs:\n      - targets: ['{}']\n",
+        deploy("prometheus/alerts.yml").display(),
+        g.metrics_addr()
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).expect("config");
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("prometheus (Debian package prometheus)");
+    let prom = Prometheus { child, addr };
+    let query = format!(
+        "/api/v1/query?query={}",
+        url_encode(r#"giftd_requests_total{job="giftd",op="redeem",result="approved"}"#)
+    );
+    let deadline = Instant::now() + TIMEOUT * 2;
+    let last = loop {
+        let answer = match tokio::net::TcpStream::connect(&prom.addr).await {
+            Ok(_) => Some(http_get(&prom.addr, &query).await.1),
+            Err(_) => None,
+        };
+        if let Some(body) = &answer {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            if v["data"]["result"][0]["value"][1] == "3" {
+                break body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw 3 approved redeems; last answer {answer:?}; log:\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(last.contains(r#""status":"success""#), "{last}");
+    // The alert rules loaded into the real server, not only into promtool.
+    let (_, rules) = http_get(&prom.addr, "/api/v1/rules").await;
+    assert!(rules.contains("GiftdFsyncSlow") && rules.contains("GiftdNotReady"), "{rules}");
+}
+
+/// The alert rules' own unit tests (`promtool test rules`), and the example config checks out.
+#[test]
+fn alert_rules_pass_their_promtool_unit_tests() {
+    let dir = deploy("prometheus");
+    run_ok(Command::new("promtool").args(["check", "rules", "alerts.yml"]).current_dir(&dir), "promtool check rules");
+    let text = run_ok(
+        Command::new("promtool").args(["test", "rules", "alerts_test.yml"]).current_dir(&dir),
+        "promtool test rules",
+    );
+    assert!(text.contains("SUCCESS"), "{text}");
+    run_ok(
+        Command::new("promtool").args(["check", "config", "prometheus.yml"]).current_dir(&dir),
+        "promtool check config",
+    );
+}
+
+fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// Every metric the dashboard asks for is one giftd exports (a renamed metric would leave a panel
+/// silently empty), and the dashboard picks its datasource from a variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_only_for_exported_metrics() {
+    let text = std::fs::read_to_string(deploy("grafana/giftd.json")).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let variables = dashboard["templating"]["list"].as_array().expect("templating variables");
+    assert!(variables.iter().any(|v| v["type"] == "datasource" && v["query"] == "prometheus"), "{variables:?}");
+    let mut all = Vec::new();
+    exprs(&dashboard, &mut all);
+    assert!(all.len() >= 10, "panels with queries: {}", all.len());
+
+    let g = Giftd::start();
+    // Per-currency series exist once a card holds that currency.
+    issue(&mut g.client().await, "6035719980000053", usd(500)).await;
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let exported: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let mut missing = Vec::new();
+    for e in &all {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("giftd_") {
+            let name: String = rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+            if !exported.contains(&name.as_str()) && !exported.contains(&base) {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "the dashboard uses metrics giftd does not export: {missing:?}");
+}
