@@ -25,7 +25,84 @@ pub struct Config {
     pub pin_secret_hex: Option<String>,
     pub durability: DurabilityConfig,
     pub limits: Limits,
+    pub alerts: AlertsConfig,
     pub programs: BTreeMap<String, ProgramConfig>,
+}
+
+/// Security alert rules. A count of 0 turns its rule off. A rule that fires writes a durable alert,
+/// logs it (card by its last 4 digits) and counts it in `giftd_alerts_total{rule}`; the card rules
+/// may also suspend the card (reason: fraud).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Consecutive wrong PINs on one card.
+    pub pin_failures: u32,
+    pub pin_failures_suspend: bool,
+    /// Requests naming an unknown card from one merchant within a minute (enumeration).
+    pub unknown_cards_per_minute: u32,
+    /// Approved redemptions on one card within a minute (velocity).
+    pub redemptions_per_card_per_minute: u32,
+    pub velocity_suspend: bool,
+    /// Per currency code, a decimal string: one approved amount above it fires.
+    pub large_amount: BTreeMap<String, String>,
+    pub large_amount_suspend: bool,
+    /// Approved reversals by one merchant within an hour.
+    pub reversals_per_merchant_per_hour: u32,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> AlertsConfig {
+        AlertsConfig {
+            pin_failures: 3,
+            pin_failures_suspend: false,
+            unknown_cards_per_minute: 30,
+            redemptions_per_card_per_minute: 20,
+            velocity_suspend: false,
+            large_amount: BTreeMap::new(),
+            large_amount_suspend: false,
+            reversals_per_merchant_per_hour: 50,
+        }
+    }
+}
+
+impl AlertsConfig {
+    fn problems(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        for (code, amount) in &self.large_amount {
+            match Currency::parse(code) {
+                None => errs.push(format!("alerts.large_amount: {code:?} is not a known ISO 4217 code")),
+                Some(c) => match crate::model::parse_amount(amount, c) {
+                    Ok(minor) if minor > 0 => {}
+                    _ => errs.push(format!(
+                        "alerts.large_amount.{code} must be a positive amount in {code}, not {amount:?}"
+                    )),
+                },
+            }
+        }
+        errs
+    }
+
+    /// The engine's form: counts of 0 become `None`, amounts become minor units.
+    pub fn rules(&self) -> crate::engine::alerts::AlertRules {
+        use crate::engine::alerts::Threshold;
+        let on = |n: u32| (n > 0).then_some(n);
+        crate::engine::alerts::AlertRules {
+            pin_failures: on(self.pin_failures).map(|count| Threshold { count, suspend: self.pin_failures_suspend }),
+            enumeration_per_minute: on(self.unknown_cards_per_minute),
+            velocity_per_minute: on(self.redemptions_per_card_per_minute)
+                .map(|count| Threshold { count, suspend: self.velocity_suspend }),
+            large_amount_minor: self
+                .large_amount
+                .iter()
+                .filter_map(|(code, amount)| {
+                    let c = Currency::parse(code)?;
+                    Some((c, crate::model::parse_amount(amount, c).ok()?))
+                })
+                .collect(),
+            large_amount_suspend: self.large_amount_suspend,
+            reversals_per_hour: on(self.reversals_per_merchant_per_hour),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -281,6 +358,7 @@ impl Default for Config {
             pin_secret_hex: None,
             durability: DurabilityConfig::default(),
             limits: Limits::default(),
+            alerts: AlertsConfig::default(),
             programs: BTreeMap::new(),
         }
     }
@@ -353,6 +431,7 @@ impl Config {
         if self.secret_hex.is_some() && self.secret_hex == self.pin_secret_hex {
             errs.push("pin_secret_hex must differ from secret_hex".into());
         }
+        errs.extend(self.alerts.problems());
         for (name, p) in &self.programs {
             errs.extend(p.problems(name));
         }

@@ -2,6 +2,7 @@
 //! never card numbers, merchant ids or client addresses. Hot-path handles are resolved once into
 //! arrays indexed by operation and result, so recording a request is two atomic adds.
 
+use crate::engine::alerts::Rule;
 use crate::engine::Census;
 use crate::model::{ResultCode, Status};
 use crate::wire::Opcode;
@@ -46,6 +47,8 @@ pub struct Metrics {
     pending_compaction_bytes: IntGauge,
     write_stopped: IntGauge,
     write_delayed: IntGauge,
+    /// Security alerts fired, indexed by `Rule as usize - 1`.
+    alerts: Vec<IntCounter>,
     /// When the census gauges were last refreshed: a scrape storm counts the cards at most once a
     /// second.
     census_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -172,6 +175,12 @@ impl Metrics {
             gauge("giftd_rocksdb_write_stopped", "1 while RocksDB stops all writes (every decision waits).");
         let write_delayed =
             gauge("giftd_rocksdb_write_delayed", "1 while RocksDB slows writes down to let compaction catch up.");
+        let alerts_vec = IntCounterVec::new(
+            Opts::new("giftd_alerts_total", "Security alerts fired, by rule (each also written durably and logged)."),
+            &["rule"],
+        )
+        .expect("metric");
+        let alerts = Rule::ALL.iter().map(|r| alerts_vec.with_label_values(&[r.name()])).collect();
         let build_info = gauge_vec("giftd_build_info", "Always 1; the labels say which giftd is running.", "version");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for c in [
@@ -202,6 +211,7 @@ impl Metrics {
             Box::new(write_stopped.clone()),
             Box::new(write_delayed.clone()),
             Box::new(build_info),
+            Box::new(alerts_vec),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -238,8 +248,13 @@ impl Metrics {
             pending_compaction_bytes,
             write_stopped,
             write_delayed,
+            alerts,
             census_at: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn alert(&self, rule: Rule) {
+        self.alerts[rule as usize - 1].inc();
     }
 
     /// Whether a census is due (and if so, marks it taken now).

@@ -119,6 +119,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.checkpoint_interval(), metrics.clone())?;
     let store = Arc::new(store);
     let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
+    engine.set_alert_rules(cfg.alerts.rules());
     // Programs an admin set over the wire replace the config file's: they are newer.
     let mut stored_programs = Vec::new();
     for (name, text) in &recovered.programs {

@@ -3,6 +3,7 @@
 //! does IO itself: it hands each decision's [`Effects`] to the journal, under the card's lock, and
 //! gets back the commit group that will make them durable.
 
+use super::alerts::AlertRecord;
 use super::card::CardRecord;
 use crate::card_number::CardKey;
 use crate::model::{Currency, Outcome, Parts, ResultCode, TxnKind};
@@ -270,6 +271,11 @@ pub struct Effects {
     pub hold_id_next: Option<u64>,
     /// A program created or replaced by an admin: its name and canonical settings text.
     pub program: Option<(Arc<str>, String)>,
+    /// A security rule that fired. It takes the next id after the changes' entries: alerts and
+    /// history entries share one sequence, in commit order.
+    pub alert: Option<AlertRecord>,
+    /// The alert's id, assigned by the journal.
+    pub alert_id: u64,
 }
 
 /// Where [`Journal::append`] put a decision.
@@ -334,9 +340,16 @@ struct MemoryInner {
     /// Each history entry's card record, as the store's history entries carry it.
     card_after: HashMap<u64, CardRecord>,
     programs: HashMap<Arc<str>, String>,
+    /// Alerts by their id in the shared sequence.
+    alerts: Vec<(u64, AlertRecord)>,
 }
 
 impl MemoryJournal {
+    /// Every alert appended, with its id.
+    pub fn alerts(&self) -> Vec<(u64, AlertRecord)> {
+        self.inner.lock().unwrap().alerts.clone()
+    }
+
     /// The persisted card records, as a restart would load them.
     pub fn cards(&self) -> Vec<(CardKey, CardRecord)> {
         let g = self.inner.lock().unwrap();
@@ -418,6 +431,11 @@ impl Journal for MemoryJournal {
         }
         if let Some(n) = effects.hold_id_next {
             g.hold_id_next = g.hold_id_next.max(n);
+        }
+        if let Some(a) = effects.alert {
+            g.txn_id += 1;
+            let id = g.txn_id;
+            g.alerts.push((id, a));
         }
         if let Some((name, text)) = effects.program {
             g.programs.insert(name, text);

@@ -9,6 +9,7 @@
 //! never held at once: an operation that names an earlier mutation reads (or, for a reversal,
 //! claims) that mutation's key before it takes its own. Nothing here awaits.
 
+pub mod alerts;
 pub mod card;
 pub mod journal;
 pub mod program;
@@ -23,7 +24,8 @@ pub use program::{Program, ProgramSlot, Programs};
 pub use rules::{AtomicItem, ChunkCard, ChunkWork, IssueNumber, Op, SplitOrder};
 
 use crate::card_number::{CardKey, CardKeyState};
-use crate::model::{Currency, HoldView, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
+use crate::model::{Currency, HoldView, LockReason, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
+use alerts::{AlertRecord, AlertRules, Watcher};
 use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -72,6 +74,8 @@ pub struct Executed {
     pub items: Option<Vec<Outcome>>,
     /// A job chunk's answer for each card, and whether it changed the card.
     pub chunk: Option<Vec<(ResultCode, bool)>>,
+    /// Security rules this decision fired (each durable before the reply, like the decision).
+    pub alerts: Vec<AlertRecord>,
 }
 
 /// A recently used idempotency key, kept in memory at least until its group is durable.
@@ -184,6 +188,8 @@ pub struct Engine {
     evictions: AtomicU64,
     /// Held while a job chunk is decided: one at a time (see `execute_chunk`).
     chunks: Mutex<()>,
+    alert_rules: arc_swap::ArcSwap<AlertRules>,
+    watcher: Watcher,
 }
 
 impl Engine {
@@ -201,7 +207,76 @@ impl Engine {
             journal,
             evictions: AtomicU64::new(0),
             chunks: Mutex::new(()),
+            alert_rules: arc_swap::ArcSwap::from_pointee(AlertRules::default()),
+            watcher: Watcher::default(),
         }
+    }
+
+    /// Replaces the security alert rules (at startup, from the configuration).
+    pub fn set_alert_rules(&self, rules: AlertRules) {
+        self.alert_rules.store(Arc::new(rules));
+    }
+
+    /// Checks the alert rules against a fresh decision. Each fired rule is appended durably, with
+    /// the card's suspension when the rule asks for it (a lock for fraud by giftd, atomic with the
+    /// alert), and the reply then waits for that group too: an alert is never lost behind an
+    /// acknowledged decision. Called with the decision's idempotency slot held; locks the card
+    /// only when a rule fired and needs it.
+    fn watch(&self, m: &Mutation, outcome: &Outcome, group: u64, now_ms: i64) -> (Vec<AlertRecord>, u64) {
+        let rules = self.alert_rules.load();
+        let approved = outcome.result == ResultCode::Approved;
+        let moves_money = matches!(
+            m.op,
+            Op::Redeem { .. } | Op::Reload { .. } | Op::Authorize { .. } | Op::Capture { .. } | Op::CashOut
+        );
+        let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
+        let pin_failures = (outcome.result == ResultCode::PinIncorrect && rules.pin_failures.is_some())
+            .then(|| card.and_then(|k| self.cell(&k)).map(|c| c.lock().expect("card lock").rec.pin_failures))
+            .flatten();
+        let observed = alerts::Observed {
+            merchant: m.idem.merchant(),
+            card,
+            card_not_found: outcome.result == ResultCode::CardNotFound,
+            redeemed: approved && matches!(m.op, Op::Redeem { .. }),
+            reversed: approved && matches!(m.op, Op::Reverse { .. }),
+            amount: (approved && moves_money && outcome.approved_minor > 0)
+                .then(|| outcome.card.map(|c| (c.currency, outcome.approved_minor)))
+                .flatten(),
+            pin_failures,
+        };
+        let last4 = outcome.card.map_or(m.last4, |c| c.last4);
+        let mut fired = self.watcher.observe(&rules, &observed, last4, now_ms);
+        let mut wait = group;
+        for alert in &mut fired {
+            let cell = card.filter(|_| Watcher::suspends(&rules, alert.rule)).and_then(|k| self.cell(&k));
+            let at = match (cell, card) {
+                (Some(cell), Some(key)) => {
+                    let mut guard = cell.lock().expect("card lock");
+                    let c = &mut *guard;
+                    let program = c.program.load();
+                    let lock = Op::Lock { reason: LockReason::Fraud };
+                    let mut effects = Effects::default();
+                    if c.rec.lock == LockReason::None {
+                        if let Ok(d) = rules::decide(&c.rec, &program, &lock, false, now_ms) {
+                            let (_, change, e) = self.apply(key, c, SYSTEM_MERCHANT, &d, now_ms);
+                            effects = e;
+                            effects.changes.push(change);
+                            alert.suspended = true;
+                        }
+                    }
+                    effects.alert = Some(alert.clone());
+                    let at = self.journal.append(effects);
+                    if alert.suspended {
+                        c.rec.last_txn_id = at.first_txn_id;
+                        c.last_group = at.group;
+                    }
+                    at
+                }
+                _ => self.journal.append(Effects { alert: Some(alert.clone()), ..Effects::default() }),
+            };
+            wait = wait.max(at.group);
+        }
+        (fired, wait)
     }
 
     /// Loads persisted cards (at startup, before any request). `hold_id_next` is the journal's
@@ -454,6 +529,7 @@ impl Engine {
                 v.insert((group, now_ms));
             }
         }
+        let (alerts, group) = self.watch(&m, &record.outcome, group, now_ms);
         let done = Executed {
             outcome: record.outcome,
             parts: record.parts.as_deref().cloned(),
@@ -463,6 +539,7 @@ impl Engine {
             issued,
             items: record.items.as_deref().cloned(),
             chunk: record.chunk().map(|c| c.results.clone()),
+            alerts,
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
@@ -1514,6 +1591,11 @@ impl Engine {
         self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
     }
 
+    /// Forgets the alert rules' counts of windows that have ended.
+    pub fn sweep_alert_windows(&self, now_ms: i64) {
+        self.watcher.sweep(now_ms);
+    }
+
     /// Idempotency keys held in memory.
     pub fn recent_keys(&self) -> usize {
         self.idem.len()
@@ -1541,6 +1623,7 @@ impl Executed {
             issued: None,
             items: None,
             chunk: None,
+            alerts: Vec::new(),
         }
     }
 }

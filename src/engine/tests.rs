@@ -1142,3 +1142,124 @@ fn a_program_missing_from_the_configuration_issues_nothing_until_set() {
     assert_eq!(run(&again, "r2", card(1), redeem(100, false), NOW).outcome.result, ResultCode::PinRequired);
     assert_eq!(issue(&again, card(3), "gone", usd(100), None, true).outcome.result, ResultCode::Approved);
 }
+
+fn rules(f: impl FnOnce(&mut alerts::AlertRules)) -> alerts::AlertRules {
+    let mut r = alerts::AlertRules::default();
+    f(&mut r);
+    r
+}
+
+/// The start of the minute holding `NOW`, so a test's requests share one window.
+const MINUTE_START: i64 = NOW - NOW % 60_000;
+
+#[test]
+fn velocity_fires_exactly_at_the_threshold_once_per_minute() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| r.velocity_per_minute = Some(alerts::Threshold { count: 3, suspend: false })));
+    active_100(&e);
+    let fired = |key: &str, at: i64| run(&e, key, card(1), redeem(100, false), at).alerts;
+    assert!(fired("r1", MINUTE_START).is_empty());
+    assert!(fired("r2", MINUTE_START + 1).is_empty());
+    let third = fired("r3", MINUTE_START + 2);
+    assert_eq!(third.len(), 1, "{third:?}");
+    let a = &third[0];
+    assert_eq!(
+        (a.rule, a.observed, a.threshold, &*a.merchant, a.suspended),
+        (alerts::Rule::Velocity, 3, 3, "m1", false)
+    );
+    assert_eq!(&a.last4, b"0001", "the card by its last 4 digits");
+    assert!(fired("r4", MINUTE_START + 3).is_empty(), "once per window, not once per request above it");
+    // A retry is a replay, not a redemption: it fires nothing and counts nothing.
+    assert!(fired("r3", MINUTE_START + 4).is_empty());
+    assert_eq!(j.alerts().len(), 1, "the alert was journaled once");
+    // The next minute counts afresh.
+    assert!(fired("r5", MINUTE_START + 60_000).is_empty());
+    assert!(fired("r6", MINUTE_START + 60_001).is_empty());
+    assert_eq!(fired("r7", MINUTE_START + 60_002).len(), 1);
+    // Alerts take ids in the sequence history entries use, after the decision's entry.
+    let (ids, txns) = (j.alerts(), j.txns());
+    // txns: the issue, then r1, r2, r3 (which fired), r4.
+    assert!(ids[0].0 > txns[3].id && ids[0].0 < txns[4].id, "{} between {} and {}", ids[0].0, txns[3].id, txns[4].id);
+}
+
+#[test]
+fn a_rule_that_suspends_locks_the_card_for_fraud_with_its_alert() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| r.velocity_per_minute = Some(alerts::Threshold { count: 2, suspend: true })));
+    active_100(&e);
+    assert!(run(&e, "r1", card(1), redeem(100, false), MINUTE_START).alerts.is_empty());
+    let second = run(&e, "r2", card(1), redeem(100, false), MINUTE_START + 1);
+    assert_eq!(second.outcome.result, ResultCode::Approved, "the decision that fires the rule stands");
+    assert!(second.alerts[0].suspended);
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.lock, LockReason::Fraud);
+    let last = j.txns().last().cloned().unwrap();
+    assert_eq!((last.kind, &*last.merchant), (TxnKind::Lock, SYSTEM_MERCHANT));
+    assert!(j.alerts()[0].1.suspended);
+    let third = run(&e, "r3", card(1), redeem(100, false), MINUTE_START + 2);
+    assert_eq!(third.outcome.result, ResultCode::CardSuspended);
+    assert_eq!(balance_of(&e, card(1)), 9_800);
+}
+
+#[test]
+fn large_amounts_fire_above_their_currencys_threshold_only() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| {
+        r.large_amount_minor.insert(usd(0).currency, 5_000);
+    }));
+    active_100(&e);
+    issue(&e, card(2), "default", eur(100_000), None, true);
+    assert!(run(&e, "at", card(1), redeem(5_000, false), NOW).alerts.is_empty(), "at the threshold is not above it");
+    let over = run(&e, "over", card(1), Op::Reload { money: usd(5_001) }, NOW).alerts;
+    assert_eq!(over.len(), 1);
+    assert_eq!((over[0].rule, over[0].observed, over[0].threshold), (alerts::Rule::LargeAmount, 5_001, 5_000));
+    assert_eq!(over[0].currency, Some(usd(0).currency));
+    let euros = Op::Redeem { money: eur(90_000), allow_partial: false, invoice: None, pin: None };
+    assert!(run(&e, "eur", card(2), euros, NOW).alerts.is_empty(), "no EUR threshold is set");
+    assert_eq!(j.alerts().len(), 1);
+}
+
+#[test]
+fn unknown_cards_from_one_merchant_fire_enumeration_at_the_threshold() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| r.enumeration_per_minute = Some(3)));
+    let probe = |merchant: &'static str, key: &str, at: i64| {
+        e.execute(m(Req { merchant, key: key.into(), card: card(9), op: redeem(100, false) }), at)
+    };
+    assert_eq!(probe("m1", "p1", MINUTE_START).outcome.result, ResultCode::CardNotFound);
+    assert!(probe("m1", "p2", MINUTE_START + 1).alerts.is_empty());
+    assert!(probe("m2", "p1", MINUTE_START + 2).alerts.is_empty(), "another merchant counts apart");
+    let third = probe("m1", "p3", MINUTE_START + 3).alerts;
+    assert_eq!(third.len(), 1);
+    assert_eq!((third[0].rule, &*third[0].merchant, third[0].last4), (alerts::Rule::Enumeration, "m1", *b"0000"));
+    assert!(!third[0].suspended);
+    assert_eq!(j.alerts().len(), 1);
+}
+
+#[test]
+fn wrong_pins_fire_at_the_threshold_and_reversals_per_merchant_per_hour() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| {
+        r.pin_failures = Some(alerts::Threshold { count: 2, suspend: false });
+        r.reversals_per_hour = Some(2);
+    }));
+    active_100(&e);
+    assert_eq!(
+        run(&e, "set", card(1), Op::PinSet { pin: PinProof([1; 16]) }, NOW).outcome.result,
+        ResultCode::Approved
+    );
+    let wrong = |key: &str| {
+        let op = Op::PinVerify { pin: PinProof([2; 16]) };
+        run(&e, key, card(1), op, NOW).alerts
+    };
+    assert!(wrong("w1").is_empty());
+    let second = wrong("w2");
+    assert_eq!((second.len(), second[0].rule, second[0].observed), (1, alerts::Rule::PinFailures, 2));
+    for i in 0..2 {
+        run(&e, &format!("s{i}"), card(1), Op::Reload { money: usd(100) }, NOW);
+    }
+    assert!(run_hold(&e, "b0", reverse("s0"), NOW).alerts.is_empty());
+    let back = run_hold(&e, "b1", reverse("s1"), NOW);
+    assert_eq!(back.outcome.result, ResultCode::Approved);
+    assert_eq!((back.alerts.len(), back.alerts[0].rule), (1, alerts::Rule::Reversals));
+    assert_eq!(j.alerts().len(), 2);
+}

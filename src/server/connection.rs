@@ -124,6 +124,27 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
     let _ = wr.shutdown().await;
 }
 
+/// Counts a replay, and logs and counts each security alert the decision fired. The card appears by
+/// its last 4 digits only.
+fn report(shared: &Shared, done: &crate::engine::Executed) {
+    if done.replayed {
+        shared.metrics.idempotent_replays.inc();
+    }
+    for a in &done.alerts {
+        shared.metrics.alert(a.rule);
+        tracing::warn!(
+            rule = a.rule.name(),
+            card = %format!("****{}", String::from_utf8_lossy(&a.last4)),
+            merchant = %a.merchant,
+            observed = a.observed,
+            threshold = a.threshold,
+            currency = a.currency.as_ref().map_or("", |c| c.as_str()),
+            suspended = a.suspended,
+            "security alert"
+        );
+    }
+}
+
 /// Keeps `giftd_requests_in_flight` equal to the sum of every connection's queued replies, even
 /// when a connection ends with replies still queued (its write failed).
 struct InFlight<'a> {
@@ -253,9 +274,7 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
         s.engine.execute(m, now_ms())
     });
     let Some(done) = decided.await else { return (Reply::Error(ResultCode::ShuttingDown), 0) };
-    if done.replayed {
-        shared.metrics.idempotent_replays.inc();
-    }
+    report(shared, &done);
     (Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() }), done.group)
 }
 
@@ -292,9 +311,7 @@ fn atomic_batch(shared: &Shared, body: &[u8], idem: wire::IdemRef, items: &[wire
         op: Op::Atomic { items: ops },
     };
     let done = shared.engine.execute(m, now_ms());
-    if done.replayed {
-        shared.metrics.idempotent_replays.inc();
-    }
+    report(shared, &done);
     let replies = match done.items {
         Some(outcomes) => {
             items.iter().zip(outcomes).map(|(i, o)| (i.opcode | wire::REPLY_BIT, Reply::Card(o))).collect()
@@ -458,9 +475,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     };
     let op = Opcode::from_u8(opcode);
     let done = shared.engine.execute(m, now);
-    if done.replayed {
-        shared.metrics.idempotent_replays.inc();
-    }
+    report(shared, &done);
     let reply = match op {
         Some(Opcode::Authorize) => Reply::Hold(done.outcome),
         Some(Opcode::Reactivate) => Reply::Explained(done.outcome, done.reason.unwrap_or_default()),

@@ -41,7 +41,9 @@ const CF_INVOICES: &str = "invoices";
 const CF_META: &str = "meta";
 const CF_SETTLED: &str = "settled";
 const CF_NOTES: &str = "notes";
-const CFS: [&str; 7] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META, CF_SETTLED, CF_NOTES];
+/// Security alerts, keyed like history by their id in the shared sequence.
+const CF_ALERTS: &str = "alerts";
+const CFS: [&str; 8] = [CF_CARDS, CF_HISTORY, CF_IDEM, CF_INVOICES, CF_META, CF_SETTLED, CF_NOTES, CF_ALERTS];
 /// Hashed idempotency and invoice keys are 32 bytes.
 const KEY_BYTES: usize = 32;
 /// WAL kept before the oldest memtables are flushed.
@@ -432,6 +434,10 @@ impl Journal for Store {
                 c.first_txn_id = first_txn_id;
             }
         }
+        if effects.alert.is_some() {
+            s.txn_id += 1;
+            effects.alert_id = s.txn_id;
+        }
         s.entries.push(effects);
         if s.entries.len() == 1 {
             self.pending.wake.notify_one();
@@ -441,16 +447,18 @@ impl Journal for Store {
 }
 
 /// The newest history entry id in the store (0 when there is none): ids continue from it.
+/// The last id of the sequence history entries and alerts share.
 fn last_txn_id(db: &DB) -> anyhow::Result<u64> {
-    let cf = db.cf_handle(CF_HISTORY).expect("history column family");
-    match db.iterator_cf(cf, IteratorMode::End).next() {
-        None => Ok(0),
-        Some(item) => {
+    let mut last = 0;
+    for name in [CF_HISTORY, CF_ALERTS] {
+        let cf = db.cf_handle(name).expect("column family");
+        if let Some(item) = db.iterator_cf(cf, IteratorMode::End).next() {
             let (k, _) = item?;
             let id: [u8; 8] = k.as_ref().try_into().map_err(|_| records::Corrupt { what: "history key" })?;
-            Ok(u64::from_be_bytes(id))
+            last = last.max(u64::from_be_bytes(id));
         }
     }
+    Ok(last)
 }
 
 /// Loads the card table, then replays the history written after its checkpoint. Returns also the
@@ -596,7 +604,7 @@ impl Checkpoint {
 
     /// Starts a checkpoint when one is due (or `now`), then writes the running one's next chunk, at
     /// its pace (flat out when `now`).
-    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 7], wopts: &WriteOptions, now: bool) {
+    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 8], wopts: &WriteOptions, now: bool) {
         if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
             self.last_started = Instant::now();
             self.running = Some(RunningCheckpoint {
@@ -742,6 +750,9 @@ fn commit_loop(
                 if let Some((k, rec)) = &e.idem {
                     sorted.put(CfIndex::Idem, &hashed_key(&k.0), |b| records::encode_idem(b, rec));
                 }
+                if let Some(a) = &e.alert {
+                    sorted.put(CfIndex::Alerts, &records::history_key(e.alert_id), |b| records::encode_alert(b, a));
+                }
                 if let Some(k) = &e.invoice {
                     sorted.put(CfIndex::Invoices, &hashed_key(&k.0), |_| {});
                 }
@@ -797,6 +808,7 @@ enum CfIndex {
     Meta = 4,
     Settled = 5,
     Notes = 6,
+    Alerts = 7,
 }
 
 /// A commit group's writes, sorted by (column family, key) before they go into the `WriteBatch`.
@@ -824,7 +836,7 @@ impl SortedBatch {
         self.entries.push((cf, k..v, v..self.bytes.len()));
     }
 
-    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 7]) -> WriteBatch {
+    fn sorted_batch(&mut self, cfs: &[&rocksdb::ColumnFamily; 8]) -> WriteBatch {
         let bytes = &self.bytes;
         self.entries.sort_by(|a, b| (a.0, &bytes[a.1.clone()]).cmp(&(b.0, &bytes[b.1.clone()])));
         let mut batch = WriteBatch::default();

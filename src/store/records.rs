@@ -2,6 +2,7 @@
 //! formats, separate from the wire's: the two evolve independently.
 
 use crate::card_number::{CardKey, PinProof};
+use crate::engine::alerts::{AlertRecord, Rule};
 use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
 use crate::engine::{
     Bulk, CardRecord, ChunkKind, ChunkRecord, IdemRecord, JobSpec, Lifecycle, NoteRecord, Settled, TxnRecord,
@@ -19,6 +20,7 @@ use bytes::BufMut;
 // an older version.
 const CARD_V6: u8 = 6;
 const NOTE_V1: u8 = 1;
+const ALERT_V1: u8 = 1;
 const IDEM_V6: u8 = 6;
 /// Most cards a job chunk's record lists.
 const CHUNK_CARDS_MAX: usize = 4096;
@@ -503,6 +505,38 @@ pub fn decode_note(buf: &[u8]) -> Result<NoteRecord, Corrupt> {
     Ok(NoteRecord { prev_id, at_ms, author, text })
 }
 
+/// An alert, under its id in the sequence it shares with history entries (`history_key`).
+pub fn encode_alert(dst: &mut Vec<u8>, a: &AlertRecord) {
+    dst.put_u8(ALERT_V1);
+    dst.put_u8(a.rule as u8);
+    dst.put_i64_le(a.at_ms);
+    dst.put_slice(&a.last4);
+    put_str8(dst, &a.merchant);
+    dst.put_i64_le(a.observed);
+    dst.put_i64_le(a.threshold);
+    match a.currency {
+        Some(c) => dst.put_slice(&c.code()),
+        None => dst.put_slice(b"\0\0\0"),
+    }
+    dst.put_u8(a.suspended as u8);
+}
+
+pub fn decode_alert(buf: &[u8]) -> Result<AlertRecord, Corrupt> {
+    let mut r = Reader { buf, what: "alert" };
+    r.version(ALERT_V1)?;
+    let rule = Rule::from_u8(r.u8()?);
+    let rule = r.some(rule)?;
+    let at_ms = r.i64()?;
+    let last4 = r.arr()?;
+    let merchant = r.str8()?.into();
+    let observed = r.i64()?;
+    let threshold = r.i64()?;
+    let code: [u8; 3] = r.arr()?;
+    let currency = if code == [0; 3] { None } else { Some(r.some(Currency::from_code(code))?) };
+    let suspended = r.u8()? != 0;
+    Ok(AlertRecord { rule, at_ms, last4, merchant, observed, threshold, currency, suspended })
+}
+
 pub fn totals_key(c: Currency) -> [u8; 10] {
     let mut k = *b"totals/\0\0\0";
     k[7..].copy_from_slice(&c.code());
@@ -591,6 +625,26 @@ mod tests {
         assert!(decode_history(&history_key(78), &buf).is_err(), "the record must be the one the entry left");
         // Keys sort as ids do, so new entries append.
         assert!(history_key(255) < history_key(256));
+    }
+
+    #[test]
+    fn alerts_round_trip() {
+        for (rule, currency) in [(Rule::LargeAmount, Currency::parse("EUR")), (Rule::Enumeration, None)] {
+            let a = AlertRecord {
+                rule,
+                at_ms: 1_800_000_000_123,
+                last4: *b"4242",
+                merchant: "m-store-17".into(),
+                observed: 250_000,
+                threshold: 100_000,
+                currency,
+                suspended: rule == Rule::LargeAmount,
+            };
+            let mut buf = Vec::new();
+            encode_alert(&mut buf, &a);
+            assert_eq!(decode_alert(&buf).expect("decodes"), a);
+            assert!(decode_alert(&buf[..buf.len() - 1]).is_err(), "a torn record is corrupt, not misread");
+        }
     }
 
     #[test]

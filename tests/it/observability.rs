@@ -221,3 +221,64 @@ async fn the_dashboard_asks_only_for_exported_metrics() {
     }
     assert!(missing.is_empty(), "the dashboard uses metrics giftd does not export: {missing:?}");
 }
+
+/// Waits, if need be, so that the next few seconds fall in one clock minute (the rules' window).
+async fn within_one_minute() {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() % 60;
+    if secs >= 50 {
+        tokio::time::sleep(Duration::from_secs(61 - secs)).await;
+    }
+}
+
+/// Security alerts over TCP: velocity fires exactly at its threshold and suspends the card (which
+/// stays suspended after a restart), enumeration fires at its threshold and once; each is counted
+/// by rule and logged with the card's last 4 digits only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_fire_at_their_threshold_and_suspend_over_tcp() {
+    let mut g = Giftd::with_config(
+        "[alerts]\nredemptions_per_card_per_minute = 3\nvelocity_suspend = true\nunknown_cards_per_minute = 2\n",
+    );
+    let n = "6035719980000061";
+    let mut c = g.client().await;
+    issue(&mut c, n, usd(10_000)).await;
+    let alerts = |body: &str, rule: &str| sample(body, &format!("giftd_alerts_total{{rule=\"{rule}\"}}"));
+    within_one_minute().await;
+    for i in 0..2 {
+        assert_eq!(redeem(&mut c, n, &format!("vel-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "velocity"), Some(0.0), "two redemptions are below the threshold of 3");
+    assert_eq!(redeem(&mut c, n, "vel-2", usd(100), false).await.result, ResultCode::Approved);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "velocity"), Some(1.0), "the third fires");
+    assert_eq!(redeem(&mut c, n, "vel-3", usd(100), false).await.result, ResultCode::CardSuspended);
+
+    let unknown = "6035719980000079";
+    assert_eq!(redeem(&mut c, unknown, "enum-0", usd(100), false).await.result, ResultCode::CardNotFound);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "enumeration"), Some(0.0));
+    for i in 1..3 {
+        assert_eq!(
+            redeem(&mut c, unknown, &format!("enum-{i}"), usd(100), false).await.result,
+            ResultCode::CardNotFound
+        );
+    }
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "enumeration"), Some(1.0), "fires at 2, once in the minute");
+
+    let log = String::from_utf8_lossy(&g.log()).into_owned();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("security alert")).collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].contains("velocity") && lines[0].contains("****0061") && lines[0].contains("suspended=true"),
+        "{}",
+        lines[0]
+    );
+    assert!(!log.contains(n) && !log.contains(unknown), "no full card number in the log");
+
+    // The suspension was written with its alert: it survives kill -9 and a restart.
+    drop(c);
+    g.restart();
+    let mut c = g.client().await;
+    assert_eq!(redeem(&mut c, n, "vel-4", usd(100), false).await.result, ResultCode::CardSuspended);
+}
