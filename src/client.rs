@@ -69,6 +69,44 @@ impl Client {
     pub fn into_split(self) -> (ClientWriter, ClientReader) {
         (self.tx, self.rx)
     }
+
+    /// Subscribes to committed events after `from` (see `protocol/ops/subscribe.md`); the
+    /// connection then carries only the subscription's frames.
+    pub async fn subscribe(
+        mut self,
+        from: u64,
+        merchant: &str,
+        program: &str,
+        kinds: u64,
+    ) -> anyhow::Result<Subscription> {
+        let req = Request::Subscribe { from, merchant: merchant.into(), program: program.into(), kinds };
+        let request_id = self.tx.send(&req);
+        self.tx.flush().await?;
+        Ok(Subscription { rx: self.rx, _tx: self.tx, request_id })
+    }
+}
+
+/// An open event subscription. Dropping it closes the connection, which ends it.
+pub struct Subscription {
+    rx: ClientReader,
+    /// Kept open: closing the write side would end the subscription.
+    _tx: ClientWriter,
+    request_id: u64,
+}
+
+impl Subscription {
+    /// The next frame of events (possibly empty, saying only that it caught up). A refused
+    /// subscription is an error.
+    pub async fn next(&mut self) -> anyhow::Result<wire::EventsReply> {
+        let (id, reply) = self.rx.recv().await?;
+        if id != self.request_id {
+            bail!("frame for request {id}, expected {}", self.request_id);
+        }
+        match reply {
+            Reply::Events(e) => Ok(e),
+            other => bail!("subscription refused: {}", other.result().name()),
+        }
+    }
 }
 
 impl ClientWriter {

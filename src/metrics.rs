@@ -36,6 +36,7 @@ pub struct Metrics {
     pub recovery_seconds: prometheus::Gauge,
     /// Replies queued on connections, decided or not yet durable.
     pub requests_in_flight: IntGauge,
+    pub subscriptions_open: IntGauge,
     /// 1 once recovered and accepting, 0 before and while draining: what `/readyz` answers.
     pub ready: IntGauge,
     cards: IntGaugeVec,
@@ -150,6 +151,7 @@ impl Metrics {
             "giftd_requests_in_flight",
             "Requests read and not yet answered, over all connections (decided replies wait to be durable).",
         );
+        let subscriptions_open = gauge("giftd_subscriptions_open", "Event subscriptions being served now.");
         let ready = gauge("giftd_ready", "1 when recovered and accepting requests; 0 while starting or draining.");
         let cards =
             gauge_vec("giftd_cards", "Cards in memory by status (counted at scrape, at most once a second).", "status");
@@ -201,6 +203,7 @@ impl Metrics {
             Box::new(recovery_seconds.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(ready.clone()),
+            Box::new(subscriptions_open.clone()),
             Box::new(cards.clone()),
             Box::new(holds_open.clone()),
             Box::new(held_minor.clone()),
@@ -238,6 +241,7 @@ impl Metrics {
             cards_recovered,
             recovery_seconds,
             requests_in_flight,
+            subscriptions_open,
             ready,
             cards,
             holds_open,

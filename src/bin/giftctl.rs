@@ -291,6 +291,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BulkCmd,
     },
+    /// Committed events (history entries and alerts) after a position, in commit order, as JSON
+    /// lines; `--follow` keeps waiting for new ones. Resume with `--from` the last `id` seen.
+    Events {
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        follow: bool,
+        /// Only events by this merchant (its own traffic and the alerts about it).
+        #[arg(long)]
+        merchant: Option<String>,
+        /// Only history entries of cards of this program (alerts name no program: none then).
+        #[arg(long)]
+        program: Option<String>,
+        /// Only these kinds, comma-separated: history kinds (issue, redeem, ...) and `alert`.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+    },
     /// Transactions, newest first, a page at a time.
     History {
         #[arg(long)]
@@ -624,6 +641,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     if let Cmd::Bulk { cmd } = &cli.cmd {
         return bulk_command(cli, cmd).await;
     }
+    if let Cmd::Events { from, follow, merchant, program, kinds } = &cli.cmd {
+        return events_command(cli, *from, *follow, merchant.as_deref(), program.as_deref(), kinds).await;
+    }
     // Validate everything that needs no server before connecting.
     let req_without_server = match &cli.cmd {
         Cmd::Issue {
@@ -823,6 +843,97 @@ fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339()).unwrap_or_else(|| ms.to_string())
 }
 
+/// Streams events as JSON lines until caught up (or, with `follow`, until interrupted).
+async fn events_command(
+    cli: &Cli,
+    from: u64,
+    follow: bool,
+    merchant: Option<&str>,
+    program: Option<&str>,
+    kinds: &[String],
+) -> Result<(), Failure> {
+    let mut mask = 0u64;
+    for k in kinds {
+        mask |= match k.as_str() {
+            "alert" => giftd::wire::EVENT_KIND_ALERT_BIT,
+            _ => {
+                let kind = (1..=u8::MAX).filter_map(TxnKind::from_u8).find(|t| t.name() == k);
+                1 << kind.ok_or_else(|| {
+                    usage(format!("--kinds: {k:?} is not a history kind (redeem, issue, ...) or alert"))
+                })? as u8
+            }
+        };
+    }
+    let c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
+    let mut sub =
+        c.subscribe(from, merchant.unwrap_or(""), program.unwrap_or(""), mask).await.map_err(Failure::Connection)?;
+    loop {
+        let frame = sub.next().await.map_err(Failure::Connection)?;
+        for e in &frame.events {
+            println!("{}", event_json(e));
+        }
+        if frame.caught_up && !follow {
+            return Ok(());
+        }
+    }
+}
+
+fn event_json(e: &giftd::wire::EventView) -> Value {
+    use giftd::wire::EventView;
+    let card = |l: &[u8; 4]| format!("****{}", String::from_utf8_lossy(l));
+    match e {
+        EventView::Txn {
+            id,
+            kind,
+            last4,
+            program,
+            merchant,
+            currency,
+            amount_minor,
+            balance_after_minor,
+            at_ms,
+            email,
+        } => {
+            let mut v = json!({
+                "id": id,
+                "type": "txn",
+                "kind": kind.name(),
+                "card": card(last4),
+                "program": program,
+                "merchant": merchant,
+                "currency": currency.as_str(),
+                "amount": format_amount(*amount_minor, *currency),
+                "balance_after": format_amount(*balance_after_minor, *currency),
+                "at": rfc3339(*at_ms),
+            });
+            if !email.is_empty() {
+                v["email"] = json!(email);
+            }
+            v
+        }
+        EventView::Alert { id, rule, last4, merchant, currency, observed, threshold, suspended, at_ms } => {
+            let rule = giftd::engine::alerts::Rule::from_u8(*rule).map_or("unknown", |r| r.name());
+            // A large amount is money in its currency; the other rules count requests.
+            let figure = |v: i64| match currency {
+                Some(c) => json!(format_amount(v, *c)),
+                None => json!(v),
+            };
+            json!({
+                "id": id,
+                "type": "alert",
+                "rule": rule,
+                "card": card(last4),
+                "merchant": merchant,
+                "currency": currency.map(|c| c.as_str().to_string()),
+                "observed": figure(*observed),
+                "threshold": figure(*threshold),
+                "suspended": suspended,
+                "at": rfc3339(*at_ms),
+            })
+        }
+    }
+}
+
 fn txns_json(txns: &[TxnView], c: Currency) -> Value {
     Value::Array(
         txns.iter()
@@ -915,6 +1026,9 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
         }
         Reply::Chunk(c) => {
             obj.insert("items".into(), json!(c.items.len()));
+        }
+        Reply::Events(e) => {
+            obj.insert("events".into(), Value::Array(e.events.iter().map(event_json).collect()));
         }
         Reply::Program(p) => {
             obj.insert("program".into(), json!(p.name));

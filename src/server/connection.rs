@@ -59,6 +59,8 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
     // Set when the connection must end: replies already queued are still written first.
     let mut closing = false;
     let mut in_flight = InFlight { gauge: &shared.metrics.requests_in_flight, counted: 0 };
+    // Set by a `subscribe`: once the replies before it are written, the connection streams events.
+    let mut subscription: Option<(u64, Request)> = None;
     loop {
         let durable_group = *durable.borrow_and_update();
         while queue.front().is_some_and(|p| p.group <= durable_group) {
@@ -91,6 +93,22 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
             }
             next = frames.next(), if can_read => match next {
                 None => closing = true,
+                Some(Ok(frame)) if handshaken && frame.header.opcode == Opcode::Subscribe as u8 => {
+                    match decode_request(frame.header.opcode, &frame.body) {
+                        Ok(req) => {
+                            subscription = Some((frame.header.request_id, req));
+                            closing = true;
+                        }
+                        Err(DecodeError(code)) => queue.push_back(Pending {
+                            opcode: frame.header.opcode,
+                            request_id: frame.header.request_id,
+                            reply: Reply::Error(code),
+                            group: 0,
+                            op: Some(Opcode::Subscribe),
+                            started: Instant::now(),
+                        }),
+                    }
+                }
                 Some(Ok(frame)) => {
                     last_frame_at = tokio::time::Instant::now();
                     let (pending, close) = decide(&shared, frame, &mut handshaken).await;
@@ -120,6 +138,10 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
                 }
             }
         }
+    }
+    drop(in_flight);
+    if let Some((request_id, req)) = subscription {
+        return super::events::serve(wr, frames, shared.clone(), request_id, req, shutdown).await;
     }
     let _ = wr.shutdown().await;
 }
@@ -368,6 +390,8 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     let mut job_spec = None;
     let m = match req {
         Request::Hello { .. } => unreachable!("hello is answered by the connection"),
+        // A subscription takes over its connection (`run`); it is never a batch item.
+        Request::Subscribe { .. } => return (Reply::Error(ResultCode::MalformedRequest), 0),
         Request::Balance { number } => {
             let (outcome, group) = shared.engine.balance(&shared.keyer.card_key(&number), now);
             return (Reply::Card(outcome), group);

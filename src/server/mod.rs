@@ -3,6 +3,7 @@
 
 pub mod background;
 mod connection;
+mod events;
 pub mod http;
 
 use crate::card_number::{Keyer, PinKeyer};

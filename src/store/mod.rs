@@ -134,7 +134,16 @@ struct Written {
 
 struct WrittenState {
     group: u64,
+    /// The last id (history entry or alert) in `group`.
+    txn_id: u64,
     closing: bool,
+}
+
+/// What the syncer publishes: the last durable commit group (replies wait for it) and the last
+/// durable id of the history-and-alerts sequence (event subscriptions read up to it).
+struct Published {
+    group: watch::Sender<u64>,
+    txn_id: watch::Sender<u64>,
 }
 
 pub struct Store {
@@ -142,6 +151,7 @@ pub struct Store {
     pending: Arc<Pending>,
     written: Arc<Written>,
     durable: watch::Receiver<u64>,
+    durable_txn_id: watch::Receiver<u64>,
     committer: Mutex<Option<JoinHandle<()>>>,
     syncer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -185,14 +195,20 @@ impl Store {
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?);
         let (recovered, replayed_cards) = recover(&db)?;
         let txn_id = last_txn_id(&db)?;
+        // What recovery read from the WAL is made durable before anything is served from it: an
+        // event subscription reads up to `txn_id` at once.
+        db.flush_wal(true)?;
         let (tx, rx) = watch::channel(0u64);
-        let durable = Arc::new(tx);
+        let (txn_tx, txn_rx) = watch::channel(txn_id);
+        let durable = Arc::new(Published { group: tx, txn_id: txn_tx });
         let pending = Arc::new(Pending {
             state: Mutex::new(PendingState { entries: Vec::new(), open_group: 1, txn_id, closing: false }),
             wake: Condvar::new(),
         });
-        let written =
-            Arc::new(Written { state: Mutex::new(WrittenState { group: 0, closing: false }), wake: Condvar::new() });
+        let written = Arc::new(Written {
+            state: Mutex::new(WrittenState { group: 0, txn_id, closing: false }),
+            wake: Condvar::new(),
+        });
         let committer = {
             let (db, pending, written, durable, metrics) =
                 (db.clone(), pending.clone(), written.clone(), durable.clone(), metrics.clone());
@@ -216,6 +232,7 @@ impl Store {
             pending,
             written,
             durable: rx,
+            durable_txn_id: txn_rx,
             committer: Mutex::new(Some(committer)),
             syncer: Mutex::new(Some(syncer)),
         };
@@ -225,6 +242,12 @@ impl Store {
     /// The highest commit group that is durable. Replies for group `g` wait until this is ≥ `g`.
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.durable.clone()
+    }
+
+    /// The last durable id of the sequence history entries and alerts share: every id up to it is
+    /// written and synced, and no later write takes an id below it.
+    pub fn durable_txn_id(&self) -> watch::Receiver<u64> {
+        self.durable_txn_id.clone()
     }
 
     /// History of a card, newest first: up to `limit` entries with `seq < before_seq`, read back
@@ -288,6 +311,44 @@ impl Store {
 
     /// Stops the committer and the syncer after everything appended so far is written and synced,
     /// with a final checkpoint so the next start has nothing to replay.
+    /// The committed events with ids in `after+1 ..= upto`, in id order: history entries (with
+    /// the card record as each left it) and alerts, at most `limit`. Returns them and the last id
+    /// read (`upto` when the range is exhausted), from which the next call goes on.
+    pub fn events(&self, after: u64, upto: u64, limit: usize) -> (Vec<(u64, StoredEvent)>, u64) {
+        let from = records::history_key(after.saturating_add(1));
+        let read = |name: &str| {
+            let cf = self.db.cf_handle(name).expect("column family");
+            self.db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)).map(|item| {
+                let (k, v) = item.unwrap_or_else(|e| fail("event read", &e));
+                let id: [u8; 8] = k.as_ref().try_into().unwrap_or_else(|_| fail("event read", &"bad key"));
+                (u64::from_be_bytes(id), k, v)
+            })
+        };
+        let mut history = read(CF_HISTORY).take_while(|(id, _, _)| *id <= upto).peekable();
+        let mut alerts = read(CF_ALERTS).take_while(|(id, _, _)| *id <= upto).peekable();
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let next_is_history = match (history.peek(), alerts.peek()) {
+                (None, None) => return (out, upto),
+                (Some(h), Some(a)) => h.0 < a.0,
+                (h, _) => h.is_some(),
+            };
+            if next_is_history {
+                let (id, k, v) = history.next().expect("peeked");
+                let (txn, card) = records::decode_history(&k, &v).unwrap_or_else(|e| fail("history record decode", &e));
+                out.push((id, StoredEvent::Txn(txn, Box::new(card))));
+            } else {
+                let (id, _, v) = alerts.next().expect("peeked");
+                out.push((
+                    id,
+                    StoredEvent::Alert(records::decode_alert(&v).unwrap_or_else(|e| fail("alert decode", &e))),
+                ));
+            }
+        }
+        let last = out.last().map_or(after, |(id, _)| *id);
+        (out, last)
+    }
+
     /// Figures for dashboards: the commit queue and what RocksDB says about memory and stalls.
     /// A property that cannot be read counts as 0: these are observations, not durability.
     pub fn stats(&self) -> StoreStats {
@@ -550,6 +611,13 @@ impl DirtyCards {
     }
 }
 
+/// One committed event, as the store keeps it.
+#[derive(Debug)]
+pub enum StoredEvent {
+    Txn(TxnRecord, Box<CardRecord>),
+    Alert(crate::engine::alerts::AlertRecord),
+}
+
 /// The cards changed since the last checkpoint, and the checkpoint being written, if any.
 struct Checkpoint {
     every: Duration,
@@ -675,7 +743,7 @@ fn commit_loop(
     db: &DB,
     pending: &Pending,
     written: &Written,
-    durable: &watch::Sender<u64>,
+    durable: &Published,
     durability: Durability,
     ledger: Ledger,
     mut checkpoint: Checkpoint,
@@ -719,10 +787,12 @@ fn commit_loop(
             } else {
                 let g = s.open_group;
                 s.open_group += 1;
-                Some((std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g))
+                // Ids are assigned under this lock as effects join, so the group holds exactly the
+                // ids after the previous group's last, up to this.
+                Some((std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g, s.txn_id))
             }
         };
-        if let Some((mut group_entries, group)) = taken {
+        if let Some((mut group_entries, group, group_txn_id)) = taken {
             let decisions = group_entries.len();
             sorted.clear();
             let mut touched: Vec<Currency> = Vec::new();
@@ -785,12 +855,17 @@ fn commit_loop(
                 fail("WAL write", &e);
             }
             metrics.wal_observe(decisions, bytes, started.elapsed());
+            {
+                let mut w = written.state.lock().expect("written lock");
+                (w.group, w.txn_id) = (group, group_txn_id);
+            }
             if durability == Durability::Sync {
-                written.state.lock().expect("written lock").group = group;
                 written.wake.notify_one();
             } else {
                 // Relaxed (opt-in): acknowledged once written; the syncer catches up every interval.
-                durable.send_replace(group);
+                // The id waits for that sync: subscriptions serve only what is synced, in every
+                // mode, so an id once sent never names a different event after a crash.
+                durable.group.send_replace(group);
             }
             spare = group_entries;
         }
@@ -849,7 +924,7 @@ impl SortedBatch {
 
 /// Syncs the WAL and publishes what that made durable. In sync mode it runs whenever something is
 /// written and not yet synced; in relaxed mode, every `interval_ms`.
-fn sync_loop(db: &DB, written: &Written, durable: &watch::Sender<u64>, durability: Durability, metrics: &Metrics) {
+fn sync_loop(db: &DB, written: &Written, durable: &Published, durability: Durability, metrics: &Metrics) {
     let mut synced = 0;
     loop {
         let target = {
@@ -867,16 +942,19 @@ fn sync_loop(db: &DB, written: &Written, durable: &watch::Sender<u64>, durabilit
             if s.closing && s.group <= synced {
                 return;
             }
-            s.group
+            (s.group, s.txn_id)
         };
+        let (target, target_txn_id) = target;
         let started = Instant::now();
         // Everything written before this call is in the WAL file; the fdatasync covers all of it.
         if let Err(e) = db.flush_wal(true) {
             fail("WAL sync", &e);
         }
         metrics.wal_fsync_observe(started.elapsed());
+        // The id first: whoever sees a reply acknowledged then finds its event to subscribe to.
+        durable.txn_id.send_replace(target_txn_id);
         if durability == Durability::Sync {
-            durable.send_replace(target);
+            durable.group.send_replace(target);
         }
         synced = target;
     }

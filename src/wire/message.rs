@@ -35,6 +35,13 @@ pub const BATCH_ITEMS_MAX: usize = 8192;
 pub const JOB_CARDS_MAX: u32 = 10_000_000;
 /// Most cards one chunk of a job may hold (a job's chunk size is 1 to this).
 pub const JOB_CHUNK_CARDS_MAX: u16 = 4096;
+/// Most events one `subscribe` reply frame carries.
+pub const EVENTS_PER_FRAME_MAX: usize = 64;
+/// The largest encoded event (a history entry with the longest program, merchant and email).
+pub const EVENT_BYTES_MAX: usize = 394;
+/// The bit of a `subscribe` kinds mask that selects alerts; bit `k` selects history entries of
+/// `TxnKind` code `k`. A mask of 0 selects everything.
+pub const EVENT_KIND_ALERT_BIT: u64 = 1 << 63;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -69,10 +76,11 @@ pub enum Opcode {
     JobOpen = 0x31,
     JobGet = 0x32,
     JobChunk = 0x33,
+    Subscribe = 0x34,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 30] = [
+    pub const ALL: [Opcode; 31] = [
         Opcode::Hello,
         Opcode::Issue,
         Opcode::Activate,
@@ -103,6 +111,7 @@ impl Opcode {
         Opcode::JobOpen,
         Opcode::JobGet,
         Opcode::JobChunk,
+        Opcode::Subscribe,
     ];
 
     pub fn from_u8(v: u8) -> Option<Opcode> {
@@ -145,6 +154,7 @@ impl Opcode {
             Opcode::Batch => "batch",
             Opcode::JobOpen => "job_open",
             Opcode::JobGet => "job_get",
+            Opcode::Subscribe => "subscribe",
             Opcode::JobChunk => "job_chunk",
         }
     }
@@ -162,6 +172,7 @@ impl Opcode {
                 | Opcode::Batch
                 | Opcode::JobGet
                 | Opcode::JobChunk
+                | Opcode::Subscribe
         )
     }
 }
@@ -348,6 +359,15 @@ pub enum Request {
         merchant: String,
         job: String,
     },
+    /// Every committed history entry and alert with an id above `from`, in commit order, then
+    /// each new one as it becomes durable. Empty `merchant`/`program`: any; `kinds`: see
+    /// [`EVENT_KIND_ALERT_BIT`]. The connection carries nothing else afterwards.
+    Subscribe {
+        from: u64,
+        merchant: String,
+        program: String,
+        kinds: u64,
+    },
 }
 
 /// One operation of a batch: its opcode and its request body, as a frame would carry them.
@@ -422,6 +442,7 @@ impl Request {
             Request::Batch { .. } => Opcode::Batch,
             Request::JobOpen { .. } => Opcode::JobOpen,
             Request::JobGet { .. } => Opcode::JobGet,
+            Request::Subscribe { .. } => Opcode::Subscribe,
             Request::JobChunk { .. } => Opcode::JobChunk,
         }
     }
@@ -469,6 +490,53 @@ pub struct JobReply {
     pub kind: Option<JobKind>,
     pub count: u32,
     pub chunk_cards: u16,
+}
+
+/// One committed event of a subscription. Cards appear by their last 4 digits only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventView {
+    Txn {
+        id: u64,
+        kind: TxnKind,
+        last4: [u8; 4],
+        program: String,
+        merchant: String,
+        currency: Currency,
+        amount_minor: i64,
+        balance_after_minor: i64,
+        at_ms: i64,
+        /// The recipient of an e-card, on its issue entry (empty otherwise).
+        email: String,
+    },
+    Alert {
+        id: u64,
+        /// `engine::alerts::Rule` code.
+        rule: u8,
+        last4: [u8; 4],
+        merchant: String,
+        currency: Option<Currency>,
+        observed: i64,
+        threshold: i64,
+        suspended: bool,
+        at_ms: i64,
+    },
+}
+
+impl EventView {
+    pub fn id(&self) -> u64 {
+        match self {
+            EventView::Txn { id, .. } | EventView::Alert { id, .. } => *id,
+        }
+    }
+}
+
+/// A subscription's frame: events in id order, and whether they reach what was durable when the
+/// frame was sent (`caught_up`; an empty frame may say just that).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventsReply {
+    pub result: ResultCode,
+    pub caught_up: bool,
+    pub events: Vec<EventView>,
 }
 
 /// A job chunk's answer: each card's result, in the chunk's order, and whether it changed the
@@ -524,6 +592,7 @@ pub enum Reply {
     Batch(Vec<(u8, Reply)>),
     Job(JobReply),
     Chunk(ChunkReply),
+    Events(EventsReply),
     Lookup(LookupReply),
     History(HistoryReply),
     /// A request error: the body is the result code alone.
@@ -541,6 +610,7 @@ impl Reply {
             Reply::Batch(_) => ResultCode::Approved,
             Reply::Job(j) => j.result,
             Reply::Chunk(c) => c.result,
+            Reply::Events(e) => e.result,
             Reply::Lookup(l) => l.result,
             Reply::History(h) => h.result,
             Reply::Error(c) => *c,
@@ -969,6 +1039,13 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             }
             Request::JobGet { merchant, job }
         }
+        Opcode::Subscribe => {
+            let from = r.u64()?;
+            let merchant = r.str8(STRING_BYTES_MAX)?;
+            let program = r.str8(PROGRAM_BYTES_MAX)?;
+            let kinds = r.u64()?;
+            Request::Subscribe { from, merchant, program, kinds }
+        }
     };
     r.end()?;
     Ok(req)
@@ -1159,6 +1236,12 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_str8(dst, merchant);
             put_str8(dst, job);
         }
+        Request::Subscribe { from, merchant, program, kinds } => {
+            dst.put_u64_le(*from);
+            put_str8(dst, merchant);
+            put_str8(dst, program);
+            dst.put_u64_le(*kinds);
+        }
         Request::ProgramSet { idem, name, settings } => {
             put_str8(dst, &idem.merchant);
             put_str8(dst, &idem.key);
@@ -1262,6 +1345,51 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u8(j.kind.map_or(0, |k| k as u8));
             dst.put_u32_le(j.count);
             dst.put_u16_le(j.chunk_cards);
+        }
+        Reply::Events(e) => {
+            dst.put_u16_le(e.result as u16);
+            dst.put_u8(e.caught_up as u8);
+            dst.put_u16_le(e.events.len() as u16);
+            for ev in &e.events {
+                match ev {
+                    EventView::Txn {
+                        id,
+                        kind,
+                        last4,
+                        program,
+                        merchant,
+                        currency,
+                        amount_minor,
+                        balance_after_minor,
+                        at_ms,
+                        email,
+                    } => {
+                        dst.put_u64_le(*id);
+                        dst.put_u8(1);
+                        dst.put_u8(*kind as u8);
+                        dst.put_slice(last4);
+                        put_str8(dst, program);
+                        put_str8(dst, merchant);
+                        dst.put_slice(&currency.code());
+                        dst.put_i64_le(*amount_minor);
+                        dst.put_i64_le(*balance_after_minor);
+                        dst.put_i64_le(*at_ms);
+                        put_str8(dst, email);
+                    }
+                    EventView::Alert { id, rule, last4, merchant, currency, observed, threshold, suspended, at_ms } => {
+                        dst.put_u64_le(*id);
+                        dst.put_u8(2);
+                        dst.put_u8(*rule);
+                        dst.put_slice(last4);
+                        put_str8(dst, merchant);
+                        dst.put_slice(&currency.map_or([0; 3], |c| c.code()));
+                        dst.put_i64_le(*observed);
+                        dst.put_i64_le(*threshold);
+                        dst.put_u8(*suspended as u8);
+                        dst.put_i64_le(*at_ms);
+                    }
+                }
+            }
         }
         Reply::Chunk(c) => {
             dst.put_u16_le(c.result as u16);
@@ -1435,6 +1563,52 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                 k => Some(JobKind::from_u8(k).ok_or(MALFORMED)?),
             };
             Reply::Job(JobReply { result, kind, count: r.u32()?, chunk_cards: r.u16()? })
+        }
+        Opcode::Subscribe => {
+            let caught_up = r.bool()?;
+            let n = r.u16()? as usize;
+            if n > EVENTS_PER_FRAME_MAX {
+                return Err(MALFORMED);
+            }
+            let mut events = Vec::with_capacity(n);
+            for _ in 0..n {
+                let id = r.u64()?;
+                let last4 = |r: &mut Reader| -> Res<[u8; 4]> { r.take(4)?.try_into().map_err(|_| MALFORMED) };
+                events.push(match r.u8()? {
+                    1 => EventView::Txn {
+                        id,
+                        kind: TxnKind::from_u8(r.u8()?).ok_or(MALFORMED)?,
+                        last4: last4(&mut r)?,
+                        program: r.str8(PROGRAM_BYTES_MAX)?,
+                        merchant: r.str8(STRING_BYTES_MAX)?,
+                        currency: r.currency()?,
+                        amount_minor: r.i64()?,
+                        balance_after_minor: r.i64()?,
+                        at_ms: r.i64()?,
+                        email: r.str8(EMAIL_BYTES_MAX)?,
+                    },
+                    2 => EventView::Alert {
+                        id,
+                        rule: r.u8()?,
+                        last4: last4(&mut r)?,
+                        merchant: r.str8(STRING_BYTES_MAX)?,
+                        currency: {
+                            let code: [u8; 3] = r.take(3)?.try_into().map_err(|_| MALFORMED)?;
+                            if code == [0; 3] {
+                                None
+                            } else {
+                                Some(Currency::from_code(code).ok_or(MALFORMED)?)
+                            }
+                        },
+                        observed: r.i64()?,
+                        threshold: r.i64()?,
+                        suspended: r.bool()?,
+                        at_ms: r.i64()?,
+                    },
+                    _ => return Err(MALFORMED),
+                });
+            }
+            Reply::Events(EventsReply { result, caught_up, events })
         }
         Opcode::JobChunk => {
             let n = r.u16()? as usize;

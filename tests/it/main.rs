@@ -5,6 +5,7 @@ mod backoffice;
 mod bulk;
 mod concurrency;
 mod crash;
+mod events;
 mod giftctl;
 mod harness;
 mod holds;

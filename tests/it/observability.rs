@@ -223,7 +223,7 @@ async fn the_dashboard_asks_only_for_exported_metrics() {
 }
 
 /// Waits, if need be, so that the next few seconds fall in one clock minute (the rules' window).
-async fn within_one_minute() {
+pub async fn within_one_minute() {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() % 60;
     if secs >= 50 {
         tokio::time::sleep(Duration::from_secs(61 - secs)).await;
