@@ -428,3 +428,35 @@ fn giftctl_generates_numbers_manages_pins_and_programs() {
     usage_error(&["--addr", g.addr(), "pin", "set", "--number", &n, "--pin", "12"]);
     usage_error(&["--addr", g.addr(), "issue", "--currency", "USD", "--amount", "1"]);
 }
+
+/// `giftctl events`: JSON lines in commit order, filtered, resumable from the last id seen; the
+/// card by its last 4 digits only; a bad kind is a usage error.
+#[test]
+fn giftctl_events_lists_resumes_and_filters() {
+    let g = Giftd::start();
+    let n = "6035719950000086";
+    json(&g, &["issue", "--number", n, "--currency", "USD", "--amount", "25.00", "--active", "--key", "ev-i1"]);
+    json(&g, &["redeem", "--number", n, "--amount", "5.00", "--key", "ev-r1"]);
+    json(&g, &["redeem", "--number", n, "--amount", "2.50", "--key", "ev-r2", "--merchant", "m-other"]);
+    let lines = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["--addr", g.addr(), "events"];
+        all.extend_from_slice(args);
+        let (code, out, err) = run(&all);
+        assert_eq!(code, 0, "giftctl events {args:?}: {err}");
+        assert!(!out.contains(n), "no full card number in {out}");
+        out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+    };
+    let all = lines(&[]);
+    assert_eq!(all.len(), 3, "{all:?}");
+    expect(&all[0], &[("type", "txn"), ("kind", "issue"), ("card", "****0086"), ("amount", "25.00")]);
+    expect(&all[1], &[("kind", "redeem"), ("amount", "-5.00"), ("balance_after", "20.00"), ("merchant", "giftctl")]);
+    expect(&all[2], &[("kind", "redeem"), ("merchant", "m-other"), ("balance_after", "17.50")]);
+    let first_id = all[0]["id"].as_u64().expect("id").to_string();
+    let rest = lines(&["--from", &first_id]);
+    assert_eq!(rest, all[1..].to_vec(), "resumed after the first: the other two, once");
+    let other = lines(&["--merchant", "m-other"]);
+    assert_eq!(other, all[2..].to_vec());
+    let issues = lines(&["--kinds", "issue,alert"]);
+    assert_eq!(issues, all[..1].to_vec());
+    usage_error(&["--addr", g.addr(), "events", "--kinds", "nonsense"]);
+}
