@@ -220,16 +220,23 @@ impl Engine {
     /// Checks the alert rules against a fresh decision. Each fired rule is appended durably, with
     /// the card's suspension when the rule asks for it (a lock for fraud by giftd, atomic with the
     /// alert), and the reply then waits for that group too: an alert is never lost behind an
-    /// acknowledged decision. Called with the decision's idempotency slot held; locks the card
-    /// only when a rule fired and needs it.
-    fn watch(&self, m: &Mutation, outcome: &Outcome, group: u64, now_ms: i64) -> (Vec<AlertRecord>, u64) {
+    /// acknowledged decision. `card` is the card the mutation acted on (a capture's or void's,
+    /// found by its hold before the decision). Called with the decision's idempotency slot held;
+    /// locks the card only when a rule fired and needs it.
+    fn watch(
+        &self,
+        m: &Mutation,
+        card: Option<CardKey>,
+        outcome: &Outcome,
+        group: u64,
+        now_ms: i64,
+    ) -> (Vec<AlertRecord>, u64) {
         let rules = self.alert_rules.load();
         let approved = outcome.result == ResultCode::Approved;
         let moves_money = matches!(
             m.op,
             Op::Redeem { .. } | Op::Reload { .. } | Op::Authorize { .. } | Op::Capture { .. } | Op::CashOut
         );
-        let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
         let pin_failures = (outcome.result == ResultCode::PinIncorrect && rules.pin_failures.is_some())
             .then(|| card.and_then(|k| self.cell(&k)).map(|c| c.lock().expect("card lock").rec.pin_failures))
             .flatten();
@@ -487,6 +494,8 @@ impl Engine {
             _ => None,
         };
         let mut issued = None;
+        // The card a capture or void acts on is found by its hold, before the decision closes it.
+        let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
         let (record, group) = match (&m.op, original) {
             (Op::Issue { program, number, .. }, _) => {
                 let candidates = match number {
@@ -513,23 +522,20 @@ impl Engine {
             (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
             (Op::Reactivate, _) => self.reactivate(&m, m.card.expect("a reactivation names its card"), now_ms),
             (Op::Transfer { to }, _) => self.transfer(&m, m.card.expect("a transfer names its card"), to.0, now_ms),
-            _ => {
-                let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
-                match card {
-                    Some(card) => self.change(&m, card, invoice_used, claim, now_ms),
-                    None => {
-                        let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
-                        self.declined(&m, Outcome::declined(code, None))
-                    }
+            _ => match card {
+                Some(card) => self.change(&m, card, invoice_used, claim, now_ms),
+                None => {
+                    let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
+                    self.declined(&m, Outcome::declined(code, None))
                 }
-            }
+            },
         };
         if record.outcome.result == ResultCode::Approved {
             if let Some(Entry::Vacant(v)) = invoice_slot {
                 v.insert((group, now_ms));
             }
         }
-        let (alerts, group) = self.watch(&m, &record.outcome, group, now_ms);
+        let (alerts, group) = self.watch(&m, card, &record.outcome, group, now_ms);
         let done = Executed {
             outcome: record.outcome,
             parts: record.parts.as_deref().cloned(),
