@@ -188,6 +188,8 @@ async fn drive(
 #[derive(Clone, Copy, Debug)]
 pub struct Job<'a> {
     pub addr: &'a str,
+    /// Who to authenticate as, for a server that requires it.
+    pub credentials: Option<&'a crate::client::Credentials>,
     pub merchant: &'a str,
     pub id: &'a str,
     pub chunk: usize,
@@ -209,10 +211,10 @@ pub async fn run(
     work: &Work,
     progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<(JobReply, Summary)> {
-    let Job { addr, merchant, id: job, chunk, window } = job;
+    let Job { addr, credentials, merchant, id: job, chunk, window } = job;
     check_job_id(job)?;
     cards.check()?;
-    let mut c = Client::connect(addr).await?;
+    let mut c = Client::connect_as(addr, credentials).await?;
     // A job run again is sent in the chunks it was first sent in: a chunk is what is idempotent.
     let found = find(&mut c, merchant, job).await?;
     let chunk_cards = if found.result == ResultCode::Approved {
@@ -266,9 +268,9 @@ pub async fn run(
 /// Takes back what `job` did, a chunk at a time: every card it activated is made inactive again,
 /// where it still can be (a card used since is reported, not touched).
 pub async fn reverse(job: Job<'_>, progress: impl FnMut(u64, u64)) -> anyhow::Result<(JobReply, Summary)> {
-    let Job { addr, merchant, id: job, window, .. } = job;
+    let Job { addr, credentials, merchant, id: job, window, .. } = job;
     check_job_id(job)?;
-    let mut c = Client::connect(addr).await?;
+    let mut c = Client::connect_as(addr, credentials).await?;
     let found = find(&mut c, merchant, job).await?;
     if found.result != ResultCode::Approved {
         return Ok((found, Summary::default()));

@@ -1,7 +1,7 @@
 //! A protocol client: connect, handshake, then either one call at a time ([`Client::call`]) or
 //! pipelined through [`Client::into_split`]. giftctl, giftload and the tests all use it.
 
-use crate::wire::{self, decode_reply, encode_request, Frame, FrameCodec, HelloReply, Reply, Request};
+use crate::wire::{self, decode_reply, encode_request, AuthReply, Frame, FrameCodec, HelloReply, Reply, Request};
 use anyhow::{anyhow, bail, Context};
 use bytes::BytesMut;
 use futures_util::StreamExt;
@@ -14,6 +14,44 @@ pub struct Client {
     pub tx: ClientWriter,
     pub rx: ClientReader,
     pub hello: HelloReply,
+    /// Who the server says this connection is, when it authenticated.
+    pub auth: Option<AuthReply>,
+}
+
+/// A client's name and key, for a server that requires authentication. The key never leaves this
+/// process: `auth` sends an HMAC of the connection's nonce under it.
+#[derive(Clone)]
+pub struct Credentials {
+    pub name: String,
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    pub fn new(name: &str, key: [u8; 32]) -> Credentials {
+        Credentials { name: name.to_string(), key }
+    }
+
+    /// Reads the key from a file of 64 hex digits (surrounding whitespace ignored).
+    pub fn from_key_file(name: &str, path: &std::path::Path) -> anyhow::Result<Credentials> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading key file {}", path.display()))?;
+        let key = crate::card_number::parse_secret_hex(text.trim())
+            .ok_or_else(|| anyhow!("key file {}: not 64 hex digits", path.display()))?;
+        Ok(Credentials::new(name, key))
+    }
+
+    /// The `auth` proof for a connection whose hello carried `nonce`.
+    pub fn proof(&self, nonce: &[u8; wire::AUTH_NONCE_BYTES]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(&wire::auth_message(nonce, &self.name));
+        mac.finalize().into_bytes().into()
+    }
 }
 
 pub struct ClientWriter {
@@ -27,8 +65,13 @@ pub struct ClientReader {
 }
 
 impl Client {
-    /// Connects and performs the version handshake.
+    /// Connects and performs the version handshake, without authenticating.
     pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+        Client::connect_as(addr, None).await
+    }
+
+    /// Connects, performs the version handshake and, given credentials, authenticates.
+    pub async fn connect_as(addr: &str, credentials: Option<&Credentials>) -> anyhow::Result<Client> {
         let sock = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         sock.set_nodelay(true)?;
         let (rd, wr) = sock.into_split();
@@ -44,13 +87,22 @@ impl Client {
                 frame_bytes_max: 0,
                 inflight_max: 0,
                 server: String::new(),
+                nonce: [0; wire::AUTH_NONCE_BYTES],
             },
+            auth: None,
         };
         let hello =
             Request::Hello { min_version: wire::VERSION, max_version: wire::VERSION, client: "giftd-client".into() };
         match c.call(&hello).await? {
             Reply::Hello(h) => c.hello = h,
             other => bail!("handshake refused: {}", other.result().name()),
+        }
+        if let Some(cred) = credentials {
+            let auth = Request::Auth { client: cred.name.clone(), proof: cred.proof(&c.hello.nonce) };
+            match c.call(&auth).await? {
+                Reply::Auth(a) => c.auth = Some(a),
+                other => bail!("authentication as {:?} refused: {}", cred.name, other.result().name()),
+            }
         }
         Ok(c)
     }

@@ -27,6 +27,72 @@ pub struct Config {
     pub limits: Limits,
     pub alerts: AlertsConfig,
     pub programs: BTreeMap<String, ProgramConfig>,
+    /// The clients that may connect (`[[clients]]`). With none, authentication is off and every
+    /// connection may do everything (a development setup; giftd warns at start).
+    pub clients: Vec<ClientConfig>,
+}
+
+/// One client: its name, role and key. It authenticates with `auth`, an HMAC of its connection's
+/// nonce under its key, so the key itself never crosses the network.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub name: String,
+    /// "operator", "processor", "merchant" or "reseller" (see `protocol/ops/auth.md`).
+    pub role: String,
+    /// The merchant id a merchant or reseller acts under; required for those roles, refused for
+    /// the others.
+    #[serde(default)]
+    pub merchant: Option<String>,
+    /// The client's 32-byte key as 64 hex digits, inline or (`key_file`) in a file: exactly one.
+    #[serde(default)]
+    pub key_hex: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Requests a second this client may make, over all its connections together (a batch
+    /// counts its items); 0: no limit. Bursts of up to one second's worth pass.
+    #[serde(default)]
+    pub requests_per_second: u32,
+}
+
+impl ClientConfig {
+    /// The client's key, read from its file when it has one.
+    pub fn key(&self) -> Result<[u8; 32], String> {
+        let text = match (&self.key_hex, &self.key_file) {
+            (Some(h), None) => h.clone(),
+            (None, Some(path)) => {
+                std::fs::read_to_string(path).map_err(|e| format!("key_file {}: {e}", path.display()))?
+            }
+            _ => return Err("needs exactly one of key_hex and key_file".into()),
+        };
+        crate::card_number::parse_secret_hex(text.trim()).ok_or_else(|| "key must be 64 hex digits".into())
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let at = format!("clients[{:?}]", self.name);
+        let printable = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic());
+        if !printable(&self.name) {
+            errs.push(format!("{at}.name must be 1 to 64 printable ASCII characters without spaces"));
+        }
+        match crate::engine::access::Role::parse(&self.role) {
+            None => errs.push(format!(
+                "{at}.role must be \"operator\", \"processor\", \"merchant\" or \"reseller\", not {:?}",
+                self.role
+            )),
+            Some(r) if r.bound_to_merchant() && !self.merchant.as_deref().is_some_and(printable) => {
+                errs.push(format!("{at}.merchant is required for a {} (1 to 64 printable characters)", r.name()))
+            }
+            Some(r) if !r.bound_to_merchant() && self.merchant.is_some() => {
+                errs.push(format!("{at}.merchant is only for merchants and resellers, not a {}", r.name()))
+            }
+            Some(_) => {}
+        }
+        if let Err(e) = self.key() {
+            errs.push(format!("{at}: {e}"));
+        }
+        errs
+    }
 }
 
 /// Security alert rules. A count of 0 turns its rule off. A rule that fires writes a durable alert,
@@ -135,6 +201,15 @@ pub struct Limits {
     /// claim of the key. Measured at 64×16: 2 s serves 17 % more redeems than 10 s, with half the
     /// p99.
     pub idem_memory_secs: u64,
+    /// Requests a second one connection may make (a batch counts its items); 0: no limit.
+    /// Bursts of up to one second's worth pass. Clients' own rates are in `[[clients]]`.
+    pub requests_per_second_per_connection: u32,
+    /// After SIGTERM, how long giftd answers `/readyz` 503 and keeps serving before it stops
+    /// accepting and drains: the time a load balancer needs to stop sending it new work.
+    pub shutdown_delay_ms: u64,
+    /// When clients are configured, a connection that has not authenticated this long after it
+    /// opened is closed, so unauthenticated connections cannot hold the connection slots.
+    pub auth_timeout_ms: u64,
 }
 
 /// One program's settings, as the config file and the `program_set` operation write them. Every
@@ -360,6 +435,7 @@ impl Default for Config {
             limits: Limits::default(),
             alerts: AlertsConfig::default(),
             programs: BTreeMap::new(),
+            clients: Vec::new(),
         }
     }
 }
@@ -380,6 +456,9 @@ impl Default for Limits {
             idle_timeout_secs: 300,
             shutdown_grace_secs: 10,
             idem_memory_secs: 2,
+            requests_per_second_per_connection: 0,
+            shutdown_delay_ms: 0,
+            auth_timeout_ms: 10_000,
         }
     }
 }
@@ -432,6 +511,19 @@ impl Config {
             errs.push("pin_secret_hex must differ from secret_hex".into());
         }
         errs.extend(self.alerts.problems());
+        if !(1..=600_000).contains(&l.auth_timeout_ms) {
+            errs.push("limits.auth_timeout_ms must be between 1 and 600000".into());
+        }
+        if l.shutdown_delay_ms > 600_000 {
+            errs.push("limits.shutdown_delay_ms must be at most 600000".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for c in &self.clients {
+            errs.extend(c.problems());
+            if !names.insert(c.name.as_str()) {
+                errs.push(format!("clients: the name {:?} is used twice", c.name));
+            }
+        }
         for (name, p) in &self.programs {
             errs.extend(p.problems(name));
         }
@@ -480,6 +572,36 @@ mod tests {
         .unwrap();
         let errs = cfg.validate().unwrap_err();
         assert_eq!(errs.len(), 5, "{errs:?}");
+    }
+
+    #[test]
+    fn each_bad_client_entry_is_named() {
+        let key = "ab".repeat(32);
+        let entry = |name: &str, role: &str, merchant: Option<&str>, key: &str| {
+            let m = merchant.map_or(String::new(), |m| format!("merchant = \"{m}\"\n"));
+            format!("[[clients]]\nname = \"{name}\"\nrole = \"{role}\"\n{m}{key}\n")
+        };
+        let good = [
+            entry("ho", "operator", None, &format!("key_hex = \"{key}\"")),
+            entry("pos", "merchant", Some("m-1"), &format!("key_hex = \"{key}\"")),
+        ]
+        .concat();
+        let cfg: Config = toml::from_str(&good).unwrap();
+        assert_eq!(cfg.validate(), Ok(()));
+        for (text, want) in [
+            (entry("a", "admin", None, &format!("key_hex = \"{key}\"")), "role must be"),
+            (entry("a", "merchant", None, &format!("key_hex = \"{key}\"")), "merchant is required"),
+            (entry("a", "operator", Some("m-1"), &format!("key_hex = \"{key}\"")), "only for merchants"),
+            (entry("a b", "operator", None, &format!("key_hex = \"{key}\"")), "name must be"),
+            (entry("a", "operator", None, "key_hex = \"abcd\""), "64 hex digits"),
+            (entry("a", "operator", None, ""), "exactly one of key_hex and key_file"),
+            (entry("a", "operator", None, "key_file = \"/nonexistent/giftd.key\""), "/nonexistent/giftd.key"),
+            (format!("{good}{}", entry("ho", "processor", None, &format!("key_hex = \"{key}\""))), "used twice"),
+        ] {
+            let cfg: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let errs = cfg.validate().unwrap_err();
+            assert!(errs.len() == 1 && errs[0].contains(want), "{text}: {errs:?}");
+        }
     }
 
     #[test]

@@ -50,6 +50,12 @@ pub struct Metrics {
     write_delayed: IntGauge,
     /// Security alerts fired, indexed by `Rule as usize - 1`.
     alerts: Vec<IntCounter>,
+    /// Requests refused `rate_limited`, by the rate they exceeded: the client's (shared by its
+    /// connections) or the connection's.
+    pub rate_limited_client: IntCounter,
+    pub rate_limited_connection: IntCounter,
+    /// `auth` requests refused: an unknown client or a wrong proof.
+    pub auth_failures: IntCounter,
     /// When the census gauges were last refreshed: a scrape storm counts the cards at most once a
     /// second.
     census_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -183,6 +189,19 @@ impl Metrics {
         )
         .expect("metric");
         let alerts = Rule::ALL.iter().map(|r| alerts_vec.with_label_values(&[r.name()])).collect();
+        let rate_limited_vec = IntCounterVec::new(
+            Opts::new(
+                "giftd_rate_limited_requests_total",
+                "Requests refused rate_limited (a batch counts its items), by the rate exceeded: client or connection.",
+            ),
+            &["scope"],
+        )
+        .expect("metric");
+        let auth_failures = IntCounter::new(
+            "giftd_auth_failures_total",
+            "Auth requests refused (unknown client or wrong proof); each closes its connection.",
+        )
+        .expect("metric");
         let build_info = gauge_vec("giftd_build_info", "Always 1; the labels say which giftd is running.", "version");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for c in [
@@ -215,6 +234,8 @@ impl Metrics {
             Box::new(write_delayed.clone()),
             Box::new(build_info),
             Box::new(alerts_vec),
+            Box::new(rate_limited_vec.clone()),
+            Box::new(auth_failures.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -253,6 +274,9 @@ impl Metrics {
             write_stopped,
             write_delayed,
             alerts,
+            rate_limited_client: rate_limited_vec.with_label_values(&["client"]),
+            rate_limited_connection: rate_limited_vec.with_label_values(&["connection"]),
+            auth_failures,
             census_at: std::sync::Mutex::new(None),
         }
     }

@@ -342,6 +342,8 @@ result_codes! {
     UnsupportedVersion = 3, "unsupported_version";
     HandshakeRequired = 4, "handshake_required";
     UnknownOpcode = 5, "unknown_opcode";
+    Unauthenticated = 14, "unauthenticated";
+    Forbidden = 15, "forbidden";
     MalformedRequest = 6, "malformed_request";
     BadCardNumber = 7, "bad_card_number";
     UnknownCurrency = 8, "unknown_currency";
@@ -349,6 +351,7 @@ result_codes! {
     MissingKey = 10, "missing_key";
     ShuttingDown = 11, "shutting_down";
     BadPin = 12, "bad_pin";
+    RateLimited = 16, "rate_limited";
     BadProgramSettings = 13, "bad_program_settings";
     // Engine decisions, in the order the engine checks them.
     IdempotencyMismatch = 20, "idempotency_mismatch";

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use giftd::bulk;
 use giftd::card_number::{CardNumber, Pin};
-use giftd::client::Client;
+use giftd::client::{Client, Credentials};
 use giftd::engine::{SplitOrder, SPLIT_CARDS_MAX};
 use giftd::model::{
     format_amount, parse_amount, CardView, Currency, LockReason, Money, Outcome, ResultCode, Status, TxnKind, TxnView,
@@ -22,6 +22,12 @@ struct Cli {
     /// Print one JSON object instead of a sentence.
     #[arg(long, global = true)]
     json: bool,
+    /// Authenticate as this configured client (needed when giftd has [[clients]]).
+    #[arg(long, env = "GIFTCTL_CLIENT", global = true, requires = "key_file")]
+    client: Option<String>,
+    /// The client's key: a file of 64 hex digits.
+    #[arg(long, env = "GIFTCTL_KEY_FILE", global = true, requires = "client")]
+    key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -460,8 +466,15 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
             eprint!("\r{} {done}/{total} cards ({}%)", run.job, done * 100 / total.max(1));
         }
     };
-    let job =
-        bulk::Job { addr: &cli.addr, merchant: &run.who.merchant, id: &run.job, chunk: run.chunk, window: run.window };
+    let creds = credentials(cli)?;
+    let job = bulk::Job {
+        addr: &cli.addr,
+        credentials: creds.as_ref(),
+        merchant: &run.who.merchant,
+        id: &run.job,
+        chunk: run.chunk,
+        window: run.window,
+    };
     let done = match cmd {
         BulkCmd::Issue { cards, amount, currency: cur, program, expires, .. } => {
             let cards = job_cards(cards)?;
@@ -740,7 +753,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         _ => None,
     };
-    let mut c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
+    let mut c = connect(cli).await?;
     let req = match (req_without_server, &cli.cmd) {
         (Some(r), _) => r,
         (None, Cmd::Activate { number: n, amount, currency: cur, key, who }) => {
@@ -864,7 +877,7 @@ async fn events_command(
             }
         };
     }
-    let c = Client::connect(&cli.addr).await.map_err(Failure::Connection)?;
+    let c = connect(cli).await?;
     let mut sub =
         c.subscribe(from, merchant.unwrap_or(""), program.unwrap_or(""), mask).await.map_err(Failure::Connection)?;
     loop {
@@ -985,6 +998,19 @@ fn explain(result: ResultCode, card: Option<&CardView>) -> Option<String> {
     })
 }
 
+/// The credentials --client and --key-file name, if any.
+fn credentials(cli: &Cli) -> Result<Option<Credentials>, Failure> {
+    match (&cli.client, &cli.key_file) {
+        (Some(name), Some(path)) => Credentials::from_key_file(name, path).map(Some).map_err(|e| usage(e.to_string())),
+        _ => Ok(None),
+    }
+}
+
+/// Connects to giftd, authenticating when --client is given.
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
+    Client::connect_as(&cli.addr, credentials(cli)?.as_ref()).await.map_err(Failure::Connection)
+}
+
 fn to_json(reply: &Reply) -> Map<String, Value> {
     let mut obj = Map::new();
     obj.insert("result".into(), json!(reply.result().name()));
@@ -1023,6 +1049,10 @@ fn to_json(reply: &Reply) -> Map<String, Value> {
         }
         Reply::Batch(items) => {
             obj.insert("items".into(), json!(items.len()));
+        }
+        Reply::Auth(a) => {
+            obj.insert("role".into(), json!(a.role.name()));
+            obj.insert("merchant".into(), json!(a.merchant));
         }
         Reply::Chunk(c) => {
             obj.insert("items".into(), json!(c.items.len()));

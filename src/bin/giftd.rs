@@ -181,9 +181,15 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         pin_keyer: PinKeyer::new(&pin_secret),
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
+        access: giftd::server::access::Access::new(&cfg.clients, cfg.limits.requests_per_second_per_connection)?,
         bulk: giftd::server::background::Background::start("giftd-bulk", BULK_NICE, BULK_QUEUE_MAX)?,
     });
     let _ = sources.set(shared.clone());
+    if shared.access.required() {
+        tracing::info!(clients = cfg.clients.len(), "clients must authenticate");
+    } else {
+        tracing::warn!("no [[clients]] configured: authentication is off and every connection may do everything");
+    }
     let shutdown = CancellationToken::new();
     tracing::info!(listen = %addr, metrics = %maddr, durability = %durability.label(), "giftd ready");
     // The handlers are in place before the ready line: a SIGTERM sent as soon as giftd says it is
@@ -196,12 +202,23 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
 
     let signals = {
         let (shutdown, metrics) = (shutdown.clone(), metrics.clone());
+        let delay = std::time::Duration::from_millis(cfg.limits.shutdown_delay_ms);
         async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => tracing::info!("SIGINT: draining"),
-            }
+            // SIGTERM is graceful: not ready at once, still serving for the delay (so a load
+            // balancer stops sending work first), then the drain. SIGINT skips the delay.
+            let graceful = tokio::select! {
+                _ = term.recv() => true,
+                _ = int.recv() => false,
+            };
             metrics.ready.set(0);
+            if graceful && !delay.is_zero() {
+                tracing::info!(delay_ms = delay.as_millis() as u64, "SIGTERM: not ready; serving until the delay ends");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = int.recv() => {}
+                }
+            }
+            tracing::info!("{}: draining", if graceful { "SIGTERM" } else { "SIGINT" });
             shutdown.cancel();
         }
     };

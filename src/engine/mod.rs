@@ -9,6 +9,7 @@
 //! never held at once: an operation that names an earlier mutation reads (or, for a reversal,
 //! claims) that mutation's key before it takes its own. Nothing here awaits.
 
+pub mod access;
 pub mod alerts;
 pub mod card;
 pub mod journal;
@@ -264,7 +265,7 @@ impl Engine {
                     let lock = Op::Lock { reason: LockReason::Fraud };
                     let mut effects = Effects::default();
                     if c.rec.lock == LockReason::None {
-                        if let Ok(d) = rules::decide(&c.rec, &program, &lock, false, now_ms) {
+                        if let Ok(d) = rules::decide(&c.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
                             let (_, change, e) = self.apply(key, c, SYSTEM_MERCHANT, &d, now_ms);
                             effects = e;
                             effects.changes.push(change);
@@ -790,7 +791,7 @@ impl Engine {
         // A guard, not a clone: every card of a program shares one `Arc`, and bumping its count on
         // every decision would bounce that cache line between cores.
         let program = card.program.load();
-        match rules::decide(&card.rec, &program, &m.op, invoice_used, now_ms) {
+        match rules::decide(&card.rec, &program, &m.op, m.idem.merchant(), invoice_used, now_ms) {
             Err(ResultCode::PinIncorrect) => {
                 // A declined request that still changes the card: the wrong PIN is counted (and
                 // may lock the card), durably, so the count survives a restart.
@@ -803,7 +804,12 @@ impl Engine {
                 card.last_group = at.group;
                 (record, at.group)
             }
-            Err(code) => self.declined(m, Outcome::declined(code, Some(card.rec.view(now_ms)))),
+            Err(code) => {
+                // A hold that is gone, or another merchant's, answers as an id never opened does:
+                // without the card, which the caller named only through the hold.
+                let view = (code != ResultCode::HoldNotFound).then(|| card.rec.view(now_ms));
+                self.declined(m, Outcome::declined(code, view))
+            }
             Ok(d) => {
                 let prev_note_id = card.rec.last_note_id;
                 let (outcome, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
@@ -854,7 +860,7 @@ impl Engine {
         let mut hold_id_next = None;
         match d.hold {
             HoldChange::None => {}
-            HoldChange::Open { amount_minor, expires_ms } => {
+            HoldChange::Open { amount_minor, expires_ms, .. } => {
                 let id = self.next_hold_id.fetch_add(1, Ordering::SeqCst);
                 opened = Some(HoldView { id, amount_minor, expires_ms });
                 hold_id_next = Some(id + 1);
@@ -1265,7 +1271,7 @@ impl Engine {
             let card = locked.card_ref(&item.card);
             let view = Some(card.rec.view(now_ms));
             let program = card.program.load();
-            match rules::decide(&scratch[i], &program, &item.op, false, now_ms) {
+            match rules::decide(&scratch[i], &program, &item.op, m.idem.merchant(), false, now_ms) {
                 // One currency per batch, so that its ledger change is one sum: checked after the
                 // item's own rules, which answer first as they would for the item alone.
                 Ok(_) if rules::money_of(&item.op).is_some_and(|m| Some(m.currency) != currency) => {
@@ -1421,7 +1427,7 @@ impl Engine {
                 continue;
             };
             let card = &mut *locked.guards[at];
-            let decision = rules::decide(&card.rec, &card.program.load(), &op, false, now_ms);
+            let decision = rules::decide(&card.rec, &card.program.load(), &op, m.idem.merchant(), false, now_ms);
             match decision {
                 Err(code) => results.push((code, false)),
                 Ok(d) => {

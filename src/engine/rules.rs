@@ -1,7 +1,7 @@
 //! The business rules: pure functions from (card, program, request, time) to a decision. No locks,
 //! no IO, no clock of their own. The checks run in the precedence order of `ResultCode`.
 
-use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
+use super::card::{merchant_tag, CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
 use super::journal::{ChunkKind, JobSpec};
 use super::program::utc_day;
 use super::program::Program;
@@ -272,6 +272,8 @@ pub enum HoldChange {
     Open {
         amount_minor: i64,
         expires_ms: i64,
+        /// The authorizing merchant's tag: only it may capture or void the hold.
+        merchant_tag: u64,
     },
     /// The hold leaves the card (captured, voided or expired) and stops reserving its amount.
     Close {
@@ -339,8 +341,8 @@ impl Decision {
     pub fn apply(&self, card: &mut CardRecord, now_ms: i64, new_hold_id: u64) {
         match self.hold {
             HoldChange::None => {}
-            HoldChange::Open { amount_minor, expires_ms } => {
-                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms, opened_ms: now_ms });
+            HoldChange::Open { amount_minor, expires_ms, merchant_tag } => {
+                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms, opened_ms: now_ms, merchant_tag });
                 card.held_minor += amount_minor;
             }
             HoldChange::Close { id } => {
@@ -523,6 +525,7 @@ pub fn decide(
     card: &CardRecord,
     program: &Program,
     op: &Op,
+    merchant: &str,
     invoice_used: bool,
     now_ms: i64,
 ) -> Result<Decision, ResultCode> {
@@ -587,13 +590,13 @@ pub fn decide(
             let held = spendable(card, money, *allow_partial, now_ms)?;
             let expires_ms = program.hold_deadline_ms(now_ms, *ttl_ms);
             Ok(Decision {
-                hold: HoldChange::Open { amount_minor: held, expires_ms },
+                hold: HoldChange::Open { amount_minor: held, expires_ms, merchant_tag: merchant_tag(merchant) },
                 pin: pin_verified(card, pin.as_ref()),
                 ..same(TxnKind::Authorize, 0, held)
             })
         }
         Op::Capture { hold_id, money } => {
-            let hold = open_hold(card, *hold_id, now_ms)?;
+            let hold = open_hold(card, *hold_id, merchant, now_ms)?;
             // The money was reserved when the card could spend, so a card that expired or was
             // PIN-locked since still pays what it promised; a closed or suspended one does not.
             match status {
@@ -614,7 +617,7 @@ pub fn decide(
             // Whatever the card's status: a void only gives the cardholder back what was reserved.
             // Past the program's window the merchant may no longer void; the hold then runs to
             // its deadline (or is captured).
-            let hold = open_hold(card, *hold_id, now_ms)?;
+            let hold = open_hold(card, *hold_id, merchant, now_ms)?;
             if now_ms - hold.opened_ms > program.void_window_ms {
                 return Err(ResultCode::VoidWindowPassed);
             }
@@ -712,7 +715,22 @@ fn spendable(card: &CardRecord, money: &Money, allow_partial: bool, now_ms: i64)
 
 /// The card's hold `id` if it is still open at `now_ms`. A hold past its deadline is released,
 /// whether or not giftd has written the release yet.
-fn open_hold(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode> {
+/// The open hold `id`, if `merchant` opened it: another merchant's hold is not found, as if it did
+/// not exist, so its id tells that merchant nothing.
+fn open_hold(card: &CardRecord, id: u64, merchant: &str, now_ms: i64) -> Result<Hold, ResultCode> {
+    let tag = merchant_tag(merchant);
+    open_hold_of_any(card, id, now_ms).and_then(|h| {
+        if h.merchant_tag == tag {
+            Ok(h)
+        } else {
+            Err(ResultCode::HoldNotFound)
+        }
+    })
+}
+
+/// The open hold `id`, whoever opened it (a reversal names its original under its own merchant, so
+/// it is that merchant's already).
+fn open_hold_of_any(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode> {
     card.holds.iter().find(|h| h.id == id && h.expires_ms > now_ms).copied().ok_or(ResultCode::HoldNotFound)
 }
 
@@ -811,7 +829,7 @@ pub fn decide_reversal(
             Ok(undo(-amount_minor, lifecycle))
         }
         TxnKind::Authorize => {
-            let hold = open_hold(card, hold_id, now_ms)?;
+            let hold = open_hold_of_any(card, hold_id, now_ms)?;
             Ok(Decision {
                 approved_minor: hold.amount_minor,
                 hold: HoldChange::Close { id: hold.id },

@@ -552,6 +552,29 @@ fn capture_takes_part_and_releases_the_rest() {
 }
 
 #[test]
+fn only_the_authorizing_merchant_captures_or_voids_a_hold() {
+    let (e, _) = engine();
+    active_100(&e);
+    let h = authorize(&e, "a", 3_000, HOUR_MS, NOW);
+    let as_other = |key: &str, op: Op| {
+        let mut mutation = m(Req { merchant: "m2", key: key.into(), card: card(0), op });
+        mutation.card = None;
+        e.execute(mutation, NOW)
+    };
+    // To another merchant the hold does not exist: the same answer as for an id never opened,
+    // which shows no card.
+    let never = as_other("x0", Op::Void { hold_id: h.id + 100 }).outcome;
+    assert_eq!((never.result, never.card), (ResultCode::HoldNotFound, None));
+    for (key, op) in [("x1", Op::Capture { hold_id: h.id, money: usd(1) }), ("x2", Op::Void { hold_id: h.id })] {
+        let o = as_other(key, op).outcome;
+        assert_eq!((o.result, o.card, o.approved_minor), (ResultCode::HoldNotFound, None, 0));
+    }
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.held_minor, 3_000, "the hold is untouched");
+    let done = run_hold(&e, "c1", Op::Capture { hold_id: h.id, money: usd(3_000) }, NOW);
+    assert_eq!(done.outcome.result, ResultCode::Approved);
+}
+
+#[test]
 fn restore_rebuilds_holds_and_never_reuses_an_id() {
     let (e, j) = engine();
     active_100(&e);

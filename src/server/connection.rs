@@ -3,6 +3,7 @@
 //! batching whatever is ready into one write. The queue holds at most `inflight_per_connection_max`
 //! replies: when it is full the task stops reading, and TCP pushes back on the client.
 
+use super::access::{Gate, Scope};
 use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
 use crate::config::ProgramConfig;
@@ -11,7 +12,7 @@ use crate::engine::{
 };
 use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
-    self, decode_request, encode_reply, ChunkReply, DecodeError, Frame, FrameCodec, FrameError, HelloReply,
+    self, decode_request, encode_reply, AuthReply, ChunkReply, DecodeError, Frame, FrameCodec, FrameError, HelloReply,
     HistoryReply, JobKind, JobReply, LookupReply, Opcode, PartsReply, ProgramReply, Reply, Request, HISTORY_PAGE_MAX,
 };
 use bytes::BytesMut;
@@ -56,6 +57,11 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let mut handshaken = false;
+    // Who this connection is (until it authenticates: nobody, when clients are configured).
+    let mut gate = Gate::new(&shared.access);
+    // Until it authenticates, a connection may stay this long: it holds a connection slot.
+    let auth_deadline = tokio::time::sleep(std::time::Duration::from_millis(shared.limits.auth_timeout_ms));
+    tokio::pin!(auth_deadline);
     // Set when the connection must end: replies already queued are still written first.
     let mut closing = false;
     let mut in_flight = InFlight { gauge: &shared.metrics.requests_in_flight, counted: 0 };
@@ -86,6 +92,11 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if !closing => closing = true,
+            // Before reading: a client that always has a frame ready must not outrun its deadline.
+            _ = &mut auth_deadline, if !closing && gate.principal().is_none() => {
+                tracing::info!(%peer, "not authenticated in time; closing");
+                closing = true;
+            }
             changed = durable.changed(), if !queue.is_empty() => {
                 if changed.is_err() {
                     return;
@@ -94,12 +105,12 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
             next = frames.next(), if can_read => match next {
                 None => closing = true,
                 Some(Ok(frame)) if handshaken && frame.header.opcode == Opcode::Subscribe as u8 => {
-                    match decode_request(frame.header.opcode, &frame.body) {
+                    match admit_subscription(&shared, &gate, &frame.body) {
                         Ok(req) => {
                             subscription = Some((frame.header.request_id, req));
                             closing = true;
                         }
-                        Err(DecodeError(code)) => queue.push_back(Pending {
+                        Err(code) => queue.push_back(Pending {
                             opcode: frame.header.opcode,
                             request_id: frame.header.request_id,
                             reply: Reply::Error(code),
@@ -111,7 +122,7 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
                 }
                 Some(Ok(frame)) => {
                     last_frame_at = tokio::time::Instant::now();
-                    let (pending, close) = decide(&shared, frame, &mut handshaken).await;
+                    let (pending, close) = decide(&shared, frame, &mut handshaken, &mut gate, peer).await;
                     queue.push_back(pending);
                     closing |= close;
                 }
@@ -196,62 +207,123 @@ fn frame_buffered(buf: &BytesMut) -> bool {
 }
 
 /// Decides one frame. Returns its pending reply and whether the connection must close after it.
-async fn decide(shared: &Arc<Shared>, frame: Frame, handshaken: &mut bool) -> (Pending, bool) {
+async fn decide(
+    shared: &Arc<Shared>,
+    frame: Frame,
+    handshaken: &mut bool,
+    gate: &mut Gate,
+    peer: SocketAddr,
+) -> (Pending, bool) {
     let started = Instant::now();
     let opcode = frame.header.opcode;
     let request_id = frame.header.request_id;
     let op = Opcode::from_u8(opcode);
-    let (reply, group, close) = match decode_request(opcode, &frame.body) {
-        // Until the handshake, anything but a well-formed hello ends the connection.
-        _ if !*handshaken && op != Some(Opcode::Hello) => (Reply::Error(ResultCode::HandshakeRequired), 0, true),
-        Err(DecodeError(code)) => (Reply::Error(code), 0, !*handshaken),
-        Ok(Request::Hello { min_version, max_version, .. }) => {
-            let ok = (min_version..=max_version).contains(&wire::VERSION);
-            *handshaken |= ok;
-            let reply = if ok { hello_reply(shared) } else { Reply::Error(ResultCode::UnsupportedVersion) };
-            (reply, 0, !ok)
-        }
-        Ok(Request::Batch { atomic: None, items }) => {
-            let (reply, group) = batch(shared, items).await;
-            (reply, group, false)
-        }
-        Ok(Request::Batch { atomic: Some(idem), items }) => {
-            let (reply, group) = atomic_batch(shared, &frame.body, idem, &items);
-            (reply, group, false)
-        }
-        Ok(req @ Request::JobChunk { .. }) => {
-            let (reply, group) = job_chunk(shared, opcode, frame.body, req).await;
-            (reply, group, false)
-        }
-        Ok(req) => {
-            let (reply, group) = handle(shared, opcode, &frame.body, req).await;
-            (reply, group, false)
-        }
+    // Before the body is read: the handshake (anything but a hello first ends the connection),
+    // then whether the connection is someone whose role allows this operation.
+    let refused = match op {
+        _ if !*handshaken => (op != Some(Opcode::Hello)).then_some(ResultCode::HandshakeRequired),
+        Some(op) => gate.refuse_op(op),
+        None => None,
     };
-    if close {
+    let (reply, group, close) =
+        match refused.map_or_else(|| decode_request(opcode, &frame.body), |c| Err(DecodeError(c))) {
+            Err(DecodeError(code)) => (Reply::Error(code), 0, !*handshaken),
+            Ok(Request::Hello { min_version, max_version, .. }) => {
+                let ok = (min_version..=max_version).contains(&wire::VERSION);
+                *handshaken |= ok;
+                let reply = if ok { hello_reply(shared, gate) } else { Reply::Error(ResultCode::UnsupportedVersion) };
+                (reply, 0, !ok)
+            }
+            Ok(Request::Auth { client, proof }) => match gate.authenticate(&shared.access, &client, &proof) {
+                Some(p) => {
+                    let merchant = p.merchant.clone().unwrap_or_default();
+                    tracing::debug!(%peer, client = %client, role = p.role.name(), "authenticated");
+                    (Reply::Auth(AuthReply { result: ResultCode::Approved, role: p.role, merchant }), 0, false)
+                }
+                None => {
+                    shared.metrics.auth_failures.inc();
+                    tracing::warn!(%peer, client = %client, "auth refused (unknown client or wrong proof); closing");
+                    (Reply::Error(ResultCode::Unauthenticated), 0, true)
+                }
+            },
+            Ok(req) => match gate.refuse_request(&req).map_or_else(|| admit(shared, gate, cost(&req)), Err) {
+                Err(code) => (Reply::Error(code), 0, false),
+                Ok(()) => {
+                    let (reply, group) = match req {
+                        Request::Batch { atomic: None, items } => batch(shared, gate, items).await,
+                        Request::Batch { atomic: Some(idem), items } => {
+                            atomic_batch(shared, gate, &frame.body, idem, &items)
+                        }
+                        req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
+                        req => handle(shared, opcode, &frame.body, req).await,
+                    };
+                    (reply, group, false)
+                }
+            },
+        };
+    // A refused auth closes the connection too, but it is counted as an auth failure.
+    if close && reply.result() != ResultCode::Unauthenticated {
         shared.metrics.protocol_errors.inc();
     }
     (Pending { request_id, opcode, op, group, reply, started }, close)
+}
+
+/// Requests a frame counts against the rates: a batch's items, else one.
+fn cost(req: &Request) -> usize {
+    match req {
+        Request::Batch { items, .. } => items.len(),
+        _ => 1,
+    }
+}
+
+/// Takes `cost` requests from the connection's and its client's rates, counting a refusal.
+fn admit(shared: &Shared, gate: &Gate, cost: usize) -> Result<(), ResultCode> {
+    gate.admit(cost).map_err(|scope| {
+        match scope {
+            Scope::Client => shared.metrics.rate_limited_client.inc_by(cost as u64),
+            Scope::Connection => shared.metrics.rate_limited_connection.inc_by(cost as u64),
+        }
+        ResultCode::RateLimited
+    })
+}
+
+/// A subscription request as the connection's client may make it: its role must allow the event
+/// stream, and a client bound to a merchant sees that merchant's events only (an empty filter
+/// becomes its own merchant; another merchant's is `forbidden`).
+fn admit_subscription(shared: &Shared, gate: &Gate, body: &[u8]) -> Result<Request, ResultCode> {
+    if let Some(code) = gate.refuse_op(Opcode::Subscribe) {
+        return Err(code);
+    }
+    let Request::Subscribe { from, merchant, program, kinds } =
+        decode_request(Opcode::Subscribe as u8, body).map_err(|e| e.0)?
+    else {
+        unreachable!("a subscribe body decodes to a subscribe")
+    };
+    let merchant =
+        gate.principal().and_then(|p| p.subscription_merchant(&merchant)).ok_or(ResultCode::Forbidden)?.to_string();
+    admit(shared, gate, 1)?;
+    Ok(Request::Subscribe { from, merchant, program, kinds })
 }
 
 fn connection_error(code: ResultCode) -> Pending {
     Pending { request_id: 0, opcode: 0, op: None, group: 0, reply: Reply::Error(code), started: Instant::now() }
 }
 
-fn hello_reply(shared: &Shared) -> Reply {
+fn hello_reply(shared: &Shared, gate: &Gate) -> Reply {
     Reply::Hello(HelloReply {
         result: ResultCode::Approved,
         version: wire::VERSION,
         frame_bytes_max: shared.limits.frame_bytes_max as u32,
         inflight_max: shared.limits.inflight_per_connection_max as u32,
         server: concat!("giftd ", env!("CARGO_PKG_VERSION")).into(),
+        nonce: gate.nonce,
     })
 }
 
 /// Decides every item of a batch, in order, each on its own (one refused item changes nothing for
 /// the others). The reply waits for the newest group any item depends on: decisions made in one
 /// go share few groups, so a batch of thousands costs a few fsyncs.
-async fn batch(shared: &Shared, items: Vec<wire::BatchItem>) -> (Reply, u64) {
+async fn batch(shared: &Shared, gate: &Gate, items: Vec<wire::BatchItem>) -> (Reply, u64) {
     let mut replies = Vec::with_capacity(items.len());
     let mut group = 0;
     for item in items {
@@ -259,13 +331,19 @@ async fn batch(shared: &Shared, items: Vec<wire::BatchItem>) -> (Reply, u64) {
         let reply = match Opcode::from_u8(item.opcode) {
             None => Reply::Error(ResultCode::UnknownOpcode),
             Some(op) if !op.batchable() => Reply::Error(ResultCode::MalformedRequest),
-            Some(_) => match decode_request(item.opcode, &item.body) {
+            Some(op) => match gate
+                .refuse_op(op)
+                .map_or_else(|| decode_request(item.opcode, &item.body), |c| Err(DecodeError(c)))
+            {
                 Err(DecodeError(code)) => Reply::Error(code),
-                Ok(req) => {
-                    let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
-                    group = group.max(g);
-                    reply
-                }
+                Ok(req) => match gate.refuse_request(&req) {
+                    Some(code) => Reply::Error(code),
+                    None => {
+                        let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
+                        group = group.max(g);
+                        reply
+                    }
+                },
             },
         };
         replies.push((reply_opcode, reply));
@@ -303,14 +381,26 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
 /// An all-or-nothing batch: one mutation of the engine. Its items must be redeems (without invoice
 /// or PIN, whose rules keep records of their own), reloads or activations, each on another card;
 /// anything else refuses the whole batch before anything is decided.
-fn atomic_batch(shared: &Shared, body: &[u8], idem: wire::IdemRef, items: &[wire::BatchItem]) -> (Reply, u64) {
+fn atomic_batch(
+    shared: &Shared,
+    gate: &Gate,
+    body: &[u8],
+    idem: wire::IdemRef,
+    items: &[wire::BatchItem],
+) -> (Reply, u64) {
     let mut ops = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::with_capacity(items.len());
     for item in items {
-        let req = match decode_request(item.opcode, &item.body) {
+        // An item the client may not do refuses the whole batch, as any bad item does; its role
+        // is judged before its body, as for a request alone.
+        let refused = Opcode::from_u8(item.opcode).and_then(|op| gate.refuse_op(op));
+        let req = match refused.map_or_else(|| decode_request(item.opcode, &item.body), |c| Err(DecodeError(c))) {
             Ok(r) => r,
             Err(DecodeError(code)) => return (Reply::Error(code), 0),
         };
+        if let Some(code) = gate.refuse_request(&req) {
+            return (Reply::Error(code), 0);
+        }
         let (number, op) = match req {
             Request::Redeem { number, money, allow_partial, invoice: None, pin: None, .. } => {
                 (number, Op::Redeem { money, allow_partial, invoice: None, pin: None })
@@ -389,7 +479,7 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
     let mut program_text = String::new();
     let mut job_spec = None;
     let m = match req {
-        Request::Hello { .. } => unreachable!("hello is answered by the connection"),
+        Request::Hello { .. } | Request::Auth { .. } => unreachable!("hello and auth are answered by decide()"),
         // A subscription takes over its connection (`run`); it is never a batch item.
         Request::Subscribe { .. } => return (Reply::Error(ResultCode::MalformedRequest), 0),
         Request::Balance { number } => {

@@ -130,19 +130,16 @@ pub(super) async fn serve(
             }
             if !out.is_empty() {
                 caught_up_sent = false;
-                // Waits as long as the client does not read: only this task waits.
-                if wr.write_all(&out).await.is_err() {
+                if !send(&mut wr, &mut out, &shutdown).await {
                     break 'serve;
                 }
-                out.clear();
             }
         }
         if !caught_up_sent {
             frame(&mut out, true, Vec::new());
-            if wr.write_all(&out).await.is_err() {
+            if !send(&mut wr, &mut out, &shutdown).await {
                 break;
             }
-            out.clear();
             caught_up_sent = true;
         }
         tokio::select! {
@@ -153,5 +150,20 @@ pub(super) async fn serve(
         }
     }
     shared.metrics.subscriptions_open.dec();
-    let _ = wr.shutdown().await;
+    if !shutdown.is_cancelled() {
+        let _ = wr.shutdown().await;
+    }
+}
+
+/// Writes `out` and empties it; false when the client is gone or giftd shuts down first. The write
+/// waits as long as the client does not read (only this task waits), but not past shutdown: a
+/// subscriber that does not read must not hold the drain. It resumes from the last id it saw; a
+/// frame cut short by the shutdown is one it never saw.
+async fn send(wr: &mut OwnedWriteHalf, out: &mut BytesMut, shutdown: &CancellationToken) -> bool {
+    let sent = tokio::select! {
+        r = wr.write_all(out) => r.is_ok(),
+        _ = shutdown.cancelled() => false,
+    };
+    out.clear();
+    sent
 }

@@ -1,6 +1,7 @@
 //! The server: tokio, connections, backpressure, shutdown. It turns wire requests into engine calls
 //! (replacing card numbers with keys) and holds every reply until its commit group is durable.
 
+pub mod access;
 pub mod background;
 mod connection;
 mod events;
@@ -26,6 +27,8 @@ pub struct Shared {
     pub pin_keyer: PinKeyer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// The configured clients and the request rates.
+    pub access: access::Access,
     /// Where job chunks are decided: a thread that yields to payments.
     pub bulk: background::Background,
 }

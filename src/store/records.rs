@@ -13,12 +13,12 @@ use bytes::BufMut;
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
-// virtual flag and the email; version 3 of idempotency records added the
+// virtual flag and the email, version 7 each hold's merchant tag; version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
 // all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
 // Nothing deployed holds
 // an older version.
-const CARD_V6: u8 = 6;
+const CARD_V7: u8 = 7;
 const NOTE_V1: u8 = 1;
 const ALERT_V1: u8 = 1;
 const IDEM_V6: u8 = 6;
@@ -59,6 +59,9 @@ impl<'a> Reader<'a> {
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
+    fn u64(&mut self) -> Result<u64, Corrupt> {
+        Ok(u64::from_le_bytes(self.arr()?))
+    }
     fn i64(&mut self) -> Result<i64, Corrupt> {
         Ok(i64::from_le_bytes(self.arr()?))
     }
@@ -67,7 +70,14 @@ impl<'a> Reader<'a> {
     }
     fn card_hold(&mut self) -> Result<Hold, Corrupt> {
         let v = self.hold()?;
-        Ok(Hold { id: v.id, amount_minor: v.amount_minor, expires_ms: v.expires_ms, opened_ms: self.i64()? })
+        let opened_ms = self.i64()?;
+        Ok(Hold {
+            id: v.id,
+            amount_minor: v.amount_minor,
+            expires_ms: v.expires_ms,
+            opened_ms,
+            merchant_tag: self.u64()?,
+        })
     }
     fn opt_i64(&mut self) -> Result<Option<i64>, Corrupt> {
         let present = self.u8()? == 1;
@@ -107,7 +117,7 @@ fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
 }
 
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V6);
+    dst.put_u8(CARD_V7);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -125,6 +135,7 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     for h in &c.holds {
         put_hold(dst, &h.view());
         dst.put_i64_le(h.opened_ms);
+        dst.put_u64_le(h.merchant_tag);
     }
     dst.put_u8(c.vip as u8);
     put_str8(dst, c.member.as_deref().unwrap_or(""));
@@ -140,7 +151,7 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V6)?;
+    r.version(CARD_V7)?;
     let last4 = r.arr()?;
     let lifecycle = Lifecycle::from_u8(r.u8()?);
     let lifecycle = r.some(lifecycle)?;
@@ -574,7 +585,13 @@ mod tests {
             currency: Currency::from_code(*b"USD").unwrap(),
             balance_minor: 9_950,
             held_minor: 50,
-            holds: vec![Hold { id: 9, amount_minor: 50, expires_ms: 1_800_000_000_000, opened_ms: 1_700_000_000_500 }],
+            holds: vec![Hold {
+                id: 9,
+                amount_minor: 50,
+                expires_ms: 1_800_000_000_000,
+                opened_ms: 1_700_000_000_500,
+                merchant_tag: 0x0123_4567_89ab_cdef,
+            }],
             lifecycle: Lifecycle::Active,
             lock: LockReason::None,
             pin_locked: false,

@@ -4,6 +4,7 @@
 use super::frame::{begin_frame, finish_frame};
 use super::REPLY_BIT;
 use crate::card_number::{CardNumber, Pin};
+use crate::engine::access::Role;
 use crate::engine::{ChunkWork, SplitOrder, SPLIT_CARDS_MAX};
 use crate::model::{
     CardView, Currency, HoldView, LockReason, Money, NoteView, Outcome, PartView, Parts, ResultCode, Status, TxnKind,
@@ -47,6 +48,7 @@ pub const EVENT_KIND_ALERT_BIT: u64 = 1 << 63;
 #[repr(u8)]
 pub enum Opcode {
     Hello = 0x01,
+    Auth = 0x02,
     Issue = 0x10,
     Activate = 0x11,
     Balance = 0x12,
@@ -80,8 +82,9 @@ pub enum Opcode {
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 31] = [
+    pub const ALL: [Opcode; 32] = [
         Opcode::Hello,
+        Opcode::Auth,
         Opcode::Issue,
         Opcode::Activate,
         Opcode::Balance,
@@ -126,6 +129,7 @@ impl Opcode {
     pub fn name(self) -> &'static str {
         match self {
             Opcode::Hello => "hello",
+            Opcode::Auth => "auth",
             Opcode::Issue => "issue",
             Opcode::Activate => "activate",
             Opcode::Balance => "balance",
@@ -159,12 +163,14 @@ impl Opcode {
         }
     }
 
-    /// Whether an operation may be an item of a batch: every card operation; not the handshake, a
+    /// Whether an operation may be an item of a batch: every card operation; not the handshake or
+    /// authentication, a
     /// batch, the reads that page through the store (lookup, history, job_get) or program admin.
     pub fn batchable(self) -> bool {
         !matches!(
             self,
             Opcode::Hello
+                | Opcode::Auth
                 | Opcode::Lookup
                 | Opcode::History
                 | Opcode::ProgramGet
@@ -190,6 +196,12 @@ pub enum Request {
         min_version: u8,
         max_version: u8,
         client: String,
+    },
+    /// Authenticates the connection as a configured client: `proof` is HMAC-SHA-256 under the
+    /// client's key of [`auth_message`] (this connection's hello nonce and the client's name).
+    Auth {
+        client: String,
+        proof: [u8; 32],
     },
     /// `number` None: giftd generates one (random, Luhn, in the program's format) and returns it
     /// in the first answer only. `case`: a compensation case; the case's first card answers every
@@ -411,9 +423,50 @@ impl JobKind {
 }
 
 impl Request {
+    /// The merchant id the request acts under, when it names one: a mutation's idempotency
+    /// merchant, a job's merchant. Reads, the handshake and a subscription name none (a
+    /// subscription's merchant is a filter).
+    pub fn merchant(&self) -> Option<&str> {
+        match self {
+            Request::Hello { .. }
+            | Request::Auth { .. }
+            | Request::Balance { .. }
+            | Request::Lookup { .. }
+            | Request::History { .. }
+            | Request::ProgramGet { .. }
+            | Request::Subscribe { .. }
+            | Request::Batch { atomic: None, .. } => None,
+            Request::Batch { atomic: Some(idem), .. } => Some(&idem.merchant),
+            Request::JobChunk { merchant, .. } | Request::JobGet { merchant, .. } => Some(merchant),
+            Request::Issue { idem, .. }
+            | Request::Activate { idem, .. }
+            | Request::Redeem { idem, .. }
+            | Request::Reload { idem, .. }
+            | Request::Lock { idem, .. }
+            | Request::Unlock { idem, .. }
+            | Request::Authorize { idem, .. }
+            | Request::Capture { idem, .. }
+            | Request::Void { idem, .. }
+            | Request::Refund { idem, .. }
+            | Request::Reverse { idem, .. }
+            | Request::SplitRedeem { idem, .. }
+            | Request::CashOut { idem, .. }
+            | Request::Register { idem, .. }
+            | Request::Transfer { idem, .. }
+            | Request::Note { idem, .. }
+            | Request::Reactivate { idem, .. }
+            | Request::PinSet { idem, .. }
+            | Request::PinVerify { idem, .. }
+            | Request::PinReset { idem, .. }
+            | Request::ProgramSet { idem, .. }
+            | Request::JobOpen { idem, .. } => Some(&idem.merchant),
+        }
+    }
+
     pub fn opcode(&self) -> Opcode {
         match self {
             Request::Hello { .. } => Opcode::Hello,
+            Request::Auth { .. } => Opcode::Auth,
             Request::Issue { .. } => Opcode::Issue,
             Request::Activate { .. } => Opcode::Activate,
             Request::Balance { .. } => Opcode::Balance,
@@ -455,6 +508,31 @@ pub struct HelloReply {
     pub frame_bytes_max: u32,
     pub inflight_max: u32,
     pub server: String,
+    /// Fresh random bytes for this connection, which an `auth` proof covers (so a proof seen on
+    /// one connection is worth nothing on another).
+    pub nonce: [u8; AUTH_NONCE_BYTES],
+}
+
+/// An approved `auth`: the role the connection now has and the merchant id it is bound to
+/// (empty for operators and processors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthReply {
+    pub result: ResultCode,
+    pub role: Role,
+    pub merchant: String,
+}
+
+/// Bytes of a hello's nonce.
+pub const AUTH_NONCE_BYTES: usize = 16;
+
+/// What an `auth` proof is the HMAC of: a fixed label, the connection's nonce and the client name,
+/// so a proof is bound to one connection and one client.
+pub fn auth_message(nonce: &[u8; AUTH_NONCE_BYTES], client: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + AUTH_NONCE_BYTES + client.len());
+    m.extend_from_slice(b"giftd auth v1\0");
+    m.extend_from_slice(nonce);
+    m.extend_from_slice(client.as_bytes());
+    m
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -578,6 +656,7 @@ pub struct PartsReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     Hello(HelloReply),
+    Auth(AuthReply),
     Card(Outcome),
     /// An authorization's outcome: a card outcome followed by the hold it opened.
     Hold(Outcome),
@@ -603,6 +682,7 @@ impl Reply {
     pub fn result(&self) -> ResultCode {
         match self {
             Reply::Hello(h) => h.result,
+            Reply::Auth(a) => a.result,
             Reply::Card(o) | Reply::Hold(o) => o.result,
             Reply::Parts(p) => p.result,
             Reply::Explained(o, _) | Reply::Issued(o, _) => o.result,
@@ -812,6 +892,13 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
     let req = match op {
         Opcode::Hello => {
             Request::Hello { min_version: r.u8()?, max_version: r.u8()?, client: r.str8(STRING_BYTES_MAX)? }
+        }
+        Opcode::Auth => {
+            let client = r.str8(STRING_BYTES_MAX)?;
+            if client.is_empty() {
+                return Err(MALFORMED);
+            }
+            Request::Auth { client, proof: r.take(32)?.try_into().map_err(|_| MALFORMED)? }
         }
         Opcode::Issue => {
             let (idem, number) = (r.idem()?, r.number_or_none()?);
@@ -1087,6 +1174,10 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             dst.put_u8(*max_version);
             put_str8(dst, client);
         }
+        Request::Auth { client, proof } => {
+            put_str8(dst, client);
+            dst.put_slice(proof);
+        }
         Request::Issue { idem, number, program, money, expiry_ms, active, virtual_card, email, case } => {
             put_str8(dst, &idem.merchant);
             put_str8(dst, &idem.key);
@@ -1295,6 +1386,12 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
             dst.put_u32_le(h.frame_bytes_max);
             dst.put_u32_le(h.inflight_max);
             put_str8(dst, &h.server);
+            dst.put_slice(&h.nonce);
+        }
+        Reply::Auth(a) => {
+            dst.put_u16_le(a.result as u16);
+            dst.put_u8(a.role as u8);
+            put_str8(dst, &a.merchant);
         }
         Reply::Card(o) => {
             dst.put_u16_le(o.result as u16);
@@ -1487,6 +1584,12 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
             frame_bytes_max: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?),
             inflight_max: u32::from_le_bytes(r.take(4)?.try_into().map_err(|_| MALFORMED)?),
             server: r.str8(STRING_BYTES_MAX)?,
+            nonce: r.take(AUTH_NONCE_BYTES)?.try_into().map_err(|_| MALFORMED)?,
+        }),
+        Opcode::Auth => Reply::Auth(AuthReply {
+            result,
+            role: Role::from_u8(r.u8()?).ok_or(MALFORMED)?,
+            merchant: r.str8(STRING_BYTES_MAX)?,
         }),
         Opcode::Lookup => Reply::Lookup(LookupReply {
             result,

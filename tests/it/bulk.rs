@@ -12,7 +12,7 @@ use std::sync::Arc;
 const FIRST: &str = "6035719980000000";
 
 fn job<'a>(g: &'a Giftd, id: &'a str, chunk: usize) -> Job<'a> {
-    Job { addr: g.addr(), merchant: "reseller-9", id, chunk, window: 3 }
+    Job { addr: g.addr(), credentials: None, merchant: "reseller-9", id, chunk, window: 3 }
 }
 
 fn range(count: u64) -> Cards {
@@ -147,7 +147,7 @@ async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
     let addr = g.addr().to_string();
     let seen = done.clone();
     let running = tokio::spawn(async move {
-        let j = Job { addr: &addr, merchant: "reseller-9", id: "act-k", chunk: 256, window: 2 };
+        let j = Job { addr: &addr, credentials: None, merchant: "reseller-9", id: "act-k", chunk: 256, window: 2 };
         bulk::run(j, &range(N), &Work::Activate { load: Some(usd(700)) }, |d, _| seen.store(d, Ordering::SeqCst)).await
     });
     let deadline = std::time::Instant::now() + crate::TIMEOUT;

@@ -210,6 +210,20 @@ impl Giftd {
         })
     }
 
+    /// Sends `sig` and returns at once; [`Giftd::wait_exit`] then waits for the exit.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// A connected, handshaken client, authenticated as `credentials`.
+    pub async fn client_as(&self, credentials: &giftd::client::Credentials) -> Client {
+        crate::timed("connect", Client::connect_as(&self.addr, Some(credentials)))
+            .await
+            .unwrap_or_else(|e| panic!("connect {} as {credentials:?}: {e:#}", self.addr))
+    }
+
     pub fn sigterm(&mut self) -> ExitStatus {
         self.signal_and_wait(libc::SIGTERM)
     }

@@ -1,6 +1,7 @@
 //! Integration tests: each test starts its own giftd child process (see [`harness::Giftd`]) and talks
 //! to it over TCP, through `giftd::client`, raw frames, giftctl or HTTP.
 
+mod access;
 mod backoffice;
 mod bulk;
 mod concurrency;
