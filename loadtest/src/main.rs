@@ -82,6 +82,13 @@ struct Args {
     /// Tokio worker threads for giftload. Keep it low: giftd shares the machine.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Authenticate every connection as this client of giftd's [[clients]] (needs --key-file).
+    /// Its role must allow issue, the workloads' operations and lookups: an operator.
+    #[arg(long, requires = "key_file")]
+    client: Option<String>,
+    /// The client's key: a file of 64 hex digits.
+    #[arg(long, requires = "client")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -186,6 +193,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<Report> {
+    if let (Some(name), Some(path)) = (&args.client, &args.key_file) {
+        let _ = pipe::CREDENTIALS.set(giftd::client::Credentials::from_key_file(name, path)?);
+    }
     if !args.spawn {
         let durability = args.durability.clone().unwrap_or_else(|| "sync".into());
         return bench(args, &args.addr, durability).await;

@@ -3,7 +3,7 @@
 //! reply is matched against the oldest one: a reply out of order is a protocol failure, not a lookup.
 
 use anyhow::{anyhow, bail, Result};
-use giftd::client::{Client, ClientReader, ClientWriter};
+use giftd::client::{Client, ClientReader, ClientWriter, Credentials};
 use giftd::wire::{Reply, Request};
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -34,9 +34,13 @@ pub struct Pipe {
     pub inflight_max: usize,
 }
 
+/// Who every connection authenticates as (`--client`, `--key-file`), for a giftd that lists
+/// clients; set once at start.
+pub static CREDENTIALS: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+
 impl Pipe {
     pub async fn connect(addr: &str) -> Result<Pipe> {
-        let c = Client::connect(addr).await?;
+        let c = Client::connect_as(addr, CREDENTIALS.get()).await?;
         let inflight_max = c.hello.inflight_max as usize;
         let (tx, rx) = c.into_split();
         Ok(Pipe { tx, rx, inflight: VecDeque::with_capacity(256), unflushed: 0, inflight_max })

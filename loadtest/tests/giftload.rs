@@ -86,3 +86,47 @@ fn unknown_workload_is_refused() {
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"), "{out:?}");
 }
+
+/// Against a giftd that lists clients, giftload authenticates every connection with --client and
+/// --key-file (and without them it is refused).
+#[test]
+fn authenticates_as_a_configured_client() {
+    use std::io::BufRead;
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_giftload"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = dir.path().join("bench.key");
+    std::fs::write(&key, "07".repeat(32)).expect("key file");
+    let config = dir.path().join("giftd.toml");
+    let toml = format!("[[clients]]\nname = \"bench\"\nrole = \"operator\"\nkey_file = \"{}\"\n", key.display());
+    std::fs::write(&config, toml).expect("config");
+    let mut giftd = Command::new(exe.with_file_name("giftd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start giftd");
+    let mut line = String::new();
+    std::io::BufReader::new(giftd.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("listen=")).expect("listen=").to_string();
+    let run = |extra: &[&str]| {
+        Command::new(&exe)
+            .args(["--addr", &addr, "--json", "--cards", "50", "--connections", "2", "--duration-secs", "1"])
+            .args(extra)
+            .output()
+            .expect("run giftload")
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success(), "giftload ran on a giftd that requires auth without a key");
+    let out = run(&["--client", "bench", "--key-file", key.to_str().expect("utf-8 path")]);
+    let _ = giftd.kill();
+    let _ = giftd.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(r["audit"], "ok", "{r}");
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+}
