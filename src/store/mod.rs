@@ -8,8 +8,10 @@
 //! fsync runs while the next group is written. A failed write or sync stops the process.
 //!
 //! Cards are checkpointed, not written per decision: each history entry carries the card record as
-//! it left it, and the committer writes the cards changed since the last checkpoint to the `cards`
-//! family every `checkpoint_every`, a chunk per turn, then records the last history id it covers.
+//! it left it. Every `checkpoint_every`, the committer hands the cards changed since the last
+//! checkpoint to the checkpoint thread, which writes them, sorted, into a table file of their own
+//! and ingests it into the `cards` family (no WAL, no memtable), then records the last history id
+//! it covers.
 //! Recovery loads `cards` and replays the history entries after that id. History ids grow in commit
 //! order (they are assigned as effects join a group), so "after that id" is exactly "not in the
 //! checkpoint".
@@ -28,7 +30,7 @@ use rocksdb::{
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,16 +59,18 @@ const IDEM_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// miss ("a new key"), which the filter answers without walking the skiplist.
 const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 
-/// Cards written per checkpoint chunk: one chunk goes between two commit groups, so it bounds the
-/// delay a checkpoint adds to a group (about a millisecond).
-const CHECKPOINT_CHUNK_CARDS: usize = 2048;
-/// The pace of a checkpoint, in bytes of card records a second. A checkpoint goes through the WAL,
-/// and each reply's fdatasync waits for whatever sits in it unwritten: at full speed, the million
-/// cards changed by a bulk job (about 250 MB) saturated this machine's disk for seconds (measured:
-/// fsyncs of 100 to 750 ms, a redeem stalled 1.7 s, twenty seconds after a 1M-card issue).
+/// The pace of a checkpoint, in bytes of card records a second. Every reply's fdatasync shares the
+/// disk with the checkpoint's writes: at full speed, the million cards changed by a bulk job (about
+/// 170 MB) saturated this machine's disk for seconds (measured when checkpoints went through the
+/// WAL: fsyncs of 100 to 750 ms, a redeem stalled 1.7 s, twenty seconds after a 1M-card issue).
 const CHECKPOINT_BYTES_PER_SEC: u64 = 48 << 20;
-/// How long a checkpoint waits before it looks again whether the `cards` flushes caught up.
-const CHECKPOINT_BACKOFF: Duration = Duration::from_millis(5);
+/// Bytes a checkpoint writes between two looks at its pace.
+const CHECKPOINT_PACE_STEP_BYTES: u64 = 1 << 20;
+/// How often the committer looks whether the running checkpoint has finished, when it has cards
+/// for the next one.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(20);
+/// Where checkpoint table files are written before RocksDB takes them in (under the data dir).
+const CHECKPOINT_DIR: &str = "checkpoint";
 /// Meta key of the last history id the `cards` family reflects.
 const CHECKPOINT_KEY: &[u8] = b"checkpoint/txn_id";
 /// Entries one filtered history page may look at: a card with a long history and few entries of
@@ -194,6 +198,13 @@ impl Store {
         let cfs = CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?);
         let (recovered, replayed_cards) = recover(&db)?;
+        // A checkpoint's table file is moved into the database once written; one left here was cut
+        // off by a crash before that, and its cards are replayed from history instead.
+        let checkpoint_dir = dir.join(CHECKPOINT_DIR);
+        if checkpoint_dir.exists() {
+            std::fs::remove_dir_all(&checkpoint_dir)?;
+        }
+        std::fs::create_dir_all(&checkpoint_dir)?;
         let txn_id = last_txn_id(&db)?;
         // What recovery read from the WAL is made durable before anything is served from it: an
         // event subscription reads up to `txn_id` at once.
@@ -215,7 +226,7 @@ impl Store {
             let totals = recovered.totals.clone();
             let hold_id_next = recovered.hold_id_next;
             // Replayed cards are not in the card table yet: the next checkpoint writes them.
-            let checkpoint = Checkpoint::new(checkpoint_every, replayed_cards, txn_id);
+            let checkpoint = Checkpoint::start(db.clone(), checkpoint_dir, checkpoint_every, replayed_cards, txn_id)?;
             std::thread::Builder::new().name("giftd-committer".into()).spawn(move || {
                 let ledger = Ledger { totals, hold_id_next };
                 commit_loop(&db, &pending, &written, &durable, durability, ledger, checkpoint, &metrics)
@@ -396,8 +407,9 @@ impl Store {
 /// Per column family options, chosen for how each family is used. The committer inserts every
 /// decision on one thread, so memtable inserts and the flushes behind them are the store's main
 /// cost (profiled at 64×16):
-/// - `cards` is written by checkpoints in chunks of HMAC-keyed (random) records, and only ever read
-///   by a full scan at recovery: a vector memtable appends in O(1) and sorts once at flush.
+/// - `cards` is written only by ingesting checkpoint table files, and only ever read by a full scan
+///   at recovery. Its memtable holds only what a database written before checkpoints were files
+///   replays from its WAL; a vector memtable appends that in O(1) and sorts once at flush.
 /// - `history` keys are ids that grow: a plain skiplist appends at its end, and flushes and
 ///   compactions move sorted runs.
 /// - `idem` and `invoices` are point lookups of hashed (random) 32-byte keys, mostly misses: a
@@ -618,7 +630,8 @@ pub enum StoredEvent {
     Alert(crate::engine::alerts::AlertRecord),
 }
 
-/// The cards changed since the last checkpoint, and the checkpoint being written, if any.
+/// The committer's side of checkpoints: the cards changed since the last one, and whether the
+/// checkpoint thread is free to take them.
 struct Checkpoint {
     every: Duration,
     /// Changed cards in their latest state, as written to history.
@@ -626,107 +639,163 @@ struct Checkpoint {
     /// The last history id in a written group: everything up to it is in `dirty` or checkpointed.
     written_txn_id: u64,
     last_started: Instant,
-    running: Option<RunningCheckpoint>,
-    /// The last step wrote nothing: the `cards` family's flushes were behind.
-    waiting: bool,
-    /// The set the last checkpoint emptied, kept with its capacity for the next swap: copying
-    /// `dirty` at each checkpoint would hold every reply while a million records move.
-    spare: DirtyCards,
+    /// The emptied set of the last checkpoint, back from the thread with its capacity (copying
+    /// `dirty` at each checkpoint would hold every reply while a million records move). `None`
+    /// while the thread writes a checkpoint.
+    spare: Option<DirtyCards>,
+    jobs: Option<std::sync::mpsc::SyncSender<CheckpointJob>>,
+    returned: std::sync::mpsc::Receiver<DirtyCards>,
+    thread: Option<JoinHandle<()>>,
 }
 
-struct RunningCheckpoint {
-    /// The cards still to write: the whole of `dirty` when the checkpoint started (a swap,
-    /// however many cards changed), drained a few shards per step.
+/// One checkpoint, for the checkpoint thread: these cards reflect every history entry up to
+/// `upto_txn_id`.
+struct CheckpointJob {
     cards: DirtyCards,
-    /// The first shard not yet written.
-    next_shard: usize,
-    started: Instant,
-    /// Bytes written so far: the pace holds this under `CHECKPOINT_BYTES_PER_SEC`.
-    written_bytes: u64,
-    /// The history id the `cards` family reflects once every chunk is written.
     upto_txn_id: u64,
+    /// At shutdown nothing waits for a reply: written as fast as the disk goes.
+    unpaced: bool,
 }
 
 impl Checkpoint {
-    fn new(every: Duration, replayed: HashMap<CardKey, CardRecord>, written_txn_id: u64) -> Checkpoint {
+    fn start(
+        db: Arc<DB>,
+        dir: PathBuf,
+        every: Duration,
+        replayed: HashMap<CardKey, CardRecord>,
+        written_txn_id: u64,
+    ) -> std::io::Result<Checkpoint> {
         let mut dirty = DirtyCards::new();
         for (key, rec) in replayed {
             dirty.insert(key, rec);
         }
-        let spare = DirtyCards::new();
-        Checkpoint { every, dirty, written_txn_id, last_started: Instant::now(), running: None, waiting: false, spare }
+        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel(1);
+        let (returned_tx, returned) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("giftd-checkpoint".into())
+            .spawn(move || checkpoint_loop(&db, &dir, jobs_rx, returned_tx))?;
+        Ok(Checkpoint {
+            every,
+            dirty,
+            written_txn_id,
+            last_started: Instant::now(),
+            spare: Some(DirtyCards::new()),
+            jobs: Some(jobs),
+            returned,
+            thread: Some(thread),
+        })
     }
 
-    /// How long the committer may sleep with no group to write: not at all while a checkpoint is
-    /// being written (a little while it waits for flushes), until the next one is due when cards
-    /// changed, else until woken.
-    fn idle_wait(&self) -> Option<Duration> {
-        if self.running.is_some() {
-            Some(if self.waiting { CHECKPOINT_BACKOFF } else { Duration::ZERO })
-        } else if self.dirty.is_empty() {
+    fn running(&mut self) -> bool {
+        if self.spare.is_none() {
+            self.spare = self.returned.try_recv().ok();
+        }
+        self.spare.is_none()
+    }
+
+    /// How long the committer may sleep with no group to write: until the next checkpoint is due
+    /// when cards changed (a little while, if the last one is still being written), else until
+    /// woken.
+    fn idle_wait(&mut self) -> Option<Duration> {
+        if self.dirty.is_empty() {
             None
+        } else if self.running() {
+            Some(CHECKPOINT_POLL)
         } else {
             Some(self.every.saturating_sub(self.last_started.elapsed()))
         }
     }
 
-    /// Starts a checkpoint when one is due (or `now`), then writes the running one's next chunk, at
-    /// its pace (flat out when `now`).
-    fn step(&mut self, db: &DB, cfs: &[&rocksdb::ColumnFamily; 8], wopts: &WriteOptions, now: bool) {
-        if self.running.is_none() && !self.dirty.is_empty() && (now || self.last_started.elapsed() >= self.every) {
-            self.last_started = Instant::now();
-            self.running = Some(RunningCheckpoint {
-                cards: std::mem::replace(&mut self.dirty, std::mem::replace(&mut self.spare, DirtyCards::new())),
-                next_shard: 0,
-                started: Instant::now(),
-                written_bytes: 0,
-                upto_txn_id: self.written_txn_id,
-            });
-        }
-        let Some(run) = &mut self.running else { return };
-        // A checkpoint only shortens a future replay: it waits while the cards family has a
-        // memtable still to flush. Written faster than flushes go (a million cards after a bulk
-        // job), it would fill every memtable, and RocksDB would then stall all writes, every
-        // decision's with them (measured: redeem p99 of 250 to 800 ms during a 1M-card job).
-        let unflushed = db
-            .property_int_value_cf(cfs[CfIndex::Cards as usize], "rocksdb.num-immutable-mem-table")
-            .unwrap_or_else(|e| fail("memtable property read", &e))
-            .unwrap_or(0);
-        // A checkpoint asked for `now` (at shutdown) is not paced: nothing waits for a reply.
-        let paced = Duration::from_nanos(run.written_bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC);
-        self.waiting = unflushed > 0 || (!now && run.started.elapsed() < paced);
-        if self.waiting {
+    /// Hands the changed cards to the checkpoint thread when a checkpoint is due (or `now`) and
+    /// the thread is free. A swap: the committer never copies or writes a card here.
+    fn step(&mut self, now: bool) {
+        if self.dirty.is_empty() || self.running() || !(now || self.last_started.elapsed() >= self.every) {
             return;
         }
-        let mut batch = WriteBatch::default();
-        let mut value = Vec::new();
-        let mut taken = 0;
-        while taken < CHECKPOINT_CHUNK_CARDS && run.next_shard < DIRTY_SHARDS {
+        let spare = self.spare.take().expect("checked by running()");
+        let cards = std::mem::replace(&mut self.dirty, spare);
+        self.last_started = Instant::now();
+        let job = CheckpointJob { cards, upto_txn_id: self.written_txn_id, unpaced: now };
+        if self.jobs.as_ref().is_none_or(|j| j.send(job).is_err()) {
+            fail("checkpoint", &"the checkpoint thread stopped");
+        }
+    }
+
+    /// At shutdown, once every group is written: checkpoints everything, so that a restart
+    /// replays nothing, and waits for it.
+    fn finish(mut self) {
+        while !self.dirty.is_empty() {
+            self.step(true);
+            if !self.dirty.is_empty() {
+                std::thread::sleep(CHECKPOINT_POLL);
+            }
+        }
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The checkpoint thread: writes each job's cards, sorted by key, into a table file at a pace
+/// (`CHECKPOINT_BYTES_PER_SEC`), has RocksDB ingest it into `cards`, then records the history id
+/// it covers. Ingestion makes the file durable (the file and RocksDB's manifest are synced) before
+/// the id is written, so whatever the id says is in the table. A checkpoint lost in a crash only
+/// means a longer replay: the id is not synced here, and leftover files are removed at open.
+fn checkpoint_loop(
+    db: &DB,
+    dir: &Path,
+    jobs: std::sync::mpsc::Receiver<CheckpointJob>,
+    returned: std::sync::mpsc::Sender<DirtyCards>,
+) {
+    let cards_cf = db.cf_handle(CF_CARDS).expect("cards column family");
+    let meta_cf = db.cf_handle(CF_META).expect("meta column family");
+    let mut file_opts = cf_options(CF_CARDS);
+    // Written out a megabyte at a time, not left dirty for a WAL fdatasync to wait behind.
+    file_opts.set_bytes_per_sync(1 << 20);
+    let mut ingest = rocksdb::IngestExternalFileOptions::default();
+    ingest.set_move_files(true);
+    let mut sorted: Vec<(CardKey, CardRecord)> = Vec::new();
+    let mut value = Vec::new();
+    for mut job in jobs {
+        sorted.clear();
+        for shard in &mut job.cards.shards {
             // Drained in place: the shard keeps its capacity for the next checkpoint.
-            for (key, rec) in run.cards.shards[run.next_shard].drain() {
+            sorted.extend(shard.drain());
+        }
+        job.cards.len = 0;
+        sorted.sort_unstable_by_key(|a| a.0 .0);
+        let path = dir.join(format!("{:020}.sst", job.upto_txn_id));
+        let mut file = rocksdb::SstFileWriter::create(&file_opts);
+        let started = Instant::now();
+        let (mut written_bytes, mut paced_at) = (0u64, 0u64);
+        let result = file.open(&path).and_then(|()| {
+            for (key, rec) in sorted.drain(..) {
                 value.clear();
                 records::encode_card(&mut value, &rec);
-                batch.put_cf(cfs[CfIndex::Cards as usize], key.0, &value);
-                taken += 1;
+                file.put(key.0, &value)?;
+                written_bytes += (key.0.len() + value.len()) as u64;
+                if !job.unpaced && written_bytes - paced_at >= CHECKPOINT_PACE_STEP_BYTES {
+                    paced_at = written_bytes;
+                    let due =
+                        Duration::from_nanos(written_bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC);
+                    if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(ahead);
+                    }
+                }
             }
-            run.next_shard += 1;
+            file.finish()
+        });
+        let result = result
+            .and_then(|()| db.ingest_external_file_cf_opts(cards_cf, &ingest, vec![&path]))
+            .and_then(|()| db.put_cf(meta_cf, CHECKPOINT_KEY, job.upto_txn_id.to_le_bytes()));
+        // Moved into the database by ingestion; removed here if anything failed before that.
+        let _ = std::fs::remove_file(&path);
+        if let Err(e) = result {
+            fail("checkpoint", &e);
         }
-        let finished = run.next_shard == DIRTY_SHARDS;
-        if finished {
-            // Written after (or with) every chunk: the WAL replays in order, so once this is
-            // durable, all the chunks are too.
-            batch.put_cf(cfs[CfIndex::Meta as usize], CHECKPOINT_KEY, run.upto_txn_id.to_le_bytes());
-        }
-        run.written_bytes += batch.size_in_bytes() as u64;
-        // Not synced here: a checkpoint lost in a crash only means a longer replay.
-        if let Err(e) = db.write_opt(batch, wopts) {
-            fail("checkpoint write", &e);
-        }
-        if finished {
-            if let Some(mut run) = self.running.take() {
-                run.cards.len = 0;
-                self.spare = run.cards;
-            }
+        if returned.send(job.cards).is_err() {
+            return;
         }
     }
 }
@@ -775,12 +844,7 @@ fn commit_loop(
                 if s.closing {
                     drop(s);
                     // Everything is written: checkpoint it all, so a restart replays nothing.
-                    while checkpoint.running.is_some() || !checkpoint.dirty.is_empty() {
-                        checkpoint.step(db, &cfs, &wopts, true);
-                        if checkpoint.waiting {
-                            std::thread::sleep(CHECKPOINT_BACKOFF);
-                        }
-                    }
+                    checkpoint.finish();
                     return;
                 }
                 None
@@ -869,13 +933,15 @@ fn commit_loop(
             }
             spare = group_entries;
         }
-        checkpoint.step(db, &cfs, &wopts, false);
+        checkpoint.step(false);
     }
 }
 
 /// Column families in `CFS` order; a sorted batch orders its entries by this, then by key.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum CfIndex {
+    // No commit group writes cards (checkpoints are files), but the indices follow `CFS`.
+    #[expect(dead_code, reason = "keeps the indices in CFS order")]
     Cards = 0,
     History = 1,
     Idem = 2,

@@ -13,12 +13,15 @@ use bytes::BufMut;
 // Version 2 of cards and history entries added the history chain (card's newest entry id, each
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
-// virtual flag and the email, version 7 each hold's merchant tag; version 3 of idempotency records added the
+// virtual flag and the email, version 7 each hold's merchant tag, version 8 made numbers variable
+// length (LEB128, signed ones zigzag) and flags one byte; history version 3 did the same and
+// dropped what the card record already says (the entry's sequence number and balance after).
+// Version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
 // all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
 // Nothing deployed holds
 // an older version.
-const CARD_V7: u8 = 7;
+const CARD_V8: u8 = 8;
 const NOTE_V1: u8 = 1;
 const ALERT_V1: u8 = 1;
 const IDEM_V6: u8 = 6;
@@ -29,7 +32,7 @@ const ITEMS_MAX: usize = 8192;
 const SETTLED_V1: u8 = 1;
 /// Most parts an effect or an answer lists (a split redeem's cards).
 const PARTS_MAX: usize = 64;
-const TXN_V2: u8 = 2;
+const TXN_V3: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[error("corrupt {what} record")]
@@ -68,16 +71,27 @@ impl<'a> Reader<'a> {
     fn hold(&mut self) -> Result<HoldView, Corrupt> {
         Ok(HoldView { id: self.i64()? as u64, amount_minor: self.i64()?, expires_ms: self.i64()? })
     }
-    fn card_hold(&mut self) -> Result<Hold, Corrupt> {
-        let v = self.hold()?;
-        let opened_ms = self.i64()?;
-        Ok(Hold {
-            id: v.id,
-            amount_minor: v.amount_minor,
-            expires_ms: v.expires_ms,
-            opened_ms,
-            merchant_tag: self.u64()?,
-        })
+    /// An unsigned LEB128 number of at most ten bytes.
+    fn uv(&mut self) -> Result<u64, Corrupt> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let bits = (b & 0x7f) as u64;
+            // The tenth byte holds the top bit only.
+            if i == 9 && bits > 1 {
+                break;
+            }
+            v |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Corrupt { what: self.what })
+    }
+    /// A zigzag-encoded signed number.
+    fn zz(&mut self) -> Result<i64, Corrupt> {
+        let v = self.uv()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
     }
     fn opt_i64(&mut self) -> Result<Option<i64>, Corrupt> {
         let present = self.u8()? == 1;
@@ -105,6 +119,21 @@ fn put_str8(dst: &mut Vec<u8>, s: &str) {
     dst.put_slice(s.as_bytes());
 }
 
+/// Unsigned LEB128: seven bits a byte, low first; small numbers (counts, ids, amounts) take a byte
+/// or a few instead of eight.
+fn put_uv(dst: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        dst.put_u8(v as u8 | 0x80);
+        v >>= 7;
+    }
+    dst.put_u8(v as u8);
+}
+
+/// Zigzag, then LEB128: a signed number small in magnitude stays short.
+fn put_zz(dst: &mut Vec<u8>, v: i64) {
+    put_uv(dst, ((v << 1) ^ (v >> 63)) as u64);
+}
+
 fn put_opt_i64(dst: &mut Vec<u8>, v: Option<i64>) {
     dst.put_u8(v.is_some() as u8);
     dst.put_i64_le(v.unwrap_or(0));
@@ -116,95 +145,135 @@ fn put_hold(dst: &mut Vec<u8>, h: &HoldView) {
     dst.put_i64_le(h.expires_ms);
 }
 
+/// Flags of a card record, one bit each.
+const FLAG_PIN_LOCKED: u8 = 1;
+const FLAG_VIP: u8 = 2;
+const FLAG_PIN: u8 = 4;
+const FLAG_VIRTUAL: u8 = 8;
+const FLAG_EXPIRY: u8 = 16;
+
+/// A card record (about 60 bytes for a plain card): it is written with every history entry and in
+/// every checkpoint, so its size is most of what each decision costs the disk.
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V7);
+    dst.put_u8(CARD_V8);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
-    dst.put_u8(c.pin_locked as u8);
+    let flags = [
+        (c.pin_locked, FLAG_PIN_LOCKED),
+        (c.vip, FLAG_VIP),
+        (c.pin.is_some(), FLAG_PIN),
+        (c.virtual_card, FLAG_VIRTUAL),
+        (c.expiry_ms.is_some(), FLAG_EXPIRY),
+    ];
+    dst.put_u8(flags.iter().filter(|(on, _)| *on).fold(0, |f, (_, bit)| f | bit));
     dst.put_slice(&c.currency.code());
-    dst.put_i64_le(c.balance_minor);
-    dst.put_i64_le(c.held_minor);
-    put_opt_i64(dst, c.expiry_ms);
-    dst.put_i64_le(c.created_ms);
-    dst.put_i64_le(c.updated_ms);
-    dst.put_u64_le(c.txn_count);
-    dst.put_u64_le(c.last_txn_id);
+    put_zz(dst, c.balance_minor);
+    put_zz(dst, c.held_minor);
+    if let Some(e) = c.expiry_ms {
+        put_zz(dst, e);
+    }
+    put_zz(dst, c.created_ms);
+    // Timestamps near each other: the second as a difference.
+    put_zz(dst, c.updated_ms.wrapping_sub(c.created_ms));
+    put_uv(dst, c.txn_count);
+    put_uv(dst, c.last_txn_id);
     put_str8(dst, &c.program);
     dst.put_u8(c.holds.len() as u8);
     for h in &c.holds {
-        put_hold(dst, &h.view());
-        dst.put_i64_le(h.opened_ms);
+        put_uv(dst, h.id);
+        put_zz(dst, h.amount_minor);
+        put_zz(dst, h.opened_ms);
+        put_zz(dst, h.expires_ms.wrapping_sub(h.opened_ms));
         dst.put_u64_le(h.merchant_tag);
     }
-    dst.put_u8(c.vip as u8);
     put_str8(dst, c.member.as_deref().unwrap_or(""));
-    dst.put_u64_le(c.last_note_id);
-    dst.put_u8(c.pin.is_some() as u8);
-    dst.put_slice(&c.pin.map_or([0; 16], |p| p.0));
+    put_uv(dst, c.last_note_id);
+    if let Some(p) = c.pin {
+        dst.put_slice(&p.0);
+    }
     dst.put_u8(c.pin_failures);
-    dst.put_i64_le(c.load_day);
-    dst.put_i64_le(c.loaded_today_minor);
-    dst.put_u8(c.virtual_card as u8);
+    put_zz(dst, c.load_day);
+    put_zz(dst, c.loaded_today_minor);
     put_str8(dst, c.email.as_deref().unwrap_or(""));
 }
 
 pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
     let mut r = Reader { buf, what: "card" };
-    r.version(CARD_V7)?;
-    let last4 = r.arr()?;
-    let lifecycle = Lifecycle::from_u8(r.u8()?);
-    let lifecycle = r.some(lifecycle)?;
-    let lock = LockReason::from_u8(r.u8()?);
-    let lock = r.some(lock)?;
-    let mut rec = CardRecord {
-        last4,
-        lifecycle,
-        lock,
-        pin_locked: r.u8()? == 1,
-        currency: r.currency()?,
-        balance_minor: r.i64()?,
-        held_minor: r.i64()?,
-        expiry_ms: r.opt_i64()?,
-        created_ms: r.i64()?,
-        updated_ms: r.i64()?,
-        txn_count: r.i64()? as u64,
-        last_txn_id: r.i64()? as u64,
-        program: r.str8()?.into(),
-        holds: Vec::new(),
-        vip: false,
-        member: None,
-        last_note_id: 0,
-        pin: None,
-        pin_failures: 0,
-        load_day: 0,
-        loaded_today_minor: 0,
-        virtual_card: false,
-        email: None,
-    };
-    let n = r.u8()? as usize;
-    if n > HOLDS_PER_CARD_MAX {
+    let rec = r.card()?;
+    if !r.buf.is_empty() {
         return Err(Corrupt { what: "card" });
     }
-    for _ in 0..n {
-        rec.holds.push(r.card_hold()?);
-    }
-    rec.vip = r.u8()? == 1;
-    let member = r.str8()?;
-    rec.member = (!member.is_empty()).then(|| member.into());
-    rec.last_note_id = r.i64()? as u64;
-    let has_pin = r.u8()? == 1;
-    let pin = r.arr::<16>()?;
-    rec.pin = has_pin.then_some(PinProof(pin));
-    rec.pin_failures = r.u8()?;
-    rec.load_day = r.i64()?;
-    rec.loaded_today_minor = r.i64()?;
-    rec.virtual_card = r.u8()? == 1;
-    let email = r.str8()?;
-    rec.email = (!email.is_empty()).then(|| email.into());
-    // Paired assertion: the invariants checked before writing hold again after reading.
-    rec.check().map_err(|_| Corrupt { what: "card" })?;
     Ok(rec)
+}
+
+impl Reader<'_> {
+    fn card(&mut self) -> Result<CardRecord, Corrupt> {
+        let r = self;
+        r.version(CARD_V8)?;
+        let last4 = r.arr()?;
+        let lifecycle = Lifecycle::from_u8(r.u8()?);
+        let lifecycle = r.some(lifecycle)?;
+        let lock = LockReason::from_u8(r.u8()?);
+        let lock = r.some(lock)?;
+        let flags = r.u8()?;
+        let currency = r.currency()?;
+        let balance_minor = r.zz()?;
+        let held_minor = r.zz()?;
+        let expiry_ms = if flags & FLAG_EXPIRY != 0 { Some(r.zz()?) } else { None };
+        let created_ms = r.zz()?;
+        let updated_ms = created_ms.wrapping_add(r.zz()?);
+        let txn_count = r.uv()?;
+        let last_txn_id = r.uv()?;
+        let program = r.str8()?.into();
+        let n = r.u8()? as usize;
+        if n > HOLDS_PER_CARD_MAX {
+            return Err(Corrupt { what: "card" });
+        }
+        let mut holds = Vec::with_capacity(n);
+        for _ in 0..n {
+            let id = r.uv()?;
+            let amount_minor = r.zz()?;
+            let opened_ms = r.zz()?;
+            let expires_ms = opened_ms.wrapping_add(r.zz()?);
+            holds.push(Hold { id, amount_minor, expires_ms, opened_ms, merchant_tag: r.u64()? });
+        }
+        let member = r.str8()?;
+        let member = (!member.is_empty()).then(|| member.into());
+        let last_note_id = r.uv()?;
+        let pin = if flags & FLAG_PIN != 0 { Some(PinProof(r.arr()?)) } else { None };
+        let rec = CardRecord {
+            last4,
+            lifecycle,
+            lock,
+            pin_locked: flags & FLAG_PIN_LOCKED != 0,
+            currency,
+            balance_minor,
+            held_minor,
+            expiry_ms,
+            created_ms,
+            updated_ms,
+            txn_count,
+            last_txn_id,
+            program,
+            holds,
+            vip: flags & FLAG_VIP != 0,
+            member,
+            last_note_id,
+            pin,
+            pin_failures: r.u8()?,
+            load_day: r.zz()?,
+            loaded_today_minor: r.zz()?,
+            virtual_card: flags & FLAG_VIRTUAL != 0,
+            email: {
+                let email = r.str8()?;
+                (!email.is_empty()).then(|| email.into())
+            },
+        };
+        // Paired assertion: the invariants checked before writing hold again after reading.
+        rec.check().map_err(|_| Corrupt { what: "card" })?;
+        Ok(rec)
+    }
 }
 
 /// History is keyed by entry id, big-endian so that key order is id order: new entries append.
@@ -214,44 +283,49 @@ pub fn history_key(id: u64) -> [u8; 8] {
 
 /// A history entry carries the card record as the entry left it: restart replays entries written
 /// after the last checkpoint of the card table, so a change needs no card-table write of its own.
+/// The entry's sequence number and balance after are the card's (`txn_count`, `balance_minor`), and
+/// its id is the key: none is written twice.
 pub fn encode_history(dst: &mut Vec<u8>, t: &TxnRecord, card: &CardRecord) {
-    dst.put_u8(TXN_V2);
+    debug_assert!(t.seq == card.txn_count && t.balance_after_minor == card.balance_minor && t.id == card.last_txn_id);
+    dst.put_u8(TXN_V3);
     dst.put_slice(&t.card.0);
-    dst.put_u64_le(t.seq);
-    dst.put_u64_le(t.prev_id);
+    put_uv(dst, t.prev_id);
     dst.put_u8(t.kind as u8);
-    dst.put_i64_le(t.amount_minor);
-    dst.put_i64_le(t.balance_after_minor);
-    dst.put_i64_le(t.at_ms);
+    put_zz(dst, t.amount_minor);
     put_str8(dst, &t.merchant);
     encode_card(dst, card);
+    // Usually the card's own update time: a difference of zero, one byte.
+    put_zz(dst, t.at_ms.wrapping_sub(card.updated_ms));
 }
 
 pub fn decode_history(key: &[u8], buf: &[u8]) -> Result<(TxnRecord, CardRecord), Corrupt> {
     let mut k = Reader { buf: key, what: "history key" };
     let id = u64::from_be_bytes(k.arr()?);
     let mut r = Reader { buf, what: "history" };
-    r.version(TXN_V2)?;
+    r.version(TXN_V3)?;
     let card = CardKey(r.arr()?);
-    let seq = r.i64()? as u64;
-    let prev_id = r.i64()? as u64;
+    let prev_id = r.uv()?;
     let kind = TxnKind::from_u8(r.u8()?);
+    let kind = r.some(kind)?;
+    let amount_minor = r.zz()?;
+    let merchant = r.str8()?.into();
+    let rec = r.card()?;
+    let at_ms = rec.updated_ms.wrapping_add(r.zz()?);
+    // The record is the card as this entry left it.
+    if rec.last_txn_id != id || !r.buf.is_empty() {
+        return Err(Corrupt { what: "history" });
+    }
     let txn = TxnRecord {
         id,
         prev_id,
         card,
-        seq,
-        kind: r.some(kind)?,
-        amount_minor: r.i64()?,
-        balance_after_minor: r.i64()?,
-        at_ms: r.i64()?,
-        merchant: r.str8()?.into(),
+        seq: rec.txn_count,
+        kind,
+        amount_minor,
+        balance_after_minor: rec.balance_minor,
+        at_ms,
+        merchant,
     };
-    let rec = decode_card(r.buf)?;
-    // The record is the card as this entry left it.
-    if rec.last_txn_id != id || rec.txn_count != seq || rec.balance_minor != txn.balance_after_minor {
-        return Err(Corrupt { what: "history" });
-    }
     Ok((txn, rec))
 }
 
@@ -642,6 +716,63 @@ mod tests {
         assert!(decode_history(&history_key(78), &buf).is_err(), "the record must be the one the entry left");
         // Keys sort as ids do, so new entries append.
         assert!(history_key(255) < history_key(256));
+    }
+
+    #[test]
+    fn numbers_keep_their_value_at_every_length() {
+        let mut buf = Vec::new();
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX - 1, u64::MAX] {
+            buf.clear();
+            put_uv(&mut buf, v);
+            let mut r = Reader { buf: &buf, what: "test" };
+            assert_eq!(r.uv().unwrap(), v);
+            assert!(r.buf.is_empty());
+        }
+        for v in [0i64, -1, 1, -64, 64, i64::MIN, i64::MAX, 1_800_000_000_000, -1_800_000_000_000] {
+            buf.clear();
+            put_zz(&mut buf, v);
+            assert_eq!(Reader { buf: &buf, what: "test" }.zz().unwrap(), v);
+        }
+        // Eleven bytes, or a tenth byte past 64 bits, or a number cut short: corrupt, not misread.
+        for bad in [&[0xff; 11][..], &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], &[0x80]] {
+            assert!(Reader { buf: bad, what: "test" }.uv().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_plain_card_record_is_small_and_a_longer_one_is_corrupt() {
+        let card = CardRecord {
+            last4: *b"0042",
+            program: "default".into(),
+            currency: Currency::from_code(*b"USD").unwrap(),
+            balance_minor: 500,
+            held_minor: 0,
+            holds: Vec::new(),
+            lifecycle: Lifecycle::Active,
+            lock: LockReason::None,
+            pin_locked: false,
+            vip: false,
+            member: None,
+            expiry_ms: None,
+            created_ms: 1_800_000_000_000,
+            updated_ms: 1_800_000_004_000,
+            txn_count: 2,
+            last_txn_id: 1_500_000,
+            last_note_id: 0,
+            pin: None,
+            pin_failures: 0,
+            load_day: 20_833,
+            loaded_today_minor: 500,
+            virtual_card: false,
+            email: None,
+        };
+        let mut buf = Vec::new();
+        encode_card(&mut buf, &card);
+        // Every checkpoint and every history entry carries one: it was 135 bytes at version 7.
+        assert!(buf.len() <= 48, "{} bytes", buf.len());
+        assert_eq!(decode_card(&buf).unwrap(), card);
+        buf.push(0);
+        assert!(decode_card(&buf).is_err(), "a byte past the record is corrupt");
     }
 
     #[test]
