@@ -8,10 +8,11 @@
 //! fsync runs while the next group is written. A failed write or sync stops the process.
 //!
 //! Cards are checkpointed, not written per decision: each history entry carries the card record as
-//! it left it. Every `checkpoint_every`, the committer hands the cards changed since the last
-//! checkpoint to the checkpoint thread, which writes them, sorted, into a table file of their own
-//! and ingests it into the `cards` family (no WAL, no memtable), then records the last history id
-//! it covers.
+//! it left it. Every `checkpoint_every`, the committer hands the checkpoint thread the ids written
+//! since the last checkpoint; the thread waits until they are durable, reads those entries back
+//! (each card's last record), writes the records, sorted, into a table file of their own and
+//! ingests it into the `cards` family (no WAL, no memtable), then records the last history id it
+//! covers.
 //! Recovery loads `cards` and replays the history entries after that id. History ids grow in commit
 //! order (they are assigned as effects join a group), so "after that id" is exactly "not in the
 //! checkpoint".
@@ -69,6 +70,8 @@ const CHECKPOINT_PACE_STEP_BYTES: u64 = 1 << 20;
 /// How often the committer looks whether the running checkpoint has finished, when it has cards
 /// for the next one.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(20);
+/// How often a checkpoint looks whether the entries it is to cover are durable yet.
+const CHECKPOINT_DURABLE_POLL: Duration = Duration::from_millis(2);
 /// Where checkpoint table files are written before RocksDB takes them in (under the data dir).
 const CHECKPOINT_DIR: &str = "checkpoint";
 /// Meta key of the last history id the `cards` family reflects.
@@ -197,7 +200,7 @@ impl Store {
         opts.set_allow_concurrent_memtable_write(false);
         let cfs = CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?);
-        let (recovered, replayed_cards) = recover(&db)?;
+        let (recovered, checkpoint_txn_id) = recover(&db)?;
         // A checkpoint's table file is moved into the database once written; one left here was cut
         // off by a crash before that, and its cards are replayed from history instead.
         let checkpoint_dir = dir.join(CHECKPOINT_DIR);
@@ -225,8 +228,15 @@ impl Store {
                 (db.clone(), pending.clone(), written.clone(), durable.clone(), metrics.clone());
             let totals = recovered.totals.clone();
             let hold_id_next = recovered.hold_id_next;
-            // Replayed cards are not in the card table yet: the next checkpoint writes them.
-            let checkpoint = Checkpoint::start(db.clone(), checkpoint_dir, checkpoint_every, replayed_cards, txn_id)?;
+            // Replayed entries are not in the card table yet: the first checkpoint folds them in.
+            let checkpoint = Checkpoint::start(
+                db.clone(),
+                checkpoint_dir,
+                txn_rx.clone(),
+                checkpoint_every,
+                checkpoint_txn_id,
+                txn_id,
+            )?;
             std::thread::Builder::new().name("giftd-committer".into()).spawn(move || {
                 let ledger = Ledger { totals, hold_id_next };
                 commit_loop(&db, &pending, &written, &durable, durability, ledger, checkpoint, &metrics)
@@ -535,8 +545,8 @@ fn last_txn_id(db: &DB) -> anyhow::Result<u64> {
 }
 
 /// Loads the card table, then replays the history written after its checkpoint. Returns also the
-/// replayed cards, which the next checkpoint must write.
-fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)> {
+/// last history id the card table reflects: the entries after it are for the next checkpoint.
+fn recover(db: &DB) -> anyhow::Result<(Recovered, u64)> {
     let mut cards = HashMap::new();
     let cf = db.cf_handle(CF_CARDS).expect("cards column family");
     for item in db.iterator_cf(cf, IteratorMode::Start) {
@@ -549,7 +559,6 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         None => 0,
         Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| records::Corrupt { what: "checkpoint" })?),
     };
-    let mut replayed = HashMap::new();
     let mut replayed_entries = 0;
     let cf = db.cf_handle(CF_HISTORY).expect("history column family");
     let from = records::history_key(checkpoint + 1);
@@ -557,10 +566,9 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         let (k, v) = item?;
         let (txn, rec) = records::decode_history(&k, &v)?;
         // Entries are in commit order, so the last one seen for a card is its state.
-        replayed.insert(txn.card, rec);
+        cards.insert(txn.card, rec);
         replayed_entries += 1;
     }
-    cards.extend(replayed.iter().map(|(k, r)| (*k, r.clone())));
     let hold_id_next = match db.get_cf(meta, HOLD_ID_KEY)? {
         None => 1,
         Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| records::Corrupt { what: "hold id" })?),
@@ -587,40 +595,7 @@ fn recover(db: &DB) -> anyhow::Result<(Recovered, HashMap<CardKey, CardRecord>)>
         programs.push((name.to_string(), text.to_string()));
     }
     let cards = cards.into_iter().collect();
-    Ok((Recovered { cards, replayed: replayed_entries, totals, hold_id_next, programs }, replayed))
-}
-
-/// Shards of a [`DirtyCards`] set.
-const DIRTY_SHARDS: usize = 1024;
-
-/// Changed cards in their latest state, in many small maps. One map growing past a million cards
-/// moves every record at each doubling, on the committer, and every reply waits for it (measured:
-/// one group took 1.17 s while a 1M-card job ran); growing a shard moves a thousandth of that. A
-/// checkpoint drains whole shards, and a drained shard keeps its capacity for the next round.
-struct DirtyCards {
-    shards: Vec<HashMap<CardKey, CardRecord, CardKeyState>>,
-    len: usize,
-}
-
-impl DirtyCards {
-    fn new() -> DirtyCards {
-        DirtyCards { shards: (0..DIRTY_SHARDS).map(|_| HashMap::default()).collect(), len: 0 }
-    }
-
-    /// A shard from key bytes the shard's own table does not hash on (it uses the first eight).
-    fn shard(key: &CardKey) -> usize {
-        u16::from_le_bytes([key.0[8], key.0[9]]) as usize % DIRTY_SHARDS
-    }
-
-    fn insert(&mut self, key: CardKey, rec: CardRecord) {
-        if self.shards[Self::shard(&key)].insert(key, rec).is_none() {
-            self.len += 1;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    Ok((Recovered { cards, replayed: replayed_entries, totals, hold_id_next, programs }, checkpoint))
 }
 
 /// One committed event, as the store keeps it.
@@ -630,74 +605,72 @@ pub enum StoredEvent {
     Alert(crate::engine::alerts::AlertRecord),
 }
 
-/// The committer's side of checkpoints: the cards changed since the last one, and whether the
-/// checkpoint thread is free to take them.
+/// The committer's side of checkpoints: how far history is written, how far the card table
+/// covers it, and whether the checkpoint thread is busy. The committer keeps no card records for
+/// checkpoints: the thread reads them back from history.
 struct Checkpoint {
     every: Duration,
-    /// Changed cards in their latest state, as written to history.
-    dirty: DirtyCards,
-    /// The last history id in a written group: everything up to it is in `dirty` or checkpointed.
+    /// The last history id in a written group.
     written_txn_id: u64,
+    /// The last history id handed to the checkpoint thread: the card table reflects every entry
+    /// up to it once that checkpoint is done.
+    covered_txn_id: u64,
     last_started: Instant,
-    /// The emptied set of the last checkpoint, back from the thread with its capacity (copying
-    /// `dirty` at each checkpoint would hold every reply while a million records move). `None`
-    /// while the thread writes a checkpoint.
-    spare: Option<DirtyCards>,
+    running: bool,
     jobs: Option<std::sync::mpsc::SyncSender<CheckpointJob>>,
-    returned: std::sync::mpsc::Receiver<DirtyCards>,
+    done: std::sync::mpsc::Receiver<()>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// One checkpoint, for the checkpoint thread: these cards reflect every history entry up to
-/// `upto_txn_id`.
+/// One checkpoint, for the checkpoint thread: fold history entries `from_txn_id..=upto_txn_id`
+/// into the card table.
 struct CheckpointJob {
-    cards: DirtyCards,
+    from_txn_id: u64,
     upto_txn_id: u64,
     /// At shutdown nothing waits for a reply: written as fast as the disk goes.
     unpaced: bool,
 }
 
 impl Checkpoint {
+    /// `covered_txn_id`: the id the card table reflects (recovery's checkpoint); the entries after
+    /// it, up to `written_txn_id`, were replayed and go into the next checkpoint.
     fn start(
         db: Arc<DB>,
         dir: PathBuf,
+        durable_txn_id: watch::Receiver<u64>,
         every: Duration,
-        replayed: HashMap<CardKey, CardRecord>,
+        covered_txn_id: u64,
         written_txn_id: u64,
     ) -> std::io::Result<Checkpoint> {
-        let mut dirty = DirtyCards::new();
-        for (key, rec) in replayed {
-            dirty.insert(key, rec);
-        }
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel(1);
-        let (returned_tx, returned) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("giftd-checkpoint".into())
-            .spawn(move || checkpoint_loop(&db, &dir, jobs_rx, returned_tx))?;
+            .spawn(move || checkpoint_loop(&db, &dir, &durable_txn_id, jobs_rx, done_tx))?;
         Ok(Checkpoint {
             every,
-            dirty,
             written_txn_id,
+            covered_txn_id,
             last_started: Instant::now(),
-            spare: Some(DirtyCards::new()),
+            running: false,
             jobs: Some(jobs),
-            returned,
+            done,
             thread: Some(thread),
         })
     }
 
     fn running(&mut self) -> bool {
-        if self.spare.is_none() {
-            self.spare = self.returned.try_recv().ok();
+        if self.running && self.done.try_recv().is_ok() {
+            self.running = false;
         }
-        self.spare.is_none()
+        self.running
     }
 
     /// How long the committer may sleep with no group to write: until the next checkpoint is due
-    /// when cards changed (a little while, if the last one is still being written), else until
+    /// when history grew (a little while, if the last one is still being written), else until
     /// woken.
     fn idle_wait(&mut self) -> Option<Duration> {
-        if self.dirty.is_empty() {
+        if self.written_txn_id == self.covered_txn_id {
             None
         } else if self.running() {
             Some(CHECKPOINT_POLL)
@@ -706,16 +679,20 @@ impl Checkpoint {
         }
     }
 
-    /// Hands the changed cards to the checkpoint thread when a checkpoint is due (or `now`) and
-    /// the thread is free. A swap: the committer never copies or writes a card here.
+    /// Starts a checkpoint of the history written since the last one, when one is due (or `now`)
+    /// and the thread is free. The committer only passes two ids.
     fn step(&mut self, now: bool) {
-        if self.dirty.is_empty() || self.running() || !(now || self.last_started.elapsed() >= self.every) {
+        if self.written_txn_id == self.covered_txn_id
+            || self.running()
+            || !(now || self.last_started.elapsed() >= self.every)
+        {
             return;
         }
-        let spare = self.spare.take().expect("checked by running()");
-        let cards = std::mem::replace(&mut self.dirty, spare);
+        let job =
+            CheckpointJob { from_txn_id: self.covered_txn_id + 1, upto_txn_id: self.written_txn_id, unpaced: now };
+        self.covered_txn_id = self.written_txn_id;
         self.last_started = Instant::now();
-        let job = CheckpointJob { cards, upto_txn_id: self.written_txn_id, unpaced: now };
+        self.running = true;
         if self.jobs.as_ref().is_none_or(|j| j.send(job).is_err()) {
             fail("checkpoint", &"the checkpoint thread stopped");
         }
@@ -724,9 +701,9 @@ impl Checkpoint {
     /// At shutdown, once every group is written: checkpoints everything, so that a restart
     /// replays nothing, and waits for it.
     fn finish(mut self) {
-        while !self.dirty.is_empty() {
+        while self.written_txn_id != self.covered_txn_id || self.running() {
             self.step(true);
-            if !self.dirty.is_empty() {
+            if self.running() {
                 std::thread::sleep(CHECKPOINT_POLL);
             }
         }
@@ -737,64 +714,81 @@ impl Checkpoint {
     }
 }
 
-/// The checkpoint thread: writes each job's cards, sorted by key, into a table file at a pace
-/// (`CHECKPOINT_BYTES_PER_SEC`), has RocksDB ingest it into `cards`, then records the history id
-/// it covers. Ingestion makes the file durable (the file and RocksDB's manifest are synced) before
-/// the id is written, so whatever the id says is in the table. A checkpoint lost in a crash only
-/// means a longer replay: the id is not synced here, and leftover files are removed at open.
+/// The checkpoint thread. For each job it waits until the job's entries are durable (a card table
+/// that reflected an entry a crash then took from the WAL would disagree with history), reads them
+/// back in id order keeping each card's last record (as recovery replays them), writes those,
+/// sorted by key, into a table file at a pace (`CHECKPOINT_BYTES_PER_SEC`), has RocksDB ingest it
+/// into `cards`, and then records the history id it covers. Ingestion makes the file durable (the
+/// file and RocksDB's manifest are synced) before the id is written, so whatever the id says is in
+/// the table. A checkpoint lost in a crash only means a longer replay: the id is not synced here,
+/// and leftover files are removed at open.
 fn checkpoint_loop(
     db: &DB,
     dir: &Path,
+    durable_txn_id: &watch::Receiver<u64>,
     jobs: std::sync::mpsc::Receiver<CheckpointJob>,
-    returned: std::sync::mpsc::Sender<DirtyCards>,
+    done: std::sync::mpsc::Sender<()>,
 ) {
     let cards_cf = db.cf_handle(CF_CARDS).expect("cards column family");
+    let history_cf = db.cf_handle(CF_HISTORY).expect("history column family");
     let meta_cf = db.cf_handle(CF_META).expect("meta column family");
     let mut file_opts = cf_options(CF_CARDS);
     // Written out a megabyte at a time, not left dirty for a WAL fdatasync to wait behind.
     file_opts.set_bytes_per_sync(1 << 20);
     let mut ingest = rocksdb::IngestExternalFileOptions::default();
     ingest.set_move_files(true);
+    let mut latest: HashMap<CardKey, CardRecord, CardKeyState> = HashMap::default();
     let mut sorted: Vec<(CardKey, CardRecord)> = Vec::new();
     let mut value = Vec::new();
-    for mut job in jobs {
-        sorted.clear();
-        for shard in &mut job.cards.shards {
-            // Drained in place: the shard keeps its capacity for the next checkpoint.
-            sorted.extend(shard.drain());
+    for job in jobs {
+        while *durable_txn_id.borrow() < job.upto_txn_id {
+            std::thread::sleep(CHECKPOINT_DURABLE_POLL);
         }
-        job.cards.len = 0;
+        let from = records::history_key(job.from_txn_id);
+        for item in db.iterator_cf(history_cf, IteratorMode::From(&from, Direction::Forward)) {
+            let (k, v) = item.unwrap_or_else(|e| fail("checkpoint history read", &e));
+            let (txn, rec) = records::decode_history(&k, &v).unwrap_or_else(|e| fail("history record decode", &e));
+            if txn.id > job.upto_txn_id {
+                break;
+            }
+            latest.insert(txn.card, rec);
+        }
+        sorted.clear();
+        sorted.extend(latest.drain());
         sorted.sort_unstable_by_key(|a| a.0 .0);
         let path = dir.join(format!("{:020}.sst", job.upto_txn_id));
-        let mut file = rocksdb::SstFileWriter::create(&file_opts);
-        let started = Instant::now();
-        let (mut written_bytes, mut paced_at) = (0u64, 0u64);
-        let result = file.open(&path).and_then(|()| {
-            for (key, rec) in sorted.drain(..) {
-                value.clear();
-                records::encode_card(&mut value, &rec);
-                file.put(key.0, &value)?;
-                written_bytes += (key.0.len() + value.len()) as u64;
-                if !job.unpaced && written_bytes - paced_at >= CHECKPOINT_PACE_STEP_BYTES {
-                    paced_at = written_bytes;
-                    let due =
-                        Duration::from_nanos(written_bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC);
-                    if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(ahead);
+        let mut result = Ok(());
+        if !sorted.is_empty() {
+            let mut file = rocksdb::SstFileWriter::create(&file_opts);
+            let started = Instant::now();
+            let (mut written_bytes, mut paced_at) = (0u64, 0u64);
+            result = file.open(&path).and_then(|()| {
+                for (key, rec) in sorted.drain(..) {
+                    value.clear();
+                    records::encode_card(&mut value, &rec);
+                    file.put(key.0, &value)?;
+                    written_bytes += (key.0.len() + value.len()) as u64;
+                    if !job.unpaced && written_bytes - paced_at >= CHECKPOINT_PACE_STEP_BYTES {
+                        paced_at = written_bytes;
+                        let due = Duration::from_nanos(
+                            written_bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC,
+                        );
+                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(ahead);
+                        }
                     }
                 }
-            }
-            file.finish()
-        });
-        let result = result
-            .and_then(|()| db.ingest_external_file_cf_opts(cards_cf, &ingest, vec![&path]))
-            .and_then(|()| db.put_cf(meta_cf, CHECKPOINT_KEY, job.upto_txn_id.to_le_bytes()));
+                file.finish()
+            });
+            result = result.and_then(|()| db.ingest_external_file_cf_opts(cards_cf, &ingest, vec![&path]));
+        }
+        let result = result.and_then(|()| db.put_cf(meta_cf, CHECKPOINT_KEY, job.upto_txn_id.to_le_bytes()));
         // Moved into the database by ingestion; removed here if anything failed before that.
         let _ = std::fs::remove_file(&path);
         if let Err(e) = result {
             fail("checkpoint", &e);
         }
-        if returned.send(job.cards).is_err() {
+        if done.send(()).is_err() {
             return;
         }
     }
@@ -876,7 +870,6 @@ fn commit_loop(
                         records::encode_history(b, t, &c.record)
                     });
                     checkpoint.written_txn_id = t.id;
-                    checkpoint.dirty.insert(t.card, c.record);
                 }
                 if let Some((k, st)) = &e.settled {
                     sorted.put(CfIndex::Settled, &hashed_key(&k.0), |b| records::encode_settled(b, st));
