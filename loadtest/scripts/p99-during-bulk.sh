@@ -1,16 +1,17 @@
 #!/bin/bash
-# usage: p99-during-bulk.sh [chunk] [window] — redeem p99 during a 1M activation, with WAL fsync/write histograms (sync)
+# usage: p99-during-bulk.sh [chunk] [window] — redeem p99 during a 1M activation, with WAL fsync/write histograms (sync);
+# NOBULK=1: the same run with no activation (the baseline)
 B=${BIN:-$HOME/.cache/giftd/target/release}
 CH=${1:-1024}; W=${2:-4}
 D=$(mktemp -d /tmp/gbench.XXXX)
-$B/giftd --data-dir $D --listen 127.0.0.1:7499 --metrics-listen 127.0.0.1:9499 > $D/log 2>&1 &
+$B/giftd --data-dir $D --listen 127.0.0.1:7499 --metrics-listen 127.0.0.1:9499 ${CONFIG:+--config $CONFIG} > $D/log 2>&1 &
 P=$!
 sleep 1.5
 $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --count 1000000 --amount 10.00 --currency USD --job inv --chunk $CH --window $W > /dev/null
 sleep 20
 LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json"
 curl -s 127.0.0.1:9499/metrics > $D/m0
-( sleep 2; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json ) &
+( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null
 wait $A

@@ -60,12 +60,14 @@ const IDEM_WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// miss ("a new key"), which the filter answers without walking the skiplist.
 const MEMTABLE_BLOOM_RATIO: f64 = 0.1;
 
-/// The pace of a checkpoint, in bytes of card records a second. Every reply's fdatasync shares the
-/// disk with the checkpoint's writes: at full speed, the million cards changed by a bulk job (about
-/// 170 MB) saturated this machine's disk for seconds (measured when checkpoints went through the
-/// WAL: fsyncs of 100 to 750 ms, a redeem stalled 1.7 s, twenty seconds after a 1M-card issue).
-const CHECKPOINT_BYTES_PER_SEC: u64 = 48 << 20;
-/// Bytes a checkpoint writes between two looks at its pace.
+/// The pace of a checkpoint, in bytes a second of history read and card records written. Every
+/// reply shares the CPU and the disk with it: at full speed, the checkpoint after a 1M-card job
+/// (about 110 MB of history to read, 60 MB of records to write) would take both for seconds.
+/// (Measured when checkpoints went through the WAL at full speed: fsyncs of 100 to 750 ms, a
+/// redeem stalled 1.7 s, twenty seconds after a 1M-card issue.) It must stay above the rate
+/// history is written, or checkpoints fall behind: 140k redeems/s write about 16 MB/s.
+const CHECKPOINT_BYTES_PER_SEC: u64 = 32 << 20;
+/// Bytes a checkpoint reads or writes between two looks at its pace.
 const CHECKPOINT_PACE_STEP_BYTES: u64 = 1 << 20;
 /// How often the committer looks whether the running checkpoint has finished, when it has cards
 /// for the next one.
@@ -714,6 +716,33 @@ impl Checkpoint {
     }
 }
 
+/// Holds a checkpoint under `CHECKPOINT_BYTES_PER_SEC`, looking every
+/// `CHECKPOINT_PACE_STEP_BYTES`; or not at all (`paced` false, at shutdown).
+struct Pace {
+    paced: bool,
+    started: Instant,
+    bytes: u64,
+    looked_at: u64,
+}
+
+impl Pace {
+    fn new(paced: bool) -> Pace {
+        Pace { paced, started: Instant::now(), bytes: 0, looked_at: 0 }
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if !self.paced || self.bytes - self.looked_at < CHECKPOINT_PACE_STEP_BYTES {
+            return;
+        }
+        self.looked_at = self.bytes;
+        let due = Duration::from_nanos(self.bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC);
+        if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+}
+
 /// The checkpoint thread. For each job it waits until the job's entries are durable (a card table
 /// that reflected an entry a crash then took from the WAL would disagree with history), reads them
 /// back in id order keeping each card's last record (as recovery replays them), writes those,
@@ -744,6 +773,7 @@ fn checkpoint_loop(
         while *durable_txn_id.borrow() < job.upto_txn_id {
             std::thread::sleep(CHECKPOINT_DURABLE_POLL);
         }
+        let mut pace = Pace::new(!job.unpaced);
         let from = records::history_key(job.from_txn_id);
         for item in db.iterator_cf(history_cf, IteratorMode::From(&from, Direction::Forward)) {
             let (k, v) = item.unwrap_or_else(|e| fail("checkpoint history read", &e));
@@ -752,35 +782,27 @@ fn checkpoint_loop(
                 break;
             }
             latest.insert(txn.card, rec);
+            pace.advance((k.len() + v.len()) as u64);
         }
         sorted.clear();
         sorted.extend(latest.drain());
         sorted.sort_unstable_by_key(|a| a.0 .0);
         let path = dir.join(format!("{:020}.sst", job.upto_txn_id));
-        let mut result = Ok(());
+        let (mut result, mut ingest_ms, cards) = (Ok(()), 0, sorted.len());
         if !sorted.is_empty() {
             let mut file = rocksdb::SstFileWriter::create(&file_opts);
-            let started = Instant::now();
-            let (mut written_bytes, mut paced_at) = (0u64, 0u64);
             result = file.open(&path).and_then(|()| {
                 for (key, rec) in sorted.drain(..) {
                     value.clear();
                     records::encode_card(&mut value, &rec);
                     file.put(key.0, &value)?;
-                    written_bytes += (key.0.len() + value.len()) as u64;
-                    if !job.unpaced && written_bytes - paced_at >= CHECKPOINT_PACE_STEP_BYTES {
-                        paced_at = written_bytes;
-                        let due = Duration::from_nanos(
-                            written_bytes.saturating_mul(1_000_000_000) / CHECKPOINT_BYTES_PER_SEC,
-                        );
-                        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-                            std::thread::sleep(ahead);
-                        }
-                    }
+                    pace.advance((key.0.len() + value.len()) as u64);
                 }
                 file.finish()
             });
+            let ingest_started = Instant::now();
             result = result.and_then(|()| db.ingest_external_file_cf_opts(cards_cf, &ingest, vec![&path]));
+            ingest_ms = ingest_started.elapsed().as_millis() as u64;
         }
         let result = result.and_then(|()| db.put_cf(meta_cf, CHECKPOINT_KEY, job.upto_txn_id.to_le_bytes()));
         // Moved into the database by ingestion; removed here if anything failed before that.
@@ -788,6 +810,13 @@ fn checkpoint_loop(
         if let Err(e) = result {
             fail("checkpoint", &e);
         }
+        tracing::info!(
+            cards,
+            upto_txn_id = job.upto_txn_id,
+            secs = pace.started.elapsed().as_secs_f64(),
+            ingest_ms,
+            "checkpoint written"
+        );
         if done.send(()).is_err() {
             return;
         }
