@@ -72,6 +72,9 @@ const CHECKPOINT_PACE_STEP_BYTES: u64 = 1 << 20;
 /// How often the committer looks whether the running checkpoint has finished, when it has cards
 /// for the next one.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(20);
+/// Level-0 files of the card table before RocksDB would stall writes for it: out of reach, since a
+/// checkpoint (one file each) never needs a write to wait.
+const CARDS_L0_FILES_MAX: i32 = 1 << 20;
 /// How often a checkpoint looks whether the entries it is to cover are durable yet.
 const CHECKPOINT_DURABLE_POLL: Duration = Duration::from_millis(2);
 /// Where checkpoint table files are written before RocksDB takes them in (under the data dir).
@@ -435,7 +438,16 @@ fn cf_options(name: &str) -> Options {
     // writes (a stall would hold every reply).
     o.set_max_write_buffer_number(4);
     match name {
-        CF_CARDS => o.set_memtable_factory(MemtableFactory::Vector),
+        CF_CARDS => {
+            o.set_memtable_factory(MemtableFactory::Vector);
+            // RocksDB slows or stops every write in the database when one family's level-0
+            // files or pending compaction pile up. Here they are checkpoints, which no reply
+            // waits for: a stall on their account would hold payments for nothing.
+            o.set_level_zero_slowdown_writes_trigger(CARDS_L0_FILES_MAX);
+            o.set_level_zero_stop_writes_trigger(CARDS_L0_FILES_MAX);
+            o.set_soft_pending_compaction_bytes_limit(0);
+            o.set_hard_pending_compaction_bytes_limit(0);
+        }
         CF_IDEM | CF_INVOICES | CF_SETTLED => {
             // The prefix is the whole key, so the memtable's prefix bloom is a whole-key bloom.
             o.set_prefix_extractor(SliceTransform::create_fixed_prefix(KEY_BYTES));
