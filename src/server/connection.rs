@@ -76,6 +76,8 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
                 shared.metrics.request(op, p.reply.result(), p.started.elapsed());
             }
         }
+        // Before the write: a client that has its reply must never find it still counted.
+        in_flight.set(queue.len());
         // While more whole frames are already buffered, decide them first and write once after.
         let more_buffered = !closing && frame_buffered(frames.read_buffer()) && queue.len() < inflight_max;
         if !out.is_empty() && !more_buffered {
@@ -87,7 +89,6 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
         if closing && queue.is_empty() {
             break;
         }
-        in_flight.set(queue.len());
         let can_read = !closing && queue.len() < inflight_max;
         tokio::select! {
             biased;
