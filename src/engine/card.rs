@@ -101,6 +101,37 @@ pub struct CardRecord {
 }
 
 impl CardRecord {
+    /// An active USD card of the default program with only a balance, as tests of other layers
+    /// need one (the engine's own tests issue theirs through the rules).
+    #[cfg(test)]
+    pub fn plain_for_tests(balance_minor: i64, created_ms: i64) -> CardRecord {
+        CardRecord {
+            last4: *b"0042",
+            program: "default".into(),
+            currency: Currency::from_code(*b"USD").expect("USD"),
+            balance_minor,
+            held_minor: 0,
+            holds: Vec::new(),
+            lifecycle: Lifecycle::Active,
+            lock: LockReason::None,
+            pin_locked: false,
+            vip: false,
+            member: None,
+            expiry_ms: None,
+            created_ms,
+            updated_ms: created_ms,
+            txn_count: 1,
+            last_txn_id: 0,
+            last_note_id: 0,
+            pin: None,
+            pin_failures: 0,
+            load_day: 0,
+            loaded_today_minor: 0,
+            virtual_card: false,
+            email: None,
+        }
+    }
+
     /// The status callers see. Precedence: closed, suspended, PIN-locked, expired, then lifecycle.
     pub fn status(&self, now_ms: i64) -> Status {
         if self.lifecycle == Lifecycle::Closed {

@@ -1059,35 +1059,10 @@ fn sync_loop(db: &DB, written: &Written, durable: &Published, durability: Durabi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CardChange, Lifecycle};
-    use crate::model::LockReason;
+    use crate::engine::CardChange;
 
     fn issue(key: CardKey, balance_minor: i64) -> Effects {
-        let record = CardRecord {
-            last4: *b"0042",
-            program: "default".into(),
-            currency: Currency::from_code(*b"USD").unwrap(),
-            balance_minor,
-            held_minor: 0,
-            holds: Vec::new(),
-            lifecycle: Lifecycle::Active,
-            lock: LockReason::None,
-            pin_locked: false,
-            vip: false,
-            member: None,
-            expiry_ms: None,
-            created_ms: 1_800_000_000_000,
-            updated_ms: 1_800_000_000_000,
-            txn_count: 1,
-            last_txn_id: 0,
-            last_note_id: 0,
-            pin: None,
-            pin_failures: 0,
-            load_day: 0,
-            loaded_today_minor: 0,
-            virtual_card: false,
-            email: None,
-        };
+        let record = CardRecord::plain_for_tests(balance_minor, 1_800_000_000_000);
         let txn = TxnRecord {
             id: 0,
             prev_id: 0,

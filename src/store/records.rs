@@ -742,29 +742,12 @@ mod tests {
     #[test]
     fn a_plain_card_record_is_small_and_a_longer_one_is_corrupt() {
         let card = CardRecord {
-            last4: *b"0042",
-            program: "default".into(),
-            currency: Currency::from_code(*b"USD").unwrap(),
-            balance_minor: 500,
-            held_minor: 0,
-            holds: Vec::new(),
-            lifecycle: Lifecycle::Active,
-            lock: LockReason::None,
-            pin_locked: false,
-            vip: false,
-            member: None,
-            expiry_ms: None,
-            created_ms: 1_800_000_000_000,
             updated_ms: 1_800_000_004_000,
             txn_count: 2,
             last_txn_id: 1_500_000,
-            last_note_id: 0,
-            pin: None,
-            pin_failures: 0,
             load_day: 20_833,
             loaded_today_minor: 500,
-            virtual_card: false,
-            email: None,
+            ..CardRecord::plain_for_tests(500, 1_800_000_000_000)
         };
         let mut buf = Vec::new();
         encode_card(&mut buf, &card);
