@@ -32,6 +32,7 @@ use rocksdb::{
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -623,6 +624,8 @@ struct Checkpoint {
     covered_txn_id: u64,
     last_started: Instant,
     running: bool,
+    /// Set at shutdown: a checkpoint already running stops pacing itself.
+    hurry: Arc<AtomicBool>,
     jobs: Option<std::sync::mpsc::SyncSender<CheckpointJob>>,
     done: std::sync::mpsc::Receiver<()>,
     thread: Option<JoinHandle<()>>,
@@ -649,15 +652,18 @@ impl Checkpoint {
     ) -> std::io::Result<Checkpoint> {
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel(1);
         let (done_tx, done) = std::sync::mpsc::channel();
+        let hurry = Arc::new(AtomicBool::new(false));
+        let thread_hurry = hurry.clone();
         let thread = std::thread::Builder::new()
             .name("giftd-checkpoint".into())
-            .spawn(move || checkpoint_loop(&db, &dir, jobs_rx, done_tx))?;
+            .spawn(move || checkpoint_loop(&db, &dir, &thread_hurry, jobs_rx, done_tx))?;
         Ok(Checkpoint {
             every,
             written_txn_id,
             covered_txn_id,
             last_started: Instant::now(),
             running: false,
+            hurry,
             jobs: Some(jobs),
             done,
             thread: Some(thread),
@@ -706,6 +712,7 @@ impl Checkpoint {
     /// At shutdown, once every group is written: checkpoints everything, so that a restart
     /// replays nothing, and waits for it.
     fn finish(mut self) {
+        self.hurry.store(true, Ordering::Relaxed);
         while self.written_txn_id != self.covered_txn_id || self.running() {
             self.step(true);
             if self.running() {
@@ -720,22 +727,20 @@ impl Checkpoint {
 }
 
 /// Holds a checkpoint under `CHECKPOINT_BYTES_PER_SEC`, looking every
-/// `CHECKPOINT_PACE_STEP_BYTES`; or not at all (`paced` false, at shutdown).
-struct Pace {
+/// `CHECKPOINT_PACE_STEP_BYTES`; or not at all (`paced` false, or `hurry` set: at shutdown).
+struct Pace<'a> {
     paced: bool,
+    hurry: &'a AtomicBool,
     started: Instant,
     bytes: u64,
     looked_at: u64,
 }
 
-impl Pace {
-    fn new(paced: bool) -> Pace {
-        Pace { paced, started: Instant::now(), bytes: 0, looked_at: 0 }
-    }
-
+impl Pace<'_> {
     fn advance(&mut self, bytes: u64) {
         self.bytes += bytes;
-        if !self.paced || self.bytes - self.looked_at < CHECKPOINT_PACE_STEP_BYTES {
+        if !self.paced || self.bytes - self.looked_at < CHECKPOINT_PACE_STEP_BYTES || self.hurry.load(Ordering::Relaxed)
+        {
             return;
         }
         self.looked_at = self.bytes;
@@ -758,6 +763,7 @@ impl Pace {
 fn checkpoint_loop(
     db: &DB,
     dir: &Path,
+    hurry: &AtomicBool,
     jobs: std::sync::mpsc::Receiver<CheckpointJob>,
     done: std::sync::mpsc::Sender<()>,
 ) {
@@ -770,7 +776,8 @@ fn checkpoint_loop(
     let mut ingest = rocksdb::IngestExternalFileOptions::default();
     ingest.set_move_files(true);
     let mut latest: HashMap<CardKey, CardRecord, CardKeyState> = HashMap::default();
-    let mut sorted: Vec<(CardKey, CardRecord)> = Vec::new();
+    // Only the keys are sorted: a second copy of a million records would double the peak.
+    let mut keys: Vec<CardKey> = Vec::new();
     let mut value = Vec::new();
     for job in jobs {
         // Every entry of the job was written before it was sent, so this sync makes them all
@@ -779,7 +786,7 @@ fn checkpoint_loop(
         if let Err(e) = db.flush_wal(true) {
             fail("WAL sync", &e);
         }
-        let mut pace = Pace::new(!job.unpaced);
+        let mut pace = Pace { paced: !job.unpaced, hurry, started: Instant::now(), bytes: 0, looked_at: 0 };
         let from = records::history_key(job.from_txn_id);
         for item in db.iterator_cf(history_cf, IteratorMode::From(&from, Direction::Forward)) {
             let (k, v) = item.unwrap_or_else(|e| fail("checkpoint history read", &e));
@@ -790,17 +797,17 @@ fn checkpoint_loop(
             latest.insert(txn.card, rec);
             pace.advance((k.len() + v.len()) as u64);
         }
-        sorted.clear();
-        sorted.extend(latest.drain());
-        sorted.sort_unstable_by_key(|a| a.0 .0);
+        keys.clear();
+        keys.extend(latest.keys().copied());
+        keys.sort_unstable_by_key(|k| k.0);
         let path = dir.join(format!("{:020}.sst", job.upto_txn_id));
-        let (mut result, mut ingest_ms, cards) = (Ok(()), 0, sorted.len());
-        if !sorted.is_empty() {
+        let (mut result, mut ingest_ms, cards) = (Ok(()), 0, keys.len());
+        if !keys.is_empty() {
             let mut file = rocksdb::SstFileWriter::create(&file_opts);
             result = file.open(&path).and_then(|()| {
-                for (key, rec) in sorted.drain(..) {
+                for key in &keys {
                     value.clear();
-                    records::encode_card(&mut value, &rec);
+                    records::encode_card(&mut value, &latest[key]);
                     file.put(key.0, &value)?;
                     pace.advance((key.0.len() + value.len()) as u64);
                 }
@@ -810,6 +817,7 @@ fn checkpoint_loop(
             result = result.and_then(|()| db.ingest_external_file_cf_opts(cards_cf, &ingest, vec![&path]));
             ingest_ms = ingest_started.elapsed().as_millis() as u64;
         }
+        latest.clear();
         let result = result.and_then(|()| db.put_cf(meta_cf, CHECKPOINT_KEY, job.upto_txn_id.to_le_bytes()));
         // Moved into the database by ingestion; removed here if anything failed before that.
         let _ = std::fs::remove_file(&path);

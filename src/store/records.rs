@@ -151,8 +151,9 @@ const FLAG_VIP: u8 = 2;
 const FLAG_PIN: u8 = 4;
 const FLAG_VIRTUAL: u8 = 8;
 const FLAG_EXPIRY: u8 = 16;
+const FLAGS_ALL: u8 = FLAG_PIN_LOCKED | FLAG_VIP | FLAG_PIN | FLAG_VIRTUAL | FLAG_EXPIRY;
 
-/// A card record (about 60 bytes for a plain card): it is written with every history entry and in
+/// A card record (about 45 bytes for a plain card): it is written with every history entry and in
 /// every checkpoint, so its size is most of what each decision costs the disk.
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
     dst.put_u8(CARD_V8);
@@ -217,6 +218,9 @@ impl Reader<'_> {
         let lock = LockReason::from_u8(r.u8()?);
         let lock = r.some(lock)?;
         let flags = r.u8()?;
+        if flags & !FLAGS_ALL != 0 {
+            return Err(Corrupt { what: "card" });
+        }
         let currency = r.currency()?;
         let balance_minor = r.zz()?;
         let held_minor = r.zz()?;
