@@ -155,7 +155,7 @@ impl Metrics {
                 .expect("metric");
         let requests_in_flight = gauge(
             "giftd_requests_in_flight",
-            "Requests read and not yet answered, over all connections (decided replies wait to be durable).",
+            "Requests read whose replies are not yet ready to write (decided replies wait to be durable), over all connections.",
         );
         let subscriptions_open = gauge("giftd_subscriptions_open", "Event subscriptions being served now.");
         let ready = gauge("giftd_ready", "1 when recovered and accepting requests; 0 while starting or draining.");

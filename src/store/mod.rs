@@ -200,13 +200,14 @@ impl Store {
         // fdatasync waits behind that writeback, and every reply with it (measured during a
         // 1M-card job: fsyncs of over 50 ms, redeem p99 of half a second).
         opts.set_bytes_per_sync(1 << 20);
-        // One committer writes every batch, and the vector and hash memtables need this off.
+        // One committer writes every group (the checkpoint thread only its id in `meta`), and
+        // the vector memtable needs this off: RocksDB then inserts one writer's batch at a time.
         opts.set_allow_concurrent_memtable_write(false);
         let cfs = CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)));
         let db = Arc::new(DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?);
         let (recovered, checkpoint_txn_id) = recover(&db)?;
         // A checkpoint's table file is moved into the database once written; one left here was cut
-        // off by a crash before that, and its cards are replayed from history instead.
+        // off by a crash (its cards are replayed from history instead) or already ingested.
         let checkpoint_dir = dir.join(CHECKPOINT_DIR);
         if checkpoint_dir.exists() {
             std::fs::remove_dir_all(&checkpoint_dir)?;
@@ -328,8 +329,6 @@ impl Store {
         out
     }
 
-    /// Stops the committer and the syncer after everything appended so far is written and synced,
-    /// with a final checkpoint so the next start has nothing to replay.
     /// The committed events with ids in `after+1 ..= upto`, in id order: history entries (with
     /// the card record as each left it) and alerts, at most `limit`. Returns them and the last id
     /// read (`upto` when the range is exhausted), from which the next call goes on.
@@ -385,6 +384,8 @@ impl Store {
         stats
     }
 
+    /// Stops the committer and the syncer after everything appended so far is written and synced,
+    /// with a final checkpoint so the next start has nothing to replay.
     pub fn close(&self) {
         self.pending.state.lock().expect("pending lock").closing = true;
         self.pending.wake.notify_all();
@@ -416,8 +417,7 @@ impl Store {
 /// decision on one thread, so memtable inserts and the flushes behind them are the store's main
 /// cost (profiled at 64×16):
 /// - `cards` is written only by ingesting checkpoint table files, and only ever read by a full scan
-///   at recovery. Its memtable holds only what a database written before checkpoints were files
-///   replays from its WAL; a vector memtable appends that in O(1) and sorts once at flush.
+///   at recovery; its memtable stays empty.
 /// - `history` keys are ids that grow: a plain skiplist appends at its end, and flushes and
 ///   compactions move sorted runs.
 /// - `idem` and `invoices` are point lookups of hashed (random) 32-byte keys, mostly misses: a
@@ -671,8 +671,15 @@ impl Checkpoint {
     }
 
     fn running(&mut self) -> bool {
-        if self.running && self.done.try_recv().is_ok() {
-            self.running = false;
+        if self.running {
+            match self.done.try_recv() {
+                Ok(()) => self.running = false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                // Gone without a word: checkpoints would stop, and a clean stop would wait forever.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    fail("checkpoint", &"the checkpoint thread stopped")
+                }
+            }
         }
         self.running
     }
@@ -770,9 +777,9 @@ fn checkpoint_loop(
     let cards_cf = db.cf_handle(CF_CARDS).expect("cards column family");
     let history_cf = db.cf_handle(CF_HISTORY).expect("history column family");
     let meta_cf = db.cf_handle(CF_META).expect("meta column family");
-    let mut file_opts = cf_options(CF_CARDS);
-    // Written out a megabyte at a time, not left dirty for a WAL fdatasync to wait behind.
-    file_opts.set_bytes_per_sync(1 << 20);
+    // The writer drops each megabyte written from the page cache (which starts its writeback),
+    // and the pace bounds what is dirty: rust-rocksdb's writer takes no `bytes_per_sync`.
+    let file_opts = cf_options(CF_CARDS);
     let mut ingest = rocksdb::IngestExternalFileOptions::default();
     ingest.set_move_files(true);
     let mut latest: HashMap<CardKey, CardRecord, CardKeyState> = HashMap::default();
@@ -788,12 +795,13 @@ fn checkpoint_loop(
         }
         let mut pace = Pace { paced: !job.unpaced, hurry, started: Instant::now(), bytes: 0, looked_at: 0 };
         let from = records::history_key(job.from_txn_id);
-        for item in db.iterator_cf(history_cf, IteratorMode::From(&from, Direction::Forward)) {
+        // Read once, in order: not worth the block cache the payments' lookups use.
+        let mut read = rocksdb::ReadOptions::default();
+        read.fill_cache(false);
+        read.set_iterate_upper_bound(records::history_key(job.upto_txn_id.saturating_add(1)));
+        for item in db.iterator_cf_opt(history_cf, read, IteratorMode::From(&from, Direction::Forward)) {
             let (k, v) = item.unwrap_or_else(|e| fail("checkpoint history read", &e));
             let (txn, rec) = records::decode_history(&k, &v).unwrap_or_else(|e| fail("history record decode", &e));
-            if txn.id > job.upto_txn_id {
-                break;
-            }
             latest.insert(txn.card, rec);
             pace.advance((k.len() + v.len()) as u64);
         }
