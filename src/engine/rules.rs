@@ -713,8 +713,6 @@ fn spendable(card: &CardRecord, money: &Money, allow_partial: bool, now_ms: i64)
     }
 }
 
-/// The card's hold `id` if it is still open at `now_ms`. A hold past its deadline is released,
-/// whether or not giftd has written the release yet.
 /// The open hold `id`, if `merchant` opened it: another merchant's hold is not found, as if it did
 /// not exist, so its id tells that merchant nothing.
 fn open_hold(card: &CardRecord, id: u64, merchant: &str, now_ms: i64) -> Result<Hold, ResultCode> {
@@ -728,8 +726,9 @@ fn open_hold(card: &CardRecord, id: u64, merchant: &str, now_ms: i64) -> Result<
     })
 }
 
-/// The open hold `id`, whoever opened it (a reversal names its original under its own merchant, so
-/// it is that merchant's already).
+/// The card's hold `id` if it is still open at `now_ms`, whoever opened it. A hold past its
+/// deadline is released, whether or not giftd has written the release yet. A reversal uses it: it
+/// names its original under its own merchant, so the hold is that merchant's already.
 fn open_hold_of_any(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode> {
     card.holds.iter().find(|h| h.id == id && h.expires_ms > now_ms).copied().ok_or(ResultCode::HoldNotFound)
 }

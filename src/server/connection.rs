@@ -219,54 +219,65 @@ async fn decide(
     let opcode = frame.header.opcode;
     let request_id = frame.header.request_id;
     let op = Opcode::from_u8(opcode);
-    // Before the body is read: the handshake (anything but a hello first ends the connection),
-    // then whether the connection is someone whose role allows this operation.
-    let refused = match op {
-        _ if !*handshaken => (op != Some(Opcode::Hello)).then_some(ResultCode::HandshakeRequired),
-        Some(op) => gate.refuse_op(op),
-        None => None,
+    // Until the handshake, anything but a hello ends the connection, before its body is read.
+    let decoded = if !*handshaken && op != Some(Opcode::Hello) {
+        Err(DecodeError(ResultCode::HandshakeRequired))
+    } else {
+        decode_as(gate, opcode, &frame.body)
     };
-    let (reply, group, close) =
-        match refused.map_or_else(|| decode_request(opcode, &frame.body), |c| Err(DecodeError(c))) {
-            Err(DecodeError(code)) => (Reply::Error(code), 0, !*handshaken),
-            Ok(Request::Hello { min_version, max_version, .. }) => {
-                let ok = (min_version..=max_version).contains(&wire::VERSION);
-                *handshaken |= ok;
-                let reply = if ok { hello_reply(shared, gate) } else { Reply::Error(ResultCode::UnsupportedVersion) };
-                (reply, 0, !ok)
+    let (reply, group, close) = match decoded {
+        Err(DecodeError(code)) => (Reply::Error(code), 0, !*handshaken),
+        Ok(Request::Hello { min_version, max_version, .. }) => {
+            let ok = (min_version..=max_version).contains(&wire::VERSION);
+            *handshaken |= ok;
+            let reply = if ok { hello_reply(shared, gate) } else { Reply::Error(ResultCode::UnsupportedVersion) };
+            (reply, 0, !ok)
+        }
+        Ok(Request::Auth { client, proof }) => match gate.authenticate(&shared.access, &client, &proof) {
+            Some(p) => {
+                let merchant = p.merchant.clone().unwrap_or_default();
+                tracing::debug!(%peer, client = %client, role = p.role.name(), "authenticated");
+                (Reply::Auth(AuthReply { result: ResultCode::Approved, role: p.role, merchant }), 0, false)
             }
-            Ok(Request::Auth { client, proof }) => match gate.authenticate(&shared.access, &client, &proof) {
-                Some(p) => {
-                    let merchant = p.merchant.clone().unwrap_or_default();
-                    tracing::debug!(%peer, client = %client, role = p.role.name(), "authenticated");
-                    (Reply::Auth(AuthReply { result: ResultCode::Approved, role: p.role, merchant }), 0, false)
-                }
-                None => {
-                    shared.metrics.auth_failures.inc();
-                    tracing::warn!(%peer, client = %client, "auth refused (unknown client or wrong proof); closing");
-                    (Reply::Error(ResultCode::Unauthenticated), 0, true)
-                }
-            },
-            Ok(req) => match gate.refuse_request(&req).map_or_else(|| admit(shared, gate, cost(&req)), Err) {
-                Err(code) => (Reply::Error(code), 0, false),
-                Ok(()) => {
-                    let (reply, group) = match req {
-                        Request::Batch { atomic: None, items } => batch(shared, gate, items).await,
-                        Request::Batch { atomic: Some(idem), items } => {
-                            atomic_batch(shared, gate, &frame.body, idem, &items)
-                        }
-                        req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
-                        req => handle(shared, opcode, &frame.body, req).await,
-                    };
-                    (reply, group, false)
-                }
-            },
-        };
+            None => {
+                shared.metrics.auth_failures.inc();
+                tracing::warn!(%peer, client = %client, "auth refused (unknown client or wrong proof); closing");
+                (Reply::Error(ResultCode::Unauthenticated), 0, true)
+            }
+        },
+        Ok(req) => match admit(shared, gate, cost(&req)) {
+            Err(code) => (Reply::Error(code), 0, false),
+            Ok(()) => {
+                let (reply, group) = match req {
+                    Request::Batch { atomic: None, items } => batch(shared, gate, items).await,
+                    Request::Batch { atomic: Some(idem), items } => {
+                        atomic_batch(shared, gate, &frame.body, idem, &items)
+                    }
+                    req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
+                    req => handle(shared, opcode, &frame.body, req).await,
+                };
+                (reply, group, false)
+            }
+        },
+    };
     // A refused auth closes the connection too, but it is counted as an auth failure.
     if close && reply.result() != ResultCode::Unauthenticated {
         shared.metrics.protocol_errors.inc();
     }
     (Pending { request_id, opcode, op, group, reply, started }, close)
+}
+
+/// A request (or batch item) as this connection's client may make it: its role is judged from the
+/// opcode before the body is read, then the merchant id the request names.
+fn decode_as(gate: &Gate, opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
+    if let Some(code) = Opcode::from_u8(opcode).and_then(|op| gate.refuse_op(op)) {
+        return Err(DecodeError(code));
+    }
+    let req = decode_request(opcode, body)?;
+    match gate.refuse_request(&req) {
+        Some(code) => Err(DecodeError(code)),
+        None => Ok(req),
+    }
 }
 
 /// Requests a frame counts against the rates: a batch's items, else one.
@@ -332,19 +343,13 @@ async fn batch(shared: &Shared, gate: &Gate, items: Vec<wire::BatchItem>) -> (Re
         let reply = match Opcode::from_u8(item.opcode) {
             None => Reply::Error(ResultCode::UnknownOpcode),
             Some(op) if !op.batchable() => Reply::Error(ResultCode::MalformedRequest),
-            Some(op) => match gate
-                .refuse_op(op)
-                .map_or_else(|| decode_request(item.opcode, &item.body), |c| Err(DecodeError(c)))
-            {
+            Some(_) => match decode_as(gate, item.opcode, &item.body) {
                 Err(DecodeError(code)) => Reply::Error(code),
-                Ok(req) => match gate.refuse_request(&req) {
-                    Some(code) => Reply::Error(code),
-                    None => {
-                        let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
-                        group = group.max(g);
-                        reply
-                    }
-                },
+                Ok(req) => {
+                    let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
+                    group = group.max(g);
+                    reply
+                }
             },
         };
         replies.push((reply_opcode, reply));
@@ -392,16 +397,11 @@ fn atomic_batch(
     let mut ops = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::with_capacity(items.len());
     for item in items {
-        // An item the client may not do refuses the whole batch, as any bad item does; its role
-        // is judged before its body, as for a request alone.
-        let refused = Opcode::from_u8(item.opcode).and_then(|op| gate.refuse_op(op));
-        let req = match refused.map_or_else(|| decode_request(item.opcode, &item.body), |c| Err(DecodeError(c))) {
+        // An item the client may not do refuses the whole batch, as any bad item does.
+        let req = match decode_as(gate, item.opcode, &item.body) {
             Ok(r) => r,
             Err(DecodeError(code)) => return (Reply::Error(code), 0),
         };
-        if let Some(code) = gate.refuse_request(&req) {
-            return (Reply::Error(code), 0);
-        }
         let (number, op) = match req {
             Request::Redeem { number, money, allow_partial, invoice: None, pin: None, .. } => {
                 (number, Op::Redeem { money, allow_partial, invoice: None, pin: None })
