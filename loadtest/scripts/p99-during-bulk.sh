@@ -1,6 +1,7 @@
 #!/bin/bash
 # usage: p99-during-bulk.sh [chunk] [window] — redeem p99 during a 1M activation, with WAL fsync/write histograms (sync);
-# NOBULK=1: the same run with no activation (the baseline)
+# NOBULK=1: the same run with no activation (the baseline). "job" is the p99 of the redeems sent
+# while the activation ran; "whole" of every redeem of the 12 s run.
 B=${BIN:-$HOME/.cache/giftd/target/release}
 CH=${1:-1024}; W=${2:-4}
 D=$(mktemp -d /tmp/gbench.XXXX)
@@ -9,27 +10,36 @@ P=$!
 sleep 1.5
 $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --count 1000000 --amount 10.00 --currency USD --job inv --chunk $CH --window $W > /dev/null
 sleep 20
-LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json"
+LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json --latency-log $D/lat"
 curl -s 127.0.0.1:9499/metrics > $D/m0
-( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json ) &
+( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null
 wait $A
 curl -s 127.0.0.1:9499/metrics > $D/m1
 python3 - <<PY
-import json,re
+import json,os,re
 d=json.load(open('$D/during.json'))
 w=d['workloads'][0] if 'workloads' in d else d
-print('during', {k:v for k,v in w.items() if k.endswith('_us') or k=='ops_per_sec'})
+print('whole', {k:v for k,v in w.items() if k.endswith('_us') or k=='ops_per_sec'})
+lines=open('$D/lat').read().split('\n')
+start_ms=int(lines[0].split()[-1])
+samples=[tuple(map(int,l.split())) for l in lines[1:] if l]
+if os.path.exists('$D/act.start'):
+    lo=(int(open('$D/act.start').read())-start_ms)*1000; hi=(int(open('$D/act.end').read())-start_ms)*1000
+    lat=sorted(l for t,l in samples if lo<=t<=hi)
+    if lat:
+        q=lambda p: lat[min(len(lat)-1,int(p*len(lat)))]
+        print('job', {'redeems':len(lat),'p50_us':q(0.5),'p99_us':q(0.99),'p999_us':q(0.999),'max_us':lat[-1]})
 print('activation secs', open('$D/act.time').read().strip())
-def hist(path,name):
+def hist(path,name,labels):
     h={}
     for l in open(path):
-        m=re.match(name+r'_bucket\{le="([^"]+)"\} (\S+)',l)
+        m=re.match(name+r'_bucket\{'+labels+r'le="([^"]+)"\} (\S+)',l)
         if m: h[m.group(1)]=float(m.group(2))
     return h
-for name in ['giftd_wal_fsync_seconds','giftd_wal_write_seconds','giftd_wal_group_size']:
-    a=hist('$D/m0',name); b=hist('$D/m1',name)
-    print(name, {k:int(b[k]-a.get(k,0)) for k in b})
+for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_wal_fsync_seconds',''),('giftd_wal_write_seconds',''),('giftd_wal_group_size','')]:
+    a=hist('$D/m0',name,labels); b=hist('$D/m1',name,labels)
+    print(name+'{'+labels+'}', {k:int(b[k]-a.get(k,0)) for k in b})
 PY
 kill $P; wait $P; cp $D/log ${LOG_COPY:-/dev/null}; rm -rf $D

@@ -13,7 +13,7 @@ mod driver;
 mod pipe;
 mod workload;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use auditor::{BalanceAudit, Ledger};
 use clap::Parser;
 use serde_json::json;
@@ -89,6 +89,12 @@ struct Args {
     /// The client's key: a file of 64 hex digits.
     #[arg(long, requires = "client")]
     key_file: Option<std::path::PathBuf>,
+    /// Also write every reply's latency to this file, for latency over part of a run (say, while
+    /// a bulk job ran): per workload a line `# <workload> start_unix_ms <ms>`, then one line per
+    /// reply, `<µs from that start to the send> <latency µs>`, in no particular order. At most
+    /// 10,000,000 replies per workload are written.
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -245,6 +251,7 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
             duration: Duration::from_secs(args.duration_secs),
             max_ops: args.max_ops,
             rate: args.rate,
+            samples_max: if args.latency_log.is_some() { LATENCY_LOG_MAX } else { 0 },
         };
         let load = workload::load(addr, run.clone(), ledger.clone(), &shape).await?;
         let name = kind.name();
@@ -261,6 +268,9 @@ async fn bench(args: &Args, addr: &str, durability: String) -> Result<Report> {
             failures.extend(load.findings.examples.iter().map(|e| format!("  {e}")));
         }
         loads.push((kind, load));
+    }
+    if let Some(path) = &args.latency_log {
+        write_latency_log(path, &loads).with_context(|| format!("writing {}", path.display()))?;
     }
     eprintln!("giftload: auditing {} balances", args.cards);
     let audit = match auditor::audit_balances(addr, run, ledger).await {
@@ -285,6 +295,21 @@ fn loop_label(args: &Args) -> String {
         Some(r) => format!("open loop at {r}/s"),
         None => "closed loop".into(),
     }
+}
+
+/// Replies whose latency --latency-log keeps, per workload: 160 MB of samples at most.
+const LATENCY_LOG_MAX: usize = 10_000_000;
+
+fn write_latency_log(path: &std::path::Path, loads: &[(workload::Kind, LoadResult)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for (kind, load) in loads {
+        writeln!(out, "# {} start_unix_ms {}", kind.name(), load.start_unix_ms)?;
+        for (sent_us, latency_us) in &load.samples {
+            writeln!(out, "{sent_us} {latency_us}")?;
+        }
+    }
+    out.flush()
 }
 
 fn error_names(load: &LoadResult) -> String {

@@ -168,6 +168,9 @@ pub struct Limits {
     pub deadline: Instant,
     /// Shared across connections: (requests sent so far, --max-ops).
     pub budget: Option<(AtomicU64, u64)>,
+    /// When the load began, and how many latency samples each connection keeps (0: none).
+    pub start: Instant,
+    pub samples_per_connection: usize,
 }
 
 /// A connection's share of an offered rate.
@@ -207,6 +210,8 @@ pub struct ConnReport {
     /// Requests sent whose reply never came.
     pub unanswered: usize,
     pub failure: Option<String>,
+    /// With --latency-log: (µs from the load's start to the send, latency in µs) of each reply.
+    pub samples: Vec<(u64, u64)>,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -381,6 +386,7 @@ pub async fn redeem_loop(
         findings: Findings::default(),
         unanswered: 0,
         failure: None,
+        samples: Vec::with_capacity(limits.samples_per_connection.min(1 << 20)),
     };
     let hard_deadline = tokio::time::Instant::from_std(limits.deadline + DRAIN_TIMEOUT);
     let res = tokio::time::timeout_at(hard_deadline, drive(&mut pipe, conn, &run, &ledger, &limits, &mut rep)).await;
@@ -418,7 +424,7 @@ async fn drive(
     while pipe.in_flight() > 0 {
         let (sent, reply) = pipe.next().await?;
         let now = Instant::now();
-        latency(rep, now, &sent);
+        latency(rep, limits, now, &sent);
         if !requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
             continue;
         }
@@ -435,9 +441,12 @@ async fn drive(
 }
 
 /// Records one reply's latency.
-fn latency(rep: &mut ConnReport, now: Instant, sent: &crate::pipe::Sent) {
+fn latency(rep: &mut ConnReport, limits: &Limits, now: Instant, sent: &crate::pipe::Sent) {
     let micros = now.saturating_duration_since(sent.at).as_micros() as u64;
     rep.hist.saturating_record(micros);
+    if rep.samples.len() < limits.samples_per_connection {
+        rep.samples.push((sent.at.saturating_duration_since(limits.start).as_micros() as u64, micros));
+    }
     if micros > rep.slowest.0 {
         rep.slowest = (micros, Some(now));
     }
@@ -488,7 +497,7 @@ async fn drive_paced(
             biased;
             r = pipe.next() => {
                 let (sent, reply) = r?;
-                latency(rep, Instant::now(), &sent);
+                latency(rep, limits, Instant::now(), &sent);
                 if requests.on_reply(pipe, run, ledger, sent.tag, &reply, &mut rep.findings) {
                     rep.ops += limits.kind.ops_per_unit();
                 }
@@ -513,6 +522,9 @@ pub struct LoadResult {
     pub findings: Findings,
     pub unanswered: usize,
     pub failures: Vec<String>,
+    /// With --latency-log: the load's start in Unix ms, and every connection's samples.
+    pub start_unix_ms: u128,
+    pub samples: Vec<(u64, u64)>,
 }
 
 /// What the load phase offers: how many connections, how deep, how long, and how fast.
@@ -525,10 +537,12 @@ pub struct Shape {
     pub max_ops: Option<u64>,
     /// Offered redeems per second (open loop); `None`: closed loop.
     pub rate: Option<u64>,
+    /// Latency samples kept in all (--latency-log), shared out over the connections.
+    pub samples_max: usize,
 }
 
 pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape) -> Result<LoadResult> {
-    let Shape { kind, connections, pipeline, duration, max_ops, rate } = *shape;
+    let Shape { kind, connections, pipeline, duration, max_ops, rate, samples_max } = *shape;
     // Connect and handshake first, so the measured time holds only redeems.
     let mut pipes = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -543,6 +557,7 @@ pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape)
         }
     }
     let start = Instant::now();
+    let start_unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
     let pace = rate.map(|r| Pace {
         start,
         interval: Duration::from_secs(1).mul_f64(connections as f64 / r as f64),
@@ -554,6 +569,8 @@ pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape)
         pace,
         deadline: start + duration,
         budget: max_ops.map(|m| (AtomicU64::new(0), m)),
+        start,
+        samples_per_connection: samples_max / connections,
     });
     let tasks: Vec<_> = pipes
         .into_iter()
@@ -568,6 +585,8 @@ pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape)
         findings: Findings::default(),
         unanswered: 0,
         failures: Vec::new(),
+        start_unix_ms,
+        samples: Vec::new(),
     };
     let mut slowest = 0;
     for t in tasks {
@@ -584,6 +603,7 @@ pub async fn load(addr: &str, run: Arc<Run>, ledger: Arc<Ledger>, shape: &Shape)
         out.findings.merge(rep.findings);
         out.unanswered += rep.unanswered;
         out.failures.extend(rep.failure);
+        out.samples.extend(rep.samples);
     }
     out.elapsed = start.elapsed();
     Ok(out)

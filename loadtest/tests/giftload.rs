@@ -33,6 +33,29 @@ fn closed_loop_reports_an_audited_run() {
 }
 
 #[test]
+fn the_latency_log_has_every_reply_of_the_report() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("latency.txt");
+    let r = giftload(&["--rate", "300", "--duration-secs", "1", "--latency-log", log.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&log).expect("the log is written");
+    let mut lines = text.lines();
+    let header = lines.next().expect("a header");
+    assert!(header.starts_with("# redeem start_unix_ms 1"), "{header}");
+    let samples: Vec<(u64, u64)> = lines
+        .map(|l| {
+            let (sent, latency) = l.split_once(' ').unwrap_or_else(|| panic!("two numbers: {l:?}"));
+            (sent.parse().unwrap(), latency.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(samples.len() as u64, r["ops"].as_u64().unwrap(), "one line per reply: {r}");
+    // Sends are spread over the second the load ran, and no latency exceeds the report's maximum
+    // (the histogram rounds to 3 significant digits, hence the margin).
+    assert!(samples.iter().all(|(sent, _)| *sent < 2_000_000), "{samples:?}");
+    let max = r["max_us"].as_u64().unwrap();
+    assert!(samples.iter().all(|(_, l)| *l <= max + max / 100 + 1), "max {max}: {samples:?}");
+}
+
+#[test]
 fn open_loop_sends_at_the_offered_rate() {
     // 200/s over 4 connections for 2 s is 400 requests. A closed loop would send thousands; the
     // lower bound leaves room for a slow shared machine.
