@@ -104,9 +104,11 @@ pub struct AlertsConfig {
     /// Consecutive wrong PINs on one card.
     pub pin_failures: u32,
     pub pin_failures_suspend: bool,
-    /// Requests naming an unknown card from one merchant within a minute (enumeration).
+    /// Answers of `card_not_found` to one client within a minute, reads and mutations alike
+    /// (enumeration).
     pub unknown_cards_per_minute: u32,
-    /// Approved redemptions on one card within a minute (velocity).
+    /// Approved redemptions on one card within a minute (velocity): redeems, captures, split and
+    /// batch parts.
     pub redemptions_per_card_per_minute: u32,
     pub velocity_suspend: bool,
     /// Per currency code, a decimal string: one approved amount above it fires.
@@ -134,6 +136,17 @@ impl Default for AlertsConfig {
 impl AlertsConfig {
     fn problems(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        let max = crate::engine::alerts::COUNT_MAX;
+        for (name, n) in [
+            ("pin_failures", self.pin_failures),
+            ("unknown_cards_per_minute", self.unknown_cards_per_minute),
+            ("redemptions_per_card_per_minute", self.redemptions_per_card_per_minute),
+            ("reversals_per_merchant_per_hour", self.reversals_per_merchant_per_hour),
+        ] {
+            if n > max {
+                errs.push(format!("alerts.{name} must be at most {max} (0 turns the rule off), not {n}"));
+            }
+        }
         for (code, amount) in &self.large_amount {
             match Currency::parse(code) {
                 None => errs.push(format!("alerts.large_amount: {code:?} is not a known ISO 4217 code")),

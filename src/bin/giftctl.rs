@@ -924,14 +924,14 @@ fn event_json(e: &giftd::wire::EventView) -> Value {
             }
             v
         }
-        EventView::Alert { id, rule, last4, merchant, currency, observed, threshold, suspended, at_ms } => {
+        EventView::Alert { id, rule, last4, merchant, client, currency, observed, threshold, suspended, at_ms } => {
             let rule = giftd::engine::alerts::Rule::from_u8(*rule).map_or("unknown", |r| r.name());
             // A large amount is money in its currency; the other rules count requests.
             let figure = |v: i64| match currency {
                 Some(c) => json!(format_amount(v, *c)),
                 None => json!(v),
             };
-            json!({
+            let mut v = json!({
                 "id": id,
                 "type": "alert",
                 "rule": rule,
@@ -942,7 +942,11 @@ fn event_json(e: &giftd::wire::EventView) -> Value {
                 "threshold": figure(*threshold),
                 "suspended": suspended,
                 "at": rfc3339(*at_ms),
-            })
+            });
+            if !client.is_empty() {
+                v["client"] = json!(client);
+            }
+            v
         }
     }
 }

@@ -1,19 +1,33 @@
-//! Security alert rules: thresholds on what decisions just did, counted in fixed windows in memory,
-//! checked after each fresh decision (never on a replay). A rule fires exactly when its count
-//! reaches the threshold, once per window, so a burst raises one alert, not one per request.
+//! Security alert rules: thresholds on what decisions did, counted over sliding windows in memory.
+//! The card rules and the reversal rule are checked while the decision is made, under its card
+//! locks, so a fired alert (and the card's suspension) is appended with the decision, in one write
+//! (see `Engine::screen`). The enumeration rule counts unknown cards per client, over reads and
+//! mutations alike, once their answers are known (`Engine::unknown_cards`). Replays are never
+//! counted by the card rules: they decide nothing.
 //!
-//! Counting is cheap (a map entry per card or merchant seen in the current window) and the maps are
-//! bounded: past `WATCHED_MAX` keys, old windows are dropped first, and if the map is still full a
-//! new key is not counted. The counts are not durable: a restart starts every window afresh. The
-//! wrong-PIN rule needs no window: the card's own durable counter of consecutive failures is used.
+//! A rule fires when its count over the last window (a minute, or an hour) reaches its threshold,
+//! once: a burst raises one alert, and the rule fires again for that key only after the count has
+//! fallen under the threshold and reached it again. Each key keeps the times of at most its
+//! threshold's count of events, in a map that forgets the least recently seen key when full (at
+//! most `EVENTS_MAX` times per rule), so a flood of distinct keys costs bounded memory and the
+//! newest keys are always counted. The counts are not durable: a restart starts every window
+//! afresh. The wrong-PIN rule needs no window: the card's own durable count of consecutive failures
+//! is used.
 
 use crate::card_number::{CardKey, CardKeyState};
-use crate::model::Currency;
-use dashmap::DashMap;
-use std::collections::BTreeMap;
+use crate::model::{Currency, TxnKind};
+use lru::LruCache;
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasher, Hash};
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
 
-/// Keys (cards, merchants) one rule counts at most at a time.
-const WATCHED_MAX: usize = 100_000;
+/// Keys (cards, clients, merchants) one rule counts at most at a time.
+const KEYS_MAX: usize = 100_000;
+/// Event times one rule keeps at most (keys × threshold): bounds its memory to about 80 MB.
+const EVENTS_MAX: usize = 10_000_000;
+/// The largest threshold a count rule accepts (the configuration checks it).
+pub const COUNT_MAX: u32 = 10_000;
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
 
@@ -22,11 +36,11 @@ const HOUR_MS: i64 = 3_600_000;
 pub enum Rule {
     /// Consecutive wrong PINs on one card.
     PinFailures = 1,
-    /// Mutations naming an unknown card, from one merchant, in a minute: someone guessing numbers.
+    /// Requests naming an unknown card, from one client, in a minute: someone guessing numbers.
     Enumeration = 2,
-    /// Approved redemptions on one card in a minute.
+    /// Approved redemptions (redeems, captures, split and batch parts) on one card in a minute.
     Velocity = 3,
-    /// One approved amount above the currency's threshold.
+    /// One approved amount on one card above the currency's threshold.
     LargeAmount = 4,
     /// Approved reversals by one merchant in an hour.
     Reversals = 5,
@@ -75,14 +89,30 @@ pub struct AlertRules {
     pub reversals_per_hour: Option<u32>,
 }
 
+impl AlertRules {
+    /// Whether the rule that fired asks for the card to be suspended.
+    pub fn suspends(&self, rule: Rule) -> bool {
+        match rule {
+            Rule::PinFailures => self.pin_failures.is_some_and(|t| t.suspend),
+            Rule::Velocity => self.velocity_per_minute.is_some_and(|t| t.suspend),
+            Rule::LargeAmount => self.large_amount_suspend,
+            Rule::Enumeration | Rule::Reversals => false,
+        }
+    }
+}
+
 /// A fired rule, as recorded durably and logged. It names the card by its last 4 digits only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AlertRecord {
     pub rule: Rule,
     pub at_ms: i64,
-    /// The card's last 4 digits (zeros for rules about a merchant).
+    /// The card's last 4 digits (zeros for rules about a merchant or a client).
     pub last4: [u8; 4],
+    /// The merchant id of the request that fired the rule (empty for a read, which names none).
     pub merchant: Box<str>,
+    /// The client the enumeration rule counted: its configured name, or its address when giftd
+    /// lists no clients. Empty for the other rules, which count by card or merchant.
+    pub client: Box<str>,
     /// What reached the threshold: a count, or the amount in minor units (large_amount).
     pub observed: i64,
     pub threshold: i64,
@@ -92,122 +122,205 @@ pub struct AlertRecord {
     pub suspended: bool,
 }
 
-/// What one fresh decision did, as the rules see it.
-pub struct Observed<'a> {
-    pub merchant: &'a str,
-    pub card: Option<CardKey>,
-    pub card_not_found: bool,
-    /// An approved redemption (velocity counts these).
-    pub redeemed: bool,
-    pub reversed: bool,
-    /// The approved amount and its currency, for money-moving approvals.
-    pub amount: Option<(Currency, i64)>,
-    /// The card's consecutive wrong PINs after a decision that counted one.
-    pub pin_failures: Option<u8>,
+impl AlertRecord {
+    fn new(rule: Rule, at_ms: i64, merchant: &str, observed: i64, threshold: i64) -> AlertRecord {
+        AlertRecord {
+            rule,
+            at_ms,
+            last4: [b'0'; 4],
+            merchant: merchant.into(),
+            client: "".into(),
+            observed,
+            threshold,
+            currency: None,
+            suspended: false,
+        }
+    }
 }
 
-/// A count in a fixed window: (window start, count).
-type Window = (i64, u32);
-
-/// Counts in their current windows.
-#[derive(Default)]
-pub struct Watcher {
-    velocity: DashMap<CardKey, Window, CardKeyState>,
-    enumeration: DashMap<Box<str>, Window>,
-    reversals: DashMap<Box<str>, Window>,
+/// What a decision did to one card, as the card rules see it: an approved change, or a wrong PIN
+/// counted.
+pub struct CardEvent {
+    pub card: CardKey,
+    pub last4: [u8; 4],
+    pub currency: Currency,
+    pub kind: TxnKind,
+    /// The change's amount as its history entry has it (a debit is negative).
+    pub amount_minor: i64,
+    /// The card's consecutive wrong PINs after the change.
+    pub pin_failures: u8,
 }
 
-/// Adds one to `key`'s count in the window of `len_ms` holding `now_ms`; returns the new count, or
-/// `None` when the map is full of current windows and `key` is new.
-fn count<K: Eq + std::hash::Hash + Clone, S: std::hash::BuildHasher + Clone>(
-    map: &DashMap<K, Window, S>,
-    key: &K,
-    now_ms: i64,
+impl CardEvent {
+    /// A redemption, for the velocity rule: money spent from the card at a merchant.
+    fn redemption(&self) -> bool {
+        matches!(self.kind, TxnKind::Redeem | TxnKind::Capture)
+    }
+
+    /// The amount the large-amount rule judges: what moved in or out of the card, or what a hold
+    /// reserves. Releases, reversals and status changes move no amount a customer chose.
+    fn amount(&self) -> Option<i64> {
+        use TxnKind::*;
+        matches!(self.kind, Issue | Activate | Redeem | Reload | Authorize | Capture | Refund | CashOut | TransferOut)
+            .then(|| self.amount_minor.saturating_abs())
+            .filter(|a| *a > 0)
+    }
+}
+
+/// The times of a key's latest events, oldest first: at most the rule's threshold of them.
+type Times = VecDeque<i64>;
+
+/// Counts per key over a sliding window.
+struct Window<K: Hash + Eq, S: BuildHasher = std::collections::hash_map::RandomState> {
     len_ms: i64,
-) -> Option<u32> {
-    let start = now_ms - now_ms.rem_euclid(len_ms);
-    if let Some(mut w) = map.get_mut(key) {
-        if w.0 != start {
-            *w = (start, 0);
+    keys: Mutex<LruCache<K, Times, S>>,
+}
+
+impl<K: Hash + Eq, S: BuildHasher> Window<K, S> {
+    fn with_hasher(len_ms: i64, hasher: S) -> Self {
+        let cap = NonZeroUsize::new(KEYS_MAX).expect("nonzero");
+        Window { len_ms, keys: Mutex::new(LruCache::with_hasher(cap, hasher)) }
+    }
+
+    /// Adds `n` events at `now_ms` to `key`'s; returns whether they brought its count over the last
+    /// window up to `threshold` (from under it).
+    fn crossed(&self, key: K, n: u32, threshold: u32, now_ms: i64) -> bool {
+        let mut keys = self.keys.lock().expect("alert window lock");
+        let times = keys.get_or_insert_mut(key, VecDeque::new);
+        while times.front().is_some_and(|t| *t <= now_ms - self.len_ms) {
+            times.pop_front();
         }
-        w.1 += 1;
-        return Some(w.1);
+        let before = times.len() as u64;
+        for _ in 0..n.min(threshold) {
+            times.push_back(now_ms);
+        }
+        while times.len() > threshold as usize {
+            times.pop_front();
+        }
+        before < threshold as u64 && before + n as u64 >= threshold as u64
     }
-    if map.len() >= WATCHED_MAX {
-        map.retain(|_, w| w.0 == start);
-        if map.len() >= WATCHED_MAX {
-            return None;
+
+    /// Keeps at most `EVENTS_MAX` event times under this threshold.
+    fn fit(&self, threshold: Option<u32>) {
+        let keys = threshold.map_or(KEYS_MAX, |t| (EVENTS_MAX / t.max(1) as usize).clamp(1, KEYS_MAX));
+        self.keys.lock().expect("alert window lock").resize(NonZeroUsize::new(keys).expect("at least one key"));
+    }
+}
+
+/// The rules' counts.
+pub struct Watcher {
+    velocity: Window<CardKey, CardKeyState>,
+    enumeration: Window<Box<str>>,
+    reversals: Window<Box<str>>,
+}
+
+impl Default for Watcher {
+    fn default() -> Watcher {
+        Watcher {
+            velocity: Window::with_hasher(MINUTE_MS, CardKeyState::default()),
+            enumeration: Window::with_hasher(MINUTE_MS, Default::default()),
+            reversals: Window::with_hasher(HOUR_MS, Default::default()),
         }
     }
-    let mut w = map.entry(key.clone()).or_insert((start, 0));
-    if w.0 != start {
-        *w = (start, 0);
-    }
-    w.1 += 1;
-    Some(w.1)
 }
 
 impl Watcher {
-    /// The rules that fire on this decision, without `suspended` set (the engine suspends).
-    pub fn observe(&self, rules: &AlertRules, o: &Observed<'_>, last4: [u8; 4], now_ms: i64) -> Vec<AlertRecord> {
+    /// Sizes the count maps for these rules' thresholds.
+    pub fn fit(&self, rules: &AlertRules) {
+        self.velocity.fit(rules.velocity_per_minute.map(|t| t.count));
+        self.enumeration.fit(rules.enumeration_per_minute);
+        self.reversals.fit(rules.reversals_per_hour);
+    }
+
+    /// The card rules that fire on this change, without `suspended` set (the engine suspends).
+    pub fn card(&self, rules: &AlertRules, merchant: &str, e: &CardEvent, now_ms: i64) -> Vec<AlertRecord> {
         let mut fired = Vec::new();
-        let mut fire = |rule: Rule, observed: i64, threshold: i64, currency: Option<Currency>| {
-            let last4 = if rule.card_scoped() { last4 } else { [b'0'; 4] };
-            fired.push(AlertRecord {
-                rule,
-                at_ms: now_ms,
-                last4,
-                merchant: o.merchant.into(),
-                observed,
-                threshold,
-                currency,
-                suspended: false,
-            });
+        let card_alert = |rule, observed, threshold| AlertRecord {
+            last4: e.last4,
+            ..AlertRecord::new(rule, now_ms, merchant, observed, threshold)
         };
-        if let (Some(t), Some(n)) = (rules.pin_failures, o.pin_failures) {
-            if n as u32 == t.count {
-                fire(Rule::PinFailures, n as i64, t.count as i64, None);
+        if let Some(t) = rules.pin_failures {
+            if e.kind == TxnKind::PinFailed && e.pin_failures as u32 == t.count {
+                fired.push(card_alert(Rule::PinFailures, e.pin_failures as i64, t.count as i64));
             }
         }
-        if let (Some(t), true, Some(card)) = (rules.velocity_per_minute, o.redeemed, o.card) {
-            if count(&self.velocity, &card, now_ms, MINUTE_MS) == Some(t.count) {
-                fire(Rule::Velocity, t.count as i64, t.count as i64, None);
+        if let Some(t) = rules.velocity_per_minute.filter(|_| e.redemption()) {
+            if self.velocity.crossed(e.card, 1, t.count, now_ms) {
+                fired.push(card_alert(Rule::Velocity, t.count as i64, t.count as i64));
             }
         }
-        if let Some((currency, amount)) = o.amount {
-            if let Some(limit) = rules.large_amount_minor.get(&currency) {
-                if amount > *limit {
-                    fire(Rule::LargeAmount, amount, *limit, Some(currency));
-                }
-            }
-        }
-        if let (Some(n), true) = (rules.enumeration_per_minute, o.card_not_found) {
-            if count(&self.enumeration, &Box::<str>::from(o.merchant), now_ms, MINUTE_MS) == Some(n) {
-                fire(Rule::Enumeration, n as i64, n as i64, None);
-            }
-        }
-        if let (Some(n), true) = (rules.reversals_per_hour, o.reversed) {
-            if count(&self.reversals, &Box::<str>::from(o.merchant), now_ms, HOUR_MS) == Some(n) {
-                fire(Rule::Reversals, n as i64, n as i64, None);
+        if let (Some(amount), Some(limit)) = (e.amount(), rules.large_amount_minor.get(&e.currency)) {
+            if amount > *limit {
+                fired.push(AlertRecord { currency: Some(e.currency), ..card_alert(Rule::LargeAmount, amount, *limit) });
             }
         }
         fired
     }
 
-    /// Whether the rule that fired asks for the card to be suspended.
-    pub fn suspends(rules: &AlertRules, rule: Rule) -> bool {
-        match rule {
-            Rule::PinFailures => rules.pin_failures.is_some_and(|t| t.suspend),
-            Rule::Velocity => rules.velocity_per_minute.is_some_and(|t| t.suspend),
-            Rule::LargeAmount => rules.large_amount_suspend,
-            Rule::Enumeration | Rule::Reversals => false,
-        }
+    /// The reversal rule, on an approved reversal by `merchant`.
+    pub fn reversal(&self, rules: &AlertRules, merchant: &str, now_ms: i64) -> Option<AlertRecord> {
+        let n = rules.reversals_per_hour?;
+        self.reversals
+            .crossed(merchant.into(), 1, n, now_ms)
+            .then(|| AlertRecord::new(Rule::Reversals, now_ms, merchant, n as i64, n as i64))
     }
 
-    /// Drops counts of windows that have ended (called with the idempotency sweep).
-    pub fn sweep(&self, now_ms: i64) {
-        self.velocity.retain(|_, w| now_ms - w.0 < MINUTE_MS);
-        self.enumeration.retain(|_, w| now_ms - w.0 < MINUTE_MS);
-        self.reversals.retain(|_, w| now_ms - w.0 < HOUR_MS);
+    /// The enumeration rule, on `unknown` answers of `card_not_found` to `client`.
+    pub fn unknown_cards(
+        &self,
+        rules: &AlertRules,
+        client: &str,
+        merchant: &str,
+        unknown: u32,
+        now_ms: i64,
+    ) -> Option<AlertRecord> {
+        let n = rules.enumeration_per_minute?;
+        self.enumeration.crossed(client.into(), unknown, n, now_ms).then(|| AlertRecord {
+            client: client.into(),
+            ..AlertRecord::new(Rule::Enumeration, now_ms, merchant, n as i64, n as i64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window() -> Window<Box<str>> {
+        Window::with_hasher(MINUTE_MS, Default::default())
+    }
+
+    #[test]
+    fn a_window_fires_once_as_the_count_reaches_the_threshold_and_slides() {
+        let w = window();
+        let at = |t: i64| w.crossed("k".into(), 1, 3, t);
+        // Two events late in one minute and the third early in the next: three within 60 s.
+        assert_eq!([at(50_000), at(59_000), at(61_000)], [false, false, true]);
+        // Still at or over the threshold: no second alert for the same burst.
+        assert!(!at(62_000));
+        assert!(!at(110_000), "59, 61, 62 and 110 are within the minute: still over");
+        // At 123 s, 61 and 62 have left: 110 and 123 are two, under the threshold again.
+        assert!(!at(123_000));
+        assert!(at(125_000), "110, 123, 125: the count reached 3 again");
+    }
+
+    #[test]
+    fn a_window_counts_several_events_at_once_and_keys_apart() {
+        let w = window();
+        assert!(!w.crossed("a".into(), 4, 5, 0));
+        assert!(!w.crossed("b".into(), 4, 5, 0), "another key counts on its own");
+        assert!(w.crossed("a".into(), 8192, 5, 1), "a batch crossing the threshold fires once");
+        assert!(w.crossed("c".into(), 5, 5, 1), "exactly the threshold at once fires");
+    }
+
+    #[test]
+    fn a_full_window_forgets_its_least_recently_seen_key_and_keeps_counting() {
+        let w = window();
+        w.keys.lock().unwrap().resize(NonZeroUsize::new(2).unwrap());
+        assert!(!w.crossed("old".into(), 1, 2, 0));
+        assert!(!w.crossed("a".into(), 1, 2, 0));
+        assert!(!w.crossed("b".into(), 1, 2, 0), "a new key is counted even when the map is full");
+        assert!(w.crossed("b".into(), 1, 2, 1));
+        assert!(!w.crossed("old".into(), 1, 2, 1), "'old' was forgotten: this is its first event again");
     }
 }

@@ -271,11 +271,31 @@ pub struct Effects {
     pub hold_id_next: Option<u64>,
     /// A program created or replaced by an admin: its name and canonical settings text.
     pub program: Option<(Arc<str>, String)>,
-    /// A security rule that fired. It takes the next id after the changes' entries: alerts and
-    /// history entries share one sequence, in commit order.
-    pub alert: Option<AlertRecord>,
-    /// The alert's id, assigned by the journal.
+    /// Security rules that fired on this decision. They take the next ids after the changes'
+    /// entries (alerts and history entries share one sequence, in commit order).
+    pub alerts: Vec<AlertRecord>,
+    /// The first alert's id, assigned by the journal; the others follow, one apart.
     pub alert_id: u64,
+}
+
+impl Effects {
+    /// Numbers the changes from `first` and the alerts after them; returns the next free id.
+    /// A card changed twice in one decision (a reactivation and its note, a change and the fraud
+    /// lock an alert added) has its second entry name the first as its previous one: when the
+    /// changes were made, the first had no id yet.
+    pub fn assign_ids(&mut self, first: u64) -> u64 {
+        let mut id = first;
+        for i in 0..self.changes.len() {
+            let card = self.changes[i].txn.card;
+            if let Some(j) = self.changes[..i].iter().rposition(|c| c.txn.card == card) {
+                self.changes[i].txn.prev_id = first + j as u64;
+            }
+            self.changes[i].assign_id(id);
+            id += 1;
+        }
+        self.alert_id = if self.alerts.is_empty() { 0 } else { id };
+        id + self.alerts.len() as u64
+    }
 }
 
 /// Where [`Journal::append`] put a decision.
@@ -401,14 +421,13 @@ impl Journal for MemoryJournal {
         self.inner.lock().unwrap().group
     }
 
-    fn append(&self, effects: Effects) -> Appended {
+    fn append(&self, mut effects: Effects) -> Appended {
         let mut g = self.inner.lock().unwrap();
         g.group += 1;
         let first_txn_id = if effects.changes.is_empty() { 0 } else { g.txn_id + 1 };
-        for mut c in effects.changes {
-            g.txn_id += 1;
-            let id = g.txn_id;
-            c.assign_id(id);
+        g.txn_id = effects.assign_ids(g.txn_id + 1) - 1;
+        for c in effects.changes {
+            let id = c.txn.id;
             g.card_after.insert(id, c.record.clone());
             g.cards.insert(c.txn.card, c.record);
             g.txns.push(c.txn);
@@ -432,10 +451,8 @@ impl Journal for MemoryJournal {
         if let Some(n) = effects.hold_id_next {
             g.hold_id_next = g.hold_id_next.max(n);
         }
-        if let Some(a) = effects.alert {
-            g.txn_id += 1;
-            let id = g.txn_id;
-            g.alerts.push((id, a));
+        for (i, a) in effects.alerts.into_iter().enumerate() {
+            g.alerts.push((effects.alert_id + i as u64, a));
         }
         if let Some((name, text)) = effects.program {
             g.programs.insert(name, text);

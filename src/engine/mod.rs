@@ -31,6 +31,7 @@ use card::Card;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rules::{Decision, HoldChange, RefundOf};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,6 +144,53 @@ impl Locked<'_> {
     }
 }
 
+/// The cards a decision holds locked, for [`Engine::screen`] to find a card a rule suspends.
+trait HeldCards {
+    fn held(&mut self, key: &CardKey) -> Option<&mut Card>;
+}
+
+impl HeldCards for Locked<'_> {
+    fn held(&mut self, key: &CardKey) -> Option<&mut Card> {
+        let i = self.keys.binary_search(key).ok()?;
+        Some(&mut self.guards[i])
+    }
+}
+
+/// The one card a single-card decision holds.
+struct OneCard<'a> {
+    key: CardKey,
+    card: &'a mut Card,
+}
+
+impl HeldCards for OneCard<'_> {
+    fn held(&mut self, key: &CardKey) -> Option<&mut Card> {
+        (*key == self.key).then_some(&mut *self.card)
+    }
+}
+
+/// A decision that holds no card (a reversal with nothing to undo).
+struct NoCards;
+
+impl HeldCards for NoCards {
+    fn held(&mut self, _: &CardKey) -> Option<&mut Card> {
+        None
+    }
+}
+
+/// Cards an alert rule suspended, each with the place of its lock among the decision's changes.
+type Suspended = SmallVec<[(CardKey, usize); 1]>;
+
+/// Points each suspended card at its lock's history entry, the card's newest: called once the
+/// decision is appended, after the caller pointed its cards at their own entries.
+fn point_suspended(at: Appended, suspended: &Suspended, cards: &mut dyn HeldCards) {
+    for (key, i) in suspended {
+        if let Some(card) = cards.held(key) {
+            card.rec.last_txn_id = at.first_txn_id + *i as u64;
+            card.last_group = at.group;
+        }
+    }
+}
+
 /// What a decision answers, before it is recorded under its key.
 struct Answer {
     outcome: Outcome,
@@ -215,76 +263,78 @@ impl Engine {
 
     /// Replaces the security alert rules (at startup, from the configuration).
     pub fn set_alert_rules(&self, rules: AlertRules) {
+        self.watcher.fit(&rules);
         self.alert_rules.store(Arc::new(rules));
     }
 
-    /// Checks the alert rules against a fresh decision. Each fired rule is appended durably, with
-    /// the card's suspension when the rule asks for it (a lock for fraud by giftd, atomic with the
-    /// alert), and the reply then waits for that group too: an alert is never lost behind an
-    /// acknowledged decision. `card` is the card the mutation acted on (a capture's or void's,
-    /// found by its hold before the decision). Called with the decision's idempotency slot held;
-    /// locks the card only when a rule fired and needs it.
-    fn watch(
+    /// Judges a decision by the card rules and the reversal rule before it is committed, so that
+    /// what fires is appended with it, in one write: after a crash an acknowledged decision always
+    /// has its alert, and no request is decided on a card between its decision and its suspension.
+    /// A rule that suspends adds the card's fraud lock (by `giftd`) after the decision's own
+    /// changes, which keep their places (the idempotency record's effect and the callers count on
+    /// them). The reply still shows the card as the decision left it. Returns where each lock went,
+    /// for [`point_suspended`] once the ids are known; what fired is added to `fired`.
+    fn screen(
         &self,
         m: &Mutation,
-        card: Option<CardKey>,
-        outcome: &Outcome,
-        group: u64,
+        result: ResultCode,
+        effects: &mut Effects,
+        cards: &mut dyn HeldCards,
+        fired: &mut Vec<AlertRecord>,
         now_ms: i64,
-    ) -> (Vec<AlertRecord>, u64) {
+    ) -> Suspended {
+        let mut suspended = Suspended::new();
+        if !matches!(result, ResultCode::Approved | ResultCode::PinIncorrect) {
+            return suspended;
+        }
         let rules = self.alert_rules.load();
-        let approved = outcome.result == ResultCode::Approved;
-        let moves_money = matches!(
-            m.op,
-            Op::Redeem { .. } | Op::Reload { .. } | Op::Authorize { .. } | Op::Capture { .. } | Op::CashOut
-        );
-        let pin_failures = (outcome.result == ResultCode::PinIncorrect && rules.pin_failures.is_some())
-            .then(|| card.and_then(|k| self.cell(&k)).map(|c| c.lock().expect("card lock").rec.pin_failures))
-            .flatten();
-        let observed = alerts::Observed {
-            merchant: m.idem.merchant(),
-            card,
-            card_not_found: outcome.result == ResultCode::CardNotFound,
-            redeemed: approved && matches!(m.op, Op::Redeem { .. }),
-            reversed: approved && matches!(m.op, Op::Reverse { .. }),
-            amount: (approved && moves_money && outcome.approved_minor > 0)
-                .then(|| outcome.card.map(|c| (c.currency, outcome.approved_minor)))
-                .flatten(),
-            pin_failures,
-        };
-        let last4 = outcome.card.map_or(m.last4, |c| c.last4);
-        let mut fired = self.watcher.observe(&rules, &observed, last4, now_ms);
-        let mut wait = group;
-        for alert in &mut fired {
-            let cell = card.filter(|_| Watcher::suspends(&rules, alert.rule)).and_then(|k| self.cell(&k));
-            let at = match (cell, card) {
-                (Some(cell), Some(key)) => {
-                    let mut guard = cell.lock().expect("card lock");
-                    let c = &mut *guard;
-                    let program = c.program.load();
-                    let lock = Op::Lock { reason: LockReason::Fraud };
-                    let mut effects = Effects::default();
-                    if c.rec.lock == LockReason::None {
-                        if let Ok(d) = rules::decide(&c.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
-                            let (_, change, e) = self.apply(key, c, SYSTEM_MERCHANT, &d, now_ms);
-                            effects = e;
+        let merchant = m.idem.merchant();
+        let mut new = Vec::new();
+        for i in 0..effects.changes.len() {
+            let c = &effects.changes[i];
+            let event = alerts::CardEvent {
+                card: c.txn.card,
+                last4: c.record.last4,
+                currency: c.record.currency,
+                kind: c.txn.kind,
+                amount_minor: c.txn.amount_minor,
+                pin_failures: c.record.pin_failures,
+            };
+            for mut alert in self.watcher.card(&rules, merchant, &event, now_ms) {
+                let key = event.card;
+                if rules.suspends(alert.rule) && !suspended.iter().any(|(k, _)| *k == key) {
+                    if let Some(card) = cards.held(&key).filter(|c| c.rec.lock == LockReason::None) {
+                        let program = card.program.load();
+                        let lock = Op::Lock { reason: LockReason::Fraud };
+                        if let Ok(d) = rules::decide(&card.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
+                            let (_, change, _) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+                            suspended.push((key, effects.changes.len()));
                             effects.changes.push(change);
                             alert.suspended = true;
                         }
                     }
-                    effects.alert = Some(alert.clone());
-                    let at = self.journal.append(effects);
-                    if alert.suspended {
-                        c.rec.last_txn_id = at.first_txn_id;
-                        c.last_group = at.group;
-                    }
-                    at
                 }
-                _ => self.journal.append(Effects { alert: Some(alert.clone()), ..Effects::default() }),
-            };
-            wait = wait.max(at.group);
+                new.push(alert);
+            }
         }
-        (fired, wait)
+        if result == ResultCode::Approved && matches!(m.op, Op::Reverse { .. }) {
+            new.extend(self.watcher.reversal(&rules, merchant, now_ms));
+        }
+        fired.extend(new.iter().cloned());
+        effects.alerts.extend(new);
+        suspended
+    }
+
+    /// Counts `unknown` answers of `card_not_found` to `client` (its configured name, or its
+    /// address) for the enumeration rule, whatever asked: balance, lookup and history reads as much
+    /// as mutations. When that brings the client's count over the last minute to the threshold, the
+    /// alert is appended on its own (it belongs to no one decision) and returned with its group,
+    /// which the reply then waits for.
+    pub fn unknown_cards(&self, client: &str, merchant: &str, unknown: u32, now_ms: i64) -> Option<(AlertRecord, u64)> {
+        let rules = self.alert_rules.load();
+        let alert = self.watcher.unknown_cards(&rules, client, merchant, unknown, now_ms)?;
+        let at = self.journal.append(Effects { alerts: vec![alert.clone()], ..Effects::default() });
+        Some((alert, at.group))
     }
 
     /// Loads persisted cards (at startup, before any request). `hold_id_next` is the journal's
@@ -495,6 +545,7 @@ impl Engine {
             _ => None,
         };
         let mut issued = None;
+        let mut fired = Vec::new();
         // The card a capture or void acts on is found by its hold, before the decision closes it.
         let card = m.card.or_else(|| m.op.hold_id().and_then(|id| self.holds.get(&id).map(|c| *c)));
         let (record, group) = match (&m.op, original) {
@@ -504,12 +555,12 @@ impl Engine {
                     IssueNumber::Generated(c) => c.clone(),
                 };
                 let author = case_author.as_deref().unwrap_or(m.idem.merchant());
-                let (record, group, index) = self.issue(&m, author, &candidates, program, now_ms);
+                let (record, group, index) = self.issue(&m, author, &candidates, program, &mut fired, now_ms);
                 issued = index.filter(|_| matches!(number, IssueNumber::Generated(_)));
                 (record, group)
             }
             (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
-            (Op::Atomic { items }, _) => self.atomic(&m, items, now_ms),
+            (Op::Atomic { items }, _) => self.atomic(&m, items, &mut fired, now_ms),
             // A job's record is its idempotency record: its count is the answer.
             (Op::JobOpen { spec }, _) => {
                 let outcome =
@@ -518,13 +569,15 @@ impl Engine {
                 let (record, at) = self.commit(&m, answer, Effects::default());
                 (record, at.group)
             }
-            (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, now_ms),
-            (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, now_ms),
-            (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, now_ms),
+            (Op::SplitRedeem { cards, money, order }, _) => self.split(&m, cards, money, *order, &mut fired, now_ms),
+            (Op::Reverse { .. }, Some((orig, key))) => self.reverse(&m, &key, orig, &mut fired, now_ms),
+            (Op::Refund { money, .. }, orig) => self.refund(&m, money, orig, &mut fired, now_ms),
             (Op::Reactivate, _) => self.reactivate(&m, m.card.expect("a reactivation names its card"), now_ms),
-            (Op::Transfer { to }, _) => self.transfer(&m, m.card.expect("a transfer names its card"), to.0, now_ms),
+            (Op::Transfer { to }, _) => {
+                self.transfer(&m, m.card.expect("a transfer names its card"), to.0, &mut fired, now_ms)
+            }
             _ => match card {
-                Some(card) => self.change(&m, card, invoice_used, claim, now_ms),
+                Some(card) => self.change(&m, card, invoice_used, claim, &mut fired, now_ms),
                 None => {
                     let code = if m.card.is_none() { ResultCode::HoldNotFound } else { ResultCode::CardNotFound };
                     self.declined(&m, Outcome::declined(code, None))
@@ -536,7 +589,6 @@ impl Engine {
                 v.insert((group, now_ms));
             }
         }
-        let (alerts, group) = self.watch(&m, card, &record.outcome, group, now_ms);
         let done = Executed {
             outcome: record.outcome,
             parts: record.parts.as_deref().cloned(),
@@ -546,7 +598,7 @@ impl Engine {
             issued,
             items: record.items.as_deref().cloned(),
             chunk: record.chunk().map(|c| c.results.clone()),
-            alerts,
+            alerts: fired,
         };
         slot.insert(RecentIdem { record, group, at_ms: now_ms });
         done
@@ -693,6 +745,7 @@ impl Engine {
         author: &str,
         candidates: &[(CardKey, [u8; 4])],
         program: &str,
+        fired: &mut Vec<AlertRecord>,
         now_ms: i64,
     ) -> (IdemRecord, u64, Option<u8>) {
         let program = self.programs.read().expect("programs lock").get(program).cloned();
@@ -716,10 +769,12 @@ impl Engine {
                     let (record, group) = self.declined(m, Outcome::declined(code, None));
                     (record, group, None)
                 }
-                Ok(mut rec) => {
+                Ok(rec) => {
                     let outcome = Outcome::approved(money.minor, rec.view(now_ms));
                     let change = Self::change_of(key, author, &rec, TxnKind::Issue, money.minor, now_ms);
-                    let effects = Effects {
+                    let program = program.expect("decide_issue checked the program");
+                    let mut card = Card { rec, program, last_group: 0 };
+                    let mut effects = Effects {
                         changes: smallvec::smallvec![change],
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
@@ -728,11 +783,13 @@ impl Engine {
                         }),
                         ..Effects::default()
                     };
+                    let held = &mut OneCard { key, card: &mut card };
+                    let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
                     // Appended while the vacant entry still holds the shard lock.
                     let (record, at) = self.commit(m, Answer::plain(outcome), effects);
-                    rec.last_txn_id = at.first_txn_id;
-                    let program = program.expect("decide_issue checked the program");
-                    v.insert(Arc::new(Mutex::new(Card { rec, program, last_group: at.group })));
+                    (held.card.rec.last_txn_id, held.card.last_group) = (at.first_txn_id, at.group);
+                    point_suspended(at, &suspended, held);
+                    v.insert(Arc::new(Mutex::new(card)));
                     (record, at.group, Some(i as u8))
                 }
             };
@@ -778,6 +835,7 @@ impl Engine {
         key: CardKey,
         invoice_used: bool,
         claim: Option<InvoiceKey>,
+        fired: &mut Vec<AlertRecord>,
         now_ms: i64,
     ) -> (IdemRecord, u64) {
         let Some(cell) = self.cell(&key) else {
@@ -799,9 +857,12 @@ impl Engine {
                 let (_, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
                 effects.changes.push(change);
                 let outcome = Outcome::declined(ResultCode::PinIncorrect, Some(card.rec.view(now_ms)));
+                let held = &mut OneCard { key, card };
+                let suspended = self.screen(m, ResultCode::PinIncorrect, &mut effects, held, fired, now_ms);
                 let (record, at) = self.commit(m, Answer::plain(outcome), effects);
-                card.rec.last_txn_id = at.first_txn_id;
-                card.last_group = at.group;
+                held.card.rec.last_txn_id = at.first_txn_id;
+                held.card.last_group = at.group;
+                point_suspended(at, &suspended, held);
                 (record, at.group)
             }
             Err(code) => {
@@ -829,17 +890,21 @@ impl Engine {
                     parts: smallvec::smallvec![(key, d.approved_minor)],
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
+                let held = &mut OneCard { key, card };
+                let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
                 // Appended under the card's lock: the journal sees this card's changes in order.
                 let (record, at) = self.commit(
                     m,
                     Answer { outcome, parts: None, effect, reason: None, items: None, bulk: None },
                     effects,
                 );
+                let card = &mut *held.card;
                 card.rec.last_txn_id = at.first_txn_id;
                 if d.kind == TxnKind::Note {
                     card.rec.last_note_id = at.first_txn_id;
                 }
                 card.last_group = at.group;
+                point_suspended(at, &suspended, held);
                 (record, at.group)
             }
         }
@@ -926,6 +991,7 @@ impl Engine {
         cards: &[(CardKey, [u8; 4])],
         money: &crate::model::Money,
         order: SplitOrder,
+        fired: &mut Vec<AlertRecord>,
         now_ms: i64,
     ) -> (IdemRecord, u64) {
         let keys: Vec<CardKey> = cards.iter().map(|(k, _)| *k).collect();
@@ -965,12 +1031,14 @@ impl Engine {
             items: None,
             bulk: None,
         };
+        let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
         let (record, appended) = self.commit(m, answer, effects);
         for (n, &(i, _)) in take.iter().enumerate() {
             let g = locked.card(&keys[i]);
             g.rec.last_txn_id = appended.first_txn_id + n as u64;
             g.last_group = appended.group;
         }
+        point_suspended(appended, &suspended, &mut locked);
         (record, appended.group)
     }
 
@@ -1007,7 +1075,14 @@ impl Engine {
     }
 
     /// Moves one card's whole balance to another and closes the first, in one append.
-    fn transfer(&self, m: &Mutation, from: CardKey, to: CardKey, now_ms: i64) -> (IdemRecord, u64) {
+    fn transfer(
+        &self,
+        m: &Mutation,
+        from: CardKey,
+        to: CardKey,
+        fired: &mut Vec<AlertRecord>,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
         let Some(cells) = self.lock_all(&[from, to]) else {
             // Cards are never removed, so whichever is missing now was missing for lock_all.
             let code =
@@ -1061,6 +1136,7 @@ impl Engine {
             items: None,
             bulk: None,
         };
+        let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
         let (record, appended) = self.commit(m, answer, effects);
         // Entries: the move out, the move in, then the old card's note (its newest entry).
         let note_id = appended.first_txn_id + 2;
@@ -1068,6 +1144,7 @@ impl Engine {
         (card.rec.last_txn_id, card.rec.last_note_id, card.last_group) = (note_id, note_id, appended.group);
         let card = locked.card(&to);
         (card.rec.last_txn_id, card.last_group) = (appended.first_txn_id + 1, appended.group);
+        point_suspended(appended, &suspended, &mut locked);
         (record, appended.group)
     }
 
@@ -1086,6 +1163,7 @@ impl Engine {
         m: &Mutation,
         money: &crate::model::Money,
         original: Option<(Option<IdemRecord>, IdemKey)>,
+        fired: &mut Vec<AlertRecord>,
         now_ms: i64,
     ) -> (IdemRecord, u64) {
         let key = m.card.expect("a refund names its card");
@@ -1128,21 +1206,31 @@ impl Engine {
                     st.refunded_minor[i] += money.minor;
                     effects.settled = Some((k.clone(), st.clone()));
                 }
+                let held = &mut OneCard { key, card };
+                let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
                 let (record, at) = self.commit(m, Answer::plain(outcome), effects);
                 if let (Some(st), Some(k)) = (settled, orig_key) {
                     if orig.as_ref().is_some_and(|r| r.effect.is_some()) {
                         self.settled.insert(k, RecentSettled { state: st, group: at.group, at_ms: now_ms });
                     }
                 }
-                card.rec.last_txn_id = at.first_txn_id;
-                card.last_group = at.group;
+                held.card.rec.last_txn_id = at.first_txn_id;
+                held.card.last_group = at.group;
+                point_suspended(at, &suspended, held);
                 (record, at.group)
             }
         }
     }
 
     /// A reversal of the mutation `key` names: every card it touched is put back, atomically.
-    fn reverse(&self, m: &Mutation, key: &IdemKey, original: Option<IdemRecord>, now_ms: i64) -> (IdemRecord, u64) {
+    fn reverse(
+        &self,
+        m: &Mutation,
+        key: &IdemKey,
+        original: Option<IdemRecord>,
+        fired: &mut Vec<AlertRecord>,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
         let orig = original.expect("a reversal always finds or claims its original");
         let first_txn = orig.effect_txns.map(|(first, _)| first);
         let Some(effect) = orig.effect else {
@@ -1153,7 +1241,9 @@ impl Engine {
                 return self.declined(m, Outcome::declined(ResultCode::NotReversible, None));
             }
             let outcome = Outcome { result: ResultCode::Approved, approved_minor: 0, card: None, hold: None };
-            let (record, at) = self.commit(m, Answer::plain(outcome), Effects::default());
+            let mut effects = Effects::default();
+            self.screen(m, ResultCode::Approved, &mut effects, &mut NoCards, fired, now_ms);
+            let (record, at) = self.commit(m, Answer::plain(outcome), effects);
             return (record, at.group);
         };
         let keys: Vec<CardKey> = effect.parts.iter().map(|(k, _)| *k).collect();
@@ -1166,7 +1256,9 @@ impl Engine {
             // Reversed already: the same answer again, and nothing changes.
             let answer =
                 Answer { outcome: *outcome, parts: parts.clone(), effect: None, reason: None, items: None, bulk: None };
-            let (record, at) = self.commit(m, answer, Effects::default());
+            let mut effects = Effects::default();
+            self.screen(m, outcome.result, &mut effects, &mut NoCards, fired, now_ms);
+            let (record, at) = self.commit(m, answer, effects);
             return (record, at.group);
         }
         let window_ms = locked.card_ref(&keys[0]).program.load().reversal_window_ms;
@@ -1218,6 +1310,9 @@ impl Engine {
         let parts = Some(Parts { currency: effect.currency, items });
         settled.reversal = Some((outcome, parts.clone()));
         effects.settled = Some((key.clone(), settled.clone()));
+        // The reversal rule counts this merchant's reversals; the card rules see no amount here.
+        let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
+        debug_assert!(suspended.is_empty(), "a reversal suspends no card");
         let (record, appended) =
             self.commit(m, Answer { outcome, parts, effect: None, reason: None, items: None, bulk: None }, effects);
         self.settled.insert(key.clone(), RecentSettled { state: settled, group: appended.group, at_ms: now_ms });
@@ -1233,7 +1328,13 @@ impl Engine {
     /// it left them, with all its cards locked; applied in one append if every item is approved,
     /// else nothing is, and each item says why (the first declined its own code, the others
     /// `batch_aborted`). One idempotency record, the batch's, answers a retry item by item.
-    fn atomic(&self, m: &Mutation, items: &[rules::AtomicItem], now_ms: i64) -> (IdemRecord, u64) {
+    fn atomic(
+        &self,
+        m: &Mutation,
+        items: &[rules::AtomicItem],
+        fired: &mut Vec<AlertRecord>,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
         let aborted = |failed: usize, code: ResultCode, view| -> Vec<Outcome> {
             (0..items.len())
                 .map(|i| {
@@ -1301,6 +1402,7 @@ impl Engine {
         }
         let outcome = Outcome { approved_minor: total, ..Outcome::declined(ResultCode::Approved, None) };
         let answer = Answer { items: Some(outcomes), ..Answer::plain(outcome) };
+        let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
         let (record, at) = self.commit(m, answer, effects);
         // Each card is in the batch once (the wire refuses repeats), so change n is card n's.
         for (n, item) in items.iter().enumerate() {
@@ -1308,6 +1410,7 @@ impl Engine {
             card.rec.last_txn_id = at.first_txn_id + n as u64;
             card.last_group = at.group;
         }
+        point_suspended(at, &suspended, &mut locked);
         (record, at.group)
     }
 
@@ -1601,11 +1704,6 @@ impl Engine {
         self.idem.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
         self.settled.retain(|_, r| r.group > durable_group || r.at_ms >= older_than_ms);
         self.invoices.retain(|_, (g, at)| *g > durable_group || *at >= older_than_ms);
-    }
-
-    /// Forgets the alert rules' counts of windows that have ended.
-    pub fn sweep_alert_windows(&self, now_ms: i64) {
-        self.watcher.sweep(now_ms);
     }
 
     /// Idempotency keys held in memory.

@@ -1172,11 +1172,11 @@ fn rules(f: impl FnOnce(&mut alerts::AlertRules)) -> alerts::AlertRules {
     r
 }
 
-/// The start of the minute holding `NOW`, so a test's requests share one window.
+/// A start for tests that count within a minute.
 const MINUTE_START: i64 = NOW - NOW % 60_000;
 
 #[test]
-fn velocity_fires_exactly_at_the_threshold_once_per_minute() {
+fn velocity_fires_exactly_at_the_threshold_once_per_burst_over_a_sliding_minute() {
     let (e, j) = engine();
     e.set_alert_rules(rules(|r| r.velocity_per_minute = Some(alerts::Threshold { count: 3, suspend: false })));
     active_100(&e);
@@ -1191,22 +1191,24 @@ fn velocity_fires_exactly_at_the_threshold_once_per_minute() {
         (alerts::Rule::Velocity, 3, 3, "m1", false)
     );
     assert_eq!(&a.last4, b"0001", "the card by its last 4 digits");
-    assert!(fired("r4", MINUTE_START + 3).is_empty(), "once per window, not once per request above it");
+    assert!(fired("r4", MINUTE_START + 3).is_empty(), "once per burst, not once per request above it");
     // A retry is a replay, not a redemption: it fires nothing and counts nothing.
     assert!(fired("r3", MINUTE_START + 4).is_empty());
     assert_eq!(j.alerts().len(), 1, "the alert was journaled once");
-    // The next minute counts afresh.
+    // The window slides: a minute after r1, r2 to r4 are still within it; nothing fires anew.
     assert!(fired("r5", MINUTE_START + 60_000).is_empty());
-    assert!(fired("r6", MINUTE_START + 60_001).is_empty());
-    assert_eq!(fired("r7", MINUTE_START + 60_002).len(), 1);
-    // Alerts take ids in the sequence history entries use, after the decision's entry.
+    // Ten seconds later only r5 is left in it: r6 makes two, and r7 three again.
+    assert!(fired("r6", MINUTE_START + 70_000).is_empty());
+    assert_eq!(fired("r7", MINUTE_START + 70_001).len(), 1, "r5, r6, r7: three within a minute");
+    // The alert takes the id after its decision's entry, in the same append.
     let (ids, txns) = (j.alerts(), j.txns());
     // txns: the issue, then r1, r2, r3 (which fired), r4.
-    assert!(ids[0].0 > txns[3].id && ids[0].0 < txns[4].id, "{} between {} and {}", ids[0].0, txns[3].id, txns[4].id);
+    assert_eq!(ids[0].0, txns[3].id + 1);
+    assert_eq!(txns[4].id, ids[0].0 + 1);
 }
 
 #[test]
-fn a_rule_that_suspends_locks_the_card_for_fraud_with_its_alert() {
+fn a_rule_that_suspends_locks_the_card_for_fraud_in_the_decisions_own_append() {
     let (e, j) = engine();
     e.set_alert_rules(rules(|r| r.velocity_per_minute = Some(alerts::Threshold { count: 2, suspend: true })));
     active_100(&e);
@@ -1214,10 +1216,16 @@ fn a_rule_that_suspends_locks_the_card_for_fraud_with_its_alert() {
     let second = run(&e, "r2", card(1), redeem(100, false), MINUTE_START + 1);
     assert_eq!(second.outcome.result, ResultCode::Approved, "the decision that fires the rule stands");
     assert!(second.alerts[0].suspended);
-    assert_eq!(e.snapshot(&card(1)).unwrap().0.lock, LockReason::Fraud);
-    let last = j.txns().last().cloned().unwrap();
-    assert_eq!((last.kind, &*last.merchant), (TxnKind::Lock, SYSTEM_MERCHANT));
+    let (rec, group) = e.snapshot(&card(1)).unwrap();
+    assert_eq!(rec.lock, LockReason::Fraud);
+    let txns = j.txns();
+    let (spent, lock) = (&txns[txns.len() - 2], &txns[txns.len() - 1]);
+    assert_eq!((spent.kind, lock.kind, &*lock.merchant), (TxnKind::Redeem, TxnKind::Lock, SYSTEM_MERCHANT));
+    assert_eq!(lock.prev_id, spent.id, "the lock follows the redeem in the card's chain");
+    assert_eq!(rec.last_txn_id, lock.id, "the card's newest entry is its lock");
+    assert_eq!(j.alerts()[0].0, lock.id + 1, "the alert follows the lock");
     assert!(j.alerts()[0].1.suspended);
+    assert_eq!(group, second.group, "decision, lock and alert are one append: one group");
     let third = run(&e, "r3", card(1), redeem(100, false), MINUTE_START + 2);
     assert_eq!(third.outcome.result, ResultCode::CardSuspended);
     assert_eq!(balance_of(&e, card(1)), 9_800);
@@ -1226,11 +1234,11 @@ fn a_rule_that_suspends_locks_the_card_for_fraud_with_its_alert() {
 #[test]
 fn large_amounts_fire_above_their_currencys_threshold_only() {
     let (e, j) = engine();
+    active_100(&e);
+    issue(&e, card(2), "default", eur(100_000), None, true);
     e.set_alert_rules(rules(|r| {
         r.large_amount_minor.insert(usd(0).currency, 5_000);
     }));
-    active_100(&e);
-    issue(&e, card(2), "default", eur(100_000), None, true);
     assert!(run(&e, "at", card(1), redeem(5_000, false), NOW).alerts.is_empty(), "at the threshold is not above it");
     let over = run(&e, "over", card(1), Op::Reload { money: usd(5_001) }, NOW).alerts;
     assert_eq!(over.len(), 1);
@@ -1242,20 +1250,58 @@ fn large_amounts_fire_above_their_currencys_threshold_only() {
 }
 
 #[test]
-fn unknown_cards_from_one_merchant_fire_enumeration_at_the_threshold() {
+fn every_path_that_moves_money_is_judged_card_by_card() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| {
+        r.large_amount_minor.insert(usd(0).currency, 5_000);
+        r.large_amount_suspend = true;
+        r.velocity_per_minute = Some(alerts::Threshold { count: 2, suspend: false });
+    }));
+    // An issue's value is an amount: the new card is suspended with its issue.
+    let big = issue(&e, card(1), "default", usd(8_000), None, true);
+    assert_eq!((big.alerts.len(), big.alerts[0].rule, big.alerts[0].suspended), (1, alerts::Rule::LargeAmount, true));
+    assert_eq!(e.snapshot(&card(1)).unwrap().0.lock, LockReason::Fraud);
+    for c in 2..=4 {
+        assert!(issue(&e, card(c), "default", usd(4_000), None, true).alerts.is_empty());
+    }
+    // A split redeem's parts are redemptions of their cards: the second on card 2 in the minute.
+    assert!(run(&e, "rd", card(2), redeem(100, false), NOW).alerts.is_empty());
+    let cards = vec![(card(2), *b"0002"), (card(3), *b"0003")];
+    let split = run_cardless(&e, "sp", Op::SplitRedeem { cards, money: usd(4_500), order: SplitOrder::Given }, NOW);
+    assert_eq!(split.outcome.result, ResultCode::Approved);
+    let rules_fired: Vec<_> = split.alerts.iter().map(|a| (a.rule, a.last4)).collect();
+    assert_eq!(rules_fired, vec![(alerts::Rule::Velocity, *b"0002")], "card 3's first redemption fires nothing");
+    // A transfer moves a card's whole balance: over the threshold, the source card is suspended.
+    issue(&e, card(5), "default", usd(0), None, true);
+    for (key, c) in [("l1", card(4)), ("l2", card(4))] {
+        run(&e, key, c, Op::Reload { money: usd(1_000) }, NOW);
+    }
+    let moved = run(&e, "tr", card(4), Op::Transfer { to: (card(5), *b"0005") }, NOW);
+    assert_eq!(moved.outcome.result, ResultCode::Approved);
+    assert_eq!((moved.alerts.len(), moved.alerts[0].observed, &moved.alerts[0].last4), (1, 6_000, b"0004"));
+    // The source was closed by the transfer before the rule ran: a closed card is not locked.
+    assert!(j.alerts().len() >= 3);
+}
+
+#[test]
+fn unknown_cards_to_one_client_fire_enumeration_at_the_threshold() {
     let (e, j) = engine();
     e.set_alert_rules(rules(|r| r.enumeration_per_minute = Some(3)));
-    let probe = |merchant: &'static str, key: &str, at: i64| {
-        e.execute(m(Req { merchant, key: key.into(), card: card(9), op: redeem(100, false) }), at)
-    };
-    assert_eq!(probe("m1", "p1", MINUTE_START).outcome.result, ResultCode::CardNotFound);
-    assert!(probe("m1", "p2", MINUTE_START + 1).alerts.is_empty());
-    assert!(probe("m2", "p1", MINUTE_START + 2).alerts.is_empty(), "another merchant counts apart");
-    let third = probe("m1", "p3", MINUTE_START + 3).alerts;
-    assert_eq!(third.len(), 1);
-    assert_eq!((third[0].rule, &*third[0].merchant, third[0].last4), (alerts::Rule::Enumeration, "m1", *b"0000"));
-    assert!(!third[0].suspended);
-    assert_eq!(j.alerts().len(), 1);
+    // The engine no longer counts a mutation's own card_not_found: the server counts every such
+    // answer, reads included, by client.
+    let probe = e.execute(m(Req { merchant: "m1", key: "p1".into(), card: card(9), op: redeem(100, false) }), NOW);
+    assert_eq!((probe.outcome.result, probe.alerts.len()), (ResultCode::CardNotFound, 0));
+    assert!(e.unknown_cards("10.0.0.7", "", 1, MINUTE_START).is_none());
+    assert!(e.unknown_cards("10.0.0.7", "", 1, MINUTE_START + 1).is_none());
+    assert!(e.unknown_cards("pos-2", "m2", 2, MINUTE_START + 2).is_none(), "another client counts apart");
+    let (a, group) = e.unknown_cards("10.0.0.7", "", 1, MINUTE_START + 3).expect("the third fires");
+    assert_eq!((a.rule, &*a.client, &*a.merchant, a.last4), (alerts::Rule::Enumeration, "10.0.0.7", "", *b"0000"));
+    assert!(!a.suspended && group > 0);
+    assert!(e.unknown_cards("10.0.0.7", "", 1, MINUTE_START + 4).is_none(), "once per burst");
+    // A batch's unknown items count at once.
+    let (b, _) = e.unknown_cards("pos-2", "m2", 5, MINUTE_START + 5).expect("2 + 5 reach 3");
+    assert_eq!((&*b.client, &*b.merchant), ("pos-2", "m2"));
+    assert_eq!(j.alerts().len(), 2);
 }
 
 #[test]

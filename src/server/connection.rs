@@ -158,25 +158,58 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
     let _ = wr.shutdown().await;
 }
 
-/// Counts a replay, and logs and counts each security alert the decision fired. The card appears by
-/// its last 4 digits only.
+/// Counts the unknown cards a reply answered (`card_not_found`, of a request or of batch items)
+/// for the enumeration rule, by client: its configured name, or its IP address when giftd lists
+/// no clients (every connection is then the same anonymous operator). The alert names the
+/// client's own merchant id, if it has one: the ids in its requests are its own choice. Returns the
+/// group of the alert that fired, which the reply waits for (0 if none).
+fn screen_unknown_cards(shared: &Shared, gate: &Gate, peer: SocketAddr, reply: &Reply) -> u64 {
+    let unknown = match reply {
+        Reply::Batch(items) => items.iter().filter(|(_, r)| r.result() == ResultCode::CardNotFound).count(),
+        r => usize::from(r.result() == ResultCode::CardNotFound),
+    };
+    if unknown == 0 {
+        return 0;
+    }
+    let principal = gate.principal();
+    let client = match principal.map(|p| p.name.as_str()).filter(|n| !n.is_empty()) {
+        Some(name) => name.to_string(),
+        None => peer.ip().to_string(),
+    };
+    let merchant = principal.and_then(|p| p.merchant.as_deref()).unwrap_or("");
+    match shared.engine.unknown_cards(&client, merchant, unknown.min(u32::MAX as usize) as u32, now_ms()) {
+        Some((alert, group)) => {
+            report_alert(shared, &alert);
+            group
+        }
+        None => 0,
+    }
+}
+
+/// Counts a replay, and logs and counts each security alert the decision fired.
 fn report(shared: &Shared, done: &crate::engine::Executed) {
     if done.replayed {
         shared.metrics.idempotent_replays.inc();
     }
     for a in &done.alerts {
-        shared.metrics.alert(a.rule);
-        tracing::warn!(
-            rule = a.rule.name(),
-            card = %format!("****{}", String::from_utf8_lossy(&a.last4)),
-            merchant = %a.merchant,
-            observed = a.observed,
-            threshold = a.threshold,
-            currency = a.currency.as_ref().map_or("", |c| c.as_str()),
-            suspended = a.suspended,
-            "security alert"
-        );
+        report_alert(shared, a);
     }
+}
+
+/// Logs and counts a security alert. The card appears by its last 4 digits only.
+fn report_alert(shared: &Shared, a: &crate::engine::alerts::AlertRecord) {
+    shared.metrics.alert(a.rule);
+    tracing::warn!(
+        rule = a.rule.name(),
+        card = %format!("****{}", String::from_utf8_lossy(&a.last4)),
+        merchant = %a.merchant,
+        client = %a.client,
+        observed = a.observed,
+        threshold = a.threshold,
+        currency = a.currency.as_ref().map_or("", |c| c.as_str()),
+        suspended = a.suspended,
+        "security alert"
+    );
 }
 
 /// Keeps `giftd_requests_in_flight` equal to the sum of every connection's queued replies, even
@@ -256,6 +289,7 @@ async fn decide(
                     req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
                     req => handle(shared, opcode, &frame.body, req).await,
                 };
+                let group = group.max(screen_unknown_cards(shared, gate, peer, &reply));
                 (reply, group, false)
             }
         },

@@ -75,6 +75,7 @@ fn view(id: u64, ev: StoredEvent) -> EventView {
             rule: a.rule as u8,
             last4: a.last4,
             merchant: a.merchant.into(),
+            client: a.client.into(),
             currency: a.currency,
             observed: a.observed,
             threshold: a.threshold,

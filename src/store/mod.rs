@@ -512,10 +512,7 @@ impl Journal for Store {
         let mut s = self.pending.state.lock().expect("pending lock");
         // Assigned here, under the lock that orders groups, so ids grow in commit order.
         let first_txn_id = if effects.changes.is_empty() { 0 } else { s.txn_id + 1 };
-        for c in &mut effects.changes {
-            s.txn_id += 1;
-            c.assign_id(s.txn_id);
-        }
+        s.txn_id = effects.assign_ids(s.txn_id + 1) - 1;
         if let Some((_, r)) = &mut effects.idem {
             if let Some(e) = &r.effect {
                 r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
@@ -523,10 +520,6 @@ impl Journal for Store {
             if let Some(crate::engine::Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
                 c.first_txn_id = first_txn_id;
             }
-        }
-        if effects.alert.is_some() {
-            s.txn_id += 1;
-            effects.alert_id = s.txn_id;
         }
         s.entries.push(effects);
         if s.entries.len() == 1 {
@@ -928,8 +921,9 @@ fn commit_loop(
                 if let Some((k, rec)) = &e.idem {
                     sorted.put(CfIndex::Idem, &hashed_key(&k.0), |b| records::encode_idem(b, rec));
                 }
-                if let Some(a) = &e.alert {
-                    sorted.put(CfIndex::Alerts, &records::history_key(e.alert_id), |b| records::encode_alert(b, a));
+                for (i, a) in e.alerts.iter().enumerate() {
+                    let id = e.alert_id + i as u64;
+                    sorted.put(CfIndex::Alerts, &records::history_key(id), |b| records::encode_alert(b, a));
                 }
                 if let Some(k) = &e.invoice {
                     sorted.put(CfIndex::Invoices, &hashed_key(&k.0), |_| {});

@@ -23,7 +23,8 @@ use bytes::BufMut;
 // an older version.
 const CARD_V8: u8 = 8;
 const NOTE_V1: u8 = 1;
-const ALERT_V1: u8 = 1;
+// v2: the client the enumeration rule counted.
+const ALERT_V2: u8 = 2;
 const IDEM_V6: u8 = 6;
 /// Most cards a job chunk's record lists.
 const CHUNK_CARDS_MAX: usize = 4096;
@@ -596,11 +597,12 @@ pub fn decode_note(buf: &[u8]) -> Result<NoteRecord, Corrupt> {
 
 /// An alert, under its id in the sequence it shares with history entries (`history_key`).
 pub fn encode_alert(dst: &mut Vec<u8>, a: &AlertRecord) {
-    dst.put_u8(ALERT_V1);
+    dst.put_u8(ALERT_V2);
     dst.put_u8(a.rule as u8);
     dst.put_i64_le(a.at_ms);
     dst.put_slice(&a.last4);
     put_str8(dst, &a.merchant);
+    put_str8(dst, &a.client);
     dst.put_i64_le(a.observed);
     dst.put_i64_le(a.threshold);
     match a.currency {
@@ -612,18 +614,19 @@ pub fn encode_alert(dst: &mut Vec<u8>, a: &AlertRecord) {
 
 pub fn decode_alert(buf: &[u8]) -> Result<AlertRecord, Corrupt> {
     let mut r = Reader { buf, what: "alert" };
-    r.version(ALERT_V1)?;
+    r.version(ALERT_V2)?;
     let rule = Rule::from_u8(r.u8()?);
     let rule = r.some(rule)?;
     let at_ms = r.i64()?;
     let last4 = r.arr()?;
     let merchant = r.str8()?.into();
+    let client = r.str8()?.into();
     let observed = r.i64()?;
     let threshold = r.i64()?;
     let code: [u8; 3] = r.arr()?;
     let currency = if code == [0; 3] { None } else { Some(r.some(Currency::from_code(code))?) };
     let suspended = r.u8()? != 0;
-    Ok(AlertRecord { rule, at_ms, last4, merchant, observed, threshold, currency, suspended })
+    Ok(AlertRecord { rule, at_ms, last4, merchant, client, observed, threshold, currency, suspended })
 }
 
 pub fn totals_key(c: Currency) -> [u8; 10] {
@@ -770,6 +773,7 @@ mod tests {
                 at_ms: 1_800_000_000_123,
                 last4: *b"4242",
                 merchant: "m-store-17".into(),
+                client: if rule == Rule::Enumeration { "pos-gateway-2" } else { "" }.into(),
                 observed: 250_000,
                 threshold: 100_000,
                 currency,

@@ -592,6 +592,8 @@ pub enum EventView {
         rule: u8,
         last4: [u8; 4],
         merchant: String,
+        /// The client the enumeration rule counted (empty for the other rules).
+        client: String,
         currency: Option<Currency>,
         observed: i64,
         threshold: i64,
@@ -1473,7 +1475,18 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
                         dst.put_i64_le(*at_ms);
                         put_str8(dst, email);
                     }
-                    EventView::Alert { id, rule, last4, merchant, currency, observed, threshold, suspended, at_ms } => {
+                    EventView::Alert {
+                        id,
+                        rule,
+                        last4,
+                        merchant,
+                        client,
+                        currency,
+                        observed,
+                        threshold,
+                        suspended,
+                        at_ms,
+                    } => {
                         dst.put_u64_le(*id);
                         dst.put_u8(2);
                         dst.put_u8(*rule);
@@ -1484,6 +1497,7 @@ pub fn encode_reply_body(dst: &mut BytesMut, reply: &Reply) {
                         dst.put_i64_le(*threshold);
                         dst.put_u8(*suspended as u8);
                         dst.put_i64_le(*at_ms);
+                        put_str8(dst, client);
                     }
                 }
             }
@@ -1707,6 +1721,7 @@ pub fn decode_reply(opcode: u8, body: &[u8]) -> Result<Reply, DecodeError> {
                         threshold: r.i64()?,
                         suspended: r.bool()?,
                         at_ms: r.i64()?,
+                        client: r.str8(STRING_BYTES_MAX)?,
                     },
                     _ => return Err(MALFORMED),
                 });

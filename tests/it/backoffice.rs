@@ -229,6 +229,11 @@ async fn reactivation_over_tcp_answers_with_its_reason_and_leaves_a_note() {
     assert_eq!((o.result, why.as_str()), (ResultCode::Approved, "Reactivated per policy – VIP customer"));
     let l = lookup(&mut c).await;
     assert_eq!(l.notes.first().map(|n| n.text.as_str()), Some("Reactivated per policy – VIP customer"));
+    // The reactivation and its note are two entries of one decision; the card's history, read
+    // back along its chain, shows both (the note names the reactivation as the entry before it).
+    let kinds: Vec<TxnKind> = l.recent.iter().map(|t| t.kind).collect();
+    assert_eq!(kinds[..4], [TxnKind::Note, TxnKind::Reactivate, TxnKind::Register, TxnKind::Issue], "{kinds:?}");
+    assert_eq!(l.txn_count as usize, l.recent.len(), "every entry is on the chain");
     // The decline's retry gives the same sentence.
     let (_, again) = explained(timed("reactivate", c.call(&react(CARD, "re1"))).await.unwrap());
     assert_eq!(again, "expired 30 h ago, not VIP: not eligible for reactivation (grace 24 h)");

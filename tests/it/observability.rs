@@ -222,27 +222,19 @@ async fn the_dashboard_asks_only_for_exported_metrics() {
     assert!(missing.is_empty(), "the dashboard uses metrics giftd does not export: {missing:?}");
 }
 
-/// Waits, if need be, so that the next few seconds fall in one clock minute (the rules' window).
-pub async fn within_one_minute() {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs() % 60;
-    if secs >= 50 {
-        tokio::time::sleep(Duration::from_secs(61 - secs)).await;
-    }
-}
-
 /// Security alerts over TCP: velocity fires exactly at its threshold and suspends the card (which
-/// stays suspended after a restart), enumeration fires at its threshold and once; each is counted
-/// by rule and logged with the card's last 4 digits only.
+/// stays suspended after a restart), enumeration counts balance reads and mutations of unknown
+/// cards by client and fires exactly at its threshold, once; each is counted by rule and logged
+/// with the card's last 4 digits only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_rules_fire_at_their_threshold_and_suspend_over_tcp() {
     let mut g = Giftd::with_config(
-        "[alerts]\nredemptions_per_card_per_minute = 3\nvelocity_suspend = true\nunknown_cards_per_minute = 2\n",
+        "[alerts]\nredemptions_per_card_per_minute = 3\nvelocity_suspend = true\nunknown_cards_per_minute = 3\n",
     );
     let n = "6035719980000061";
     let mut c = g.client().await;
     issue(&mut c, n, usd(10_000)).await;
     let alerts = |body: &str, rule: &str| sample(body, &format!("giftd_alerts_total{{rule=\"{rule}\"}}"));
-    within_one_minute().await;
     for i in 0..2 {
         assert_eq!(redeem(&mut c, n, &format!("vel-{i}"), usd(100), false).await.result, ResultCode::Approved);
     }
@@ -254,17 +246,19 @@ async fn alert_rules_fire_at_their_threshold_and_suspend_over_tcp() {
     assert_eq!(redeem(&mut c, n, "vel-3", usd(100), false).await.result, ResultCode::CardSuspended);
 
     let unknown = "6035719980000079";
+    let probe = Request::Balance { number: num(unknown) };
     assert_eq!(redeem(&mut c, unknown, "enum-0", usd(100), false).await.result, ResultCode::CardNotFound);
+    assert_eq!(call(&mut c, &probe).await.result, ResultCode::CardNotFound);
     let body = http_get(g.metrics_addr(), "/metrics").await.1;
-    assert_eq!(alerts(&body, "enumeration"), Some(0.0));
-    for i in 1..3 {
-        assert_eq!(
-            redeem(&mut c, unknown, &format!("enum-{i}"), usd(100), false).await.result,
-            ResultCode::CardNotFound
-        );
-    }
+    assert_eq!(alerts(&body, "enumeration"), Some(0.0), "a mutation and a read: 2, under the threshold of 3");
+    // A second connection of the same client (here: the same address) shares its count.
+    let mut other = g.client().await;
+    assert_eq!(call(&mut other, &probe).await.result, ResultCode::CardNotFound);
     let body = http_get(g.metrics_addr(), "/metrics").await.1;
-    assert_eq!(alerts(&body, "enumeration"), Some(1.0), "fires at 2, once in the minute");
+    assert_eq!(alerts(&body, "enumeration"), Some(1.0), "the third unknown card fires");
+    assert_eq!(call(&mut other, &probe).await.result, ResultCode::CardNotFound);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "enumeration"), Some(1.0), "once per burst");
 
     let log = String::from_utf8_lossy(&g.log()).into_owned();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("security alert")).collect();
@@ -274,10 +268,11 @@ async fn alert_rules_fire_at_their_threshold_and_suspend_over_tcp() {
         "{}",
         lines[0]
     );
+    assert!(lines[1].contains("enumeration") && lines[1].contains("client=127.0.0.1"), "{}", lines[1]);
     assert!(!log.contains(n) && !log.contains(unknown), "no full card number in the log");
 
     // The suspension was written with its alert: it survives kill -9 and a restart.
-    drop(c);
+    drop((c, other));
     g.restart();
     let mut c = g.client().await;
     assert_eq!(redeem(&mut c, n, "vel-4", usd(100), false).await.result, ResultCode::CardSuspended);
