@@ -15,10 +15,16 @@ use std::time::Duration;
 /// Latency buckets from 25 µs to 50 ms: they resolve the sub-millisecond range the targets live in.
 const LATENCY_BUCKETS_SECONDS: &[f64] =
     &[0.000_025, 0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05];
+/// The `op` label of a request whose operation is unknown: its opcode is not one giftd has, or its
+/// frame could not be read at all (too large, malformed, another protocol version). Such answers
+/// are protocol errors the error-ratio alert counts, so they must be requests too.
+pub const OP_UNKNOWN: &str = "unknown";
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Indexed by `Opcode::index`, then by position in `ResultCode::ALL`; the last row is
+    /// [`OP_UNKNOWN`].
     requests: Vec<Vec<IntCounter>>,
     latency: Vec<Histogram>,
     wal_group_size: Histogram,
@@ -88,7 +94,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests_vec = IntCounterVec::new(
-            Opts::new("giftd_requests_total", "Requests answered, by operation and result code."),
+            Opts::new(
+                "giftd_requests_total",
+                "Requests answered, by operation (unknown: an unknown opcode or an unreadable frame) and result code.",
+            ),
             &["op", "result"],
         )
         .expect("metric");
@@ -241,7 +250,9 @@ impl Metrics {
         }
         let requests = Opcode::ALL
             .iter()
-            .map(|op| ResultCode::ALL.iter().map(|r| requests_vec.with_label_values(&[op.name(), r.name()])).collect())
+            .map(|op| op.name())
+            .chain([OP_UNKNOWN])
+            .map(|op| ResultCode::ALL.iter().map(|r| requests_vec.with_label_values(&[op, r.name()])).collect())
             .collect();
         let latency = Opcode::ALL.iter().map(|op| latency_vec.with_label_values(&[op.name()])).collect();
         Metrics {
@@ -317,8 +328,14 @@ impl Metrics {
         self.write_delayed.set(stats.write_delayed as i64);
     }
 
-    pub fn request(&self, op: Opcode, result: ResultCode, elapsed: Duration) {
+    /// Counts an answer. A request of no known operation (`None`) is counted under
+    /// [`OP_UNKNOWN`], without a duration: it was never decided.
+    pub fn request(&self, op: Option<Opcode>, result: ResultCode, elapsed: Duration) {
         let r = ResultCode::ALL.iter().position(|c| *c == result).unwrap_or(0);
+        let Some(op) = op else {
+            self.requests[Opcode::ALL.len()][r].inc();
+            return;
+        };
         self.requests[op.index()][r].inc();
         self.latency[op.index()].observe(elapsed.as_secs_f64());
     }

@@ -71,6 +71,31 @@ async fn a_live_scrape_passes_promtool_and_counts_cards_holds_and_liability() {
     assert!(body.contains(&format!("giftd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
 }
 
+/// Frames giftd cannot read and unknown opcodes name no operation: they are counted as requests of
+/// op `unknown` with their result (and no duration), so the error-ratio alert, which divides the
+/// protocol errors by all requests, sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_are_counted_as_requests_of_op_unknown() {
+    use crate::protocol::{assert_error_frame, exchange, frame};
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    // An unknown opcode is answered (opcode | 0x80) and the connection goes on.
+    assert_error_frame(&exchange(&mut c, &frame(1, 0x7e, 0, 5, b"")).await, 0xfe, 5, ResultCode::UnknownOpcode);
+    // A frame shorter than its header, and one longer than the limit: each answered, then closed.
+    let malformed = exchange(&mut g.client().await, &[3, 0, 0, 0, 1, 2, 3]).await;
+    assert_error_frame(&malformed, 0x80, 0, ResultCode::MalformedFrame);
+    let too_large = exchange(&mut g.client().await, &u32::MAX.to_le_bytes()).await;
+    assert_error_frame(&too_large, 0x80, 0, ResultCode::FrameTooLarge);
+
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |result: &str| sample(&body, &format!("giftd_requests_total{{op=\"unknown\",result=\"{result}\"}}"));
+    assert_eq!(at("unknown_opcode"), Some(1.0), "{body}");
+    assert_eq!(at("malformed_frame"), Some(1.0), "{body}");
+    assert_eq!(at("frame_too_large"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "giftd_protocol_errors_total"), Some(2.0), "the two closed connections: {body}");
+    assert!(!body.contains(r#"giftd_request_duration_seconds_count{op="unknown"}"#), "{body}");
+}
+
 /// Percent-encodes a PromQL query for a URL.
 fn url_encode(s: &str) -> String {
     s.bytes()
