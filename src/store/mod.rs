@@ -18,6 +18,7 @@
 //! checkpoint".
 
 pub mod records;
+mod stall;
 
 use crate::card_number::{CardKey, CardKeyState};
 use crate::engine::{

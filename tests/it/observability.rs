@@ -68,6 +68,10 @@ async fn a_live_scrape_passes_promtool_and_counts_cards_holds_and_liability() {
     assert_eq!(at("giftd_requests_in_flight"), 0.0);
     assert_eq!(at("giftd_rocksdb_write_stopped"), 0.0);
     assert!(at("giftd_rocksdb_memtable_bytes") > 0.0);
+    assert_eq!(at("giftd_rocksdb_write_stall_seconds_total"), 0.0);
+    // WAL buckets reach past the request-latency range, up to disk stalls of seconds.
+    assert!(at(r#"giftd_wal_fsync_seconds_bucket{le="2.5"}"#) > 0.0);
+    assert!(at(r#"giftd_wal_write_seconds_bucket{le="2.5"}"#) > 0.0);
     assert!(body.contains(&format!("giftd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
 }
 
