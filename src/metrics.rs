@@ -1,6 +1,8 @@
 //! Prometheus metrics. Label values come from closed sets (operation names, result code names);
-//! never card numbers, merchant ids or client addresses. Hot-path handles are resolved once into
-//! arrays indexed by operation and result, so recording a request is two atomic adds.
+//! never card numbers, merchant ids or client addresses. Hot-path handles are resolved on first use
+//! into arrays indexed by operation and result, so recording a request is two atomic adds, and a
+//! scrape shows only the series that happened (and each operation's approved count from the
+//! start), not every operation × result pair.
 
 use crate::engine::alerts::Rule;
 use crate::engine::Census;
@@ -10,7 +12,11 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// The git commit giftd was built from (see build.rs).
+const REVISION: &str = env!("GIFTD_REVISION");
 
 /// Latency buckets from 25 µs to 50 ms: they resolve the sub-millisecond range the targets live in.
 const LATENCY_BUCKETS_SECONDS: &[f64] =
@@ -30,10 +36,13 @@ const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0
 
 pub struct Metrics {
     pub registry: Registry,
+    requests_vec: IntCounterVec,
+    latency_vec: HistogramVec,
     /// Indexed by `Opcode::index`, then by position in `ResultCode::ALL`; the last row is
     /// [`OP_UNKNOWN`].
-    requests: Vec<Vec<IntCounter>>,
-    latency: Vec<Histogram>,
+    requests: Vec<Vec<OnceLock<IntCounter>>>,
+    /// Indexed by `Opcode::index`.
+    latency: Vec<OnceLock<Histogram>>,
     wal_group_size: Histogram,
     wal_write_seconds: Histogram,
     wal_fsync_seconds: Histogram,
@@ -44,7 +53,7 @@ pub struct Metrics {
     pub protocol_errors: IntCounter,
     pub idempotent_replays: IntCounter,
     pub holds_expired: IntCounter,
-    pub idem_keys_memory: IntGauge,
+    pub idem_keys_in_memory: IntGauge,
     pub cards_recovered: IntGauge,
     pub recovery_seconds: prometheus::Gauge,
     /// Replies queued on connections, decided or not yet durable.
@@ -118,7 +127,7 @@ impl Metrics {
         let latency_vec = HistogramVec::new(
             HistogramOpts::new(
                 "giftd_request_duration_seconds",
-                "From request decoded to reply written, durable wait included, by operation.",
+                "From a request's frame read to its reply ready to write (durable wait included; the socket write is not), by operation.",
             )
             .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["op"],
@@ -167,8 +176,8 @@ impl Metrics {
             "Holds released by giftd at their deadline (not captured or voided in time).",
         )
         .expect("metric");
-        let idem_keys_memory = IntGauge::new(
-            "giftd_idempotency_keys_memory",
+        let idem_keys_in_memory = IntGauge::new(
+            "giftd_idempotency_keys_in_memory",
             "Idempotency keys held in memory (recent or not yet durable); older ones are in the store.",
         )
         .expect("metric");
@@ -230,8 +239,12 @@ impl Metrics {
             "Auth requests refused (unknown client or wrong proof); each closes its connection.",
         )
         .expect("metric");
-        let build_info = gauge_vec("giftd_build_info", "Always 1; the labels say which giftd is running.", "version");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = IntGaugeVec::new(
+            Opts::new("giftd_build_info", "Always 1; the labels say which giftd is running (version, git commit)."),
+            &["version", "revision"],
+        )
+        .expect("metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION]).set(1);
         for c in [
             Box::new(requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency_vec.clone()),
@@ -245,7 +258,7 @@ impl Metrics {
             Box::new(protocol_errors.clone()),
             Box::new(idempotent_replays.clone()),
             Box::new(holds_expired.clone()),
-            Box::new(idem_keys_memory.clone()),
+            Box::new(idem_keys_in_memory.clone()),
             Box::new(cards_recovered.clone()),
             Box::new(recovery_seconds.clone()),
             Box::new(requests_in_flight.clone()),
@@ -268,15 +281,13 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        let requests = Opcode::ALL
-            .iter()
-            .map(|op| op.name())
-            .chain([OP_UNKNOWN])
-            .map(|op| ResultCode::ALL.iter().map(|r| requests_vec.with_label_values(&[op, r.name()])).collect())
-            .collect();
-        let latency = Opcode::ALL.iter().map(|op| latency_vec.with_label_values(&[op.name()])).collect();
-        Metrics {
+        let requests: Vec<Vec<OnceLock<IntCounter>>> =
+            (0..=Opcode::ALL.len()).map(|_| ResultCode::ALL.iter().map(|_| OnceLock::new()).collect()).collect();
+        let latency = Opcode::ALL.iter().map(|_| OnceLock::new()).collect();
+        let metrics = Metrics {
             registry,
+            requests_vec,
+            latency_vec,
             requests,
             latency,
             wal_group_size,
@@ -289,7 +300,7 @@ impl Metrics {
             protocol_errors,
             idempotent_replays,
             holds_expired,
-            idem_keys_memory,
+            idem_keys_in_memory,
             cards_recovered,
             recovery_seconds,
             requests_in_flight,
@@ -311,7 +322,13 @@ impl Metrics {
             rate_limited_connection: rate_limited_vec.with_label_values(&["connection"]),
             auth_failures,
             census_at: std::sync::Mutex::new(None),
+        };
+        // Each operation's approved count exists from the start: a rate over it then sees the
+        // first requests too, and a dashboard lists every operation at 0 rather than nothing.
+        for op in Opcode::ALL {
+            metrics.requests_of(Some(op), ResultCode::Approved);
         }
+        metrics
     }
 
     pub fn alert(&self, rule: Rule) {
@@ -360,13 +377,18 @@ impl Metrics {
     /// Counts an answer. A request of no known operation (`None`) is counted under
     /// [`OP_UNKNOWN`], without a duration: it was never decided.
     pub fn request(&self, op: Option<Opcode>, result: ResultCode, elapsed: Duration) {
+        self.requests_of(op, result).inc();
+        if let Some(op) = op {
+            let latency = self.latency[op.index()].get_or_init(|| self.latency_vec.with_label_values(&[op.name()]));
+            latency.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// The series of `op` and `result`, created on first use.
+    fn requests_of(&self, op: Option<Opcode>, result: ResultCode) -> &IntCounter {
         let r = ResultCode::ALL.iter().position(|c| *c == result).unwrap_or(0);
-        let Some(op) = op else {
-            self.requests[Opcode::ALL.len()][r].inc();
-            return;
-        };
-        self.requests[op.index()][r].inc();
-        self.latency[op.index()].observe(elapsed.as_secs_f64());
+        let (row, name) = op.map_or((Opcode::ALL.len(), OP_UNKNOWN), |op| (op.index(), op.name()));
+        self.requests[row][r].get_or_init(|| self.requests_vec.with_label_values(&[name, result.name()]))
     }
 
     pub fn wal_observe(&self, decisions: usize, bytes: usize, elapsed: Duration) {

@@ -138,6 +138,6 @@ async fn evict_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         let d = *durable.borrow();
         shared.engine.evict_recent(d, now_ms() - window_ms);
         shared.engine.sweep_alert_windows(now_ms());
-        shared.metrics.idem_keys_memory.set(shared.engine.recent_keys() as i64);
+        shared.metrics.idem_keys_in_memory.set(shared.engine.recent_keys() as i64);
     }
 }

@@ -72,7 +72,36 @@ async fn a_live_scrape_passes_promtool_and_counts_cards_holds_and_liability() {
     // WAL buckets reach past the request-latency range, up to disk stalls of seconds.
     assert!(at(r#"giftd_wal_fsync_seconds_bucket{le="2.5"}"#) > 0.0);
     assert!(at(r#"giftd_wal_write_seconds_bucket{le="2.5"}"#) > 0.0);
-    assert!(body.contains(&format!("giftd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
+    // The commit it was built from: this test runs in a git checkout, so build.rs found one.
+    let build = body.lines().find(|l| l.starts_with("giftd_build_info{")).unwrap_or_else(|| panic!("{body}"));
+    let revision = build.split("revision=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+    assert!(revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()), "{build}");
+    assert!(build.ends_with(&format!(",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{build}");
+}
+
+/// A fresh scrape is small: each operation's approved count, no other request series, no latency
+/// histogram until an operation happens; then only what happened appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_scrape_shows_only_series_that_can_be_nonzero() {
+    let g = Giftd::start();
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let requests: Vec<&str> = body.lines().filter(|l| l.starts_with("giftd_requests_total{")).collect();
+    assert_eq!(requests.len(), giftd::wire::Opcode::ALL.len(), "{requests:#?}");
+    assert!(requests.iter().all(|l| l.ends_with(r#",result="approved"} 0"#)), "{requests:#?}");
+    assert!(!body.contains("giftd_request_duration_seconds"), "{body}");
+    let samples = body.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(samples < 200, "{samples} samples in a fresh scrape:\n{body}");
+
+    let mut c = g.client().await;
+    let n = "6035719980000087";
+    issue(&mut c, n, usd(100)).await;
+    assert_eq!(redeem(&mut c, n, "fresh-1", usd(500), false).await.result, ResultCode::InsufficientFunds);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(sample(&body, r#"giftd_requests_total{op="redeem",result="insufficient_funds"}"#), Some(1.0));
+    assert_eq!(sample(&body, r#"giftd_requests_total{op="redeem",result="approved"}"#), Some(0.0));
+    assert_eq!(sample(&body, r#"giftd_request_duration_seconds_count{op="redeem"}"#), Some(1.0));
+    assert_eq!(sample(&body, r#"giftd_request_duration_seconds_count{op="issue"}"#), Some(1.0));
+    assert_eq!(body.matches("giftd_request_duration_seconds_count{").count(), 3, "hello, issue and redeem: {body}");
 }
 
 /// Frames giftd cannot read and unknown opcodes name no operation: they are counted as requests of
