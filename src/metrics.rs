@@ -12,7 +12,8 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 /// The git commit giftd was built from (see build.rs).
@@ -59,6 +60,13 @@ pub struct Metrics {
     /// Replies queued on connections, decided or not yet durable.
     pub requests_in_flight: IntGauge,
     pub subscriptions_open: IntGauge,
+    pub subscriptions_events_sent: IntCounter,
+    subscriptions_lag: IntGauge,
+    /// Each open subscription's position (the last id it has sent or passed over), for the lag a
+    /// scrape shows. A subscription holds the only strong reference: a position whose
+    /// subscription has ended is dropped at the next open or scrape, so this holds no more than
+    /// the connections limit.
+    subscription_positions: std::sync::Mutex<Vec<Weak<AtomicU64>>>,
     /// 1 once recovered and accepting, 0 before and while draining: what `/readyz` answers.
     pub ready: IntGauge,
     cards: IntGaugeVec,
@@ -190,6 +198,15 @@ impl Metrics {
             "Requests read whose replies are not yet ready to write (decided replies wait to be durable), over all connections.",
         );
         let subscriptions_open = gauge("giftd_subscriptions_open", "Event subscriptions being served now.");
+        let subscriptions_events_sent = IntCounter::new(
+            "giftd_subscriptions_events_sent_total",
+            "Events written to subscribers (each subscriber's copy counts).",
+        )
+        .expect("metric");
+        let subscriptions_lag = gauge(
+            "giftd_subscriptions_lag_events",
+            "Events the furthest-behind open subscription has yet to send or pass over: the durable id minus its position (0 with none open).",
+        );
         let ready = gauge("giftd_ready", "1 when recovered and accepting requests; 0 while starting or draining.");
         let cards =
             gauge_vec("giftd_cards", "Cards in memory by status (counted at scrape, at most once a second).", "status");
@@ -264,6 +281,8 @@ impl Metrics {
             Box::new(requests_in_flight.clone()),
             Box::new(ready.clone()),
             Box::new(subscriptions_open.clone()),
+            Box::new(subscriptions_events_sent.clone()),
+            Box::new(subscriptions_lag.clone()),
             Box::new(cards.clone()),
             Box::new(holds_open.clone()),
             Box::new(held_minor.clone()),
@@ -305,6 +324,9 @@ impl Metrics {
             recovery_seconds,
             requests_in_flight,
             subscriptions_open,
+            subscriptions_events_sent,
+            subscriptions_lag,
+            subscription_positions: std::sync::Mutex::new(Vec::new()),
             ready,
             cards,
             holds_open,
@@ -389,6 +411,29 @@ impl Metrics {
         let r = ResultCode::ALL.iter().position(|c| *c == result).unwrap_or(0);
         let (row, name) = op.map_or((Opcode::ALL.len(), OP_UNKNOWN), |op| (op.index(), op.name()));
         self.requests[row][r].get_or_init(|| self.requests_vec.with_label_values(&[name, result.name()]))
+    }
+
+    /// A subscription's position, starting at `from`, which it moves as it goes; the lag gauge
+    /// follows it while the subscription holds it.
+    pub fn subscription_position(&self, from: u64) -> Arc<AtomicU64> {
+        let position = Arc::new(AtomicU64::new(from));
+        let mut positions = self.subscription_positions.lock().expect("subscription positions lock");
+        positions.retain(|p| p.strong_count() > 0);
+        positions.push(Arc::downgrade(&position));
+        position
+    }
+
+    /// Sets the lag gauge: how far the furthest-behind open subscription is from `durable_txn_id`.
+    pub fn set_subscriptions_lag(&self, durable_txn_id: u64) {
+        let mut positions = self.subscription_positions.lock().expect("subscription positions lock");
+        positions.retain(|p| p.strong_count() > 0);
+        let lag = positions
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| durable_txn_id.saturating_sub(p.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(0);
+        self.subscriptions_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     pub fn wal_observe(&self, decisions: usize, bytes: usize, elapsed: Duration) {

@@ -87,6 +87,7 @@ pub fn refresh_metrics(shared: &Shared) {
     let stats =
         crate::metrics::StoreStats { write_stall_seconds: shared.store.write_stall_seconds(), ..shared.store.stats() };
     shared.metrics.set_store_stats(&stats);
+    shared.metrics.set_subscriptions_lag(*shared.store.durable_txn_id().borrow());
     if shared.metrics.census_due() {
         shared.metrics.set_census(&shared.engine.census(now_ms()));
     }

@@ -2,7 +2,7 @@
 //! position after a reconnect and after kill -9 with no gap and no duplicate, and a stalled
 //! subscriber that does not hold back payments.
 
-use crate::{call, idem, issue, num, redeem, timed, usd, Giftd, MERCHANT};
+use crate::{call, idem, issue, metric, num, redeem, timed, usd, Giftd, MERCHANT};
 use giftd::client::{Client, Subscription};
 use giftd::model::{ResultCode, TxnKind};
 use giftd::wire::{EventView, Request, EVENT_KIND_ALERT_BIT};
@@ -168,12 +168,19 @@ async fn a_stalled_subscriber_does_not_hold_back_payments() {
     }
     let payments = started.elapsed();
     let total = batches * per_batch + 1;
+    // The scrape shows how far behind it is: its socket holds far fewer than the 80k events.
+    let lag = metric(&g, "giftd_subscriptions_lag_events").await;
+    assert!(lag > 10_000.0, "a subscriber stalled for 80k events lags by {lag}");
+    assert_eq!(metric(&g, "giftd_subscriptions_open").await, 1.0);
     let mut all = Vec::with_capacity(total);
     while all.len() < total {
         all.extend(until_caught_up(&mut stalled).await);
     }
     assert_eq!(all.len(), total, "the stalled subscriber catches up with every event");
     assert!(all.windows(2).all(|w| w[0].id() < w[1].id()));
+    // Caught up (its caught-up frame is written after its position moves): no lag, every event sent.
+    assert_eq!(metric(&g, "giftd_subscriptions_lag_events").await, 0.0);
+    assert_eq!(metric(&g, "giftd_subscriptions_events_sent_total").await, total as f64);
     eprintln!("{} redeems with a stalled subscriber took {payments:?}", total - 1);
 }
 
