@@ -104,6 +104,66 @@ async fn a_fresh_scrape_shows_only_series_that_can_be_nonzero() {
     assert_eq!(body.matches("giftd_request_duration_seconds_count{").count(), 3, "hello, issue and redeem: {body}");
 }
 
+/// The figures add up after a known amount of work: 5 approved redeems are 5 durations of op
+/// redeem, WAL groups were written and synced, bytes written; a restart reports its recovery; an
+/// open subscription is counted while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_the_values_of_what_happened() {
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    let n = "6035719980000095";
+    issue(&mut c, n, usd(10_000)).await;
+    for i in 0..5 {
+        assert_eq!(redeem(&mut c, n, &format!("val-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |series: &str| sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    assert_eq!(at(r#"giftd_requests_total{op="redeem",result="approved"}"#), 5.0);
+    assert_eq!(at(r#"giftd_request_duration_seconds_count{op="redeem"}"#), 5.0);
+    assert_eq!(at(r#"giftd_request_duration_seconds_bucket{op="redeem",le="+Inf"}"#), 5.0);
+    assert!(at(r#"giftd_request_duration_seconds_sum{op="redeem"}"#) > 0.0);
+    // Every decision was written and synced before its reply: 6 decisions, in 1 to 6 groups.
+    let groups = at("giftd_wal_write_seconds_count");
+    assert!((1.0..=6.0).contains(&groups), "{groups} groups");
+    assert_eq!(at("giftd_wal_group_size_count"), groups);
+    assert_eq!(at("giftd_wal_group_size_sum"), 6.0);
+    assert!(at("giftd_wal_fsync_seconds_count") >= 1.0);
+    assert!(at("giftd_wal_fsync_seconds_sum") > 0.0);
+    // A redeem's history entry carries the card record: a few dozen bytes each, at least.
+    assert!(at("giftd_wal_written_bytes_total") > 6.0 * 30.0, "{}", at("giftd_wal_written_bytes_total"));
+
+    drop(c);
+    g.restart();
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |series: &str| sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    assert_eq!(at("giftd_recovery_cards"), 1.0, "the one card, recovered after kill -9");
+    let recovery = at("giftd_recovery_seconds");
+    assert!(recovery > 0.0 && recovery < 30.0, "{recovery}");
+    assert_eq!(at(r#"giftd_requests_total{op="redeem",result="approved"}"#), 0.0, "a new process counts anew");
+
+    assert_eq!(at("giftd_subscriptions_open"), 0.0);
+    let mut sub = g.client().await.subscribe(0, "", "", 0).await.expect("subscribe");
+    let mut seen = 0;
+    loop {
+        let frame = crate::timed("events frame", sub.next()).await.expect("events frame");
+        seen += frame.events.len();
+        if frame.caught_up {
+            break;
+        }
+    }
+    assert_eq!(seen, 6, "the issue and 5 redeems");
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(sample(&body, "giftd_subscriptions_open"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "giftd_subscriptions_events_sent_total"), Some(6.0), "{body}");
+    drop(sub);
+    // giftd notices the close on its next read of that connection: wait for it, bounded.
+    let deadline = Instant::now() + TIMEOUT;
+    while sample(&http_get(g.metrics_addr(), "/metrics").await.1, "giftd_subscriptions_open") != Some(0.0) {
+        assert!(Instant::now() < deadline, "the subscription was still counted open {TIMEOUT:?} after it closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Frames giftd cannot read and unknown opcodes name no operation: they are counted as requests of
 /// op `unknown` with their result (and no duration), so the error-ratio alert, which divides the
 /// protocol errors by all requests, sees them.
