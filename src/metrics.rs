@@ -1,6 +1,8 @@
 //! Prometheus metrics. Label values come from closed sets (operation names, result code names);
-//! never card numbers, merchant ids or client addresses. Hot-path handles are resolved once into
-//! arrays indexed by operation and result, so recording a request is two atomic adds.
+//! never card numbers, merchant ids or client addresses. Hot-path handles are resolved on first use
+//! into arrays indexed by operation and result, so recording a request is two atomic adds, and a
+//! scrape shows only the series that happened (and each operation's approved count from the
+//! start), not every operation × result pair.
 
 use crate::engine::alerts::Rule;
 use crate::engine::Census;
@@ -10,17 +12,38 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
+
+/// The git commit giftd was built from (see build.rs).
+const REVISION: &str = env!("GIFTD_REVISION");
 
 /// Latency buckets from 25 µs to 50 ms: they resolve the sub-millisecond range the targets live in.
 const LATENCY_BUCKETS_SECONDS: &[f64] =
     &[0.000_025, 0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05];
+/// The `op` label of a request whose operation is unknown: its opcode is not one giftd has, or its
+/// frame could not be read at all (too large, malformed, another protocol version). Such answers
+/// are protocol errors the error-ratio alert counts, so they must be requests too.
+pub const OP_UNKNOWN: &str = "unknown";
+/// WAL write and fsync buckets: the request-latency resolution from 25 µs to 50 ms, then on to
+/// 2.5 s, since stalls of 50 ms to 2 s have been measured on a busy disk (a checkpoint or a
+/// compaction writing back behind the WAL). 10 ms stays a bound: the fsync alert's threshold.
+const WAL_BUCKETS_SECONDS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_2, 0.000_3, 0.000_5, 0.000_75, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5,
+];
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 
 pub struct Metrics {
     pub registry: Registry,
-    requests: Vec<Vec<IntCounter>>,
-    latency: Vec<Histogram>,
+    requests_vec: IntCounterVec,
+    latency_vec: HistogramVec,
+    /// Indexed by `Opcode::index`, then by position in `ResultCode::ALL`; the last row is
+    /// [`OP_UNKNOWN`].
+    requests: Vec<Vec<OnceLock<IntCounter>>>,
+    /// Indexed by `Opcode::index`.
+    latency: Vec<OnceLock<Histogram>>,
     wal_group_size: Histogram,
     wal_write_seconds: Histogram,
     wal_fsync_seconds: Histogram,
@@ -31,12 +54,19 @@ pub struct Metrics {
     pub protocol_errors: IntCounter,
     pub idempotent_replays: IntCounter,
     pub holds_expired: IntCounter,
-    pub idem_keys_memory: IntGauge,
+    pub idem_keys_in_memory: IntGauge,
     pub cards_recovered: IntGauge,
     pub recovery_seconds: prometheus::Gauge,
     /// Replies queued on connections, decided or not yet durable.
     pub requests_in_flight: IntGauge,
     pub subscriptions_open: IntGauge,
+    pub subscriptions_events_sent: IntCounter,
+    subscriptions_lag: IntGauge,
+    /// Each open subscription's position (the last id it has sent or passed over), for the lag a
+    /// scrape shows. A subscription holds the only strong reference: a position whose
+    /// subscription has ended is dropped at the next open or scrape, so this holds no more than
+    /// the connections limit.
+    subscription_positions: std::sync::Mutex<Vec<Weak<AtomicU64>>>,
     /// 1 once recovered and accepting, 0 before and while draining: what `/readyz` answers.
     pub ready: IntGauge,
     cards: IntGaugeVec,
@@ -48,6 +78,10 @@ pub struct Metrics {
     pending_compaction_bytes: IntGauge,
     write_stopped: IntGauge,
     write_delayed: IntGauge,
+    /// Follows RocksDB's own cumulative figure; the lock makes two scrapes at once add each
+    /// second once.
+    write_stall_seconds: prometheus::Counter,
+    write_stall_lock: std::sync::Mutex<()>,
     /// Security alerts fired, indexed by `Rule as usize - 1`.
     alerts: Vec<IntCounter>,
     /// Requests refused `rate_limited`, by the rate they exceeded: the client's (shared by its
@@ -71,6 +105,9 @@ pub struct StoreStats {
     /// RocksDB has stopped all writes (every decision waits), or is slowing them down.
     pub write_stopped: bool,
     pub write_delayed: bool,
+    /// Seconds writes have waited on RocksDB's write controller since the store was opened (None
+    /// when unknown): it counts the stalls that begin and end between two scrapes.
+    pub write_stall_seconds: Option<f64>,
 }
 
 /// The shortest time between two card censuses.
@@ -88,14 +125,17 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests_vec = IntCounterVec::new(
-            Opts::new("giftd_requests_total", "Requests answered, by operation and result code."),
+            Opts::new(
+                "giftd_requests_total",
+                "Requests answered, by operation (unknown: an unknown opcode or an unreadable frame) and result code.",
+            ),
             &["op", "result"],
         )
         .expect("metric");
         let latency_vec = HistogramVec::new(
             HistogramOpts::new(
                 "giftd_request_duration_seconds",
-                "From request decoded to reply written, durable wait included, by operation.",
+                "From a request's frame read to its reply ready to write (durable wait included; the socket write is not), by operation.",
             )
             .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["op"],
@@ -111,12 +151,12 @@ impl Metrics {
                 "giftd_wal_write_seconds",
                 "Seconds per commit group written (WAL append and memtable insert; the fsync is separate).",
             )
-            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            .buckets(WAL_BUCKETS_SECONDS.to_vec()),
         )
         .expect("metric");
         let wal_fsync_seconds = Histogram::with_opts(
             HistogramOpts::new("giftd_wal_fsync_seconds", "Seconds per WAL fdatasync.")
-                .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+                .buckets(WAL_BUCKETS_SECONDS.to_vec()),
         )
         .expect("metric");
         let wal_bytes =
@@ -144,8 +184,8 @@ impl Metrics {
             "Holds released by giftd at their deadline (not captured or voided in time).",
         )
         .expect("metric");
-        let idem_keys_memory = IntGauge::new(
-            "giftd_idempotency_keys_memory",
+        let idem_keys_in_memory = IntGauge::new(
+            "giftd_idempotency_keys_in_memory",
             "Idempotency keys held in memory (recent or not yet durable); older ones are in the store.",
         )
         .expect("metric");
@@ -158,6 +198,15 @@ impl Metrics {
             "Requests read whose replies are not yet ready to write (decided replies wait to be durable), over all connections.",
         );
         let subscriptions_open = gauge("giftd_subscriptions_open", "Event subscriptions being served now.");
+        let subscriptions_events_sent = IntCounter::new(
+            "giftd_subscriptions_events_sent_total",
+            "Events written to subscribers (each subscriber's copy counts).",
+        )
+        .expect("metric");
+        let subscriptions_lag = gauge(
+            "giftd_subscriptions_lag_events",
+            "Events the furthest-behind open subscription has yet to send or pass over: the durable id minus its position (0 with none open).",
+        );
         let ready = gauge("giftd_ready", "1 when recovered and accepting requests; 0 while starting or draining.");
         let cards =
             gauge_vec("giftd_cards", "Cards in memory by status (counted at scrape, at most once a second).", "status");
@@ -183,6 +232,11 @@ impl Metrics {
             gauge("giftd_rocksdb_write_stopped", "1 while RocksDB stops all writes (every decision waits).");
         let write_delayed =
             gauge("giftd_rocksdb_write_delayed", "1 while RocksDB slows writes down to let compaction catch up.");
+        let write_stall_seconds = prometheus::Counter::new(
+            "giftd_rocksdb_write_stall_seconds_total",
+            "Seconds writes waited because RocksDB delayed or stopped them (since the start; a wait counts when it ends).",
+        )
+        .expect("metric");
         let alerts_vec = IntCounterVec::new(
             Opts::new("giftd_alerts_total", "Security alerts fired, by rule (each also written durably and logged)."),
             &["rule"],
@@ -202,8 +256,12 @@ impl Metrics {
             "Auth requests refused (unknown client or wrong proof); each closes its connection.",
         )
         .expect("metric");
-        let build_info = gauge_vec("giftd_build_info", "Always 1; the labels say which giftd is running.", "version");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = IntGaugeVec::new(
+            Opts::new("giftd_build_info", "Always 1; the labels say which giftd is running (version, git commit)."),
+            &["version", "revision"],
+        )
+        .expect("metric");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), REVISION]).set(1);
         for c in [
             Box::new(requests_vec.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency_vec.clone()),
@@ -217,12 +275,14 @@ impl Metrics {
             Box::new(protocol_errors.clone()),
             Box::new(idempotent_replays.clone()),
             Box::new(holds_expired.clone()),
-            Box::new(idem_keys_memory.clone()),
+            Box::new(idem_keys_in_memory.clone()),
             Box::new(cards_recovered.clone()),
             Box::new(recovery_seconds.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(ready.clone()),
             Box::new(subscriptions_open.clone()),
+            Box::new(subscriptions_events_sent.clone()),
+            Box::new(subscriptions_lag.clone()),
             Box::new(cards.clone()),
             Box::new(holds_open.clone()),
             Box::new(held_minor.clone()),
@@ -232,6 +292,7 @@ impl Metrics {
             Box::new(pending_compaction_bytes.clone()),
             Box::new(write_stopped.clone()),
             Box::new(write_delayed.clone()),
+            Box::new(write_stall_seconds.clone()),
             Box::new(build_info),
             Box::new(alerts_vec),
             Box::new(rate_limited_vec.clone()),
@@ -239,13 +300,13 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        let requests = Opcode::ALL
-            .iter()
-            .map(|op| ResultCode::ALL.iter().map(|r| requests_vec.with_label_values(&[op.name(), r.name()])).collect())
-            .collect();
-        let latency = Opcode::ALL.iter().map(|op| latency_vec.with_label_values(&[op.name()])).collect();
-        Metrics {
+        let requests: Vec<Vec<OnceLock<IntCounter>>> =
+            (0..=Opcode::ALL.len()).map(|_| ResultCode::ALL.iter().map(|_| OnceLock::new()).collect()).collect();
+        let latency = Opcode::ALL.iter().map(|_| OnceLock::new()).collect();
+        let metrics = Metrics {
             registry,
+            requests_vec,
+            latency_vec,
             requests,
             latency,
             wal_group_size,
@@ -258,11 +319,14 @@ impl Metrics {
             protocol_errors,
             idempotent_replays,
             holds_expired,
-            idem_keys_memory,
+            idem_keys_in_memory,
             cards_recovered,
             recovery_seconds,
             requests_in_flight,
             subscriptions_open,
+            subscriptions_events_sent,
+            subscriptions_lag,
+            subscription_positions: std::sync::Mutex::new(Vec::new()),
             ready,
             cards,
             holds_open,
@@ -273,12 +337,20 @@ impl Metrics {
             pending_compaction_bytes,
             write_stopped,
             write_delayed,
+            write_stall_seconds,
+            write_stall_lock: std::sync::Mutex::new(()),
             alerts,
             rate_limited_client: rate_limited_vec.with_label_values(&["client"]),
             rate_limited_connection: rate_limited_vec.with_label_values(&["connection"]),
             auth_failures,
             census_at: std::sync::Mutex::new(None),
+        };
+        // Each operation's approved count exists from the start: a rate over it then sees the
+        // first requests too, and a dashboard lists every operation at 0 rather than nothing.
+        for op in Opcode::ALL {
+            metrics.requests_of(Some(op), ResultCode::Approved);
         }
+        metrics
     }
 
     pub fn alert(&self, rule: Rule) {
@@ -315,12 +387,53 @@ impl Metrics {
         self.pending_compaction_bytes.set(stats.pending_compaction_bytes as i64);
         self.write_stopped.set(stats.write_stopped as i64);
         self.write_delayed.set(stats.write_delayed as i64);
+        if let Some(total) = stats.write_stall_seconds {
+            let _one_at_a_time = self.write_stall_lock.lock().expect("write stall lock");
+            let counted = self.write_stall_seconds.get();
+            if total > counted {
+                self.write_stall_seconds.inc_by(total - counted);
+            }
+        }
     }
 
-    pub fn request(&self, op: Opcode, result: ResultCode, elapsed: Duration) {
+    /// Counts an answer. A request of no known operation (`None`) is counted under
+    /// [`OP_UNKNOWN`], without a duration: it was never decided.
+    pub fn request(&self, op: Option<Opcode>, result: ResultCode, elapsed: Duration) {
+        self.requests_of(op, result).inc();
+        if let Some(op) = op {
+            let latency = self.latency[op.index()].get_or_init(|| self.latency_vec.with_label_values(&[op.name()]));
+            latency.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// The series of `op` and `result`, created on first use.
+    fn requests_of(&self, op: Option<Opcode>, result: ResultCode) -> &IntCounter {
         let r = ResultCode::ALL.iter().position(|c| *c == result).unwrap_or(0);
-        self.requests[op.index()][r].inc();
-        self.latency[op.index()].observe(elapsed.as_secs_f64());
+        let (row, name) = op.map_or((Opcode::ALL.len(), OP_UNKNOWN), |op| (op.index(), op.name()));
+        self.requests[row][r].get_or_init(|| self.requests_vec.with_label_values(&[name, result.name()]))
+    }
+
+    /// A subscription's position, starting at `from`, which it moves as it goes; the lag gauge
+    /// follows it while the subscription holds it.
+    pub fn subscription_position(&self, from: u64) -> Arc<AtomicU64> {
+        let position = Arc::new(AtomicU64::new(from));
+        let mut positions = self.subscription_positions.lock().expect("subscription positions lock");
+        positions.retain(|p| p.strong_count() > 0);
+        positions.push(Arc::downgrade(&position));
+        position
+    }
+
+    /// Sets the lag gauge: how far the furthest-behind open subscription is from `durable_txn_id`.
+    pub fn set_subscriptions_lag(&self, durable_txn_id: u64) {
+        let mut positions = self.subscription_positions.lock().expect("subscription positions lock");
+        positions.retain(|p| p.strong_count() > 0);
+        let lag = positions
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|p| durable_txn_id.saturating_sub(p.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(0);
+        self.subscriptions_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
     }
 
     pub fn wal_observe(&self, decisions: usize, bytes: usize, elapsed: Duration) {

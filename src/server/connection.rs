@@ -35,6 +35,7 @@ struct Pending {
     request_id: u64,
     /// The request's opcode byte (0 for a connection-level error).
     opcode: u8,
+    /// None for an unknown opcode or a frame that could not be read: counted as op `unknown`.
     op: Option<Opcode>,
     group: u64,
     reply: Reply,
@@ -72,9 +73,7 @@ pub(super) async fn run(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, 
         while queue.front().is_some_and(|p| p.group <= durable_group) {
             let p = queue.pop_front().expect("front exists");
             encode_reply(&mut out, p.opcode, p.request_id, &p.reply);
-            if let Some(op) = p.op {
-                shared.metrics.request(op, p.reply.result(), p.started.elapsed());
-            }
+            shared.metrics.request(p.op, p.reply.result(), p.started.elapsed());
         }
         // Before the write: a client that has its reply must never find it still counted.
         in_flight.set(queue.len());

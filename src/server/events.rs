@@ -103,6 +103,9 @@ pub(super) async fn serve(
     shared.metrics.subscriptions_open.inc();
     let mut durable = shared.store.durable_txn_id();
     let mut after = from;
+    // Where this subscription is, for the lag gauge: the last id whose events (those it wants)
+    // have been written to the socket.
+    let position = shared.metrics.subscription_position(from);
     let mut out = BytesMut::new();
     let mut caught_up_sent = false;
     let frame = |out: &mut BytesMut, caught_up: bool, events: Vec<EventView>| {
@@ -120,7 +123,9 @@ pub(super) async fn serve(
             };
             after = last;
             let mut batch = Vec::new();
+            let mut wanted = 0;
             for (id, ev) in events.into_iter().filter(|(_, ev)| filter.wants(ev)) {
+                wanted += 1;
                 batch.push(view(id, ev));
                 if batch.len() == per_frame {
                     frame(&mut out, false, std::mem::take(&mut batch));
@@ -134,7 +139,9 @@ pub(super) async fn serve(
                 if !send(&mut wr, &mut out, &shutdown).await {
                     break 'serve;
                 }
+                shared.metrics.subscriptions_events_sent.inc_by(wanted);
             }
+            position.store(after, std::sync::atomic::Ordering::Relaxed);
         }
         if !caught_up_sent {
             frame(&mut out, true, Vec::new());

@@ -84,7 +84,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
 /// the card census (a walk over every card) at most once a second. Blocking: run it off the
 /// async workers.
 pub fn refresh_metrics(shared: &Shared) {
-    shared.metrics.set_store_stats(&shared.store.stats());
+    let stats =
+        crate::metrics::StoreStats { write_stall_seconds: shared.store.write_stall_seconds(), ..shared.store.stats() };
+    shared.metrics.set_store_stats(&stats);
+    shared.metrics.set_subscriptions_lag(*shared.store.durable_txn_id().borrow());
     if shared.metrics.census_due() {
         shared.metrics.set_census(&shared.engine.census(now_ms()));
     }
@@ -135,6 +138,6 @@ async fn evict_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         let d = *durable.borrow();
         shared.engine.evict_recent(d, now_ms() - window_ms);
-        shared.metrics.idem_keys_memory.set(shared.engine.recent_keys() as i64);
+        shared.metrics.idem_keys_in_memory.set(shared.engine.recent_keys() as i64);
     }
 }

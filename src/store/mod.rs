@@ -18,6 +18,7 @@
 //! checkpoint".
 
 pub mod records;
+mod stall;
 
 use crate::card_number::{CardKey, CardKeyState};
 use crate::engine::{
@@ -332,11 +333,15 @@ impl Store {
     /// The committed events with ids in `after+1 ..= upto`, in id order: history entries (with
     /// the card record as each left it) and alerts, at most `limit`. Returns them and the last id
     /// read (`upto` when the range is exhausted), from which the next call goes on.
+    /// Read without filling the block cache: a subscriber catching up reads old history once, and
+    /// must not evict the blocks that decisions and lookups use.
     pub fn events(&self, after: u64, upto: u64, limit: usize) -> (Vec<(u64, StoredEvent)>, u64) {
         let from = records::history_key(after.saturating_add(1));
         let read = |name: &str| {
             let cf = self.db.cf_handle(name).expect("column family");
-            self.db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)).map(|item| {
+            let mut opts = rocksdb::ReadOptions::default();
+            opts.fill_cache(false);
+            self.db.iterator_cf_opt(cf, opts, IteratorMode::From(&from, Direction::Forward)).map(|item| {
                 let (k, v) = item.unwrap_or_else(|e| fail("event read", &e));
                 let id: [u8; 8] = k.as_ref().try_into().unwrap_or_else(|_| fail("event read", &"bad key"));
                 (u64::from_be_bytes(id), k, v)

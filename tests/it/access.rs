@@ -6,8 +6,7 @@
 
 use crate::events::redeem_as;
 use crate::giftctl;
-use crate::lifecycle::sample;
-use crate::{balance, call, http_get, idem, issue, num, timed, usd, Giftd, MERCHANT};
+use crate::{balance, call, http_get, idem, issue, metric, num, timed, usd, Giftd, MERCHANT};
 use giftd::client::{Client, Credentials};
 use giftd::engine::access::Role;
 use giftd::model::{LockReason, ResultCode};
@@ -68,12 +67,6 @@ fn issue_as(merchant: &str, number: &str, key: &str) -> Request {
         email: None,
         case: None,
     }
-}
-
-async fn metric(g: &Giftd, series: &str) -> f64 {
-    let (status, body) = http_get(g.metrics_addr(), "/metrics").await;
-    assert_eq!(status, 200);
-    sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

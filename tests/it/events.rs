@@ -2,7 +2,7 @@
 //! position after a reconnect and after kill -9 with no gap and no duplicate, and a stalled
 //! subscriber that does not hold back payments.
 
-use crate::{call, idem, issue, num, redeem, timed, usd, Giftd, MERCHANT};
+use crate::{call, idem, issue, metric, num, redeem, timed, usd, Giftd, MERCHANT};
 use giftd::client::{Client, Subscription};
 use giftd::model::{ResultCode, TxnKind};
 use giftd::wire::{EventView, Request, EVENT_KIND_ALERT_BIT};
@@ -167,12 +167,19 @@ async fn a_stalled_subscriber_does_not_hold_back_payments() {
     }
     let payments = started.elapsed();
     let total = batches * per_batch + 1;
+    // The scrape shows how far behind it is: its socket holds far fewer than the 80k events.
+    let lag = metric(&g, "giftd_subscriptions_lag_events").await;
+    assert!(lag > 10_000.0, "a subscriber stalled for 80k events lags by {lag}");
+    assert_eq!(metric(&g, "giftd_subscriptions_open").await, 1.0);
     let mut all = Vec::with_capacity(total);
     while all.len() < total {
         all.extend(until_caught_up(&mut stalled).await);
     }
     assert_eq!(all.len(), total, "the stalled subscriber catches up with every event");
     assert!(all.windows(2).all(|w| w[0].id() < w[1].id()));
+    // Caught up (its caught-up frame is written after its position moves): no lag, every event sent.
+    assert_eq!(metric(&g, "giftd_subscriptions_lag_events").await, 0.0);
+    assert_eq!(metric(&g, "giftd_subscriptions_events_sent_total").await, total as f64);
     eprintln!("{} redeems with a stalled subscriber took {payments:?}", total - 1);
 }
 
@@ -206,4 +213,146 @@ async fn a_stalled_subscriber_does_not_hold_back_the_drain() {
     assert!(took < std::time::Duration::from_secs(10), "the drain waited {took:?} for a subscriber that does not read");
     assert!(String::from_utf8_lossy(&g.log()).contains("drained=true"), "{}", g.log_tail(5));
     drop(stalled);
+}
+
+/// An issue of an active card in `program`, with a recipient email when given.
+fn issue_in(program: &str, number: &str, minor: i64, email: Option<&str>) -> Request {
+    match crate::issue_req(number, usd(minor)) {
+        Request::Issue { idem, number, money, expiry_ms, active, virtual_card, case, .. } => Request::Issue {
+            idem,
+            number,
+            program: program.into(),
+            money,
+            expiry_ms,
+            active,
+            virtual_card,
+            email: email.map(str::to_string),
+            case,
+        },
+        other => unreachable!("issue_req builds an issue: {other:?}"),
+    }
+}
+
+/// A subscription to one program gets that program's entries only, in order; alerts name no
+/// program, so it gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_filter_gets_only_that_programs_entries() {
+    let g = Giftd::with_config(
+        "[alerts]\nredemptions_per_card_per_minute = 1\n[programs.mall]\ninvoice_required = false\n",
+    );
+    let mut c = g.client().await;
+    let (plain, mall) = ("6035719990000060", "6035719990000078");
+    issue(&mut c, plain, usd(10_000)).await;
+    assert_eq!(call(&mut c, &issue_in("mall", mall, 10_000, None)).await.result, ResultCode::Approved);
+    for (i, n) in [plain, mall, plain, mall].into_iter().enumerate() {
+        assert_eq!(redeem(&mut c, n, &format!("pf-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let all = events(g.client().await, 0, "", 0).await;
+    assert!(all.iter().any(|e| matches!(e, EventView::Alert { .. })), "velocity alerts fired: {all:?}");
+    let in_mall: Vec<EventView> =
+        all.iter().filter(|e| matches!(e, EventView::Txn { program, .. } if program == "mall")).cloned().collect();
+    use TxnKind::*;
+    assert_eq!(in_mall.iter().map(kind_of).collect::<Vec<_>>(), vec![Some(Issue), Some(Redeem), Some(Redeem)]);
+    assert!(in_mall.iter().all(|e| matches!(e, EventView::Txn { last4, .. } if last4 == b"0078")), "{in_mall:?}");
+
+    let mut sub = g.client().await.subscribe(0, "", "mall", 0).await.expect("subscribe");
+    assert_eq!(until_caught_up(&mut sub).await, in_mall, "the mall program's entries, nothing else");
+}
+
+/// E-card delivery: an issue with a recipient email is an issue event carrying it; other events
+/// carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issue_event_carries_its_recipient_email() {
+    let g = Giftd::with_config(NO_VELOCITY);
+    let mut c = g.client().await;
+    let (gift, plain) = ("6035719990000086", "6035719990000094");
+    let req = issue_in("default", gift, 2_500, Some("ann@example.com"));
+    assert_eq!(call(&mut c, &req).await.result, ResultCode::Approved);
+    issue(&mut c, plain, usd(1_000)).await;
+    assert_eq!(redeem(&mut c, gift, "em-1", usd(500), false).await.result, ResultCode::Approved);
+
+    let issues = events(g.client().await, 0, "", 1 << (TxnKind::Issue as u8)).await;
+    let emails: Vec<(&[u8; 4], &str, i64)> = issues
+        .iter()
+        .map(|e| match e {
+            EventView::Txn { kind: TxnKind::Issue, last4, email, amount_minor, .. } => {
+                (last4, email.as_str(), *amount_minor)
+            }
+            other => panic!("not an issue: {other:?}"),
+        })
+        .collect();
+    assert_eq!(emails, vec![(b"0086", "ann@example.com", 2_500), (b"0094", "", 1_000)]);
+    let all = events(g.client().await, 0, "", 0).await;
+    assert!(
+        matches!(all.last(), Some(EventView::Txn { kind: TxnKind::Redeem, email, .. }) if email.is_empty()),
+        "{all:?}"
+    );
+}
+
+/// A child process killed when dropped (a failed assertion must not leave it running).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `giftctl events --from N` prints exactly the events after N and exits; with `--follow` it
+/// stays, and prints what is committed after it started, as it happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giftctl_events_from_a_position_and_following() {
+    use std::io::BufRead;
+    let g = Giftd::with_config(NO_VELOCITY);
+    let mut c = g.client().await;
+    let n = "6035719990000102";
+    issue(&mut c, n, usd(10_000)).await;
+    for i in 0..3 {
+        assert_eq!(redeem(&mut c, n, &format!("gf-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let all = events(g.client().await, 0, "", 0).await;
+    let ids: Vec<u64> = all.iter().map(EventView::id).collect();
+    assert_eq!(ids.len(), 4, "{all:?}");
+    let json_ids = |out: &str| -> Vec<u64> {
+        assert!(!out.contains(n), "no full card number in {out}");
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))["id"].as_u64())
+            .map(|id| id.expect("an id"))
+            .collect()
+    };
+
+    let (code, out, err) = crate::giftctl::run(&["--addr", g.addr(), "events", "--from", &ids[1].to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ids(&out), ids[2..].to_vec(), "exactly the events after the position");
+
+    let last = ids[3].to_string();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_giftctl"))
+        .args(["--addr", g.addr(), "events", "--from", &last, "--follow"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn giftctl");
+    let mut child = Killed(child);
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next_line = || rx.recv_timeout(crate::TIMEOUT).expect("giftctl --follow printed the new event");
+    for i in 0..2 {
+        assert_eq!(redeem(&mut c, n, &format!("gf-new-{i}"), usd(100), false).await.result, ResultCode::Approved);
+        let line = next_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!((v["kind"].as_str(), v["amount"].as_str()), (Some("redeem"), Some("-1.00")), "{line}");
+        assert!(v["id"].as_u64() > Some(ids[3]), "{line}");
+    }
+    assert!(child.0.try_wait().expect("try_wait").is_none(), "--follow keeps running once caught up");
+    drop(child);
+    assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err(), "nothing else was printed");
 }

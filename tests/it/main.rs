@@ -132,3 +132,11 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line: {head}"));
     (status, body.to_string())
 }
+
+/// One sample of a scrape of `g`'s metrics: the series whose name and labels are exactly `series`
+/// (it must be there).
+pub async fn metric(g: &Giftd, series: &str) -> f64 {
+    let (status, body) = http_get(g.metrics_addr(), "/metrics").await;
+    assert_eq!(status, 200);
+    lifecycle::sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"))
+}

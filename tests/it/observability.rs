@@ -68,7 +68,125 @@ async fn a_live_scrape_passes_promtool_and_counts_cards_holds_and_liability() {
     assert_eq!(at("giftd_requests_in_flight"), 0.0);
     assert_eq!(at("giftd_rocksdb_write_stopped"), 0.0);
     assert!(at("giftd_rocksdb_memtable_bytes") > 0.0);
-    assert!(body.contains(&format!("giftd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{body}");
+    assert_eq!(at("giftd_rocksdb_write_stall_seconds_total"), 0.0);
+    // WAL buckets reach past the request-latency range, up to disk stalls of seconds.
+    assert!(at(r#"giftd_wal_fsync_seconds_bucket{le="2.5"}"#) > 0.0);
+    assert!(at(r#"giftd_wal_write_seconds_bucket{le="2.5"}"#) > 0.0);
+    // The commit it was built from: this test runs in a git checkout, so build.rs found one.
+    let build = body.lines().find(|l| l.starts_with("giftd_build_info{")).unwrap_or_else(|| panic!("{body}"));
+    let revision = build.split("revision=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
+    assert!(revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()), "{build}");
+    assert!(build.ends_with(&format!(",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{build}");
+}
+
+/// A fresh scrape is small: each operation's approved count, no other request series, no latency
+/// histogram until an operation happens; then only what happened appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_scrape_shows_only_series_that_can_be_nonzero() {
+    let g = Giftd::start();
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let requests: Vec<&str> = body.lines().filter(|l| l.starts_with("giftd_requests_total{")).collect();
+    assert_eq!(requests.len(), giftd::wire::Opcode::ALL.len(), "{requests:#?}");
+    assert!(requests.iter().all(|l| l.ends_with(r#",result="approved"} 0"#)), "{requests:#?}");
+    assert!(!body.contains("giftd_request_duration_seconds"), "{body}");
+    let samples = body.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(samples < 200, "{samples} samples in a fresh scrape:\n{body}");
+
+    let mut c = g.client().await;
+    let n = "6035719980000087";
+    issue(&mut c, n, usd(100)).await;
+    assert_eq!(redeem(&mut c, n, "fresh-1", usd(500), false).await.result, ResultCode::InsufficientFunds);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(sample(&body, r#"giftd_requests_total{op="redeem",result="insufficient_funds"}"#), Some(1.0));
+    assert_eq!(sample(&body, r#"giftd_requests_total{op="redeem",result="approved"}"#), Some(0.0));
+    assert_eq!(sample(&body, r#"giftd_request_duration_seconds_count{op="redeem"}"#), Some(1.0));
+    assert_eq!(sample(&body, r#"giftd_request_duration_seconds_count{op="issue"}"#), Some(1.0));
+    assert_eq!(body.matches("giftd_request_duration_seconds_count{").count(), 3, "hello, issue and redeem: {body}");
+}
+
+/// The figures add up after a known amount of work: 5 approved redeems are 5 durations of op
+/// redeem, WAL groups were written and synced, bytes written; a restart reports its recovery; an
+/// open subscription is counted while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_the_values_of_what_happened() {
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    let n = "6035719980000095";
+    issue(&mut c, n, usd(10_000)).await;
+    for i in 0..5 {
+        assert_eq!(redeem(&mut c, n, &format!("val-{i}"), usd(100), false).await.result, ResultCode::Approved);
+    }
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |series: &str| sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    assert_eq!(at(r#"giftd_requests_total{op="redeem",result="approved"}"#), 5.0);
+    assert_eq!(at(r#"giftd_request_duration_seconds_count{op="redeem"}"#), 5.0);
+    assert_eq!(at(r#"giftd_request_duration_seconds_bucket{op="redeem",le="+Inf"}"#), 5.0);
+    assert!(at(r#"giftd_request_duration_seconds_sum{op="redeem"}"#) > 0.0);
+    // Every decision was written and synced before its reply: 6 decisions, in 1 to 6 groups.
+    let groups = at("giftd_wal_write_seconds_count");
+    assert!((1.0..=6.0).contains(&groups), "{groups} groups");
+    assert_eq!(at("giftd_wal_group_size_count"), groups);
+    assert_eq!(at("giftd_wal_group_size_sum"), 6.0);
+    assert!(at("giftd_wal_fsync_seconds_count") >= 1.0);
+    assert!(at("giftd_wal_fsync_seconds_sum") > 0.0);
+    // A redeem's history entry carries the card record: a few dozen bytes each, at least.
+    assert!(at("giftd_wal_written_bytes_total") > 6.0 * 30.0, "{}", at("giftd_wal_written_bytes_total"));
+
+    drop(c);
+    g.restart();
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |series: &str| sample(&body, series).unwrap_or_else(|| panic!("{series} missing:\n{body}"));
+    assert_eq!(at("giftd_recovery_cards"), 1.0, "the one card, recovered after kill -9");
+    let recovery = at("giftd_recovery_seconds");
+    assert!(recovery > 0.0 && recovery < 30.0, "{recovery}");
+    assert_eq!(at(r#"giftd_requests_total{op="redeem",result="approved"}"#), 0.0, "a new process counts anew");
+
+    assert_eq!(at("giftd_subscriptions_open"), 0.0);
+    let mut sub = g.client().await.subscribe(0, "", "", 0).await.expect("subscribe");
+    let mut seen = 0;
+    loop {
+        let frame = crate::timed("events frame", sub.next()).await.expect("events frame");
+        seen += frame.events.len();
+        if frame.caught_up {
+            break;
+        }
+    }
+    assert_eq!(seen, 6, "the issue and 5 redeems");
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(sample(&body, "giftd_subscriptions_open"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "giftd_subscriptions_events_sent_total"), Some(6.0), "{body}");
+    drop(sub);
+    // giftd notices the close on its next read of that connection: wait for it, bounded.
+    let deadline = Instant::now() + TIMEOUT;
+    while sample(&http_get(g.metrics_addr(), "/metrics").await.1, "giftd_subscriptions_open") != Some(0.0) {
+        assert!(Instant::now() < deadline, "the subscription was still counted open {TIMEOUT:?} after it closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Frames giftd cannot read and unknown opcodes name no operation: they are counted as requests of
+/// op `unknown` with their result (and no duration), so the error-ratio alert, which divides the
+/// protocol errors by all requests, sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_are_counted_as_requests_of_op_unknown() {
+    use crate::protocol::{assert_error_frame, exchange, frame};
+    let g = Giftd::start();
+    let mut c = g.client().await;
+    // An unknown opcode is answered (opcode | 0x80) and the connection goes on.
+    assert_error_frame(&exchange(&mut c, &frame(1, 0x7e, 0, 5, b"")).await, 0xfe, 5, ResultCode::UnknownOpcode);
+    // A frame shorter than its header, and one longer than the limit: each answered, then closed.
+    let malformed = exchange(&mut g.client().await, &[3, 0, 0, 0, 1, 2, 3]).await;
+    assert_error_frame(&malformed, 0x80, 0, ResultCode::MalformedFrame);
+    let too_large = exchange(&mut g.client().await, &u32::MAX.to_le_bytes()).await;
+    assert_error_frame(&too_large, 0x80, 0, ResultCode::FrameTooLarge);
+
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    let at = |result: &str| sample(&body, &format!("giftd_requests_total{{op=\"unknown\",result=\"{result}\"}}"));
+    assert_eq!(at("unknown_opcode"), Some(1.0), "{body}");
+    assert_eq!(at("malformed_frame"), Some(1.0), "{body}");
+    assert_eq!(at("frame_too_large"), Some(1.0), "{body}");
+    assert_eq!(sample(&body, "giftd_protocol_errors_total"), Some(2.0), "the two closed connections: {body}");
+    assert!(!body.contains(r#"giftd_request_duration_seconds_count{op="unknown"}"#), "{body}");
 }
 
 /// Percent-encodes a PromQL query for a URL.

@@ -519,7 +519,7 @@ async fn keys_and_invoices_are_answered_from_the_store_after_leaving_memory() {
     // Wait (bounded) until a sweep has counted the keys in memory, then until one finds none left.
     let keys_in_memory = || async {
         let (_, text) = crate::http_get(g.metrics_addr(), "/metrics").await;
-        text.lines().find_map(|l| l.strip_prefix("giftd_idempotency_keys_memory ")?.parse::<i64>().ok())
+        text.lines().find_map(|l| l.strip_prefix("giftd_idempotency_keys_in_memory ")?.parse::<i64>().ok())
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut seen = false;

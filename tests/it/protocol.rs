@@ -16,7 +16,7 @@ const REDEEM: u8 = 0x13;
 const BALANCE: u8 = 0x12;
 
 /// A whole frame with an arbitrary header.
-fn frame(version: u8, opcode: u8, flags: u16, request_id: u64, body: &[u8]) -> Vec<u8> {
+pub fn frame(version: u8, opcode: u8, flags: u16, request_id: u64, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + body.len());
     v.extend_from_slice(&((12 + body.len()) as u32).to_le_bytes());
     v.push(version);
@@ -53,14 +53,14 @@ fn redeem_body(key: &str, number: &str, currency: &[u8; 3], minor: i64) -> Vec<u
 }
 
 /// Writes raw bytes on a handshaken client and returns the next frame.
-async fn exchange(c: &mut Client, bytes: &[u8]) -> Frame {
+pub async fn exchange(c: &mut Client, bytes: &[u8]) -> Frame {
     c.tx.send_raw(bytes);
     timed("flush", c.tx.flush()).await.expect("flush");
     timed("reply frame", c.rx.recv_frame()).await.expect("a reply frame")
 }
 
 #[track_caller]
-fn assert_error_frame(f: &Frame, opcode: u8, request_id: u64, code: ResultCode) {
+pub fn assert_error_frame(f: &Frame, opcode: u8, request_id: u64, code: ResultCode) {
     assert_eq!(
         (f.header.opcode, f.header.request_id, &f.body[..]),
         (opcode, request_id, &(code as u16).to_le_bytes()[..]),
