@@ -280,14 +280,16 @@ pub struct Effects {
 
 impl Effects {
     /// Numbers the changes from `first` and the alerts after them; returns the next free id.
-    /// A card changed twice in one decision (a reactivation and its note, a change and the fraud
-    /// lock an alert added) has its second entry name the first as its previous one: when the
-    /// changes were made, the first had no id yet.
+    /// A change [`CardChange::after_earlier`] marks (a card changed twice in one decision: a
+    /// reactivation and its note, a change and the fraud lock an alert added) names the card's
+    /// earlier change in this append as its previous entry: when it was made, that one had no id.
     pub fn assign_ids(&mut self, first: u64) -> u64 {
         let mut id = first;
         for i in 0..self.changes.len() {
-            let card = self.changes[i].txn.card;
-            if let Some(j) = self.changes[..i].iter().rposition(|c| c.txn.card == card) {
+            if self.changes[i].txn.prev_id == PREV_IN_APPEND {
+                let card = self.changes[i].txn.card;
+                let j = self.changes[..i].iter().rposition(|c| c.txn.card == card);
+                let j = j.expect("a change marked after an earlier one follows a change of its card");
                 self.changes[i].txn.prev_id = first + j as u64;
             }
             self.changes[i].assign_id(id);
@@ -306,7 +308,19 @@ pub struct Appended {
     pub first_txn_id: u64,
 }
 
+/// The previous entry of a change that follows another change of its card in the same append (see
+/// [`Effects::assign_ids`]). Never a real id: ids are assigned in order from 1.
+const PREV_IN_APPEND: u64 = u64::MAX;
+
 impl CardChange {
+    /// Marks this change as following an earlier change of its card in the same decision: the
+    /// journal links the two when it numbers them. (Marked rather than searched for: a job chunk
+    /// appends thousands of changes, each of its own card.)
+    pub fn after_earlier(mut self) -> CardChange {
+        self.txn.prev_id = PREV_IN_APPEND;
+        self
+    }
+
     /// Gives the history entry `id` and makes it the card's newest (and, for a note, its newest
     /// note).
     pub fn assign_id(&mut self, id: u64) {

@@ -309,7 +309,7 @@ impl Engine {
                         if let Ok(d) = rules::decide(&card.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
                             let (_, change, _) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
                             suspended.push((key, effects.changes.len()));
-                            effects.changes.push(change);
+                            effects.changes.push(change.after_earlier());
                             alert.suspended = true;
                         }
                     }
@@ -1064,7 +1064,7 @@ impl Engine {
         effects.changes.push(change);
         let prev_id = card.rec.last_note_id;
         let (outcome, change, _) = self.apply(key, card, m.idem.merchant(), &rules::note(&card.rec), now_ms);
-        effects.changes.push(change);
+        effects.changes.push(change.after_earlier());
         let author = m.idem.merchant().into();
         effects.note = Some((1, NoteRecord { prev_id, at_ms: now_ms, author, text: why.as_str().into() }));
         let (record, at) = self.commit(m, Answer { reason: Some(why), ..Answer::plain(outcome) }, effects);
@@ -1122,7 +1122,7 @@ impl Engine {
         let card = locked.card(&from);
         let prev_id = card.rec.last_note_id;
         let (_, change, _) = self.apply(from, card, m.idem.merchant(), &rules::note(&card.rec), now_ms);
-        effects.changes.push(change);
+        effects.changes.push(change.after_earlier());
         let author = m.idem.merchant().into();
         effects.note = Some((2, NoteRecord { prev_id, at_ms: now_ms, author, text: text.into() }));
         // Money moves between two cards: nothing enters or leaves the ledger.

@@ -846,6 +846,13 @@ fn transfer_moves_everything_or_nothing() {
     assert_eq!(j_len(&journal), before + 3, "the move out, the move in, the old card's note");
     let (from, to) = (e.snapshot(&card(1)).unwrap().0, e.snapshot(&card(2)).unwrap().0);
     assert_eq!((from.balance_minor, from.status(NOW), to.balance_minor), (0, Status::Closed, 13_000));
+    // The old card changed twice in one append: its note names the move out as the entry before.
+    let txns = journal.txns();
+    let (out, note) = (&txns[txns.len() - 3], &txns[txns.len() - 1]);
+    assert_eq!(
+        (out.kind, note.kind, note.prev_id, from.last_txn_id),
+        (TxnKind::TransferOut, TxnKind::Note, out.id, note.id)
+    );
     assert_eq!(transfer("t8", card(1), card(2)), ResultCode::CardClosed);
     assert_eq!(transfer("t9", card(2), card(1)), ResultCode::TransferTargetNotActive);
 }
