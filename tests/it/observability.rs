@@ -395,3 +395,94 @@ async fn alert_rules_fire_at_their_threshold_and_suspend_over_tcp() {
     let mut c = g.client().await;
     assert_eq!(redeem(&mut c, n, "vel-4", usd(100), false).await.result, ResultCode::CardSuspended);
 }
+
+/// The other three rules over TCP, each at exactly its threshold: a large reload and two wrong
+/// PINs suspend their cards (in the decision's own write, so the suspension and the alert survive
+/// kill -9 with it), and a merchant's second reversal in the hour fires. The alerts reach a
+/// subscriber in commit order, each right after what fired it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp() {
+    use crate::payments::{parts, reverse_req};
+    use giftd::card_number::Pin;
+    use giftd::wire::EventView;
+    let mut g = Giftd::with_config(
+        "[alerts]\npin_failures = 2\npin_failures_suspend = true\nreversals_per_merchant_per_hour = 2\n\
+         large_amount_suspend = true\nredemptions_per_card_per_minute = 0\n[alerts.large_amount]\nUSD = \"50.00\"\n",
+    );
+    let (big, pinned, spent) = ("6035719980000087", "6035719980000095", "6035719980000103");
+    let mut c = g.client().await;
+    for n in [big, pinned, spent] {
+        issue(&mut c, n, usd(4_000)).await;
+    }
+    let alerts = |body: &str, rule: &str| sample(body, &format!("giftd_alerts_total{{rule=\"{rule}\"}}"));
+    let reload = |key: &str, minor| Request::Reload { idem: idem(MERCHANT, key), number: num(big), money: usd(minor) };
+    assert_eq!(call(&mut c, &reload("l1", 5_000)).await.result, ResultCode::Approved, "50.00 is not above 50.00");
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "large_amount"), Some(0.0), "at the threshold is not above it");
+    assert_eq!(call(&mut c, &reload("l2", 5_001)).await.result, ResultCode::Approved, "the decision stands");
+    assert_eq!(redeem(&mut c, big, "after-big", usd(100), false).await.result, ResultCode::CardSuspended);
+
+    let pin = |p: &str| Pin::parse(p).expect("test PIN");
+    let set = Request::PinSet { idem: idem(MERCHANT, "ps"), number: num(pinned), pin: pin("4821") };
+    assert_eq!(call(&mut c, &set).await.result, ResultCode::Approved);
+    let verify = |key: &str| Request::PinVerify { idem: idem(MERCHANT, key), number: num(pinned), pin: pin("1111") };
+    assert_eq!(call(&mut c, &verify("v1")).await.result, ResultCode::PinIncorrect);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "pin_failures"), Some(0.0), "one wrong PIN is under the threshold of 2");
+    assert_eq!(call(&mut c, &verify("v2")).await.result, ResultCode::PinIncorrect);
+    assert_eq!(redeem(&mut c, pinned, "after-pin", usd(100), false).await.result, ResultCode::CardSuspended);
+
+    for key in ["s1", "s2"] {
+        assert_eq!(redeem(&mut c, spent, key, usd(100), false).await.result, ResultCode::Approved);
+    }
+    assert_eq!(parts(&mut c, &reverse_req("b1", "s1")).await.result, ResultCode::Approved);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    assert_eq!(alerts(&body, "reversals"), Some(0.0), "one reversal is under the threshold of 2");
+    assert_eq!(parts(&mut c, &reverse_req("b2", "s2")).await.result, ResultCode::Approved);
+    let body = http_get(g.metrics_addr(), "/metrics").await.1;
+    for rule in ["large_amount", "pin_failures", "reversals"] {
+        assert_eq!(alerts(&body, rule), Some(1.0), "{rule} fired once");
+    }
+
+    // Durable with their decisions: after kill -9, the cards are still suspended, and a
+    // subscriber from the start sees each alert right after the entry that fired it (a suspending
+    // rule's after the card's lock entry).
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    assert_eq!(redeem(&mut c, big, "after-restart", usd(100), false).await.result, ResultCode::CardSuspended);
+    let mut sub = g.client().await.subscribe(0, "", "", 0).await.expect("subscribe");
+    let mut seen = Vec::new();
+    loop {
+        let frame = crate::timed("events frame", sub.next()).await.expect("events frame");
+        seen.extend(frame.events);
+        if frame.caught_up {
+            break;
+        }
+    }
+    let fired: Vec<(u8, bool, String)> = seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            EventView::Alert { rule, suspended, last4, .. } => {
+                let before = match &seen[i - 1] {
+                    EventView::Txn { kind, .. } => format!("{kind:?}"),
+                    EventView::Alert { .. } => "alert".into(),
+                };
+                assert_eq!(e.id(), seen[i - 1].id() + 1, "an alert follows what fired it");
+                Some((*rule, *suspended, format!("{}:{before}", String::from_utf8_lossy(last4))))
+            }
+            EventView::Txn { .. } => None,
+        })
+        .collect();
+    use giftd::engine::alerts::Rule;
+    assert_eq!(
+        fired,
+        vec![
+            (Rule::LargeAmount as u8, true, "0087:Lock".to_string()),
+            (Rule::PinFailures as u8, true, "0095:Lock".to_string()),
+            (Rule::Reversals as u8, false, "0000:Reversal".to_string()),
+        ]
+    );
+}
