@@ -14,7 +14,7 @@ $LOAD > $D/warm.json 2>/dev/null
 S=$!
 sleep 2
 $LOAD > $D/stalled.json 2>/dev/null
-curl -s 127.0.0.1:9495/metrics | grep "^giftd_subscriptions_open"
+curl -s 127.0.0.1:9495/metrics | grep -E "^giftd_subscriptions_(open|lag_events)"
 if [ "$1" = "reverse" ]; then kill $S 2>/dev/null; pkill -f "giftctl --addr 127.0.0.1:7495"; sleep 2; $LOAD > $D/alone.json 2>/dev/null; fi
 python3 - <<PY
 import json
