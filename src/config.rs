@@ -147,6 +147,10 @@ impl AlertsConfig {
                 errs.push(format!("alerts.{name} must be at most {max} (0 turns the rule off), not {n}"));
             }
         }
+        // A card counts at most 255 consecutive wrong PINs: a higher threshold could never fire.
+        if self.pin_failures > u8::MAX as u32 {
+            errs.push(format!("alerts.pin_failures must be at most 255, not {}", self.pin_failures));
+        }
         for (code, amount) in &self.large_amount {
             match Currency::parse(code) {
                 None => errs.push(format!("alerts.large_amount: {code:?} is not a known ISO 4217 code")),

@@ -191,12 +191,13 @@ impl<K: Hash + Eq, S: BuildHasher> Window<K, S> {
             times.pop_front();
         }
         let before = times.len() as u64;
-        for _ in 0..n.min(threshold) {
-            times.push_back(now_ms);
-        }
-        while times.len() > threshold as usize {
+        // Only the newest `threshold` times matter: make room first, so the deque never grows
+        // past the threshold.
+        let add = n.min(threshold) as usize;
+        while times.len() + add > threshold as usize {
             times.pop_front();
         }
+        times.extend(std::iter::repeat_n(now_ms, add));
         before < threshold as u64 && before + n as u64 >= threshold as u64
     }
 

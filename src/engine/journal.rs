@@ -291,6 +291,8 @@ impl Effects {
                 let j = self.changes[..i].iter().rposition(|c| c.txn.card == card);
                 let j = j.expect("a change marked after an earlier one follows a change of its card");
                 self.changes[i].txn.prev_id = first + j as u64;
+                // The earlier change may be a note, whose id it took only now.
+                self.changes[i].record.last_note_id = self.changes[j].record.last_note_id;
             }
             self.changes[i].assign_id(id);
             id += 1;

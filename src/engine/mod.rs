@@ -325,6 +325,11 @@ impl Engine {
         suspended
     }
 
+    /// Whether the enumeration rule is on (so the server need not name the client otherwise).
+    pub fn counts_unknown_cards(&self) -> bool {
+        self.alert_rules.load().enumeration_per_minute.is_some()
+    }
+
     /// Counts `unknown` answers of `card_not_found` to `client` (its configured name, or its
     /// address) for the enumeration rule, whatever asked: balance, lookup and history reads as much
     /// as mutations. When that brings the client's count over the last minute to the threshold, the

@@ -167,7 +167,7 @@ fn screen_unknown_cards(shared: &Shared, gate: &Gate, peer: SocketAddr, reply: &
         Reply::Batch(items) => items.iter().filter(|(_, r)| r.result() == ResultCode::CardNotFound).count(),
         r => usize::from(r.result() == ResultCode::CardNotFound),
     };
-    if unknown == 0 {
+    if unknown == 0 || !shared.engine.counts_unknown_cards() {
         return 0;
     }
     let principal = gate.principal();

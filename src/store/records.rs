@@ -23,7 +23,8 @@ use bytes::BufMut;
 // an older version.
 const CARD_V8: u8 = 8;
 const NOTE_V1: u8 = 1;
-// v2: the client the enumeration rule counted.
+// v2 adds the client the enumeration rule counted; v1 (without it) is still read.
+const ALERT_V1: u8 = 1;
 const ALERT_V2: u8 = 2;
 const IDEM_V6: u8 = 6;
 /// Most cards a job chunk's record lists.
@@ -614,13 +615,16 @@ pub fn encode_alert(dst: &mut Vec<u8>, a: &AlertRecord) {
 
 pub fn decode_alert(buf: &[u8]) -> Result<AlertRecord, Corrupt> {
     let mut r = Reader { buf, what: "alert" };
-    r.version(ALERT_V2)?;
+    let version = r.u8()?;
+    if version != ALERT_V1 && version != ALERT_V2 {
+        return Err(Corrupt { what: "alert" });
+    }
     let rule = Rule::from_u8(r.u8()?);
     let rule = r.some(rule)?;
     let at_ms = r.i64()?;
     let last4 = r.arr()?;
     let merchant = r.str8()?.into();
-    let client = r.str8()?.into();
+    let client = if version == ALERT_V1 { "".into() } else { r.str8()?.into() };
     let observed = r.i64()?;
     let threshold = r.i64()?;
     let code: [u8; 3] = r.arr()?;
@@ -783,6 +787,12 @@ mod tests {
             encode_alert(&mut buf, &a);
             assert_eq!(decode_alert(&buf).expect("decodes"), a);
             assert!(decode_alert(&buf[..buf.len() - 1]).is_err(), "a torn record is corrupt, not misread");
+            // Version 1, written before alerts named a client, still reads, with no client.
+            let client_at = 1 + 1 + 8 + 4 + 1 + a.merchant.len();
+            let mut v1 = buf.clone();
+            v1[0] = ALERT_V1;
+            v1.drain(client_at..client_at + 1 + a.client.len());
+            assert_eq!(decode_alert(&v1).expect("v1 decodes"), AlertRecord { client: "".into(), ..a.clone() });
         }
     }
 

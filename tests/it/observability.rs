@@ -466,11 +466,13 @@ async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp
         .enumerate()
         .filter_map(|(i, e)| match e {
             EventView::Alert { rule, suspended, last4, .. } => {
-                let before = match &seen[i - 1] {
+                let kind = |e: &EventView| match e {
                     EventView::Txn { kind, .. } => format!("{kind:?}"),
                     EventView::Alert { .. } => "alert".into(),
                 };
+                let before = format!("{}+{}", kind(&seen[i - 2]), kind(&seen[i - 1]));
                 assert_eq!(e.id(), seen[i - 1].id() + 1, "an alert follows what fired it");
+                assert_eq!(seen[i - 1].id(), seen[i - 2].id() + 1);
                 Some((*rule, *suspended, format!("{}:{before}", String::from_utf8_lossy(last4))))
             }
             EventView::Txn { .. } => None,
@@ -480,9 +482,9 @@ async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp
     assert_eq!(
         fired,
         vec![
-            (Rule::LargeAmount as u8, true, "0087:Lock".to_string()),
-            (Rule::PinFailures as u8, true, "0095:Lock".to_string()),
-            (Rule::Reversals as u8, false, "0000:Reversal".to_string()),
+            (Rule::LargeAmount as u8, true, "0087:Reload+Lock".to_string()),
+            (Rule::PinFailures as u8, true, "0095:PinFailed+Lock".to_string()),
+            (Rule::Reversals as u8, false, "0000:Reversal+Reversal".to_string()),
         ]
     );
 }
