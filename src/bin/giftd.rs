@@ -43,6 +43,10 @@ struct Args {
     /// Durability mode: sync (default) or relaxed (opt-in, for comparisons only).
     #[arg(long)]
     durability: Option<String>,
+    /// Log lines on stderr: text (default), or json (one object per line, the event's fields at
+    /// the top level) for a log collector.
+    #[arg(long, env = "GIFTD_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
 }
 
 fn main() -> ExitCode {
@@ -52,14 +56,17 @@ fn main() -> ExitCode {
         default_hook(info);
         std::process::abort();
     }));
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-
     let args = Args::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        // Colour codes only for a person at a terminal: log files and collectors get plain text.
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+
     let mut cfg = match &args.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,

@@ -26,20 +26,27 @@ pub struct Giftd {
     starts: u32,
     /// RLIMIT_FSIZE for the child, with SIGXFSZ ignored: a write past it fails with EFBIG.
     file_size_limit: Option<u64>,
+    /// Environment variables for the child only (tests run in parallel in one process).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Giftd {
     /// Starts giftd with the default configuration.
     pub fn start() -> Giftd {
-        Giftd::start_inner(None)
+        Giftd::start_with(None, &[])
     }
 
     /// Starts giftd with `toml` written to a configuration file and passed with `--config`.
     pub fn with_config(toml: &str) -> Giftd {
-        Giftd::start_inner(Some(toml))
+        Giftd::start_with(Some(toml), &[])
     }
 
-    fn start_inner(toml: Option<&str>) -> Giftd {
+    /// Starts giftd with these environment variables (and the configuration, if any).
+    pub fn with_env(toml: Option<&str>, env: &[(&'static str, &'static str)]) -> Giftd {
+        Giftd::start_with(toml, env)
+    }
+
+    fn start_with(toml: Option<&str>, env: &[(&'static str, &'static str)]) -> Giftd {
         let dir = tempfile::Builder::new().prefix("giftd-it-").tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
         let config = toml.map(|t| {
@@ -55,6 +62,7 @@ impl Giftd {
             metrics_addr: String::new(),
             starts: 0,
             file_size_limit: None,
+            env: env.to_vec(),
         };
         g.spawn();
         g
@@ -63,7 +71,7 @@ impl Giftd {
     /// Starts giftd unable to write any file past `bytes`: its WAL writes fail once the log grows
     /// that far, as they would on a full or failing disk.
     pub fn with_file_size_limit(bytes: u64) -> Giftd {
-        let mut g = Giftd::start_inner(None);
+        let mut g = Giftd::start_with(None, &[]);
         g.kill9();
         g.file_size_limit = Some(bytes);
         g.spawn();
@@ -93,6 +101,7 @@ impl Giftd {
             .arg(self.data_dir())
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));

@@ -488,3 +488,28 @@ async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp
         ]
     );
 }
+
+/// With `--log-format json` (here through its environment variable) every line giftd logs is one
+/// JSON object with its fields at the top level, for a log collector: a security alert can be
+/// filtered by rule, and still names its card by the last 4 digits only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_alerts_fields() {
+    let g = Giftd::with_env(
+        Some("[alerts]\nlarge_amount_suspend = true\n[alerts.large_amount]\nUSD = \"50.00\"\n"),
+        &[("GIFTD_LOG_FORMAT", "json")],
+    );
+    let n = "6035719980000111";
+    let mut c = g.client().await;
+    issue(&mut c, n, usd(9_000)).await;
+    drop(c);
+    let log = String::from_utf8_lossy(&g.log()).into_owned();
+    let lines: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect();
+    assert!(lines.iter().any(|l| l["message"] == "giftd ready" && l["level"] == "INFO"), "{log}");
+    let alert = lines.iter().find(|l| l["message"] == "security alert").unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(
+        (&alert["rule"], &alert["card"], &alert["suspended"]),
+        (&"large_amount".into(), &"****0111".into(), &true.into())
+    );
+    assert!(!log.contains(n), "no full card number in the log");
+}
