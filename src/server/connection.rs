@@ -173,7 +173,7 @@ fn screen_unknown_cards(shared: &Shared, gate: &Gate, peer: SocketAddr, reply: &
     let principal = gate.principal();
     let client = match principal.map(|p| p.name.as_str()).filter(|n| !n.is_empty()) {
         Some(name) => name.to_string(),
-        None => peer.ip().to_string(),
+        None => address_of(peer.ip()),
     };
     let merchant = principal.and_then(|p| p.merchant.as_deref()).unwrap_or("");
     match shared.engine.unknown_cards(&client, merchant, unknown.min(u32::MAX as usize) as u32, now_ms()) {
@@ -182,6 +182,18 @@ fn screen_unknown_cards(shared: &Shared, gate: &Gate, peer: SocketAddr, reply: &
             group
         }
         None => 0,
+    }
+}
+
+/// An anonymous client as the enumeration rule counts it: an IPv4 address, or an IPv6 address's
+/// /64 prefix (a host is usually given a whole /64, and could otherwise change address at will).
+fn address_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        ip => ip.to_canonical().to_string(),
     }
 }
 
@@ -801,4 +813,17 @@ async fn history(
         }),
         group,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_of;
+
+    #[test]
+    fn anonymous_clients_are_counted_by_ipv4_address_or_ipv6_prefix() {
+        assert_eq!(address_of("127.0.0.1".parse().unwrap()), "127.0.0.1");
+        assert_eq!(address_of("::ffff:10.1.2.3".parse().unwrap()), "10.1.2.3");
+        assert_eq!(address_of("2001:db8:1:2:aaaa::1".parse().unwrap()), "2001:db8:1:2::/64");
+        assert_eq!(address_of("2001:db8:1:2:bbbb::9".parse().unwrap()), "2001:db8:1:2::/64");
+    }
 }
