@@ -8,24 +8,18 @@ use crate::model::{CardView, Currency, HoldView, LockReason, Status};
 pub const HOLDS_PER_CARD_MAX: usize = 16;
 
 /// An open hold, as the card's record keeps it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hold {
     pub id: u64,
     pub amount_minor: i64,
     pub expires_ms: i64,
     /// When it was authorized: a void is accepted within the program's window from this.
     pub opened_ms: i64,
-    /// Who authorized it ([`merchant_tag`] of the merchant id): only that merchant may capture or
-    /// void it.
-    pub merchant_tag: u64,
-}
-
-/// A merchant id as a hold remembers it: the first 8 bytes of its SHA-256. Hold ids are small
-/// counters, so without it one merchant could capture another's hold by guessing its id.
-pub fn merchant_tag(merchant: &str) -> u64 {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(merchant.as_bytes());
-    u64::from_le_bytes(digest[..8].try_into().expect("8 of 32 bytes"))
+    /// The merchant id that authorized it. Only that merchant may capture or void it (hold ids
+    /// are small counters: one merchant could otherwise capture another's hold by guessing its
+    /// id), and its release at the deadline is written under it, so that merchant's event stream
+    /// shows it.
+    pub merchant: Box<str>,
 }
 
 impl Hold {

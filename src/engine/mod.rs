@@ -963,7 +963,14 @@ impl Engine {
     /// Releases (and journals) every hold of the card that is past its deadline at `now_ms`.
     fn release_due(&self, key: CardKey, card: &mut Card, now_ms: i64) {
         while let Some(d) = rules::expiry(&card.rec, now_ms) {
-            let (_, change, mut effects) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+            // Written under the merchant whose hold it was (giftd releases it, as its kind says),
+            // so that merchant's event stream shows its hold lapse.
+            let merchant = match d.hold {
+                HoldChange::Close { id } => card.rec.holds.iter().find(|h| h.id == id).map(|h| h.merchant.clone()),
+                _ => None,
+            };
+            let merchant = merchant.unwrap_or_else(|| SYSTEM_MERCHANT.into());
+            let (_, change, mut effects) = self.apply(key, card, &merchant, &d, now_ms);
             effects.changes.push(change);
             let at = self.journal.append(effects);
             card.rec.last_txn_id = at.first_txn_id;

@@ -1,7 +1,7 @@
 //! The business rules: pure functions from (card, program, request, time) to a decision. No locks,
 //! no IO, no clock of their own. The checks run in the precedence order of `ResultCode`.
 
-use super::card::{merchant_tag, CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
+use super::card::{CardRecord, Hold, Lifecycle, HOLDS_PER_CARD_MAX};
 use super::journal::{ChunkKind, JobSpec};
 use super::program::utc_day;
 use super::program::Program;
@@ -265,15 +265,15 @@ impl Op {
 }
 
 /// What a decision does to the card's holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldChange {
     None,
     /// A new hold; the engine gives it its id when it applies the decision.
     Open {
         amount_minor: i64,
         expires_ms: i64,
-        /// The authorizing merchant's tag: only it may capture or void the hold.
-        merchant_tag: u64,
+        /// The authorizing merchant: only it may capture or void the hold.
+        merchant: Box<str>,
     },
     /// The hold leaves the card (captured, voided or expired) and stops reserving its amount.
     Close {
@@ -339,13 +339,14 @@ impl Decision {
     /// Applies the decision to `card`; its history entry is the card's `txn_count`-th. A hold the
     /// decision opens gets `new_hold_id`.
     pub fn apply(&self, card: &mut CardRecord, now_ms: i64, new_hold_id: u64) {
-        match self.hold {
+        match &self.hold {
             HoldChange::None => {}
-            HoldChange::Open { amount_minor, expires_ms, merchant_tag } => {
-                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms, opened_ms: now_ms, merchant_tag });
+            &HoldChange::Open { amount_minor, expires_ms, ref merchant } => {
+                let merchant = merchant.clone();
+                card.holds.push(Hold { id: new_hold_id, amount_minor, expires_ms, opened_ms: now_ms, merchant });
                 card.held_minor += amount_minor;
             }
-            HoldChange::Close { id } => {
+            &HoldChange::Close { id } => {
                 if let Some(i) = card.holds.iter().position(|h| h.id == id) {
                     card.held_minor -= card.holds.remove(i).amount_minor;
                 }
@@ -590,7 +591,7 @@ pub fn decide(
             let held = spendable(card, money, *allow_partial, now_ms)?;
             let expires_ms = program.hold_deadline_ms(now_ms, *ttl_ms);
             Ok(Decision {
-                hold: HoldChange::Open { amount_minor: held, expires_ms, merchant_tag: merchant_tag(merchant) },
+                hold: HoldChange::Open { amount_minor: held, expires_ms, merchant: merchant.into() },
                 pin: pin_verified(card, pin.as_ref()),
                 ..same(TxnKind::Authorize, 0, held)
             })
@@ -716,9 +717,8 @@ fn spendable(card: &CardRecord, money: &Money, allow_partial: bool, now_ms: i64)
 /// The open hold `id`, if `merchant` opened it: another merchant's hold is not found, as if it did
 /// not exist, so its id tells that merchant nothing.
 fn open_hold(card: &CardRecord, id: u64, merchant: &str, now_ms: i64) -> Result<Hold, ResultCode> {
-    let tag = merchant_tag(merchant);
     open_hold_of_any(card, id, now_ms).and_then(|h| {
-        if h.merchant_tag == tag {
+        if *h.merchant == *merchant {
             Ok(h)
         } else {
             Err(ResultCode::HoldNotFound)
@@ -730,7 +730,7 @@ fn open_hold(card: &CardRecord, id: u64, merchant: &str, now_ms: i64) -> Result<
 /// deadline is released, whether or not giftd has written the release yet. A reversal uses it: it
 /// names its original under its own merchant, so the hold is that merchant's already.
 fn open_hold_of_any(card: &CardRecord, id: u64, now_ms: i64) -> Result<Hold, ResultCode> {
-    card.holds.iter().find(|h| h.id == id && h.expires_ms > now_ms).copied().ok_or(ResultCode::HoldNotFound)
+    card.holds.iter().find(|h| h.id == id && h.expires_ms > now_ms).cloned().ok_or(ResultCode::HoldNotFound)
 }
 
 /// The release of the card's first hold that is past its deadline at `now_ms`, if any: giftd

@@ -484,7 +484,11 @@ fn holds_expire_by_deadline_under_a_controlled_clock() {
     assert_eq!(e.expire_holds(NOW + HOUR_MS, 100), 1);
     assert_eq!(e.next_hold_deadline(), Some(NOW + 2 * HOUR_MS));
     let last = j.txns().last().cloned().unwrap();
-    assert_eq!((last.kind, last.amount_minor, &*last.merchant), (TxnKind::HoldExpired, 1_000, SYSTEM_MERCHANT));
+    assert_eq!(
+        (last.kind, last.amount_minor, &*last.merchant),
+        (TxnKind::HoldExpired, 1_000, "m1"),
+        "under the hold's merchant"
+    );
     let capture = |key: &str, id, now| run_hold(&e, key, Op::Capture { hold_id: id, money: usd(1) }, now);
     assert_eq!(capture("c1", a.id, NOW + HOUR_MS).outcome.result, ResultCode::HoldNotFound);
     // A hold past its deadline cannot be captured even if the sweep has not run yet.

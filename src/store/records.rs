@@ -14,14 +14,15 @@ use bytes::BufMut;
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
 // virtual flag and the email, version 7 each hold's merchant tag, version 8 made numbers variable
-// length (LEB128, signed ones zigzag) and flags one byte; history version 3 did the same and
+// length (LEB128, signed ones zigzag) and flags one byte, version 9 each hold's merchant id in
+// place of its tag; history version 3 did the same and
 // dropped what the card record already says (the entry's sequence number and balance after).
 // Version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
 // all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
 // Nothing deployed holds
 // an older version.
-const CARD_V8: u8 = 8;
+const CARD_V9: u8 = 9;
 const NOTE_V1: u8 = 1;
 // v2 adds the client the enumeration rule counted; v1 (without it) is still read.
 const ALERT_V1: u8 = 1;
@@ -63,9 +64,6 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
-    }
-    fn u64(&mut self) -> Result<u64, Corrupt> {
-        Ok(u64::from_le_bytes(self.arr()?))
     }
     fn i64(&mut self) -> Result<i64, Corrupt> {
         Ok(i64::from_le_bytes(self.arr()?))
@@ -158,7 +156,7 @@ const FLAGS_ALL: u8 = FLAG_PIN_LOCKED | FLAG_VIP | FLAG_PIN | FLAG_VIRTUAL | FLA
 /// A card record (about 45 bytes for a plain card): it is written with every history entry and in
 /// every checkpoint, so its size is most of what each decision costs the disk.
 pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
-    dst.put_u8(CARD_V8);
+    dst.put_u8(CARD_V9);
     dst.put_slice(&c.last4);
     dst.put_u8(c.lifecycle as u8);
     dst.put_u8(c.lock as u8);
@@ -188,7 +186,7 @@ pub fn encode_card(dst: &mut Vec<u8>, c: &CardRecord) {
         put_zz(dst, h.amount_minor);
         put_zz(dst, h.opened_ms);
         put_zz(dst, h.expires_ms.wrapping_sub(h.opened_ms));
-        dst.put_u64_le(h.merchant_tag);
+        put_str8(dst, &h.merchant);
     }
     put_str8(dst, c.member.as_deref().unwrap_or(""));
     put_uv(dst, c.last_note_id);
@@ -213,7 +211,7 @@ pub fn decode_card(buf: &[u8]) -> Result<CardRecord, Corrupt> {
 impl Reader<'_> {
     fn card(&mut self) -> Result<CardRecord, Corrupt> {
         let r = self;
-        r.version(CARD_V8)?;
+        r.version(CARD_V9)?;
         let last4 = r.arr()?;
         let lifecycle = Lifecycle::from_u8(r.u8()?);
         let lifecycle = r.some(lifecycle)?;
@@ -242,7 +240,7 @@ impl Reader<'_> {
             let amount_minor = r.zz()?;
             let opened_ms = r.zz()?;
             let expires_ms = opened_ms.wrapping_add(r.zz()?);
-            holds.push(Hold { id, amount_minor, expires_ms, opened_ms, merchant_tag: r.u64()? });
+            holds.push(Hold { id, amount_minor, expires_ms, opened_ms, merchant: r.str8()?.into() });
         }
         let member = r.str8()?;
         let member = (!member.is_empty()).then(|| member.into());
@@ -675,7 +673,7 @@ mod tests {
                 amount_minor: 50,
                 expires_ms: 1_800_000_000_000,
                 opened_ms: 1_700_000_000_500,
-                merchant_tag: 0x0123_4567_89ab_cdef,
+                merchant: "m-store-17".into(),
             }],
             lifecycle: Lifecycle::Active,
             lock: LockReason::None,

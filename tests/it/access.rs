@@ -224,11 +224,22 @@ async fn a_merchant_follows_only_its_own_events_and_head_office_follows_all() {
     for (m, key) in [("m-1", "e-1"), ("m-2", "e-2"), ("m-1", "e-3")] {
         assert_eq!(code(&mut proc, &redeem_as(m, n, key, 100)).await, ResultCode::Approved);
     }
+    // A hold of m-1's for a second: giftd releases it by itself, under m-1.
+    let hold = Request::Authorize {
+        idem: idem("m-1", "h-1"),
+        number: num(n),
+        money: usd(100),
+        allow_partial: false,
+        ttl_secs: 1,
+        pin: None,
+    };
+    assert_eq!(code(&mut proc, &hold).await, ResultCode::Approved);
     let merchants = |events: Vec<EventView>| {
         events
             .into_iter()
             .map(|e| match e {
-                EventView::Txn { merchant, .. } | EventView::Alert { merchant, .. } => merchant,
+                EventView::Txn { merchant, kind, .. } => format!("{merchant}:{kind:?}"),
+                EventView::Alert { merchant, .. } => format!("{merchant}:alert"),
             })
             .collect::<Vec<_>>()
     };
@@ -243,18 +254,27 @@ async fn a_merchant_follows_only_its_own_events_and_head_office_follows_all() {
             }
         }
     };
-    // The merchant asks for everything and gets its own traffic only.
-    let own = caught_up(g.client_as(&merchant()).await, "").await.expect("own events");
-    assert_eq!(merchants(own), vec!["m-1", "m-1"]);
+    // The merchant asks for everything and gets its own traffic only, its hold's release included
+    // (written within moments of the deadline).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let own = loop {
+        let own = merchants(caught_up(g.client_as(&merchant()).await, "").await.expect("own events"));
+        if own.len() == 4 || Instant::now() > deadline {
+            break own;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(own, vec!["m-1:Redeem", "m-1:Redeem", "m-1:Authorize", "m-1:HoldExpired"]);
     // Another merchant's events are refused.
     let err = caught_up(g.client_as(&merchant()).await, "m-2").await.expect_err("refused");
     assert!(format!("{err:#}").contains("forbidden"), "{err:#}");
     // A processor has no event stream.
     let err = caught_up(g.client_as(&processor()).await, "").await.expect_err("refused");
     assert!(format!("{err:#}").contains("forbidden"), "{err:#}");
-    // Head office sees everything: the issue and the three redeems.
+    // Head office sees everything: the issue, the three redeems, the hold and its release.
     let all = caught_up(g.client_as(&operator()).await, "").await.expect("all events");
-    assert_eq!(merchants(all), vec![MERCHANT, "m-1", "m-2", "m-1"]);
+    let all: Vec<String> = merchants(all).into_iter().map(|e| e.split(':').next().unwrap().to_string()).collect();
+    assert_eq!(all, vec![MERCHANT, "m-1", "m-2", "m-1", "m-1", "m-1"]);
 }
 
 /// Sends `reqs` pipelined on one connection; returns each reply's result in order.
