@@ -14,9 +14,9 @@ use bytes::BufMut;
 // entry's previous id); version 3 of cards added holds, version 4 the VIP flag and member id,
 // version 5 the newest note's id, version 6 the PIN (proof and failures), the day's loads, the
 // virtual flag and the email, version 7 each hold's merchant tag, version 8 made numbers variable
-// length (LEB128, signed ones zigzag) and flags one byte, version 9 each hold's merchant id in
-// place of its tag; history version 3 did the same and
-// dropped what the card record already says (the entry's sequence number and balance after).
+// length (LEB128, signed ones zigzag) and flags one byte (history version 3 did the same and
+// dropped what the card record already says: the entry's sequence number and balance after),
+// version 9 keeps each hold's merchant id in place of its tag.
 // Version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
 // all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
