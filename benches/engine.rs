@@ -33,6 +33,9 @@ impl Journal for DiscardJournal {
     fn effect_of(&self, _: (u64, u8), _: u64) -> Option<Effect> {
         None
     }
+    fn cards_of(&self, _: u64, _: usize) -> Vec<giftd::card_number::CardKey> {
+        Vec::new()
+    }
     fn latest_group(&self) -> u64 {
         self.group.load(Ordering::Relaxed)
     }

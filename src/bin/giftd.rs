@@ -203,9 +203,10 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     // ready must drain it, not kill it with the default action.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // Ready before the line says so: whoever reads the line may ask /readyz at once.
+    metrics.ready.set(1);
     // One machine-readable line on stdout, for scripts and tests that start giftd on port 0.
     println!("giftd ready listen={addr} metrics={maddr} durability={}", durability.label());
-    metrics.ready.set(1);
 
     let signals = {
         let (shutdown, metrics) = (shutdown.clone(), metrics.clone());

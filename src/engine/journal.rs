@@ -167,6 +167,8 @@ pub struct ChunkRecord {
     /// Each card's answer, in the chunk's order, and whether it changed the card.
     pub results: Vec<(ResultCode, bool)>,
     /// The cards changed, in the chunk's order (activation chunks only: what a reversal undoes).
+    /// The journal does not keep them: they are the cards of the chunk's history entries, from
+    /// `first_txn_id` on, and a record read back gets them from there ([`Journal::cards_of`]).
     pub changed: Vec<CardKey>,
     /// The history entry of the first change, assigned by [`Journal::append`]; the changes follow
     /// one apart, in the chunk's order.
@@ -345,6 +347,9 @@ pub trait Journal: Send + Sync + 'static {
     /// record; `hold_id` from its outcome). Called only for records the store returned, whose
     /// history was written in the same batch.
     fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect>;
+    /// The cards of the `count` history entries from `first_txn_id` on, in order (a job chunk's
+    /// changed cards, for its reversal).
+    fn cards_of(&self, first_txn_id: u64, count: usize) -> Vec<CardKey>;
     /// The newest commit group anything was appended to: a reply that depends on a record found in
     /// the store, possibly not yet synced, waits for this.
     fn latest_group(&self) -> u64;
@@ -429,6 +434,12 @@ impl Journal for MemoryJournal {
         Effect::from_history(&entries, hold_id)
     }
 
+    fn cards_of(&self, first_txn_id: u64, count: usize) -> Vec<CardKey> {
+        let g = self.inner.lock().unwrap();
+        let ids = first_txn_id..first_txn_id + count as u64;
+        g.txns.iter().filter(|t| ids.contains(&t.id)).map(|t| t.card).collect()
+    }
+
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.inner.lock().unwrap().invoices.contains(key)
     }
@@ -455,6 +466,7 @@ impl Journal for MemoryJournal {
             }
             if let Some(Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
                 c.first_txn_id = first_txn_id;
+                c.changed.clear();
             }
             g.idem.insert(k, r);
         }

@@ -683,6 +683,12 @@ impl Engine {
         if let (None, Some(txns)) = (&r.effect, r.effect_txns) {
             r.effect = self.journal.effect_of(txns, r.outcome.hold.map_or(0, |h| h.id));
         }
+        if let Some(Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
+            let changed = c.results.iter().filter(|(_, changed)| *changed).count();
+            if c.kind == ChunkKind::Activate && c.changed.is_empty() && changed > 0 {
+                c.changed = self.journal.cards_of(c.first_txn_id, changed);
+            }
+        }
         Some(r)
     }
 

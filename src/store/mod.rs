@@ -498,6 +498,24 @@ impl Journal for Store {
         Effect::from_history(&entries, hold_id)
     }
 
+    fn cards_of(&self, first_txn_id: u64, count: usize) -> Vec<CardKey> {
+        let cf = self.db.cf_handle(CF_HISTORY).expect("column family");
+        let from = records::history_key(first_txn_id);
+        let mut cards = Vec::with_capacity(count);
+        for item in self.db.iterator_cf(cf, IteratorMode::From(&from, rocksdb::Direction::Forward)).take(count) {
+            let (k, v) = item.unwrap_or_else(|e| fail("history read", &e));
+            let (t, _) = records::decode_history(&k, &v).unwrap_or_else(|e| fail("history record decode", &e));
+            if t.id != first_txn_id + cards.len() as u64 {
+                fail(
+                    "history read",
+                    &format_args!("entry {} of a chunk is missing", first_txn_id + cards.len() as u64),
+                );
+            }
+            cards.push(t.card);
+        }
+        cards
+    }
+
     fn invoice_used(&self, key: &InvoiceKey) -> bool {
         self.get(CF_INVOICES, &hashed_key(&key.0)).is_some()
     }

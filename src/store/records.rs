@@ -19,7 +19,8 @@ use bytes::BufMut;
 // version 9 keeps each hold's merchant id in place of its tag.
 // Version 3 of idempotency records added the
 // hold, the parts, the effect and the tombstone flag, version 4 the reason, version 5 an
-// all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's.
+// all-or-nothing batch's item answers, version 6 a bulk job's record or a job chunk's, version 7
+// leaves out a chunk's changed cards (its history entries name them).
 // Nothing deployed holds
 // an older version.
 const CARD_V9: u8 = 9;
@@ -27,7 +28,7 @@ const NOTE_V1: u8 = 1;
 // v2 adds the client the enumeration rule counted; v1 (without it) is still read.
 const ALERT_V1: u8 = 1;
 const ALERT_V2: u8 = 2;
-const IDEM_V6: u8 = 6;
+const IDEM_V7: u8 = 7;
 /// Most cards a job chunk's record lists.
 const CHUNK_CARDS_MAX: usize = 4096;
 /// Most item answers an idempotency record holds (an all-or-nothing batch's).
@@ -429,7 +430,7 @@ impl Reader<'_> {
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V6);
+    dst.put_u8(IDEM_V7);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
     put_parts(dst, rec.parts.as_deref());
@@ -475,10 +476,8 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
                 dst.put_u16_le(*code as u16);
                 dst.put_u8(*changed as u8);
             }
-            dst.put_u16_le(c.changed.len() as u16);
-            for k in &c.changed {
-                dst.put_slice(&k.0);
-            }
+            // The changed cards are not written: they are the cards of the chunk's history
+            // entries (32 bytes a card less in every activation's WAL).
         }
     }
 }
@@ -506,12 +505,7 @@ fn read_bulk(r: &mut Reader<'_>) -> Result<Option<Box<Bulk>>, Corrupt> {
                 let code = r.some(code)?;
                 results.push((code, r.u8()? == 1));
             }
-            let n = u16::from_le_bytes(r.arr()?) as usize;
-            if n > CHUNK_CARDS_MAX {
-                return Err(Corrupt { what: r.what });
-            }
-            let changed = (0..n).map(|_| r.arr().map(CardKey)).collect::<Result<Vec<_>, _>>()?;
-            Bulk::Chunk(ChunkRecord { kind, at_ms, amount_minor, results, changed, first_txn_id })
+            Bulk::Chunk(ChunkRecord { kind, at_ms, amount_minor, results, changed: Vec::new(), first_txn_id })
         }
         _ => return Err(Corrupt { what: r.what }),
     };
@@ -520,7 +514,7 @@ fn read_bulk(r: &mut Reader<'_>) -> Result<Option<Box<Bulk>>, Corrupt> {
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V6)?;
+    r.version(IDEM_V7)?;
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
     let parts = r.parts()?.map(Box::new);
@@ -851,7 +845,7 @@ mod tests {
                     at_ms: 1_700_000_000_000,
                     amount_minor: 500,
                     results: vec![(ResultCode::Approved, true), (ResultCode::AlreadyActive, false)],
-                    changed: vec![CardKey([2; 32])],
+                    changed: Vec::new(),
                     first_txn_id: 99,
                 }))),
                 ..IdemRecord::new([9; 16], Outcome::declined(ResultCode::Approved, None))
@@ -863,6 +857,23 @@ mod tests {
             assert_eq!(decode_idem(&buf).unwrap(), rec);
             assert!(decode_idem(&buf[..buf.len() - 1]).is_err(), "a truncated record is corrupt");
         }
+        // A chunk's changed cards are not written: its history entries name them.
+        let chunk = |changed| ChunkRecord {
+            kind: ChunkKind::Activate,
+            at_ms: 1,
+            amount_minor: 500,
+            results: vec![(ResultCode::Approved, true)],
+            changed,
+            first_txn_id: 7,
+        };
+        let with_cards = IdemRecord {
+            bulk: Some(Box::new(Bulk::Chunk(chunk(vec![CardKey([2; 32])])))),
+            ..IdemRecord::new([9; 16], Outcome::declined(ResultCode::Approved, None))
+        };
+        let mut buf = Vec::new();
+        encode_idem(&mut buf, &with_cards);
+        let read = decode_idem(&buf).unwrap();
+        assert_eq!(read.bulk.as_deref(), Some(&Bulk::Chunk(chunk(Vec::new()))));
         // The effect itself is not written: only where its history entries are.
         let with_effect = IdemRecord {
             effect: Some(effect),
