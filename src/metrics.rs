@@ -35,11 +35,25 @@ const WAL_BUCKETS_SECONDS: &[f64] = &[
 ];
 const GROUP_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 
+/// One more than the largest result code: the request counters are a table indexed by code, so a
+/// request finds its series without a search.
+const RESULT_SLOTS: usize = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < ResultCode::ALL.len() {
+        if ResultCode::ALL[i] as usize > max {
+            max = ResultCode::ALL[i] as usize;
+        }
+        i += 1;
+    }
+    max + 1
+};
+
 pub struct Metrics {
     pub registry: Registry,
     requests_vec: IntCounterVec,
     latency_vec: HistogramVec,
-    /// Indexed by `Opcode::index`, then by position in `ResultCode::ALL`; the last row is
+    /// Indexed by `Opcode::index`, then by result code (`RESULT_SLOTS`); the last row is
     /// [`OP_UNKNOWN`].
     requests: Vec<Vec<OnceLock<IntCounter>>>,
     /// Indexed by `Opcode::index`.
@@ -301,7 +315,7 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         let requests: Vec<Vec<OnceLock<IntCounter>>> =
-            (0..=Opcode::ALL.len()).map(|_| ResultCode::ALL.iter().map(|_| OnceLock::new()).collect()).collect();
+            (0..=Opcode::ALL.len()).map(|_| (0..RESULT_SLOTS).map(|_| OnceLock::new()).collect()).collect();
         let latency = Opcode::ALL.iter().map(|_| OnceLock::new()).collect();
         let metrics = Metrics {
             registry,
@@ -408,7 +422,7 @@ impl Metrics {
 
     /// The series of `op` and `result`, created on first use.
     fn requests_of(&self, op: Option<Opcode>, result: ResultCode) -> &IntCounter {
-        let r = ResultCode::ALL.iter().position(|c| *c == result).unwrap_or(0);
+        let r = result as usize;
         let (row, name) = op.map_or((Opcode::ALL.len(), OP_UNKNOWN), |op| (op.index(), op.name()));
         self.requests[row][r].get_or_init(|| self.requests_vec.with_label_values(&[name, result.name()]))
     }

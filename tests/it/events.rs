@@ -10,7 +10,7 @@ use giftd::wire::{EventView, Request, EVENT_KIND_ALERT_BIT};
 const NO_VELOCITY: &str = "[alerts]\nredemptions_per_card_per_minute = 0\n";
 
 /// Every event up to the first frame that says the subscription caught up.
-async fn until_caught_up(sub: &mut Subscription) -> Vec<EventView> {
+pub async fn until_caught_up(sub: &mut Subscription) -> Vec<EventView> {
     let mut all = Vec::new();
     loop {
         let frame = timed("events frame", sub.next()).await.expect("events frame");

@@ -453,14 +453,7 @@ async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp
     let mut c = g.client().await;
     assert_eq!(redeem(&mut c, big, "after-restart", usd(100), false).await.result, ResultCode::CardSuspended);
     let mut sub = g.client().await.subscribe(0, "", "", 0).await.expect("subscribe");
-    let mut seen = Vec::new();
-    loop {
-        let frame = crate::timed("events frame", sub.next()).await.expect("events frame");
-        seen.extend(frame.events);
-        if frame.caught_up {
-            break;
-        }
-    }
+    let seen = crate::events::until_caught_up(&mut sub).await;
     let fired: Vec<(u8, bool, String)> = seen
         .iter()
         .enumerate()
