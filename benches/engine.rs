@@ -60,7 +60,18 @@ fn bench(c: &mut Criterion) {
         let money = Money { currency: usd, minor: i64::MAX / 4 };
         let op = Op::issue("default", money, None, true);
         let idem = IdemKey::new("m", &format!("i{i}"));
-        engine.execute(Mutation { idem, fingerprint: [0; 16], card: Some(key(i)), last4: *b"0000", op }, 0);
+        engine.execute(
+            Mutation {
+                idem,
+                fingerprint: [0; 16],
+                card: Some(key(i)),
+                last4: *b"0000",
+                op,
+                batched: false,
+                looked_up: None,
+            },
+            0,
+        );
     }
     let mut n: u32 = 0;
     c.bench_function("engine redeem decision", |b| {
@@ -76,7 +87,15 @@ fn bench(c: &mut Criterion) {
                 pin: None,
             };
             let idem = IdemKey::new("m", &format!("r{n}"));
-            let m = Mutation { idem, fingerprint: [1; 16], card: Some(key(n % CARDS)), last4: *b"0000", op };
+            let m = Mutation {
+                idem,
+                fingerprint: [1; 16],
+                card: Some(key(n % CARDS)),
+                last4: *b"0000",
+                op,
+                batched: false,
+                looked_up: None,
+            };
             black_box(engine.execute(m, 1))
         })
     });

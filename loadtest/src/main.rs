@@ -73,7 +73,8 @@ struct Args {
     /// Workloads to run one after the other on the same cards and server, comma-separated:
     /// redeem, auth-capture (authorize then capture; a unit is the pair), split3 (split redeems
     /// over three cards), batch or batch:N (batch frames of N redeems, 8192 by default; an op is
-    /// one redeem). Each runs for --duration-secs; the audit covers them all.
+    /// one redeem), batch-atomic or batch-atomic:N (all-or-nothing batch frames of N redeems from N
+    /// different cards). Each runs for --duration-secs; the audit covers them all.
     #[arg(long, value_delimiter = ',', default_value = "redeem")]
     workload: Vec<String>,
     /// Stop sending after this many units per workload (the duration still applies).

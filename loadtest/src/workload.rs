@@ -43,6 +43,9 @@ pub enum Kind {
     /// Batch frames of this many redeems of 1.00 from random cards ("batch" or "batch:N"); an op
     /// is one redeem.
     Batch(u16),
+    /// All-or-nothing batch frames ("batch-atomic" or "batch-atomic:N"): N redeems of 1.00 from N
+    /// different random cards, one mutation under the batch's own key; an op is one redeem.
+    AtomicBatch(u16),
 }
 
 /// Redeems per batch frame unless the workload names a size: the protocol's maximum.
@@ -55,12 +58,21 @@ impl Kind {
             "auth-capture" => Kind::AuthCapture,
             "split3" => Kind::Split3,
             "batch" => Kind::Batch(BATCH_DEFAULT),
+            "batch-atomic" => Kind::AtomicBatch(BATCH_DEFAULT),
             other => {
-                let n: u16 = other.strip_prefix("batch:")?.parse().ok()?;
+                let (atomic, n) = match other.strip_prefix("batch-atomic:") {
+                    Some(n) => (true, n),
+                    None => (false, other.strip_prefix("batch:")?),
+                };
+                let n: u16 = n.parse().ok()?;
                 if n == 0 || n as usize > giftd::wire::BATCH_ITEMS_MAX {
                     return None;
                 }
-                Kind::Batch(n)
+                if atomic {
+                    Kind::AtomicBatch(n)
+                } else {
+                    Kind::Batch(n)
+                }
             }
         })
     }
@@ -71,6 +83,7 @@ impl Kind {
             Kind::AuthCapture => "auth-capture",
             Kind::Split3 => "split3",
             Kind::Batch(_) => "batch",
+            Kind::AtomicBatch(_) => "batch-atomic",
         }
     }
 
@@ -78,7 +91,7 @@ impl Kind {
     pub fn requests_per_op(self) -> f64 {
         match self {
             Kind::AuthCapture => 2.0,
-            Kind::Batch(n) => 1.0 / n as f64,
+            Kind::Batch(n) | Kind::AtomicBatch(n) => 1.0 / n as f64,
             _ => 1.0,
         }
     }
@@ -86,7 +99,7 @@ impl Kind {
     /// Ops one finished unit counts for: a batch's redeems.
     pub fn ops_per_unit(self) -> u64 {
         match self {
-            Kind::Batch(n) => n as u64,
+            Kind::Batch(n) | Kind::AtomicBatch(n) => n as u64,
             _ => 1,
         }
     }
@@ -313,6 +326,25 @@ impl Requests {
                 pipe.push_due(&Request::Batch { atomic: None, items }, i, due);
                 self.splits.push_back(cards);
             }
+            Kind::AtomicBatch(n) => {
+                // Each card at most once, as an all-or-nothing batch requires.
+                let count = run.cards.len().min(n as usize);
+                let cards = rand::seq::index::sample(&mut self.rng, run.cards.len(), count).into_vec();
+                let mut items = Vec::with_capacity(count);
+                for &c in &cards {
+                    // An item's own key must be there but is not used: the batch's key is.
+                    if let Request::Redeem { idem, number, .. } = &mut self.redeem {
+                        if idem.key.is_empty() {
+                            idem.key.push_str("item");
+                        }
+                        *number = run.cards[c].clone();
+                    }
+                    items.push(giftd::wire::BatchItem::of(&self.redeem));
+                }
+                let idem = self.idem(run);
+                pipe.push_due(&Request::Batch { atomic: Some(idem), items }, i, due);
+                self.splits.push_back(cards);
+            }
         }
     }
 
@@ -354,7 +386,7 @@ impl Requests {
                 auditor::check_split(ledger, &cards, run, reply, f);
                 true
             }
-            Kind::Batch(_) => {
+            Kind::Batch(_) | Kind::AtomicBatch(_) => {
                 let cards = self.splits.pop_front().expect("a batch in flight for every batch reply");
                 match reply {
                     Reply::Batch(items) if items.len() == cards.len() => {

@@ -278,6 +278,10 @@ pub struct Effects {
     pub alerts: Vec<AlertRecord>,
     /// The first alert's id, assigned by the journal; the others follow, one apart.
     pub alert_id: u64,
+    /// Made for one item of a batch, whose reply waits for all its items: the journal need not
+    /// start writing it until the batch's handler asks (the store's `write_batched`), so a batch's
+    /// items reach the store in a few large groups instead of many small ones.
+    pub batched: bool,
 }
 
 impl Effects {
@@ -339,6 +343,11 @@ impl CardChange {
 pub trait Journal: Send + Sync + 'static {
     /// A durable idempotency record, if the key was used before.
     fn find_idem(&self, key: &IdemKey) -> Option<IdemRecord>;
+    /// The durable records of several keys, in `keys` order: a batch's keys in one read, which the
+    /// store answers for less than it answers them one by one.
+    fn find_idems(&self, keys: &[IdemKey]) -> Vec<Option<IdemRecord>> {
+        keys.iter().map(|k| self.find_idem(k)).collect()
+    }
     /// Whether a durable record says this invoice was used.
     fn invoice_used(&self, key: &InvoiceKey) -> bool;
     /// The durable settlement state of a mutation (refunds, reversal), if any was written.

@@ -57,6 +57,21 @@ pub struct Mutation {
     /// The number's last 4 digits (kept by an issue; zeros when no number was given).
     pub last4: [u8; 4],
     pub op: Op,
+    /// One item of a batch: its write may wait for the batch's (`Effects::batched`).
+    pub batched: bool,
+    /// Its key's store lookup, made with the rest of its batch's keys ([`Engine::look_up`]).
+    pub looked_up: Option<LookedUp>,
+}
+
+/// A key as the store had it, looked up before its decision together with the other keys of its
+/// batch. It stands for the store lookup `execute` would make, only earlier: the eviction count
+/// is the one read before the lookup, so a sweep since then makes the decision ask the store
+/// again, under the key's slot, as it does after its own lookup.
+#[derive(Clone, Debug)]
+pub struct LookedUp {
+    key: IdemKey,
+    evictions: u64,
+    record: Option<IdemRecord>,
 }
 
 /// The engine's answer: the outcome (and per-card parts, for the operations that list them), and
@@ -469,6 +484,15 @@ impl Engine {
         }
     }
 
+    /// Looks a batch's keys up in the store in one read, before any of its items is decided: each
+    /// item's `Mutation::looked_up`, in `keys` order.
+    pub fn look_up(&self, keys: Vec<IdemKey>) -> Vec<LookedUp> {
+        // Read before the lookup, as `execute` reads it before its own.
+        let evictions = self.evictions.load(Ordering::SeqCst);
+        let records = self.journal.find_idems(&keys);
+        keys.into_iter().zip(records).map(|(key, record)| LookedUp { key, evictions, record }).collect()
+    }
+
     /// Decides and records a mutation. Exactly-once per idempotency key: a retry with the same
     /// content gets the original outcome, with different content `idempotency_mismatch`.
     pub fn execute(&self, mut m: Mutation, now_ms: i64) -> Executed {
@@ -493,14 +517,20 @@ impl Engine {
             return self.execute_chunk(m, now_ms);
         }
         let binds = |r: &IdemRecord| !case_issue || r.outcome.result == ResultCode::Approved;
-        let evictions = self.evictions.load(Ordering::SeqCst);
+        // A lookup made for another key (a case replaced the request's) is not this one's.
+        let looked_up = m.looked_up.take().filter(|l| l.key == m.idem);
+        let evictions = looked_up.as_ref().map_or_else(|| self.evictions.load(Ordering::SeqCst), |l| l.evictions);
         if let Some(recent) = self.idem.get(&m.idem).filter(|r| binds(&r.record)) {
             return replay(&recent.record, recent.group, &m.fingerprint);
         }
         // Keys older than the memory window are answered by the store. Its record may be written
         // but not yet synced (a retry racing its original), so the reply waits for every group
         // appended so far, which includes the original's.
-        if let Some(record) = self.journal.find_idem(&m.idem).filter(|r| binds(r)) {
+        let stored = match looked_up {
+            Some(l) => l.record,
+            None => self.journal.find_idem(&m.idem),
+        };
+        if let Some(record) = stored.filter(|r| binds(r)) {
             return replay(&record, self.journal.latest_group(), &m.fingerprint);
         }
         // The mutation a refund or reversal names is looked up before this request's own slot is
@@ -707,6 +737,7 @@ impl Engine {
             bulk: answer.bulk.map(Box::new),
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
+        effects.batched = m.batched;
         let at = self.journal.append(effects);
         // The journal points its copy at the history entries it numbered; so does memory's.
         if let Some(e) = &record.effect {

@@ -694,7 +694,10 @@ fn run_engine(e: &Engine, k: &str, step: &Step, now: i64) -> Said {
     let mut fingerprint = [0u8; 16];
     fingerprint.copy_from_slice(&digest[..16]);
     let last4 = [b'0', b'0', b'0', b'0' + card.map_or(0, |c| c.0[0])];
-    let done = e.execute(Mutation { idem: IdemKey::new("m", k), fingerprint, card, last4, op }, now);
+    let done = e.execute(
+        Mutation { idem: IdemKey::new("m", k), fingerprint, card, last4, op, batched: false, looked_up: None },
+        now,
+    );
     let parts =
         done.parts.map(|p| p.items.iter().map(|i| (i.last4[3] - b'0', i.amount_minor)).collect()).unwrap_or_default();
     Said {
@@ -850,6 +853,8 @@ fn run_sequence(seed: u64, seen: &mut HashMap<ResultCode, u64>) {
             card: Some(key(c)),
             last4: [b'0', b'0', b'0', b'0' + c],
             op,
+            batched: false,
+            looked_up: None,
         };
         assert_eq!(engine.execute(m, START_MS).outcome.result, ResultCode::Approved);
     }

@@ -44,7 +44,15 @@ fn m(r: Req) -> Mutation {
     // Card n's number ends in n, as four digits.
     let mut last4 = [0u8; 4];
     last4.copy_from_slice(format!("{:04}", r.card.0[0]).as_bytes());
-    Mutation { idem: IdemKey::new(r.merchant, &r.key), fingerprint, card: Some(r.card), last4, op: r.op }
+    Mutation {
+        idem: IdemKey::new(r.merchant, &r.key),
+        fingerprint,
+        card: Some(r.card),
+        last4,
+        op: r.op,
+        batched: false,
+        looked_up: None,
+    }
 }
 
 fn run(e: &Engine, key: &str, c: CardKey, op: Op, now: i64) -> Executed {

@@ -8,7 +8,7 @@ use super::{now_ms, Shared};
 use crate::card_number::{CardKey, CardNumber};
 use crate::config::ProgramConfig;
 use crate::engine::{
-    CardRecord, ChunkCard, ChunkKind, ChunkWork, IssueNumber, JobSpec, Journal, Mutation, Op, Program,
+    CardRecord, ChunkCard, ChunkKind, ChunkWork, IssueNumber, JobSpec, Journal, LookedUp, Mutation, Op, Program,
 };
 use crate::model::{NoteView, ResultCode, TxnKind, TxnView};
 use crate::wire::{
@@ -298,7 +298,7 @@ async fn decide(
                         atomic_batch(shared, gate, &frame.body, idem, &items)
                     }
                     req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
-                    req => handle(shared, opcode, &frame.body, req).await,
+                    req => handle(shared, opcode, &frame.body, req, None).await,
                 };
                 let group = group.max(screen_unknown_cards(shared, gate, peer, &reply));
                 (reply, group, false)
@@ -378,26 +378,52 @@ fn hello_reply(shared: &Shared, gate: &Gate) -> Reply {
 }
 
 /// Decides every item of a batch, in order, each on its own (one refused item changes nothing for
-/// the others). The reply waits for the newest group any item depends on: decisions made in one
-/// go share few groups, so a batch of thousands costs a few fsyncs.
+/// the others). The reply waits for the newest group any item depends on. The items' decisions
+/// are handed to the committer a slice at a time (`Store::write_batched`), so a batch of
+/// thousands is written in a few large groups and costs a few fsyncs.
 async fn batch(shared: &Shared, gate: &Gate, items: Vec<wire::BatchItem>) -> (Reply, u64) {
+    /// Batch items decided between two wakes of the committer: large enough that its sorted
+    /// inserts stay cheap, small enough that it writes while the rest is decided.
+    const ITEMS_PER_WRITE: usize = 1024;
+    /// Wakes the committer however the batch ends, also if its task is dropped midway.
+    struct WriteOnDrop<'a>(&'a crate::store::Store);
+    impl Drop for WriteOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.write_batched();
+        }
+    }
+    let _write = WriteOnDrop(&shared.store);
+    // Every item is read first, so that their keys are looked up in the store in one read.
+    let decoded: Vec<Result<Request, ResultCode>> = items
+        .iter()
+        .map(|item| match Opcode::from_u8(item.opcode) {
+            None => Err(ResultCode::UnknownOpcode),
+            Some(op) if !op.batchable() => Err(ResultCode::MalformedRequest),
+            Some(_) => decode_as(gate, item.opcode, &item.body).map_err(|DecodeError(code)| code),
+        })
+        .collect();
+    let keys = decoded
+        .iter()
+        .filter_map(|r| r.as_ref().ok()?.idem())
+        .map(|idem| crate::engine::IdemKey::new(&idem.merchant, &idem.key))
+        .collect();
+    let mut looked_up = shared.engine.look_up(keys).into_iter();
     let mut replies = Vec::with_capacity(items.len());
     let mut group = 0;
-    for item in items {
-        let reply_opcode = item.opcode | wire::REPLY_BIT;
-        let reply = match Opcode::from_u8(item.opcode) {
-            None => Reply::Error(ResultCode::UnknownOpcode),
-            Some(op) if !op.batchable() => Reply::Error(ResultCode::MalformedRequest),
-            Some(_) => match decode_as(gate, item.opcode, &item.body) {
-                Err(DecodeError(code)) => Reply::Error(code),
-                Ok(req) => {
-                    let (reply, g) = handle(shared, item.opcode, &item.body, req).await;
-                    group = group.max(g);
-                    reply
-                }
-            },
+    for (i, (item, req)) in items.iter().zip(decoded).enumerate() {
+        if i % ITEMS_PER_WRITE == ITEMS_PER_WRITE - 1 {
+            shared.store.write_batched();
+        }
+        let reply = match req {
+            Err(code) => Reply::Error(code),
+            Ok(req) => {
+                let looked = if req.idem().is_some() { looked_up.next() } else { None };
+                let (reply, g) = handle(shared, item.opcode, &item.body, req, Some(looked)).await;
+                group = group.max(g);
+                reply
+            }
         };
-        replies.push((reply_opcode, reply));
+        replies.push((item.opcode | wire::REPLY_BIT, reply));
     }
     (Reply::Batch(replies), group)
 }
@@ -421,6 +447,8 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
             card: None,
             last4: [b'0'; 4],
             op: Op::JobChunk { job, first, work, cards },
+            batched: false,
+            looked_up: None,
         };
         s.engine.execute(m, now_ms())
     });
@@ -467,6 +495,8 @@ fn atomic_batch(
         card: None,
         last4: [b'0'; 4],
         op: Op::Atomic { items: ops },
+        batched: false,
+        looked_up: None,
     };
     let done = shared.engine.execute(m, now_ms());
     report(shared, &done);
@@ -507,17 +537,28 @@ fn pin_free_fingerprint(shared: &Shared, opcode: u8, req: &Request) -> Option<[u
     Some(shared.keyer.fingerprint(opcode, &buf))
 }
 
-/// Decides one well-formed request. Returns the reply and the group it must wait for.
-async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Reply, u64) {
+/// Decides one well-formed request. Returns the reply and the group it must wait for. `batch`:
+/// the request is an item of a batch, with its key's store lookup when it has a key.
+async fn handle(
+    shared: &Shared,
+    opcode: u8,
+    body: &[u8],
+    req: Request,
+    batch: Option<Option<LookedUp>>,
+) -> (Reply, u64) {
     let now = now_ms();
     let fingerprint =
         pin_free_fingerprint(shared, opcode, &req).unwrap_or_else(|| shared.keyer.fingerprint(opcode, body));
-    let mutation = |idem: &wire::IdemRef, number: Option<&CardNumber>, op: Op| Mutation {
+    let batched = batch.is_some();
+    let mut looked_up = batch.flatten();
+    let mut mutation = |idem: &wire::IdemRef, number: Option<&CardNumber>, op: Op| Mutation {
         idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
         fingerprint,
         card: number.map(|n| shared.keyer.card_key(n)),
         last4: number.map_or([b'0'; 4], |n| n.last4()),
         op,
+        batched,
+        looked_up: looked_up.take(),
     };
     // Numbers generated for an issue: the reply returns the one the engine used, once.
     let mut generated: Vec<CardNumber> = Vec::new();
@@ -583,6 +624,8 @@ async fn handle(shared: &Shared, opcode: u8, body: &[u8], req: Request) -> (Repl
                 card: None,
                 last4: [b'0'; 4],
                 op: Op::JobOpen { spec: JobSpec { kind, count, chunk_cards } },
+                batched,
+                looked_up: None,
             }
         }
         Request::JobChunk { .. } => unreachable!("a job chunk is answered by job_chunk()"),

@@ -428,6 +428,17 @@ impl Request {
     /// subscription's merchant is a filter).
     pub fn merchant(&self) -> Option<&str> {
         match self {
+            Request::Batch { atomic: Some(idem), .. } | Request::JobOpen { idem, .. } => Some(&idem.merchant),
+            Request::JobChunk { merchant, .. } | Request::JobGet { merchant, .. } => Some(merchant),
+            other => other.idem().map(|idem| &*idem.merchant),
+        }
+    }
+
+    /// The merchant and key a mutation is idempotent on, as it names them. None for reads, the
+    /// handshake, a subscription, batches and the job operations, whose keys live in namespaces
+    /// of their own.
+    pub fn idem(&self) -> Option<&IdemRef> {
+        match self {
             Request::Hello { .. }
             | Request::Auth { .. }
             | Request::Balance { .. }
@@ -435,9 +446,10 @@ impl Request {
             | Request::History { .. }
             | Request::ProgramGet { .. }
             | Request::Subscribe { .. }
-            | Request::Batch { atomic: None, .. } => None,
-            Request::Batch { atomic: Some(idem), .. } => Some(&idem.merchant),
-            Request::JobChunk { merchant, .. } | Request::JobGet { merchant, .. } => Some(merchant),
+            | Request::Batch { .. }
+            | Request::JobChunk { .. }
+            | Request::JobGet { .. }
+            | Request::JobOpen { .. } => None,
             Request::Issue { idem, .. }
             | Request::Activate { idem, .. }
             | Request::Redeem { idem, .. }
@@ -458,8 +470,7 @@ impl Request {
             | Request::PinSet { idem, .. }
             | Request::PinVerify { idem, .. }
             | Request::PinReset { idem, .. }
-            | Request::ProgramSet { idem, .. }
-            | Request::JobOpen { idem, .. } => Some(&idem.merchant),
+            | Request::ProgramSet { idem, .. } => Some(idem),
         }
     }
 
