@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when recovered data fails its checks (EX_DATAERR).
 const EXIT_DATA: u8 = 65;
-/// The bulk thread's nice value: with the CPU contended, it gets about a tenth of a
-/// normal thread's share, so job chunks take what payments leave.
+/// The bulk thread's nice value where `SCHED_IDLE` is refused: with the CPU contended, it gets
+/// about a tenth of a normal thread's share, so job chunks take what payments leave.
 const BULK_NICE: i32 = 10;
 /// Job chunks waiting for the bulk thread; the connections that sent more wait to hand theirs over
 /// (and read nothing more meanwhile).
