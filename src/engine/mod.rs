@@ -1413,12 +1413,14 @@ impl Engine {
             }
         };
         let mut locked = self.lock_cells(&cells, now_ms);
+        // Each item's place among the locked cards, searched for once rather than at every step.
+        let at: Vec<usize> = keys.iter().map(|k| locked.at(k)).collect();
         // Decided on copies first: nothing is applied until every item is approved.
-        let mut scratch: Vec<CardRecord> = keys.iter().map(|k| locked.card_ref(k).rec.clone()).collect();
+        let mut scratch: Vec<CardRecord> = at.iter().map(|&j| locked.guards[j].rec.clone()).collect();
         let mut decisions = Vec::with_capacity(items.len());
         let currency = items.iter().find_map(|i| rules::money_of(&i.op)).map(|m| m.currency);
         for (i, item) in items.iter().enumerate() {
-            let card = locked.card_ref(&item.card);
+            let card = &locked.guards[at[i]];
             let view = Some(card.rec.view(now_ms));
             let program = card.program.load();
             match rules::decide(&scratch[i], &program, &item.op, m.idem.merchant(), false, now_ms) {
@@ -1437,9 +1439,8 @@ impl Engine {
         let mut effects = Effects::default();
         let mut outcomes = Vec::with_capacity(items.len());
         let (mut credit, mut debit, mut total) = (0i64, 0i64, 0i64);
-        for (item, d) in items.iter().zip(&decisions) {
-            let card = locked.card(&item.card);
-            let (outcome, change, _) = self.apply(item.card, card, m.idem.merchant(), d, now_ms);
+        for ((item, d), &j) in items.iter().zip(&decisions).zip(&at) {
+            let (outcome, change, _) = self.apply(item.card, &mut locked.guards[j], m.idem.merchant(), d, now_ms);
             effects.changes.push(change);
             outcomes.push(outcome);
             credit += d.delta_minor.max(0);
@@ -1452,15 +1453,15 @@ impl Engine {
         let outcome = Outcome { approved_minor: total, ..Outcome::declined(ResultCode::Approved, None) };
         let answer = Answer { items: Some(outcomes), ..Answer::plain(outcome) };
         let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
-        let (record, at) = self.commit(m, answer, effects);
+        let (record, appended) = self.commit(m, answer, effects);
         // Each card is in the batch once (the wire refuses repeats), so change n is card n's.
-        for (n, item) in items.iter().enumerate() {
-            let card = locked.card(&item.card);
-            card.rec.last_txn_id = at.first_txn_id + n as u64;
-            card.last_group = at.group;
+        for (n, &j) in at.iter().enumerate() {
+            let card = &mut locked.guards[j];
+            card.rec.last_txn_id = appended.first_txn_id + n as u64;
+            card.last_group = appended.group;
         }
-        point_suspended(at, &suspended, &mut locked);
-        (record, at.group)
+        point_suspended(appended, &suspended, &mut locked);
+        (record, appended.group)
     }
 
     /// Records a chunk's answers with its changes (one append). The caller then points the
