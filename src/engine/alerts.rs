@@ -12,8 +12,8 @@
 //! a key seen again moves to the current generation, and once that holds half the keys allowed,
 //! the previous one is forgotten and the current one takes its place. So a flood of distinct
 //! keys costs bounded memory, the newest keys are always counted, and only a key not seen while
-//! half the bound of others came is forgotten. The counts are not durable: a restart starts every window
-//! afresh. The wrong-PIN rule needs no window: the card's own durable count of consecutive failures
+//! half the bound of others came is forgotten. The counts are not durable: a restart starts every
+//! window afresh. The wrong-PIN rule needs no window: the card's own durable count of consecutive failures
 //! is used.
 
 use crate::card_number::{CardKey, CardKeyState};

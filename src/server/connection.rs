@@ -382,8 +382,8 @@ fn hello_reply(shared: &Shared, gate: &Gate) -> Reply {
 /// are handed to the committer a slice at a time (`Store::write_batched`), so a batch of
 /// thousands is written in a few large groups and costs a few fsyncs.
 async fn batch(shared: &Shared, gate: &Gate, items: Vec<wire::BatchItem>) -> (Reply, u64) {
-    /// Batch items decided between two wakes of the committer: large enough that its sorted
-    /// inserts stay cheap, small enough that it writes while the rest is decided.
+    /// Batch items decided between two wakes of the committer: large enough that it writes few
+    /// groups, small enough that it writes while the rest is decided.
     const ITEMS_PER_WRITE: usize = 1024;
     /// Wakes the committer however the batch ends, also if its task is dropped midway.
     struct WriteOnDrop<'a>(&'a crate::store::Store);
