@@ -303,6 +303,13 @@ pub fn encode_history(dst: &mut Vec<u8>, t: &TxnRecord, card: &CardRecord) {
     put_zz(dst, t.at_ms.wrapping_sub(card.updated_ms));
 }
 
+/// The card a history entry is about, read without decoding the rest of the entry.
+pub fn history_card(buf: &[u8]) -> Result<CardKey, Corrupt> {
+    let mut r = Reader { buf, what: "history" };
+    r.version(TXN_V3)?;
+    Ok(CardKey(r.arr()?))
+}
+
 pub fn decode_history(key: &[u8], buf: &[u8]) -> Result<(TxnRecord, CardRecord), Corrupt> {
     let mut k = Reader { buf: key, what: "history key" };
     let id = u64::from_be_bytes(k.arr()?);
