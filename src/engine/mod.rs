@@ -749,6 +749,28 @@ impl Engine {
         (record, at)
     }
 
+    /// Judges, appends and points a decision about one card: the card rules see its changes (a
+    /// suspension they ask for joins them), then the card is pointed at its newest entry, its own
+    /// or the fraud lock's.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_card(
+        &self,
+        m: &Mutation,
+        answer: Answer,
+        mut effects: Effects,
+        key: CardKey,
+        card: &mut Card,
+        fired: &mut Vec<AlertRecord>,
+        now_ms: i64,
+    ) -> (IdemRecord, Appended) {
+        let held = &mut OneCard { key, card };
+        let suspended = self.screen(m, answer.outcome.result, &mut effects, held, fired, now_ms);
+        let (record, at) = self.commit(m, answer, effects);
+        (held.card.rec.last_txn_id, held.card.last_group) = (at.first_txn_id, at.group);
+        point_suspended(at, &suspended, held);
+        (record, at)
+    }
+
     /// Records a decision that changes no card (a decline): only its idempotency record.
     fn declined(&self, m: &Mutation, outcome: Outcome) -> (IdemRecord, u64) {
         let (record, at) = self.commit(m, Answer::plain(outcome), Effects::default());
@@ -816,7 +838,7 @@ impl Engine {
                     let change = Self::change_of(key, author, &rec, TxnKind::Issue, money.minor, now_ms);
                     let program = program.expect("decide_issue checked the program");
                     let mut card = Card { rec, program, last_group: 0 };
-                    let mut effects = Effects {
+                    let effects = Effects {
                         changes: smallvec::smallvec![change],
                         ledger: Some(LedgerDelta {
                             currency: money.currency,
@@ -825,12 +847,9 @@ impl Engine {
                         }),
                         ..Effects::default()
                     };
-                    let held = &mut OneCard { key, card: &mut card };
-                    let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
                     // Appended while the vacant entry still holds the shard lock.
-                    let (record, at) = self.commit(m, Answer::plain(outcome), effects);
-                    (held.card.rec.last_txn_id, held.card.last_group) = (at.first_txn_id, at.group);
-                    point_suspended(at, &suspended, held);
+                    let (record, at) =
+                        self.commit_card(m, Answer::plain(outcome), effects, key, &mut card, fired, now_ms);
                     v.insert(Arc::new(Mutex::new(card)));
                     (record, at.group, Some(i as u8))
                 }
@@ -899,12 +918,7 @@ impl Engine {
                 let (_, change, mut effects) = self.apply(key, card, m.idem.merchant(), &d, now_ms);
                 effects.changes.push(change);
                 let outcome = Outcome::declined(ResultCode::PinIncorrect, Some(card.rec.view(now_ms)));
-                let held = &mut OneCard { key, card };
-                let suspended = self.screen(m, ResultCode::PinIncorrect, &mut effects, held, fired, now_ms);
-                let (record, at) = self.commit(m, Answer::plain(outcome), effects);
-                held.card.rec.last_txn_id = at.first_txn_id;
-                held.card.last_group = at.group;
-                point_suspended(at, &suspended, held);
+                let (record, at) = self.commit_card(m, Answer::plain(outcome), effects, key, card, fired, now_ms);
                 (record, at.group)
             }
             Err(code) => {
@@ -932,21 +946,12 @@ impl Engine {
                     parts: smallvec::smallvec![(key, d.approved_minor)],
                     hold_id: outcome.hold.map_or(0, |h| h.id),
                 });
-                let held = &mut OneCard { key, card };
-                let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
                 // Appended under the card's lock: the journal sees this card's changes in order.
-                let (record, at) = self.commit(
-                    m,
-                    Answer { outcome, parts: None, effect, reason: None, items: None, bulk: None },
-                    effects,
-                );
-                let card = &mut *held.card;
-                card.rec.last_txn_id = at.first_txn_id;
+                let answer = Answer { outcome, parts: None, effect, reason: None, items: None, bulk: None };
+                let (record, at) = self.commit_card(m, answer, effects, key, card, fired, now_ms);
                 if d.kind == TxnKind::Note {
                     card.rec.last_note_id = at.first_txn_id;
                 }
-                card.last_group = at.group;
-                point_suspended(at, &suspended, held);
                 (record, at.group)
             }
         }
@@ -1255,17 +1260,12 @@ impl Engine {
                     st.refunded_minor[i] += money.minor;
                     effects.settled = Some((k.clone(), st.clone()));
                 }
-                let held = &mut OneCard { key, card };
-                let suspended = self.screen(m, ResultCode::Approved, &mut effects, held, fired, now_ms);
-                let (record, at) = self.commit(m, Answer::plain(outcome), effects);
+                let (record, at) = self.commit_card(m, Answer::plain(outcome), effects, key, card, fired, now_ms);
                 if let (Some(st), Some(k)) = (settled, orig_key) {
                     if orig.as_ref().is_some_and(|r| r.effect.is_some()) {
                         self.settled.insert(k, RecentSettled { state: st, group: at.group, at_ms: now_ms });
                     }
                 }
-                held.card.rec.last_txn_id = at.first_txn_id;
-                held.card.last_group = at.group;
-                point_suspended(at, &suspended, held);
                 (record, at.group)
             }
         }
