@@ -84,9 +84,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
 /// the card census (a walk over every card) at most once a second. Blocking: run it off the
 /// async workers.
 pub fn refresh_metrics(shared: &Shared) {
-    let stats =
-        crate::metrics::StoreStats { write_stall_seconds: shared.store.write_stall_seconds(), ..shared.store.stats() };
-    shared.metrics.set_store_stats(&stats);
+    shared.metrics.set_store_stats(&shared.store.stats());
     shared.metrics.set_subscriptions_lag(*shared.store.durable_txn_id().borrow());
     if shared.metrics.census_due() {
         shared.metrics.set_census(&shared.engine.census(now_ms()));

@@ -408,6 +408,7 @@ impl Store {
         let db_wide = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         stats.write_stopped = db_wide("rocksdb.is-write-stopped") > 0;
         stats.write_delayed = db_wide("rocksdb.actual-delayed-write-rate") > 0;
+        stats.write_stall_seconds = self.write_stall_seconds();
         stats
     }
 
