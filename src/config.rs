@@ -197,6 +197,11 @@ pub struct DurabilityConfig {
     /// How often changed cards are written to the card table. A restart loads that table and then
     /// replays the history written since, so this bounds restart time, not what survives a crash.
     pub checkpoint_interval_ms: u64,
+    /// The most RocksDB's flushes and compactions write a second, in MiB; 0: no limit. Every WAL
+    /// fsync waits for the table data sent before it, so this keeps background writes from
+    /// lengthening the fsyncs replies wait for. It must exceed the rate decisions write history
+    /// (a 1M-card activation: about 75 MB/s), or writes stall.
+    pub table_write_mib_per_sec: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -459,7 +464,12 @@ impl Default for Config {
 
 impl Default for DurabilityConfig {
     fn default() -> DurabilityConfig {
-        DurabilityConfig { mode: "sync".into(), relaxed_interval_ms: 10, checkpoint_interval_ms: 5_000 }
+        DurabilityConfig {
+            mode: "sync".into(),
+            relaxed_interval_ms: 10,
+            checkpoint_interval_ms: 5_000,
+            table_write_mib_per_sec: crate::store::TABLE_WRITE_BYTES_PER_SEC >> 20,
+        }
     }
 }
 
@@ -499,6 +509,10 @@ impl Config {
         }
         if !(10..=600_000).contains(&self.durability.checkpoint_interval_ms) {
             errs.push("durability.checkpoint_interval_ms must be between 10 and 600000".into());
+        }
+        let table_write = self.durability.table_write_mib_per_sec;
+        if table_write != 0 && !(16..=65_536).contains(&table_write) {
+            errs.push("durability.table_write_mib_per_sec must be 0 (no limit) or between 16 and 65536".into());
         }
         let l = &self.limits;
         for (name, v) in [
@@ -558,8 +572,11 @@ impl Config {
         }
     }
 
-    pub fn checkpoint_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.durability.checkpoint_interval_ms)
+    pub fn store_tuning(&self) -> crate::store::Tuning {
+        crate::store::Tuning {
+            checkpoint_every: std::time::Duration::from_millis(self.durability.checkpoint_interval_ms),
+            table_write_bytes_per_sec: self.durability.table_write_mib_per_sec << 20,
+        }
     }
 
     pub fn programs(&self) -> Vec<Program> {
@@ -583,12 +600,12 @@ mod tests {
     #[test]
     fn bad_values_are_all_reported() {
         let cfg: Config = toml::from_str(
-            "[durability]\nmode = \"fast\"\n[limits]\nconnections_max = 0\nidem_memory_secs = 0\n\
-             [programs.x]\nmax_balance = \"-1\"\n[programs.y]\nmax_balance = \"1e30\"\n",
+            "[durability]\nmode = \"fast\"\ntable_write_mib_per_sec = 8\n[limits]\nconnections_max = 0\n\
+             idem_memory_secs = 0\n[programs.x]\nmax_balance = \"-1\"\n[programs.y]\nmax_balance = \"1e30\"\n",
         )
         .unwrap();
         let errs = cfg.validate().unwrap_err();
-        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert_eq!(errs.len(), 6, "{errs:?}");
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let http = tokio::spawn(server::http::serve(metrics_listener, metrics.clone(), sources.clone(), http_stop.clone()));
     let durability = cfg.durability();
     let started = Instant::now();
-    let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.checkpoint_interval(), metrics.clone())?;
+    let (store, recovered) = Store::open(&cfg.data_dir, durability, cfg.store_tuning(), metrics.clone())?;
     let store = Arc::new(store);
     let engine = Engine::new(Programs::new(cfg.programs()), store.clone());
     engine.set_alert_rules(cfg.alerts.rules());

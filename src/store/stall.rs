@@ -46,7 +46,13 @@ mod tests {
     fn a_fresh_store_has_stalled_for_zero_seconds() {
         let dir = tempfile::tempdir().unwrap();
         let every = Duration::from_secs(60);
-        let (store, _) = Store::open(dir.path(), Durability::Sync, every, Arc::new(Metrics::new())).unwrap();
+        let (store, _) = Store::open(
+            dir.path(),
+            Durability::Sync,
+            crate::store::Tuning::checkpoint_every(every),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
         assert_eq!(store.write_stall_seconds(), Some(0.0));
         store.close();
     }
