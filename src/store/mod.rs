@@ -54,13 +54,14 @@ const KEY_BYTES: usize = 32;
 /// WAL kept before the oldest memtables are flushed.
 const WAL_BYTES_MAX: u64 = 128 << 20;
 /// The default limit on what RocksDB's flushes and compactions write a second. A WAL fdatasync
-/// waits for the disk to persist every write sent before it, table data included. Measured on
-/// this machine (4 KiB write + fdatasync in a loop, another thread streaming a 32 MB file):
-/// alone, fdatasync p99 0.24 ms; beside a writer at full speed, 17 ms; beside one held to 100 MiB/s
-/// with 256 KiB syncs, 0.44 ms (1 MiB syncs: 0.94 ms; 50 MiB/s gained nothing more). Redeem p99
-/// during a 1M-card activation fell from 6.5 to 3.5 ms (medians of 4 pairs), the activation about 13 %
-/// slower. It must stay above the rate history is written, or memtables wait for their flush
-/// and writes stall: a 1M-card activation writes about 75 MB/s.
+/// waits for the disk to persist every write sent before it, table data included.
+/// `loadtest/scripts/fsync-beside-writer.py` on this machine: fdatasync p99 0.24 ms alone, 17 ms
+/// beside a thread streaming a file at full speed, 0.35 ms beside one held to 100 MiB/s with
+/// 256 KiB syncs (1 MiB syncs: 0.62 ms; 50 MiB/s gained nothing more). Redeem p99 during a
+/// 1M-card activation fell from 6.5 to 3.5 ms, and in later pairs from 4.0 to 3.2 ms (medians of
+/// 4 pairs each); the activation's speed did not move beyond the noise. It must stay above the
+/// rate history is written, or memtables wait for their flush and writes stall: a 1M-card
+/// activation writes about 75 MB/s.
 pub const TABLE_WRITE_BYTES_PER_SEC: u64 = 100 << 20;
 /// The limiter hands out its budget this often: small grants, so a flush never sends more than
 /// about 256 KiB at once.
