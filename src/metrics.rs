@@ -49,6 +49,24 @@ const RESULT_SLOTS: usize = {
     max + 1
 };
 
+/// A commit group's waits, as `giftd_commit_wait_seconds` labels them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitStage {
+    /// For the committer to take the group (behind the group it is writing).
+    Write,
+    /// For the fdatasync that covers the written group (behind the sync running).
+    Sync,
+}
+
+impl CommitStage {
+    fn label(self) -> &'static str {
+        match self {
+            CommitStage::Write => "write",
+            CommitStage::Sync => "sync",
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     requests_vec: IntCounterVec,
@@ -61,6 +79,7 @@ pub struct Metrics {
     wal_group_size: Histogram,
     wal_write_seconds: Histogram,
     wal_fsync_seconds: Histogram,
+    commit_wait_seconds: HistogramVec,
     wal_bytes: IntCounter,
     pub connections_open: IntGauge,
     pub connections_accepted: IntCounter,
@@ -173,6 +192,18 @@ impl Metrics {
                 .buckets(WAL_BUCKETS_SECONDS.to_vec()),
         )
         .expect("metric");
+        let commit_wait_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "giftd_commit_wait_seconds",
+                "Seconds a commit group waited: stage=\"write\" from its first decision until the committer took it \
+                 (behind the group being written), stage=\"sync\" from the end of its write until the fdatasync \
+                 that covers it began (behind the sync running; the longest-waiting group of each sync). \
+                 Batch items wait on purpose until their batch asks for the write.",
+            )
+            .buckets(WAL_BUCKETS_SECONDS.to_vec()),
+            &["stage"],
+        )
+        .expect("metric");
         let wal_bytes =
             IntCounter::new("giftd_wal_written_bytes_total", "Bytes of write batches committed.").expect("metric");
         let connections_open = IntGauge::new("giftd_connections_open", "Client connections open now.").expect("metric");
@@ -282,6 +313,7 @@ impl Metrics {
             Box::new(wal_group_size.clone()),
             Box::new(wal_write_seconds.clone()),
             Box::new(wal_fsync_seconds.clone()),
+            Box::new(commit_wait_seconds.clone()),
             Box::new(wal_bytes.clone()),
             Box::new(connections_open.clone()),
             Box::new(connections_accepted.clone()),
@@ -326,6 +358,7 @@ impl Metrics {
             wal_group_size,
             wal_write_seconds,
             wal_fsync_seconds,
+            commit_wait_seconds,
             wal_bytes,
             connections_open,
             connections_accepted,
@@ -458,6 +491,10 @@ impl Metrics {
 
     pub fn wal_fsync_observe(&self, elapsed: Duration) {
         self.wal_fsync_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn commit_wait_observe(&self, stage: CommitStage, elapsed: Duration) {
+        self.commit_wait_seconds.with_label_values(&[stage.label()]).observe(elapsed.as_secs_f64());
     }
 
     /// The text exposition format.

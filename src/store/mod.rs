@@ -24,7 +24,7 @@ use crate::card_number::{CardKey, CardKeyState};
 use crate::engine::{
     Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled, TxnRecord,
 };
-use crate::metrics::{Metrics, StoreStats};
+use crate::metrics::{CommitStage, Metrics, StoreStats};
 use crate::model::{Currency, TxnKind};
 use rocksdb::{
     BlockBasedOptions, ColumnFamilyDescriptor, DBRecoveryMode, Direction, IteratorMode, MemtableFactory, Options,
@@ -163,6 +163,8 @@ struct PendingState {
     /// Entries are waiting that the committer was not woken for (batch items; see
     /// `Effects::batched`): the next append that wants its write soon wakes it.
     unannounced: bool,
+    /// When the open group's first entry was appended: its wait for the committer starts then.
+    opened_at: Option<Instant>,
 }
 
 /// The highest group written to the WAL (not yet necessarily synced), for the syncer.
@@ -176,6 +178,9 @@ struct WrittenState {
     /// The last id (history entry or alert) in `group`.
     txn_id: u64,
     closing: bool,
+    /// When the oldest group written since the last sync began finished its write: the longest
+    /// any written group has waited for the next sync.
+    unsynced_since: Option<Instant>,
 }
 
 /// What the syncer publishes: the last durable commit group (replies wait for it) and the last
@@ -278,11 +283,12 @@ impl Store {
                 txn_id,
                 closing: false,
                 unannounced: false,
+                opened_at: None,
             }),
             wake: Condvar::new(),
         });
         let written = Arc::new(Written {
-            state: Mutex::new(WrittenState { group: 0, txn_id, closing: false }),
+            state: Mutex::new(WrittenState { group: 0, txn_id, closing: false, unsynced_since: None }),
             wake: Condvar::new(),
         });
         let committer = {
@@ -634,6 +640,9 @@ impl Journal for Store {
             }
         }
         let batched = effects.batched;
+        if s.entries.is_empty() {
+            s.opened_at = Some(Instant::now());
+        }
         s.entries.push(effects);
         if batched {
             s.unannounced = true;
@@ -1020,10 +1029,13 @@ fn commit_loop(
                 s.unannounced = false;
                 // Ids are assigned under this lock as effects join, so the group holds exactly the
                 // ids after the previous group's last, up to this.
-                Some((std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g, s.txn_id))
+                Some((std::mem::replace(&mut s.entries, std::mem::take(&mut spare)), g, s.txn_id, s.opened_at.take()))
             }
         };
-        if let Some((mut group_entries, group, group_txn_id)) = taken {
+        if let Some((mut group_entries, group, group_txn_id, opened_at)) = taken {
+            if let Some(at) = opened_at {
+                metrics.commit_wait_observe(CommitStage::Write, at.elapsed());
+            }
             let decisions = group_entries.len();
             sorted.clear();
             let mut touched: Vec<Currency> = Vec::new();
@@ -1089,6 +1101,7 @@ fn commit_loop(
             {
                 let mut w = written.state.lock().expect("written lock");
                 (w.group, w.txn_id) = (group, group_txn_id);
+                w.unsynced_since.get_or_insert_with(Instant::now);
             }
             if durability == Durability::Sync {
                 written.wake.notify_one();
@@ -1177,9 +1190,12 @@ fn sync_loop(db: &DB, written: &Written, durable: &Published, durability: Durabi
             if s.closing && s.group <= synced {
                 return;
             }
-            (s.group, s.txn_id)
+            (s.group, s.txn_id, s.unsynced_since.take())
         };
-        let (target, target_txn_id) = target;
+        let (target, target_txn_id, unsynced_since) = target;
+        if let Some(at) = unsynced_since {
+            metrics.commit_wait_observe(CommitStage::Sync, at.elapsed());
+        }
         let started = Instant::now();
         // Everything written before this call is in the WAL file; the fdatasync covers all of it.
         if let Err(e) = db.flush_wal(true) {

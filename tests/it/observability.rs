@@ -129,6 +129,12 @@ async fn metrics_have_the_values_of_what_happened() {
     assert_eq!(at("giftd_wal_group_size_sum"), 6.0);
     assert!(at("giftd_wal_fsync_seconds_count") >= 1.0);
     assert!(at("giftd_wal_fsync_seconds_sum") > 0.0);
+    // Each group's wait for the committer is counted once; each sync counts the longest wait of
+    // the groups it covers.
+    assert_eq!(at(r#"giftd_commit_wait_seconds_count{stage="write"}"#), groups);
+    let syncs = at(r#"giftd_commit_wait_seconds_count{stage="sync"}"#);
+    assert!((1.0..=groups).contains(&syncs), "{syncs} syncs waited for, {groups} groups");
+    assert!(syncs <= at("giftd_wal_fsync_seconds_count"));
     // A redeem's history entry carries the card record: a few dozen bytes each, at least.
     assert!(at("giftd_wal_written_bytes_total") > 6.0 * 30.0, "{}", at("giftd_wal_written_bytes_total"));
 
