@@ -38,7 +38,7 @@ def hist(path,name,labels):
         m=re.match(name+r'_bucket\{'+labels+r'le="([^"]+)"\} (\S+)',l)
         if m: h[m.group(1)]=float(m.group(2))
     return h
-for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_wal_fsync_seconds',''),('giftd_wal_write_seconds',''),('giftd_wal_group_size','')]:
+for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_wal_fsync_seconds',''),('giftd_wal_write_seconds',''),('giftd_wal_group_size',''),('giftd_commit_wait_seconds','stage="write",'),('giftd_commit_wait_seconds','stage="sync",')]:
     a=hist('$D/m0',name,labels); b=hist('$D/m1',name,labels)
     print(name+'{'+labels+'}', {k:int(b[k]-a.get(k,0)) for k in b})
 PY
