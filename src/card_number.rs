@@ -162,9 +162,26 @@ impl fmt::Display for CardNumber {
     }
 }
 
-/// The identity of a card at rest and in memory.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// The identity of a card at rest and in memory. Ordered as its bytes are (the lock order, and the
+/// card table's).
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CardKey(pub [u8; 32]);
+
+/// Byte order, eight bytes at a time: uniform keys almost always differ in their first eight, and
+/// sorting and searching a batch's thousands of cards by a 32-byte `memcmp` call each time was 6 %
+/// of its CPU.
+impl Ord for CardKey {
+    fn cmp(&self, other: &CardKey) -> std::cmp::Ordering {
+        let head = |k: &CardKey| u64::from_be_bytes(k.0[..8].try_into().expect("eight bytes"));
+        head(self).cmp(&head(other)).then_with(|| self.0[8..].cmp(&other.0[8..]))
+    }
+}
+
+impl PartialOrd for CardKey {
+    fn partial_cmp(&self, other: &CardKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 /// A card key is an HMAC under the server secret: its bytes are already uniform, and no client can
 /// choose keys that collide without the secret. So its first eight bytes are its hash, and maps of
@@ -290,6 +307,30 @@ fn write_secret(path: &Path, secret: &[u8; SECRET_BYTES]) -> std::io::Result<()>
 mod tests {
     use super::*;
     use std::hash::BuildHasher;
+
+    /// Keys order as their bytes do (the card table is sorted by its byte keys, and locks are taken
+    /// in this order), keys that share their first eight bytes included.
+    #[test]
+    fn card_keys_order_as_their_bytes() {
+        let keyer = Keyer::new(&[5; 32]);
+        let mut keys: Vec<CardKey> =
+            (0..2_000u64).map(|i| keyer.card_key(&CardNumber::parse(&format!("60357300{i:08}")).unwrap())).collect();
+        // Keys that differ only after their first eight bytes, or only in their last.
+        let mut twin = keys[0];
+        twin.0[20] ^= 0x80;
+        let mut last = keys[1];
+        last.0[31] ^= 1;
+        keys.extend([twin, last]);
+        let mut by_bytes = keys.clone();
+        by_bytes.sort_unstable_by_key(|k| k.0);
+        keys.sort_unstable();
+        assert_eq!(keys, by_bytes);
+        for w in keys.windows(2) {
+            assert_eq!(w[0].cmp(&w[1]), w[0].0.cmp(&w[1].0));
+            assert_eq!(w[1].cmp(&w[0]), w[1].0.cmp(&w[0].0));
+        }
+        assert_eq!(twin.cmp(&twin), std::cmp::Ordering::Equal);
+    }
 
     /// Card maps hash a key by its own bytes: consecutive numbers (a bulk range) must still spread
     /// over the buckets (low bits) and the control bytes (high bits) of a hash table.

@@ -1,6 +1,7 @@
 #!/bin/bash
 # usage: batch.sh [connections] [pipeline] [workload] — redeems/s in batch frames of 8,192 redeems on a fresh giftd (sync);
-# workload "batch" (independent items, the default) or "batch-atomic" (all or nothing); BIN=dir for other binaries
+# workload "batch" (independent items, the default), "batch-atomic" (all or nothing) or "batch-each" (independent
+# items under the batch's key); BIN=dir for other binaries
 B=${BIN:-$HOME/.cache/giftd/target/release}
 C=${1:-2}; PL=${2:-2}; WL=${3:-batch}
 D=$(mktemp -d /tmp/gbench.XXXX)

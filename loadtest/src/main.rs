@@ -74,7 +74,9 @@ struct Args {
     /// redeem, auth-capture (authorize then capture; a unit is the pair), split3 (split redeems
     /// over three cards), batch or batch:N (batch frames of N redeems, 8192 by default; an op is
     /// one redeem), batch-atomic or batch-atomic:N (all-or-nothing batch frames of N redeems from N
-    /// different cards). Each runs for --duration-secs; the audit covers them all.
+    /// different cards), batch-each or batch-each:N (the same frames, each redeem decided on its
+    /// own, the batch idempotent on its own key). Each runs for --duration-secs; the audit covers
+    /// them all.
     #[arg(long, value_delimiter = ',', default_value = "redeem")]
     workload: Vec<String>,
     /// Stop sending after this many units per workload (the duration still applies).

@@ -7,7 +7,7 @@ use crate::pipe::{sweep_all, Pipe};
 use anyhow::{bail, Result};
 use giftd::card_number::CardNumber;
 use giftd::model::{Currency, Money, ResultCode};
-use giftd::wire::{IdemRef, Reply, Request};
+use giftd::wire::{BatchMode, IdemRef, Reply, Request};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,6 +46,10 @@ pub enum Kind {
     /// All-or-nothing batch frames ("batch-atomic" or "batch-atomic:N"): N redeems of 1.00 from N
     /// different random cards, one mutation under the batch's own key; an op is one redeem.
     AtomicBatch(u16),
+    /// Batch frames of independent items under the batch's own key ("batch-each" or
+    /// "batch-each:N"): N redeems of 1.00 from N different random cards, each decided on its own;
+    /// an op is one redeem.
+    EachBatch(u16),
 }
 
 /// Redeems per batch frame unless the workload names a size: the protocol's maximum.
@@ -59,19 +63,18 @@ impl Kind {
             "split3" => Kind::Split3,
             "batch" => Kind::Batch(BATCH_DEFAULT),
             "batch-atomic" => Kind::AtomicBatch(BATCH_DEFAULT),
+            "batch-each" => Kind::EachBatch(BATCH_DEFAULT),
             other => {
-                let (atomic, n) = match other.strip_prefix("batch-atomic:") {
-                    Some(n) => (true, n),
-                    None => (false, other.strip_prefix("batch:")?),
-                };
+                let (name, n) = other.split_once(':')?;
                 let n: u16 = n.parse().ok()?;
                 if n == 0 || n as usize > giftd::wire::BATCH_ITEMS_MAX {
                     return None;
                 }
-                if atomic {
-                    Kind::AtomicBatch(n)
-                } else {
-                    Kind::Batch(n)
+                match name {
+                    "batch" => Kind::Batch(n),
+                    "batch-atomic" => Kind::AtomicBatch(n),
+                    "batch-each" => Kind::EachBatch(n),
+                    _ => return None,
                 }
             }
         })
@@ -84,6 +87,7 @@ impl Kind {
             Kind::Split3 => "split3",
             Kind::Batch(_) => "batch",
             Kind::AtomicBatch(_) => "batch-atomic",
+            Kind::EachBatch(_) => "batch-each",
         }
     }
 
@@ -91,7 +95,7 @@ impl Kind {
     pub fn requests_per_op(self) -> f64 {
         match self {
             Kind::AuthCapture => 2.0,
-            Kind::Batch(n) | Kind::AtomicBatch(n) => 1.0 / n as f64,
+            Kind::Batch(n) | Kind::AtomicBatch(n) | Kind::EachBatch(n) => 1.0 / n as f64,
             _ => 1.0,
         }
     }
@@ -99,7 +103,7 @@ impl Kind {
     /// Ops one finished unit counts for: a batch's redeems.
     pub fn ops_per_unit(self) -> u64 {
         match self {
-            Kind::Batch(n) | Kind::AtomicBatch(n) => n as u64,
+            Kind::Batch(n) | Kind::AtomicBatch(n) | Kind::EachBatch(n) => n as u64,
             _ => 1,
         }
     }
@@ -323,11 +327,11 @@ impl Requests {
                     items.push(giftd::wire::BatchItem::of(&self.redeem));
                     cards.push(c);
                 }
-                pipe.push_due(&Request::Batch { atomic: None, items }, i, due);
+                pipe.push_due(&Request::Batch { mode: BatchMode::Items, items }, i, due);
                 self.splits.push_back(cards);
             }
-            Kind::AtomicBatch(n) => {
-                // Each card at most once, as an all-or-nothing batch requires.
+            Kind::AtomicBatch(n) | Kind::EachBatch(n) => {
+                // Each card at most once, as a batch under its own key requires.
                 let count = run.cards.len().min(n as usize);
                 let cards = rand::seq::index::sample(&mut self.rng, run.cards.len(), count).into_vec();
                 let mut items = Vec::with_capacity(count);
@@ -342,7 +346,11 @@ impl Requests {
                     items.push(giftd::wire::BatchItem::of(&self.redeem));
                 }
                 let idem = self.idem(run);
-                pipe.push_due(&Request::Batch { atomic: Some(idem), items }, i, due);
+                let mode = match self.kind {
+                    Kind::AtomicBatch(_) => BatchMode::AllOrNothing(idem),
+                    _ => BatchMode::Each(idem),
+                };
+                pipe.push_due(&Request::Batch { mode, items }, i, due);
                 self.splits.push_back(cards);
             }
         }
@@ -386,7 +394,7 @@ impl Requests {
                 auditor::check_split(ledger, &cards, run, reply, f);
                 true
             }
-            Kind::Batch(_) | Kind::AtomicBatch(_) => {
+            Kind::Batch(_) | Kind::AtomicBatch(_) | Kind::EachBatch(_) => {
                 let cards = self.splits.pop_front().expect("a batch in flight for every batch reply");
                 match reply {
                     Reply::Batch(items) if items.len() == cards.len() => {

@@ -84,12 +84,12 @@ fn every_workload_runs_in_one_audited_run() {
         "--duration-secs",
         "1",
         "--workload",
-        "redeem,auth-capture,split3",
+        "redeem,auth-capture,split3,batch:64,batch-atomic:64,batch-each:64",
     ]);
     assert_eq!(r["audit"], "ok", "{r}");
     let per = r["workloads"].as_array().unwrap_or_else(|| panic!("no workloads in {r}"));
     let names: Vec<&str> = per.iter().map(|w| w["workload"].as_str().unwrap()).collect();
-    assert_eq!(names, ["redeem", "auth-capture", "split3"]);
+    assert_eq!(names, ["redeem", "auth-capture", "split3", "batch", "batch-atomic", "batch-each"]);
     for w in per {
         assert!(w["ops"].as_u64().unwrap() > 0, "{w}");
         assert_eq!(w["errors"], 0, "{w}");

@@ -22,7 +22,7 @@ pub use journal::{
     InvoiceKey, JobSpec, Journal, LedgerDelta, MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
 pub use program::{Program, ProgramSlot, Programs};
-pub use rules::{AtomicItem, ChunkCard, ChunkWork, IssueNumber, Op, SplitOrder};
+pub use rules::{ChunkCard, ChunkWork, IssueNumber, KeyedItem, Op, SplitOrder};
 
 use crate::card_number::{CardKey, CardKeyState};
 use crate::model::{Currency, HoldView, LockReason, Money, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
@@ -595,7 +595,8 @@ impl Engine {
                 (record, group)
             }
             (Op::ProgramSet { program, settings }, _) => self.set_program(&m, program, settings),
-            (Op::Atomic { items }, _) => self.atomic(&m, items, &mut fired, now_ms),
+            (Op::Keyed { items, all_or_nothing: true }, _) => self.atomic(&m, items, &mut fired, now_ms),
+            (Op::Keyed { items, all_or_nothing: false }, _) => self.each(&m, items, &mut fired, now_ms),
             // A job's record is its idempotency record: its count is the answer.
             (Op::JobOpen { spec }, _) => {
                 let outcome =
@@ -1024,7 +1025,7 @@ impl Engine {
     /// can never wait for each other. `None` if a card does not exist.
     fn lock_all(&self, keys: &[CardKey]) -> Option<Vec<(CardKey, CardCell)>> {
         let mut sorted: Vec<CardKey> = keys.to_vec();
-        sorted.sort_unstable_by_key(|k| k.0);
+        sorted.sort_unstable();
         sorted.dedup();
         sorted.into_iter().map(|k| self.cell(&k).map(|c| (k, c))).collect()
     }
@@ -1380,7 +1381,7 @@ impl Engine {
     fn atomic(
         &self,
         m: &Mutation,
-        items: &[rules::AtomicItem],
+        items: &[KeyedItem],
         fired: &mut Vec<AlertRecord>,
         now_ms: i64,
     ) -> (IdemRecord, u64) {
@@ -1436,31 +1437,80 @@ impl Engine {
                 Err(code) => return abort(i, code, view),
             }
         }
-        let mut effects = Effects::default();
-        let mut outcomes = Vec::with_capacity(items.len());
-        let (mut credit, mut debit, mut total) = (0i64, 0i64, 0i64);
+        let mut batch = KeyedChanges::new(items.len());
         for ((item, d), &j) in items.iter().zip(&decisions).zip(&at) {
             let (outcome, change, _) = self.apply(item.card, &mut locked.guards[j], m.idem.merchant(), d, now_ms);
-            effects.changes.push(change);
-            outcomes.push(outcome);
-            credit += d.delta_minor.max(0);
-            debit += (-d.delta_minor).max(0);
-            total += d.approved_minor;
+            batch.add(j, outcome, change, d);
         }
+        self.commit_keyed(m, batch, currency, &mut locked, fired, now_ms)
+    }
+
+    /// A batch of independent items under its own key: every item decided in order, on its own,
+    /// against its card (each card comes once); the approved ones applied, and all of it appended
+    /// at once with the batch's one idempotency record, so that a retry under the key gets every
+    /// item's reply and nothing is applied twice. The batch's cards stay locked until that append:
+    /// a request on one of them decided in between would otherwise precede the batch's change in
+    /// the journal while it followed it in memory. An item whose card does not exist is declined
+    /// `card_not_found`; one in another currency than the batch's (its first money item's),
+    /// `currency_mismatch`, after its own rules, so that the batch's ledger change is one sum.
+    fn each(&self, m: &Mutation, items: &[KeyedItem], fired: &mut Vec<AlertRecord>, now_ms: i64) -> (IdemRecord, u64) {
+        let mut keys: Vec<CardKey> = items.iter().map(|i| i.card).collect();
+        keys.sort_unstable();
+        // A card issued after this lookup is not in the batch: its item is declined, as it would
+        // have been had the batch come a moment earlier.
+        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let mut locked = self.lock_cells(&cells, now_ms);
+        let merchant = m.idem.merchant();
+        let currency = items.iter().find_map(|i| rules::money_of(&i.op)).map(|m| m.currency);
+        let mut batch = KeyedChanges::new(items.len());
+        for item in items {
+            let Ok(j) = locked.keys.binary_search(&item.card) else {
+                batch.outcomes.push(Outcome::declined(ResultCode::CardNotFound, None));
+                continue;
+            };
+            let card = &mut locked.guards[j];
+            let program = card.program.load();
+            let decided = rules::decide(&card.rec, &program, &item.op, merchant, false, now_ms);
+            match decided {
+                Ok(_) if rules::money_of(&item.op).is_some_and(|m| Some(m.currency) != currency) => {
+                    batch.outcomes.push(Outcome::declined(ResultCode::CurrencyMismatch, Some(card.rec.view(now_ms))));
+                }
+                Ok(d) => {
+                    let (outcome, change, _) = self.apply(item.card, card, merchant, &d, now_ms);
+                    batch.add(j, outcome, change, &d);
+                }
+                Err(code) => batch.outcomes.push(Outcome::declined(code, Some(card.rec.view(now_ms)))),
+            }
+        }
+        self.commit_keyed(m, batch, currency, &mut locked, fired, now_ms)
+    }
+
+    /// Appends a keyed batch's changes with its record (its ledger change is one sum, in the
+    /// batch's currency), judged by the alert rules, then points each changed card at its entry.
+    fn commit_keyed(
+        &self,
+        m: &Mutation,
+        batch: KeyedChanges,
+        currency: Option<Currency>,
+        locked: &mut Locked<'_>,
+        fired: &mut Vec<AlertRecord>,
+        now_ms: i64,
+    ) -> (IdemRecord, u64) {
+        let KeyedChanges { mut effects, outcomes, changed, credit, debit, total } = batch;
         if let Some(currency) = currency.filter(|_| credit + debit > 0) {
             effects.ledger = Some(LedgerDelta { currency, credit_minor: credit, debit_minor: debit });
         }
         let outcome = Outcome { approved_minor: total, ..Outcome::declined(ResultCode::Approved, None) };
         let answer = Answer { items: Some(outcomes), ..Answer::plain(outcome) };
-        let suspended = self.screen(m, ResultCode::Approved, &mut effects, &mut locked, fired, now_ms);
+        let suspended = self.screen(m, ResultCode::Approved, &mut effects, locked, fired, now_ms);
         let (record, appended) = self.commit(m, answer, effects);
-        // Each card is in the batch once (the wire refuses repeats), so change n is card n's.
-        for (n, &j) in at.iter().enumerate() {
+        // Each card is in the batch once (the wire refuses repeats): change n is its card's only one.
+        for (n, &j) in changed.iter().enumerate() {
             let card = &mut locked.guards[j];
             card.rec.last_txn_id = appended.first_txn_id + n as u64;
             card.last_group = appended.group;
         }
-        point_suspended(appended, &suspended, &mut locked);
+        point_suspended(appended, &suspended, locked);
         (record, appended.group)
     }
 
@@ -1565,7 +1615,7 @@ impl Engine {
     /// Its cards are locked in key order for the chunk's one append.
     fn chunk_activate(&self, m: &Mutation, load: Option<Money>, cards: &[ChunkCard], now_ms: i64) -> (IdemRecord, u64) {
         let mut keys: Vec<CardKey> = cards.iter().map(|c| c.key).collect();
-        keys.sort_unstable_by_key(|k| k.0);
+        keys.sort_unstable();
         keys.dedup();
         let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
         let mut locked = self.lock_cells(&cells, now_ms);
@@ -1644,7 +1694,7 @@ impl Engine {
             return (record, at.group);
         }
         let mut keys = done.changed.clone();
-        keys.sort_unstable_by_key(|k| k.0);
+        keys.sort_unstable();
         let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
         let mut locked = self.lock_cells(&cells, now_ms);
         let mut effects = Effects::default();
@@ -1764,6 +1814,38 @@ impl Engine {
 
 /// Whether an approved `op` can later be refunded or reversed by its key, so its record keeps
 /// what it did.
+/// What a keyed batch's approved items change, gathered for one append.
+struct KeyedChanges {
+    effects: Effects,
+    /// Every item's reply, in the batch's order.
+    outcomes: Vec<Outcome>,
+    /// The locked card of each change, in the order of the changes.
+    changed: Vec<usize>,
+    credit: i64,
+    debit: i64,
+    total: i64,
+}
+
+impl KeyedChanges {
+    fn new(items: usize) -> KeyedChanges {
+        let mut effects = Effects::default();
+        // Grown once: a change is a few hundred bytes, and doubling copied them all each time.
+        effects.changes.reserve(items);
+        let (outcomes, changed) = (Vec::with_capacity(items), Vec::with_capacity(items));
+        KeyedChanges { effects, outcomes, changed, credit: 0, debit: 0, total: 0 }
+    }
+
+    /// An approved item, applied to its card (locked card `j`).
+    fn add(&mut self, j: usize, outcome: Outcome, change: CardChange, d: &rules::Decision) {
+        self.effects.changes.push(change);
+        self.changed.push(j);
+        self.outcomes.push(outcome);
+        self.credit += d.delta_minor.max(0);
+        self.debit += (-d.delta_minor).max(0);
+        self.total += d.approved_minor;
+    }
+}
+
 fn reversible(op: &Op) -> bool {
     matches!(
         op,

@@ -95,10 +95,11 @@ pub enum Op {
     },
     /// Lifts a PIN lock (and clears the count of wrong PINs).
     PinReset,
-    /// An all-or-nothing batch of single-card money operations (redeem, reload, activate), each
-    /// card at most once.
-    Atomic {
-        items: Vec<AtomicItem>,
+    /// A batch under its own idempotency key of single-card money operations (redeem, reload,
+    /// activate), each card at most once: applied all or nothing, or each item on its own.
+    Keyed {
+        items: Vec<KeyedItem>,
+        all_or_nothing: bool,
     },
     /// Records a bulk job (its kind, card count and chunk size); nothing else changes.
     JobOpen {
@@ -161,15 +162,15 @@ pub struct ChunkCard {
     pub luhn_ok: bool,
 }
 
-/// One operation of an all-or-nothing batch, on its card.
+/// One operation of a batch under its own key, on its card.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AtomicItem {
+pub struct KeyedItem {
     pub card: CardKey,
     pub last4: [u8; 4],
     pub op: Op,
 }
 
-/// The money an operation moves, for the operations an all-or-nothing batch may hold.
+/// The money an operation moves, for the operations a batch under its own key may hold.
 pub fn money_of(op: &Op) -> Option<Money> {
     match op {
         Op::Redeem { money, .. } | Op::Reload { money } => Some(*money),
@@ -541,7 +542,7 @@ pub fn decide(
         | Op::Reactivate
         | Op::JobOpen { .. }
         | Op::JobChunk { .. }
-        | Op::Atomic { .. }
+        | Op::Keyed { .. }
         | Op::ProgramSet { .. } => {
             unreachable!(
                 "refunds, reversals, split redeems, transfers, reactivations and programs have their own rules"

@@ -752,6 +752,47 @@ fn split_redeem_takes_in_order_all_or_nothing() {
 }
 
 #[test]
+fn a_keyed_batch_of_independent_items_is_one_append_and_chains_each_card() {
+    let (e, j) = engine();
+    // Issued in the reverse of key order, so that the batch's order is not the lock order.
+    for c in [4, 3, 2, 1] {
+        issue(&e, card(c), "default", usd(1_000), None, true);
+    }
+    let item = |c: u8, op| rules::KeyedItem { card: card(c), last4: [b'0', b'0', b'0', b'0' + c], op };
+    let items = vec![
+        item(3, redeem(400, false)),
+        item(2, redeem(5_000, false)),
+        item(9, redeem(1, false)),
+        item(1, Op::Reload { money: usd(250) }),
+    ];
+    let before = j.txns();
+    let b = run_cardless(&e, "kb", Op::Keyed { items, all_or_nothing: false }, NOW);
+    let got: Vec<_> = b.items.as_ref().unwrap().iter().map(|o| (o.result, o.approved_minor)).collect();
+    use ResultCode::*;
+    assert_eq!(got, [(Approved, 400), (InsufficientFunds, 0), (CardNotFound, 0), (Approved, 250)]);
+    assert_eq!((b.outcome.result, b.outcome.approved_minor), (Approved, 650));
+    assert_eq!([3, 2, 1].map(|c| balance_of(&e, card(c))), [600, 1_000, 1_250]);
+    // The two approved changes, in the batch's order, one after the other in one append; each
+    // names its card's previous entry, and each card now points at its own.
+    let txns = j.txns();
+    let new: Vec<_> = txns[before.len()..].iter().map(|t| (t.card, t.kind, t.amount_minor)).collect();
+    assert_eq!(new, [(card(3), TxnKind::Redeem, -400), (card(1), TxnKind::Reload, 250)]);
+    let issued = |c| before.iter().rfind(|t| t.card == card(c)).unwrap().id;
+    assert_eq!(txns[before.len()].prev_id, issued(3));
+    assert_eq!(txns[before.len() + 1].prev_id, issued(1));
+    assert_eq!(txns[before.len() + 1].id, txns[before.len()].id + 1);
+    let next = run(&e, "after", card(1), redeem(50, false), NOW);
+    assert_eq!(next.outcome.result, Approved);
+    assert_eq!(j.txns().last().unwrap().prev_id, txns[before.len() + 1].id);
+    assert_eq!(e.snapshot(&card(2)).unwrap().0.last_txn_id, issued(2), "a declined item changes nothing");
+    // Other content under the batch's key is a mismatch, and nothing moves.
+    let items = vec![item(3, redeem(400, false))];
+    let other = run_cardless(&e, "kb", Op::Keyed { items, all_or_nothing: false }, NOW);
+    assert_eq!(other.outcome.result, IdempotencyMismatch);
+    assert_eq!(balance_of(&e, card(3)), 600);
+}
+
+#[test]
 fn concurrent_split_redeems_never_deadlock_or_overdraw() {
     let (e, _) = engine();
     for i in 1..=4 {
@@ -1304,10 +1345,10 @@ fn every_path_that_moves_money_is_judged_card_by_card() {
     // An all-or-nothing batch is judged item by item: its redeem is card 3's second redemption in
     // the minute, and its reload over the threshold suspends card 5.
     let items = vec![
-        rules::AtomicItem { card: card(3), last4: *b"0003", op: redeem(100, false) },
-        rules::AtomicItem { card: card(5), last4: *b"0005", op: Op::Reload { money: usd(6_000) } },
+        rules::KeyedItem { card: card(3), last4: *b"0003", op: redeem(100, false) },
+        rules::KeyedItem { card: card(5), last4: *b"0005", op: Op::Reload { money: usd(6_000) } },
     ];
-    let batch = run_cardless(&e, "at", Op::Atomic { items }, NOW);
+    let batch = run_cardless(&e, "at", Op::Keyed { items, all_or_nothing: true }, NOW);
     assert_eq!(batch.outcome.result, ResultCode::Approved);
     let fired: Vec<_> = batch.alerts.iter().map(|a| (a.rule, a.last4, a.suspended)).collect();
     assert_eq!(fired, vec![(alerts::Rule::Velocity, *b"0003", false), (alerts::Rule::LargeAmount, *b"0005", true)]);

@@ -293,9 +293,12 @@ async fn decide(
             Err(code) => (Reply::Error(code), 0, false),
             Ok(()) => {
                 let (reply, group) = match req {
-                    Request::Batch { atomic: None, items } => batch(shared, gate, items).await,
-                    Request::Batch { atomic: Some(idem), items } => {
-                        atomic_batch(shared, gate, &frame.body, idem, &items)
+                    Request::Batch { mode: wire::BatchMode::Items, items } => batch(shared, gate, items).await,
+                    Request::Batch { mode: wire::BatchMode::AllOrNothing(idem), items } => {
+                        keyed_batch(shared, gate, &frame.body, idem, true, &items)
+                    }
+                    Request::Batch { mode: wire::BatchMode::Each(idem), items } => {
+                        keyed_batch(shared, gate, &frame.body, idem, false, &items)
                     }
                     req @ Request::JobChunk { .. } => job_chunk(shared, opcode, frame.body, req).await,
                     req => handle(shared, opcode, &frame.body, req, None).await,
@@ -457,14 +460,16 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
     (Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() }), done.group)
 }
 
-/// An all-or-nothing batch: one mutation of the engine. Its items must be redeems (without invoice
-/// or PIN, whose rules keep records of their own), reloads or activations, each on another card;
-/// anything else refuses the whole batch before anything is decided.
-fn atomic_batch(
+/// A batch under its own key, all or nothing or item by item: one mutation of the engine. Its items
+/// must be redeems (without invoice or PIN, whose rules keep records of their own), reloads or
+/// activations, each on another card; anything else refuses the whole batch before anything is
+/// decided.
+fn keyed_batch(
     shared: &Shared,
     gate: &Gate,
     body: &[u8],
     idem: wire::IdemRef,
+    all_or_nothing: bool,
     items: &[wire::BatchItem],
 ) -> (Reply, u64) {
     let mut ops = Vec::with_capacity(items.len());
@@ -487,14 +492,14 @@ fn atomic_batch(
         if !seen.insert(card) {
             return (Reply::Error(ResultCode::MalformedRequest), 0);
         }
-        ops.push(crate::engine::AtomicItem { card, last4: number.last4(), op });
+        ops.push(crate::engine::KeyedItem { card, last4: number.last4(), op });
     }
     let m = Mutation {
         idem: crate::engine::IdemKey::new(&idem.merchant, &idem.key),
         fingerprint: shared.keyer.fingerprint(Opcode::Batch as u8, body),
         card: None,
         last4: [b'0'; 4],
-        op: Op::Atomic { items: ops },
+        op: Op::Keyed { items: ops, all_or_nothing },
         batched: false,
         looked_up: None,
     };
@@ -629,7 +634,7 @@ async fn handle(
             }
         }
         Request::JobChunk { .. } => unreachable!("a job chunk is answered by job_chunk()"),
-        Request::Batch { .. } => unreachable!("a batch is answered by batch() or atomic_batch()"),
+        Request::Batch { .. } => unreachable!("a batch is answered by batch() or keyed_batch()"),
         Request::ProgramSet { idem, name, settings } => {
             let cfg = match ProgramConfig::parse(&settings) {
                 Ok(cfg) => cfg,

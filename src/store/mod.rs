@@ -937,7 +937,7 @@ fn checkpoint_loop(
         }
         keys.clear();
         keys.extend(latest.keys().copied());
-        keys.sort_unstable_by_key(|k| k.0);
+        keys.sort_unstable();
         let path = dir.join(format!("{:020}.sst", job.upto_txn_id));
         let (mut result, mut ingest_ms, cards) = (Ok(()), 0, keys.len());
         if !keys.is_empty() {

@@ -344,11 +344,9 @@ pub enum Request {
         settings: String,
     },
     /// Several operations in one frame, all answered in one reply once every decision is durable.
-    /// Items are kept encoded: each is decoded (and refused) on its own. With `atomic` (the
-    /// batch's own merchant and key), the batch is all or nothing: one mutation, idempotent on
-    /// that key, of redeems, reloads and activations on distinct cards.
+    /// Items are kept encoded: each is decoded (and refused) on its own.
     Batch {
-        atomic: Option<IdemRef>,
+        mode: BatchMode,
         items: Vec<BatchItem>,
     },
     /// Records a bulk job: `key` is the job id; its cards are sent in chunks of `chunk_cards`.
@@ -380,6 +378,28 @@ pub enum Request {
         program: String,
         kinds: u64,
     },
+}
+
+/// How a batch's items are decided: its flags byte, and the batch's own key when it has one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchMode {
+    /// Flags 0: each item is a request of its own, idempotent on its own key.
+    Items,
+    /// Flags 1: one mutation, idempotent on the batch's key, of redeems, reloads and activations on
+    /// distinct cards, applied all or nothing.
+    AllOrNothing(IdemRef),
+    /// Flags 2: the same items under the batch's key, each decided on its own.
+    Each(IdemRef),
+}
+
+impl BatchMode {
+    /// The batch's own key: the mutation a keyed batch is.
+    pub fn key(&self) -> Option<&IdemRef> {
+        match self {
+            BatchMode::Items => None,
+            BatchMode::AllOrNothing(idem) | BatchMode::Each(idem) => Some(idem),
+        }
+    }
 }
 
 /// One operation of a batch: its opcode and its request body, as a frame would carry them.
@@ -428,7 +448,8 @@ impl Request {
     /// subscription's merchant is a filter).
     pub fn merchant(&self) -> Option<&str> {
         match self {
-            Request::Batch { atomic: Some(idem), .. } | Request::JobOpen { idem, .. } => Some(&idem.merchant),
+            Request::Batch { mode, .. } => mode.key().map(|idem| &*idem.merchant),
+            Request::JobOpen { idem, .. } => Some(&idem.merchant),
             Request::JobChunk { merchant, .. } | Request::JobGet { merchant, .. } => Some(merchant),
             other => other.idem().map(|idem| &*idem.merchant),
         }
@@ -1063,9 +1084,10 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
             Request::ProgramSet { idem, name, settings }
         }
         Opcode::Batch => {
-            let atomic = match r.u8()? {
-                0 => None,
-                1 => Some(r.idem()?),
+            let mode = match r.u8()? {
+                0 => BatchMode::Items,
+                1 => BatchMode::AllOrNothing(r.idem()?),
+                2 => BatchMode::Each(r.idem()?),
                 _ => return Err(MALFORMED),
             };
             let n = r.u16()? as usize;
@@ -1080,7 +1102,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
                 let body = bytes::Bytes::copy_from_slice(r.take(len)?);
                 items.push(BatchItem { opcode, body });
             }
-            Request::Batch { atomic, items }
+            Request::Batch { mode, items }
         }
         Opcode::JobOpen => {
             let idem = r.idem()?;
@@ -1291,9 +1313,13 @@ pub fn encode_request_body(dst: &mut BytesMut, req: &Request) {
             put_str8(dst, pin.expose());
         }
         Request::ProgramGet { name } => put_str8(dst, name),
-        Request::Batch { atomic, items } => {
-            dst.put_u8(atomic.is_some() as u8);
-            if let Some(idem) = atomic {
+        Request::Batch { mode, items } => {
+            dst.put_u8(match mode {
+                BatchMode::Items => 0,
+                BatchMode::AllOrNothing(_) => 1,
+                BatchMode::Each(_) => 2,
+            });
+            if let Some(idem) = mode.key() {
                 put_str8(dst, &idem.merchant);
                 put_str8(dst, &idem.key);
             }

@@ -10,7 +10,7 @@ use crate::{balance, call, http_get, idem, issue, metric, num, timed, usd, Giftd
 use giftd::client::{Client, Credentials};
 use giftd::engine::access::Role;
 use giftd::model::{LockReason, ResultCode};
-use giftd::wire::{BatchItem, EventView, Reply, Request};
+use giftd::wire::{BatchItem, BatchMode, EventView, Reply, Request};
 use std::time::{Duration, Instant};
 
 /// Four clients, one per role; client `n`'s key is 32 bytes of `n`.
@@ -80,7 +80,8 @@ async fn a_connection_must_authenticate_and_a_wrong_proof_closes_it() {
     let mut c = g.client().await;
     assert_eq!(code(&mut c, &Request::Balance { number: num(n) }).await, ResultCode::Unauthenticated);
     assert_eq!(code(&mut c, &redeem_as("m-1", n, "u-1", 100)).await, ResultCode::Unauthenticated);
-    let batch = Request::Batch { atomic: None, items: vec![BatchItem::of(&Request::Balance { number: num(n) })] };
+    let batch =
+        Request::Batch { mode: BatchMode::Items, items: vec![BatchItem::of(&Request::Balance { number: num(n) })] };
     assert_eq!(code(&mut c, &batch).await, ResultCode::Unauthenticated);
 
     // Then it authenticates on the same connection and is served.
@@ -189,7 +190,7 @@ async fn each_role_does_what_it_may_and_bound_clients_only_for_their_merchant() 
         BatchItem::of(&lock),
         BatchItem::of(&Request::Balance { number: num(a) }),
     ];
-    match timed("batch", pos.call(&Request::Batch { atomic: None, items })).await.expect("batch") {
+    match timed("batch", pos.call(&Request::Batch { mode: BatchMode::Items, items })).await.expect("batch") {
         Reply::Batch(r) => {
             let codes: Vec<ResultCode> = r.iter().map(|(_, r)| r.result()).collect();
             use ResultCode::*;
@@ -200,7 +201,7 @@ async fn each_role_does_what_it_may_and_bound_clients_only_for_their_merchant() 
     // ... and an all-or-nothing batch under another merchant, or with an item under one, is
     // refused whole.
     let atomic = |m: &str, item_m: &str| Request::Batch {
-        atomic: Some(idem(m, "ab-1")),
+        mode: BatchMode::AllOrNothing(idem(m, "ab-1")),
         items: vec![
             BatchItem::of(&redeem_as("m-1", a, "ab-i1", 100)),
             BatchItem::of(&redeem_as(item_m, b, "ab-i2", 100)),
@@ -324,7 +325,7 @@ async fn rates_refuse_with_rate_limited_change_nothing_and_are_counted() {
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let items = (0..6).map(|_| BatchItem::of(&Request::Balance { number: num(n) })).collect();
     let mut c = g.client_as(&slow).await;
-    assert_eq!(code(&mut c, &Request::Batch { atomic: None, items }).await, ResultCode::RateLimited);
+    assert_eq!(code(&mut c, &Request::Batch { mode: BatchMode::Items, items }).await, ResultCode::RateLimited);
 
     // The connection's rate (40 a second) holds for a client without a rate of its own.
     let balances: Vec<Request> = (0..100).map(|_| Request::Balance { number: num(n) }).collect();

@@ -2,10 +2,10 @@
 //! manifest, resubmission by job id, partial failures, taking a job back, and kill -9 in the middle
 //! of a job.
 
-use crate::{call, check, idem, num, timed, usd, Giftd, MERCHANT};
+use crate::{call, check, eur, idem, num, timed, usd, Giftd, MERCHANT};
 use giftd::bulk::{self, Cards, Job, Work};
 use giftd::model::ResultCode;
-use giftd::wire::{BatchItem, Reply, Request};
+use giftd::wire::{BatchItem, BatchMode, Reply, Request};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -40,7 +40,7 @@ async fn batch_items_are_decided_each_on_its_own() {
         BatchItem { opcode: 0x30, body: bytes::Bytes::from_static(b"\x00\x00") },
         BatchItem::of(&Request::Balance { number: num(&a) }),
     ];
-    let req = Request::Batch { atomic: None, items };
+    let req = Request::Batch { mode: BatchMode::Items, items };
     let reply = timed("batch", c.call(&req)).await.expect("batch");
     let Reply::Batch(replies) = &reply else { panic!("{reply:?}") };
     let got: Vec<(u8, ResultCode)> = replies.iter().map(|(op, r)| (*op, r.result())).collect();
@@ -66,7 +66,8 @@ async fn batch_items_are_decided_each_on_its_own() {
     // Each item is idempotent as if sent alone: the redeem's key answers a plain retry too.
     check(&call(&mut c, &crate::redeem_req(&a, "b-1", usd(300), false)).await, Approved, 300, Some(700));
     // A batch of none, or of more than 8,192, is refused whole.
-    let empty = timed("empty", c.call(&Request::Batch { atomic: None, items: Vec::new() })).await.expect("reply");
+    let empty =
+        timed("empty", c.call(&Request::Batch { mode: BatchMode::Items, items: Vec::new() })).await.expect("reply");
     assert_eq!(empty, Reply::Error(MalformedRequest));
 }
 
@@ -185,7 +186,7 @@ async fn an_all_or_nothing_batch_applies_every_item_or_none() {
         crate::issue(&mut c, n, usd(1_000)).await;
     }
     let atomic = |key: &str, items: Vec<Request>| Request::Batch {
-        atomic: Some(idem("res-1", key)),
+        mode: BatchMode::AllOrNothing(idem("res-1", key)),
         items: items.iter().map(BatchItem::of).collect(),
     };
     let results = |reply: &Reply| -> Vec<(ResultCode, i64)> {
@@ -232,6 +233,94 @@ async fn an_all_or_nothing_batch_applies_every_item_or_none() {
     let mut c = g.client().await;
     assert_eq!((crate::balance(&mut c, &a).await, crate::balance(&mut c, &b).await), (1_500, 100));
     assert_eq!(timed("after restart", c.call(&ok)).await.expect("reply"), reply);
+}
+
+async fn balances(c: &mut giftd::client::Client, cards: &[&String]) -> Vec<i64> {
+    let mut got = Vec::new();
+    for n in cards {
+        got.push(crate::balance(c, n).await);
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_batch_under_its_key_decides_each_item_and_answers_a_retry_whole() {
+    use ResultCode::*;
+    let mut g = Giftd::start();
+    let mut c = g.client().await;
+    let (a, b, d, e, z) = (nth(0), nth(1), nth(2), nth(3), nth(4));
+    for n in [&a, &b, &d] {
+        crate::issue(&mut c, n, usd(1_000)).await;
+    }
+    crate::issue(&mut c, &e, eur(1_000)).await;
+    let each = |key: &str, items: Vec<Request>| Request::Batch {
+        mode: BatchMode::Each(idem("res-1", key)),
+        items: items.iter().map(BatchItem::of).collect(),
+    };
+    let results = |reply: &Reply| -> Vec<(ResultCode, i64, Option<i64>)> {
+        let Reply::Batch(items) = reply else { panic!("{reply:?}") };
+        items
+            .iter()
+            .map(|(_, r)| match r {
+                Reply::Card(o) => (o.result, o.approved_minor, o.card.map(|v| v.balance_minor)),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let redeem = |n: &str, minor| crate::redeem_req(n, "item", usd(minor), false);
+    let reload = |n: &str, m| Request::Reload { idem: idem(MERCHANT, "item"), number: num(n), money: m };
+    // Each item on its own: a declined one (with its card as it is), an unknown card and one in
+    // another currency than the batch's change nothing for the approved ones around them.
+    let batch = each(
+        "eb-1",
+        vec![reload(&a, usd(500)), redeem(&b, 5_000), redeem(&z, 100), reload(&e, eur(100)), redeem(&d, 300)],
+    );
+    let reply = timed("each", c.call(&batch)).await.expect("reply");
+    let want = [
+        (Approved, 500, Some(1_500)),
+        (InsufficientFunds, 0, Some(1_000)),
+        (CardNotFound, 0, None),
+        (CurrencyMismatch, 0, Some(1_000)),
+        (Approved, 300, Some(700)),
+    ];
+    assert_eq!(results(&reply), want);
+    let cards = [&a, &b, &d, &e];
+    assert_eq!(balances(&mut c, &cards).await, [1_500, 1_000, 700, 1_000]);
+    // A retry under the key gets the same reply, byte for byte, and applies nothing again; other
+    // content under it is a mismatch in every item's reply.
+    assert_eq!(timed("again", c.call(&batch)).await.expect("reply"), reply);
+    assert_eq!(balances(&mut c, &cards).await, [1_500, 1_000, 700, 1_000]);
+    let other = each("eb-1", vec![reload(&a, usd(1)), redeem(&b, 1)]);
+    let mismatch = results(&timed("other", c.call(&other)).await.expect("reply"));
+    assert_eq!(mismatch, [(IdempotencyMismatch, 0, None), (IdempotencyMismatch, 0, None)]);
+    // A card named twice, or an operation a keyed batch cannot hold, refuses the batch whole.
+    let twice = each("eb-2", vec![reload(&a, usd(1)), redeem(&a, 1)]);
+    assert_eq!(timed("twice", c.call(&twice)).await.expect("reply"), Reply::Error(MalformedRequest));
+    let balance = Request::Balance { number: num(&a) };
+    assert_eq!(
+        timed("balance", c.call(&each("eb-3", vec![balance]))).await.expect("reply"),
+        Reply::Error(MalformedRequest)
+    );
+    // The batch is not undone by its key: it changed several cards, each on its own.
+    let reverse = Request::Reverse { idem: idem("res-1", "rv-1"), original: "eb-1".into() };
+    match timed("reverse", c.call(&reverse)).await.expect("reply") {
+        Reply::Parts(p) => assert_eq!((p.result, p.approved_minor), (NotReversible, 0)),
+        other => panic!("{other:?}"),
+    }
+    let refund = Request::Refund {
+        idem: idem("res-1", "rf-1"),
+        number: num(&b),
+        money: usd(100),
+        original: Some("eb-1".into()),
+    };
+    assert_eq!(call(&mut c, &refund).await.result, NotReversible);
+    // Durable as one write: after kill -9 the changes are there and the key answers the same.
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    assert_eq!(balances(&mut c, &cards).await, [1_500, 1_000, 700, 1_000]);
+    assert_eq!(timed("after restart", c.call(&batch)).await.expect("reply"), reply);
 }
 
 #[tokio::test]

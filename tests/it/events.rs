@@ -158,7 +158,7 @@ async fn a_stalled_subscriber_does_not_hold_back_payments() {
         let items = (0..per_batch)
             .map(|i| giftd::wire::BatchItem::of(&redeem_as(MERCHANT, n, &format!("st-{b}-{i}"), 1)))
             .collect();
-        match call_batch(&mut c, Request::Batch { atomic: None, items }).await {
+        match call_batch(&mut c, Request::Batch { mode: giftd::wire::BatchMode::Items, items }).await {
             giftd::wire::Reply::Batch(replies) => {
                 assert!(replies.iter().all(|(_, r)| r.result() == ResultCode::Approved), "batch {b}")
             }
@@ -202,7 +202,7 @@ async fn a_stalled_subscriber_does_not_hold_back_the_drain() {
         let items = (0..8_000)
             .map(|i| giftd::wire::BatchItem::of(&redeem_as(MERCHANT, n, &format!("sd-{b}-{i}"), 1)))
             .collect();
-        call_batch(&mut c, Request::Batch { atomic: None, items }).await;
+        call_batch(&mut c, Request::Batch { mode: giftd::wire::BatchMode::Items, items }).await;
     }
     drop(c);
     let signalled = std::time::Instant::now();

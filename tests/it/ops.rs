@@ -537,7 +537,8 @@ async fn keys_and_invoices_are_answered_from_the_store_after_leaving_memory() {
     let items = [("mem-1", 700), ("mem-1", 701), ("mem-4", 100), ("mem-4", 100)]
         .map(|(key, minor)| giftd::wire::BatchItem::of(&redeem_with_key(n, key, minor)))
         .to_vec();
-    let reply = timed("batch", c.call(&Request::Batch { atomic: None, items })).await.expect("batch");
+    let reply =
+        timed("batch", c.call(&Request::Batch { mode: giftd::wire::BatchMode::Items, items })).await.expect("batch");
     let Reply::Batch(items) = reply else { panic!("{reply:?}") };
     let outcomes: Vec<Outcome> = items
         .into_iter()
