@@ -171,6 +171,8 @@ struct PendingState {
 struct Written {
     state: Mutex<WrittenState>,
     wake: Condvar,
+    /// The last group written, for those that wait for a write rather than a sync (`Store::written`).
+    group: watch::Sender<u64>,
 }
 
 struct WrittenState {
@@ -196,6 +198,7 @@ pub struct Store {
     written: Arc<Written>,
     durable: watch::Receiver<u64>,
     durable_txn_id: watch::Receiver<u64>,
+    written_group: watch::Receiver<u64>,
     committer: Mutex<Option<JoinHandle<()>>>,
     syncer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -287,9 +290,11 @@ impl Store {
             }),
             wake: Condvar::new(),
         });
+        let (written_tx, written_rx) = watch::channel(0);
         let written = Arc::new(Written {
             state: Mutex::new(WrittenState { group: 0, txn_id, closing: false, unsynced_since: None }),
             wake: Condvar::new(),
+            group: written_tx,
         });
         let committer = {
             let (db, pending, written, durable, metrics) =
@@ -316,6 +321,7 @@ impl Store {
             written,
             durable: rx,
             durable_txn_id: txn_rx,
+            written_group: written_rx,
             committer: Mutex::new(Some(committer)),
             syncer: Mutex::new(Some(syncer)),
         };
@@ -325,6 +331,12 @@ impl Store {
     /// The highest commit group that is durable. Replies for group `g` wait until this is ≥ `g`.
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.durable.clone()
+    }
+
+    /// The highest commit group written to the WAL (not necessarily synced yet): nothing may be
+    /// acknowledged on this, only paced (see `server::background`).
+    pub fn written(&self) -> watch::Receiver<u64> {
+        self.written_group.clone()
     }
 
     /// The last durable id of the sequence history entries and alerts share: every id up to it is
@@ -1103,6 +1115,7 @@ fn commit_loop(
                 (w.group, w.txn_id) = (group, group_txn_id);
                 w.unsynced_since.get_or_insert_with(Instant::now);
             }
+            written.group.send_replace(group);
             if durability == Durability::Sync {
                 written.wake.notify_one();
             } else {
@@ -1325,6 +1338,31 @@ mod tests {
 
     /// Batch items are written when the batch asks, but a request that comes alone meanwhile is
     /// not held back by them: its append wakes the committer for everything pending.
+    /// `written` follows each group's write: it reaches a group no later than `durable` does, and
+    /// never falls behind it (job chunks are paced on it).
+    #[test]
+    fn the_written_group_leads_the_durable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(
+            dir.path(),
+            Durability::Sync,
+            Tuning::checkpoint_every(Duration::from_secs(3600)),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let (mut written, durable) = (store.written(), store.durable());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        for key in 1..=20u8 {
+            let at = store.append(issue(CardKey([key; 32]), 100));
+            let reached = runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), written.wait_for(|w| *w >= at.group)).await.is_ok()
+            });
+            assert!(reached, "group {} was never written", at.group);
+            assert!(*written.borrow() >= *durable.borrow(), "written behind durable");
+        }
+        store.close();
+    }
+
     #[test]
     fn a_lone_append_after_unannounced_batch_items_is_written_at_once() {
         let dir = tempfile::tempdir().unwrap();
