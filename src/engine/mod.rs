@@ -1456,6 +1456,7 @@ impl Engine {
     fn each(&self, m: &Mutation, items: &[KeyedItem], fired: &mut Vec<AlertRecord>, now_ms: i64) -> (IdemRecord, u64) {
         let mut keys: Vec<CardKey> = items.iter().map(|i| i.card).collect();
         keys.sort_unstable();
+        keys.dedup();
         // A card issued after this lookup is not in the batch: its item is declined, as it would
         // have been had the batch come a moment earlier.
         let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
@@ -1463,6 +1464,8 @@ impl Engine {
         let merchant = m.idem.merchant();
         let currency = items.iter().find_map(|i| rules::money_of(&i.op)).map(|m| m.currency);
         let mut batch = KeyedChanges::new(items.len());
+        // Whether each locked card has changed in this batch yet.
+        let mut changed = vec![false; locked.keys.len()];
         for item in items {
             let Ok(j) = locked.keys.binary_search(&item.card) else {
                 batch.outcomes.push(Outcome::declined(ResultCode::CardNotFound, None));
@@ -1476,7 +1479,12 @@ impl Engine {
                     batch.outcomes.push(Outcome::declined(ResultCode::CurrencyMismatch, Some(card.rec.view(now_ms))));
                 }
                 Ok(d) => {
-                    let (outcome, change, _) = self.apply(item.card, card, merchant, &d, now_ms);
+                    let (outcome, mut change, _) = self.apply(item.card, card, merchant, &d, now_ms);
+                    // The wire sends each card once; were one named twice, its second change
+                    // would follow the first, which has no id yet.
+                    if std::mem::replace(&mut changed[j], true) {
+                        change = change.after_earlier();
+                    }
                     batch.add(j, outcome, change, &d);
                 }
                 Err(code) => batch.outcomes.push(Outcome::declined(code, Some(card.rec.view(now_ms)))),
@@ -1504,7 +1512,7 @@ impl Engine {
         let answer = Answer { items: Some(outcomes), ..Answer::plain(outcome) };
         let suspended = self.screen(m, ResultCode::Approved, &mut effects, locked, fired, now_ms);
         let (record, appended) = self.commit(m, answer, effects);
-        // Each card is in the batch once (the wire refuses repeats): change n is its card's only one.
+        // In the order of the changes, so that a card changed twice ends at its last.
         for (n, &j) in changed.iter().enumerate() {
             let card = &mut locked.guards[j];
             card.rec.last_txn_id = appended.first_txn_id + n as u64;
@@ -1812,8 +1820,6 @@ impl Engine {
     }
 }
 
-/// Whether an approved `op` can later be refunded or reversed by its key, so its record keeps
-/// what it did.
 /// What a keyed batch's approved items change, gathered for one append.
 struct KeyedChanges {
     effects: Effects,
@@ -1846,6 +1852,8 @@ impl KeyedChanges {
     }
 }
 
+/// Whether an approved `op` can later be refunded or reversed by its key, so its record keeps
+/// what it did.
 fn reversible(op: &Op) -> bool {
     matches!(
         op,

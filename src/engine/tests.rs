@@ -790,6 +790,16 @@ fn a_keyed_batch_of_independent_items_is_one_append_and_chains_each_card() {
     let other = run_cardless(&e, "kb", Op::Keyed { items, all_or_nothing: false }, NOW);
     assert_eq!(other.outcome.result, IdempotencyMismatch);
     assert_eq!(balance_of(&e, card(3)), 600);
+    // The wire refuses a card named twice; the engine still chains such changes one after the other.
+    let items = vec![item(4, redeem(100, false)), item(4, redeem(200, false))];
+    let twice = run_cardless(&e, "kb2", Op::Keyed { items, all_or_nothing: false }, NOW);
+    let got: Vec<_> = twice.items.as_ref().unwrap().iter().map(|o| (o.result, o.approved_minor)).collect();
+    assert_eq!(got, [(Approved, 100), (Approved, 200)]);
+    assert_eq!(balance_of(&e, card(4)), 700);
+    let txns = j.txns();
+    let (first, second) = (&txns[txns.len() - 2], &txns[txns.len() - 1]);
+    assert_eq!((second.card, second.prev_id), (card(4), first.id));
+    assert_eq!(e.snapshot(&card(4)).unwrap().0.last_txn_id, second.id);
 }
 
 #[test]

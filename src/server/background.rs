@@ -14,7 +14,7 @@ type Work = Box<dyn FnOnce() + Send>;
 
 pub struct Background {
     tx: mpsc::Sender<Work>,
-    /// Held by a caller from before its work starts until what the work decided is durable (see
+    /// Held by a caller from before its work starts until what the work decided is written (see
     /// [`Background::turn`]).
     turn: tokio::sync::Mutex<()>,
 }
