@@ -198,17 +198,19 @@ async fn each_role_does_what_it_may_and_bound_clients_only_for_their_merchant() 
         }
         other => panic!("batch answered {other:?}"),
     }
-    // ... and an all-or-nothing batch under another merchant, or with an item under one, is
-    // refused whole.
-    let atomic = |m: &str, item_m: &str| Request::Batch {
-        mode: BatchMode::AllOrNothing(idem(m, "ab-1")),
+    // ... and a batch under its own key (all or nothing, or each item on its own) under another
+    // merchant, or with an item under one, is refused whole.
+    let keyed = |mode: fn(giftd::wire::IdemRef) -> BatchMode, m: &str, item_m: &str| Request::Batch {
+        mode: mode(idem(m, "ab-1")),
         items: vec![
             BatchItem::of(&redeem_as("m-1", a, "ab-i1", 100)),
             BatchItem::of(&redeem_as(item_m, b, "ab-i2", 100)),
         ],
     };
-    assert_eq!(code(&mut pos, &atomic("m-2", "m-1")).await, ResultCode::Forbidden);
-    assert_eq!(code(&mut pos, &atomic("m-1", "m-2")).await, ResultCode::Forbidden);
+    for mode in [BatchMode::AllOrNothing as fn(_) -> _, BatchMode::Each] {
+        assert_eq!(code(&mut pos, &keyed(mode, "m-2", "m-1")).await, ResultCode::Forbidden);
+        assert_eq!(code(&mut pos, &keyed(mode, "m-1", "m-2")).await, ResultCode::Forbidden);
+    }
 
     // What was refused changed nothing: 100.00 − 10.00 − 5.00 − 1.00 (the hold was voided).
     assert_eq!(balance(&mut op, a).await, 8_400);
