@@ -218,7 +218,11 @@ impl<K: Hash + Eq, S: BuildHasher + Clone> Window<K, S> {
     /// Adds `n` events at `now_ms` to `key`'s; returns whether they brought its count over the last
     /// window up to `threshold` (from under it).
     fn crossed(&self, key: K, n: u32, threshold: u32, now_ms: i64) -> bool {
-        let mut keys = self.keys.lock().expect("alert window lock");
+        self.crossed_in(&mut self.keys.lock().expect("alert window lock"), key, n, threshold, now_ms)
+    }
+
+    /// [`Window::crossed`], with the window's keys already locked (`keys` is `self.keys`).
+    fn crossed_in(&self, keys: &mut Generations<K, S>, key: K, n: u32, threshold: u32, now_ms: i64) -> bool {
         let times = keys.times(key);
         while times.front().is_some_and(|t| *t <= now_ms - self.len_ms) {
             times.pop_front();
@@ -266,26 +270,41 @@ impl Watcher {
         self.reversals.fit(rules.reversals_per_hour);
     }
 
-    /// The card rules that fire on this change, without `suspended` set (the engine suspends).
-    pub fn card(&self, rules: &AlertRules, merchant: &str, e: &CardEvent, now_ms: i64) -> Vec<AlertRecord> {
+    /// The card rules that fire on these changes, each with its change's index, in order, without
+    /// `suspended` set (the engine suspends). The velocity window is locked once for them all: a
+    /// batch's thousands of changes then take one lock, not one each, and the cache misses of
+    /// their lookups are not kept apart by a lock's barrier. The lookups were 9 to 11 % of a keyed
+    /// batch's CPU; locked once, its CPU per item was 3.0 to 3.2 µs against 3.1 to 3.6 (3 pairs).
+    pub fn cards(
+        &self,
+        rules: &AlertRules,
+        merchant: &str,
+        events: &[CardEvent],
+        now_ms: i64,
+    ) -> Vec<(usize, AlertRecord)> {
         let mut fired = Vec::new();
-        let card_alert = |rule, observed, threshold| AlertRecord {
-            last4: e.last4,
-            ..AlertRecord::new(rule, now_ms, merchant, observed, threshold)
-        };
-        if let Some(t) = rules.pin_failures {
-            if e.kind == TxnKind::PinFailed && e.pin_failures as u32 == t.count {
-                fired.push(card_alert(Rule::PinFailures, e.pin_failures as i64, t.count as i64));
+        let mut velocity =
+            rules.velocity_per_minute.map(|t| (t, self.velocity.keys.lock().expect("alert window lock")));
+        for (i, e) in events.iter().enumerate() {
+            let card_alert = |rule, observed, threshold| AlertRecord {
+                last4: e.last4,
+                ..AlertRecord::new(rule, now_ms, merchant, observed, threshold)
+            };
+            if let Some(t) = rules.pin_failures {
+                if e.kind == TxnKind::PinFailed && e.pin_failures as u32 == t.count {
+                    fired.push((i, card_alert(Rule::PinFailures, e.pin_failures as i64, t.count as i64)));
+                }
             }
-        }
-        if let Some(t) = rules.velocity_per_minute.filter(|_| e.redemption()) {
-            if self.velocity.crossed(e.card, 1, t.count, now_ms) {
-                fired.push(card_alert(Rule::Velocity, t.count as i64, t.count as i64));
+            if let Some((t, keys)) = velocity.as_mut().filter(|_| e.redemption()) {
+                if self.velocity.crossed_in(keys, e.card, 1, t.count, now_ms) {
+                    fired.push((i, card_alert(Rule::Velocity, t.count as i64, t.count as i64)));
+                }
             }
-        }
-        if let (Some(amount), Some(limit)) = (e.amount(), rules.large_amount_minor.get(&e.currency)) {
-            if amount > *limit {
-                fired.push(AlertRecord { currency: Some(e.currency), ..card_alert(Rule::LargeAmount, amount, *limit) });
+            if let (Some(amount), Some(limit)) = (e.amount(), rules.large_amount_minor.get(&e.currency)) {
+                if amount > *limit {
+                    let alert = card_alert(Rule::LargeAmount, amount, *limit);
+                    fired.push((i, AlertRecord { currency: Some(e.currency), ..alert }));
+                }
             }
         }
         fired

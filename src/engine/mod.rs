@@ -305,32 +305,33 @@ impl Engine {
         let rules = self.alert_rules.load();
         let merchant = m.idem.merchant();
         let mut new = Vec::new();
-        for i in 0..effects.changes.len() {
-            let c = &effects.changes[i];
-            let event = alerts::CardEvent {
+        let events: SmallVec<[alerts::CardEvent; 2]> = effects
+            .changes
+            .iter()
+            .map(|c| alerts::CardEvent {
                 card: c.txn.card,
                 last4: c.record.last4,
                 currency: c.record.currency,
                 kind: c.txn.kind,
                 amount_minor: c.txn.amount_minor,
                 pin_failures: c.record.pin_failures,
-            };
-            for mut alert in self.watcher.card(&rules, merchant, &event, now_ms) {
-                let key = event.card;
-                if rules.suspends(alert.rule) && !suspended.iter().any(|(k, _)| *k == key) {
-                    if let Some(card) = cards.held(&key).filter(|c| c.rec.lock == LockReason::None) {
-                        let program = card.program.load();
-                        let lock = Op::Lock { reason: LockReason::Fraud };
-                        if let Ok(d) = rules::decide(&card.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
-                            let (_, change, _) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
-                            suspended.push((key, effects.changes.len()));
-                            effects.changes.push(change.after_earlier());
-                            alert.suspended = true;
-                        }
+            })
+            .collect();
+        for (i, mut alert) in self.watcher.cards(&rules, merchant, &events, now_ms) {
+            let key = events[i].card;
+            if rules.suspends(alert.rule) && !suspended.iter().any(|(k, _)| *k == key) {
+                if let Some(card) = cards.held(&key).filter(|c| c.rec.lock == LockReason::None) {
+                    let program = card.program.load();
+                    let lock = Op::Lock { reason: LockReason::Fraud };
+                    if let Ok(d) = rules::decide(&card.rec, &program, &lock, SYSTEM_MERCHANT, false, now_ms) {
+                        let (_, change, _) = self.apply(key, card, SYSTEM_MERCHANT, &d, now_ms);
+                        suspended.push((key, effects.changes.len()));
+                        effects.changes.push(change.after_earlier());
+                        alert.suspended = true;
                     }
                 }
-                new.push(alert);
             }
+            new.push(alert);
         }
         if result == ResultCode::Approved && matches!(m.op, Op::Reverse { .. }) {
             new.extend(self.watcher.reversal(&rules, merchant, now_ms));
