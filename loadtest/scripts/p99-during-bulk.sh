@@ -1,7 +1,8 @@
 #!/bin/bash
 # usage: p99-during-bulk.sh [chunk] [window] — redeem p99 during a 1M activation, with WAL fsync/write histograms (sync);
 # NOBULK=1: the same run with no activation (the baseline). "job" is the p99 of the redeems sent
-# while the activation ran; "whole" of every redeem of the 12 s run.
+# while the activation ran; "whole" of every redeem of the 12 s run. "job window, server": giftd's own
+# histograms over the activation (scraped as it starts and ends), with the bucket that holds their p99.
 B=${BIN:-$HOME/.cache/giftd/target/release}
 CH=${1:-1024}; W=${2:-4}
 D=$(mktemp -d /tmp/gbench.XXXX)
@@ -12,7 +13,7 @@ $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --co
 sleep 20
 LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json --latency-log $D/lat"
 curl -s 127.0.0.1:9499/metrics > $D/m0
-( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end ) &
+( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null
 wait $A
@@ -38,6 +39,16 @@ def hist(path,name,labels):
         m=re.match(name+r'_bucket\{'+labels+r'le="([^"]+)"\} (\S+)',l)
         if m: h[m.group(1)]=float(m.group(2))
     return h
+def p99(h):
+    n=h.get('+Inf',0)
+    return next((k for k,v in sorted(h.items(), key=lambda kv: float(kv[0])) if v>=0.99*n), None) if n else None
+if os.path.exists('$D/mb'):
+    # The server's own view of the job's window: from its request start to its reply write.
+    for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_commit_wait_seconds','stage="write",'),('giftd_commit_wait_seconds','stage="sync",'),('giftd_wal_write_seconds',''),('giftd_wal_fsync_seconds','')]:
+        a=hist('$D/ma',name,labels); b=hist('$D/mb',name,labels)
+        d={k:int(b[k]-a.get(k,0)) for k in b}
+        print('job window, server:', name+'{'+labels+'}', 'p99 at most', p99(d), 's;', d)
+print('whole run:')
 for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_wal_fsync_seconds',''),('giftd_wal_write_seconds',''),('giftd_wal_group_size',''),('giftd_commit_wait_seconds','stage="write",'),('giftd_commit_wait_seconds','stage="sync",')]:
     a=hist('$D/m0',name,labels); b=hist('$D/m1',name,labels)
     print(name+'{'+labels+'}', {k:int(b[k]-a.get(k,0)) for k in b})
