@@ -283,8 +283,8 @@ impl Watcher {
         now_ms: i64,
     ) -> Vec<(usize, AlertRecord)> {
         let mut fired = Vec::new();
-        let mut velocity =
-            rules.velocity_per_minute.map(|t| (t, self.velocity.keys.lock().expect("alert window lock")));
+        // Taken at the first redemption: a decision that redeems nothing leaves the window alone.
+        let mut velocity_keys = None;
         for (i, e) in events.iter().enumerate() {
             let card_alert = |rule, observed, threshold| AlertRecord {
                 last4: e.last4,
@@ -295,7 +295,8 @@ impl Watcher {
                     fired.push((i, card_alert(Rule::PinFailures, e.pin_failures as i64, t.count as i64)));
                 }
             }
-            if let Some((t, keys)) = velocity.as_mut().filter(|_| e.redemption()) {
+            if let Some(t) = rules.velocity_per_minute.filter(|_| e.redemption()) {
+                let keys = velocity_keys.get_or_insert_with(|| self.velocity.keys.lock().expect("alert window lock"));
                 if self.velocity.crossed_in(keys, e.card, 1, t.count, now_ms) {
                     fired.push((i, card_alert(Rule::Velocity, t.count as i64, t.count as i64)));
                 }
