@@ -1229,6 +1229,11 @@ mod tests {
     use super::*;
     use crate::engine::CardChange;
 
+    /// A sync store whose checkpoint never comes due: only appends and a clean stop write.
+    fn open_without_checkpoints(dir: &Path, metrics: Arc<Metrics>) -> (Store, Recovered) {
+        Store::open(dir, Durability::Sync, Tuning::checkpoint_every(Duration::from_secs(3600)), metrics).unwrap()
+    }
+
     fn issue(key: CardKey, balance_minor: i64) -> Effects {
         let record = CardRecord::plain_for_tests(balance_minor, 1_800_000_000_000);
         let txn = TxnRecord {
@@ -1312,13 +1317,7 @@ mod tests {
     fn a_checkpoint_keeps_each_cards_newest_record() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let (store, _) = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Tuning::checkpoint_every(Duration::from_secs(3600)),
-            metrics.clone(),
-        )
-        .unwrap();
+        let (store, _) = open_without_checkpoints(dir.path(), metrics.clone());
         let (a, b) = (CardKey([1; 32]), CardKey([2; 32]));
         for (card, balance_minor) in [(a, 100), (b, 5), (a, 200), (a, 300), (b, 6)] {
             store.append(issue(card, balance_minor));
@@ -1326,9 +1325,7 @@ mod tests {
         // A clean stop checkpoints every entry; the next open then replays none.
         store.close();
         drop(store);
-        let (store, recovered) =
-            Store::open(dir.path(), Durability::Sync, Tuning::checkpoint_every(Duration::from_secs(3600)), metrics)
-                .unwrap();
+        let (store, recovered) = open_without_checkpoints(dir.path(), metrics);
         assert_eq!(recovered.replayed, 0);
         let mut cards: Vec<_> = recovered.cards.iter().map(|(k, r)| (k.0[0], r.balance_minor, r.last_txn_id)).collect();
         cards.sort();
@@ -1341,13 +1338,7 @@ mod tests {
     #[test]
     fn the_written_group_leads_the_durable_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(
-            dir.path(),
-            Durability::Sync,
-            Tuning::checkpoint_every(Duration::from_secs(3600)),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (store, _) = open_without_checkpoints(dir.path(), Arc::new(Metrics::new()));
         let (mut written, durable) = (store.written(), store.durable());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         for key in 1..=20u8 {
@@ -1370,9 +1361,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::new());
         // No checkpoint is due, so only an append or the batch wakes the committer.
-        let (store, _) =
-            Store::open(dir.path(), Durability::Sync, Tuning::checkpoint_every(Duration::from_secs(3600)), metrics)
-                .unwrap();
+        let (store, _) = open_without_checkpoints(dir.path(), metrics);
         let durable = store.durable();
         let wait_durable = |group: u64, what: &str| {
             let started = Instant::now();
