@@ -1031,7 +1031,16 @@ impl Engine {
         sorted.into_iter().map(|k| self.cell(&k).map(|c| (k, c))).collect()
     }
 
-    /// Locks `cells` (already in key order, from [`Engine::lock_all`]) and releases their due holds.
+    /// The cells of those of `keys` that exist, once each, in key order (the lock order), for
+    /// [`Engine::lock_cells`]: unlike [`Engine::lock_all`], a missing card leaves the others.
+    fn existing_cells(&self, mut keys: Vec<CardKey>) -> Vec<(CardKey, CardCell)> {
+        keys.sort_unstable();
+        keys.dedup();
+        keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect()
+    }
+
+    /// Locks `cells` (already in key order, from [`Engine::lock_all`] or [`Engine::existing_cells`])
+    /// and releases their due holds.
     fn lock_cells<'a>(&self, cells: &'a [(CardKey, CardCell)], now_ms: i64) -> Locked<'a> {
         let mut guards: Vec<MutexGuard<'a, Card>> = cells.iter().map(|(_, c)| c.lock().expect("card lock")).collect();
         for ((key, _), g) in cells.iter().zip(guards.iter_mut()) {
@@ -1455,12 +1464,9 @@ impl Engine {
     /// `card_not_found`; one in another currency than the batch's (its first money item's),
     /// `currency_mismatch`, after its own rules, so that the batch's ledger change is one sum.
     fn each(&self, m: &Mutation, items: &[KeyedItem], fired: &mut Vec<AlertRecord>, now_ms: i64) -> (IdemRecord, u64) {
-        let mut keys: Vec<CardKey> = items.iter().map(|i| i.card).collect();
-        keys.sort_unstable();
-        keys.dedup();
         // A card issued after this lookup is not in the batch: its item is declined, as it would
         // have been had the batch come a moment earlier.
-        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let cells = self.existing_cells(items.iter().map(|i| i.card).collect());
         let mut locked = self.lock_cells(&cells, now_ms);
         let merchant = m.idem.merchant();
         let currency = items.iter().find_map(|i| rules::money_of(&i.op)).map(|m| m.currency);
@@ -1623,10 +1629,7 @@ impl Engine {
     /// A job chunk that activates cards, each on its own, with the rules of a single activation.
     /// Its cards are locked in key order for the chunk's one append.
     fn chunk_activate(&self, m: &Mutation, load: Option<Money>, cards: &[ChunkCard], now_ms: i64) -> (IdemRecord, u64) {
-        let mut keys: Vec<CardKey> = cards.iter().map(|c| c.key).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let cells = self.existing_cells(cards.iter().map(|c| c.key).collect());
         let mut locked = self.lock_cells(&cells, now_ms);
         let op = Op::Activate { load };
         let mut results = Vec::with_capacity(cards.len());
@@ -1702,9 +1705,7 @@ impl Engine {
             let (record, at) = self.commit_chunk(m, chunk, Effects::default());
             return (record, at.group);
         }
-        let mut keys = done.changed.clone();
-        keys.sort_unstable();
-        let cells: Vec<(CardKey, CardCell)> = keys.into_iter().filter_map(|k| self.cell(&k).map(|c| (k, c))).collect();
+        let cells = self.existing_cells(done.changed.clone());
         let mut locked = self.lock_cells(&cells, now_ms);
         let mut effects = Effects::default();
         let mut reversed = Vec::new();
