@@ -282,6 +282,9 @@ pub struct Effects {
     /// start writing it until the batch's handler asks (the store's `write_batched`), so a batch's
     /// items reach the store in a few large groups instead of many small ones.
     pub batched: bool,
+    /// Made for a chunk of a bulk job (thousands of entries): the journal lets one chunk at a time
+    /// into its commit pipeline, so that no payment waits behind the writes and syncs of two.
+    pub bulk: bool,
 }
 
 impl Effects {
@@ -392,9 +395,16 @@ struct MemoryInner {
     programs: HashMap<Arc<str>, String>,
     /// Alerts by their id in the shared sequence.
     alerts: Vec<(u64, AlertRecord)>,
+    /// Appends marked `Effects::bulk`.
+    bulk_appends: usize,
 }
 
 impl MemoryJournal {
+    /// How many appends were marked as a bulk job's chunk.
+    pub fn bulk_appends(&self) -> usize {
+        self.inner.lock().unwrap().bulk_appends
+    }
+
     /// Every alert appended, with its id.
     pub fn alerts(&self) -> Vec<(u64, AlertRecord)> {
         self.inner.lock().unwrap().alerts.clone()
@@ -460,6 +470,7 @@ impl Journal for MemoryJournal {
     fn append(&self, mut effects: Effects) -> Appended {
         let mut g = self.inner.lock().unwrap();
         g.group += 1;
+        g.bulk_appends += usize::from(effects.bulk);
         let first_txn_id = if effects.changes.is_empty() { 0 } else { g.txn_id + 1 };
         g.txn_id = effects.assign_ids(g.txn_id + 1) - 1;
         for c in effects.changes {

@@ -1536,6 +1536,7 @@ impl Engine {
         let changed = chunk.results.iter().filter(|(_, c)| *c).count();
         debug_assert_eq!(changed, effects.changes.len());
         let outcome = Outcome { approved_minor: changed as i64, ..Outcome::declined(ResultCode::Approved, None) };
+        let effects = Effects { bulk: true, ..effects };
         self.commit(m, Answer { bulk: Some(Bulk::Chunk(chunk)), ..Answer::plain(outcome) }, effects)
     }
 

@@ -29,6 +29,36 @@ fn card(n: u8) -> CardKey {
     CardKey([n; 32])
 }
 
+/// A job's chunk is marked for the journal as bulk work (which it lets into its commit pipeline
+/// one at a time); the job's opening and a payment are not.
+#[test]
+fn a_job_chunk_is_appended_as_bulk_work_and_a_payment_is_not() {
+    let (e, journal) = engine();
+    let mutation = |idem: IdemKey, op: Op| Mutation {
+        idem,
+        fingerprint: [7; 16],
+        card: None,
+        last4: *b"0000",
+        op,
+        batched: false,
+        looked_up: None,
+    };
+    let spec = JobSpec { kind: ChunkKind::Issue, count: 2, chunk_cards: 2 };
+    let open = e.execute(mutation(IdemKey::job("m1", "j"), Op::JobOpen { spec }), NOW);
+    assert_eq!(open.outcome.result, ResultCode::Approved);
+    assert_eq!(journal.bulk_appends(), 0);
+    let cards = (1..=2).map(|n| ChunkCard { key: card(n), last4: *b"0001", luhn_ok: true }).collect();
+    let work = ChunkWork::Issue { program: "default".into(), money: usd(1_000), expiry_ms: None };
+    let op = Op::JobChunk { job: "j".into(), first: 0, work, cards };
+    let chunk = e.execute(mutation(IdemKey::chunk("m1", "j", 0, false), op), NOW);
+    assert_eq!(chunk.outcome.result, ResultCode::Approved);
+    assert_eq!(chunk.chunk.as_ref().map(|r| r.len()), Some(2));
+    assert_eq!(journal.bulk_appends(), 1);
+    run(&e, "activate", card(1), Op::Activate { load: None }, NOW);
+    run(&e, "redeem", card(1), redeem(100, false), NOW);
+    assert_eq!(journal.bulk_appends(), 1, "payments are not bulk work");
+}
+
 struct Req {
     merchant: &'static str,
     key: String,

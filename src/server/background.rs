@@ -49,7 +49,8 @@ impl Background {
     /// thousands of history entries are written and synced with the payments that came meanwhile,
     /// which wait for them: with four chunks in flight, one group could carry several, and redeem
     /// p99 during a 1M-card activation was 3.7 to 10 ms; with one chunk in flight, 2.3 and 2.6 ms.
-    /// Until it is written, not synced, so that the next chunk is decided during the sync.
+    /// Until it is written, not synced, so that the next chunk is decided during the sync (its
+    /// append then waits for that sync: see `Effects::bulk`).
     pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.turn.lock().await
     }
