@@ -1281,7 +1281,6 @@ mod tests {
     use super::*;
     use crate::engine::CardChange;
 
-    /// A sync store whose checkpoint never comes due: only appends and a clean stop write.
     /// A chunk enters the commit pipeline only once the chunk before it is durable: its append
     /// returns no sooner. (Back to back, without that wait, the next append would return within
     /// microseconds, long before the previous group could be written and synced.)
@@ -1301,6 +1300,7 @@ mod tests {
         store.close();
     }
 
+    /// A sync store whose checkpoint never comes due: only appends and a clean stop write.
     fn open_without_checkpoints(dir: &Path, metrics: Arc<Metrics>) -> (Store, Recovered) {
         Store::open(dir, Durability::Sync, Tuning::checkpoint_every(Duration::from_secs(3600)), metrics).unwrap()
     }
