@@ -48,6 +48,8 @@ if os.path.exists('$D/mb'):
         a=hist('$D/ma',name,labels); b=hist('$D/mb',name,labels)
         d={k:int(b[k]-a.get(k,0)) for k in b}
         print('job window, server:', name+'{'+labels+'}', 'p99 at most', p99(d), 's;', d)
+        if name=='giftd_request_duration_seconds' and d.get('+Inf'):
+            print('job window, server: redeems within 2 ms: %.2f%%' % (100*d.get('0.002',0)/d['+Inf']))
 print('whole run:')
 for name,labels in [('giftd_request_duration_seconds','op="redeem",'),('giftd_wal_fsync_seconds',''),('giftd_wal_write_seconds',''),('giftd_wal_group_size',''),('giftd_commit_wait_seconds','stage="write",'),('giftd_commit_wait_seconds','stage="sync",')]:
     a=hist('$D/m0',name,labels); b=hist('$D/m1',name,labels)
