@@ -14,9 +14,6 @@ type Work = Box<dyn FnOnce() + Send>;
 
 pub struct Background {
     tx: mpsc::Sender<Work>,
-    /// Held by a caller from before its work starts until what the work decided is written (see
-    /// [`Background::turn`]).
-    turn: tokio::sync::Mutex<()>,
 }
 
 impl Background {
@@ -41,18 +38,7 @@ impl Background {
                 work();
             }
         })?;
-        Ok(Background { tx, turn: tokio::sync::Mutex::new(()) })
-    }
-
-    /// One caller at a time, from before its work runs until the caller lets go: a job chunk holds
-    /// it until the chunk is written, so that a commit group carries at most one chunk. Its
-    /// thousands of history entries are written and synced with the payments that came meanwhile,
-    /// which wait for them: with four chunks in flight, one group could carry several, and redeem
-    /// p99 during a 1M-card activation was 3.7 to 10 ms; with one chunk in flight, 2.3 and 2.6 ms.
-    /// Until it is written, not synced, so that the next chunk is decided during the sync (its
-    /// append then waits for that sync: see `Effects::bulk`).
-    pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.turn.lock().await
+        Ok(Background { tx })
     }
 
     /// Runs `f` on the thread and returns its result (None if the thread is gone).

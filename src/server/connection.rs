@@ -437,7 +437,6 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
     let Request::JobChunk { merchant, job, first, work, numbers } = req else {
         unreachable!("job_chunk() is called for a job chunk")
     };
-    let turn = shared.bulk.turn().await;
     let s = shared.clone();
     let decided = shared.bulk.run(move || {
         let reversal = work == ChunkWork::Reverse;
@@ -457,8 +456,6 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
         s.engine.execute(m, now_ms())
     });
     let Some(done) = decided.await else { return (Reply::Error(ResultCode::ShuttingDown), 0) };
-    let _ = shared.store.written().wait_for(|w| *w >= done.group).await;
-    drop(turn);
     report(shared, &done);
     (Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() }), done.group)
 }

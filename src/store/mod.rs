@@ -171,8 +171,6 @@ struct PendingState {
 struct Written {
     state: Mutex<WrittenState>,
     wake: Condvar,
-    /// The last group written, for those that wait for a write rather than a sync (`Store::written`).
-    group: watch::Sender<u64>,
 }
 
 struct WrittenState {
@@ -218,7 +216,6 @@ pub struct Store {
     written: Arc<Written>,
     durable: watch::Receiver<u64>,
     durable_txn_id: watch::Receiver<u64>,
-    written_group: watch::Receiver<u64>,
     published: Arc<Published>,
     /// The group of the last bulk append (see `Store::append`), locked from before a bulk append
     /// waits for it until the next one is appended.
@@ -325,11 +322,9 @@ impl Store {
             }),
             wake: Condvar::new(),
         });
-        let (written_tx, written_rx) = watch::channel(0);
         let written = Arc::new(Written {
             state: Mutex::new(WrittenState { group: 0, txn_id, closing: false, unsynced_since: None }),
             wake: Condvar::new(),
-            group: written_tx,
         });
         let committer = {
             let (db, pending, written, durable, metrics) =
@@ -356,7 +351,6 @@ impl Store {
             written,
             durable: rx,
             durable_txn_id: txn_rx,
-            written_group: written_rx,
             published,
             bulk_group: Mutex::new(0),
             committer: Mutex::new(Some(committer)),
@@ -368,12 +362,6 @@ impl Store {
     /// The highest commit group that is durable. Replies for group `g` wait until this is ≥ `g`.
     pub fn durable(&self) -> watch::Receiver<u64> {
         self.durable.clone()
-    }
-
-    /// The highest commit group written to the WAL (not necessarily synced yet): nothing may be
-    /// acknowledged on this, only paced (see `server::background`).
-    pub fn written(&self) -> watch::Receiver<u64> {
-        self.written_group.clone()
     }
 
     /// The last durable id of the sequence history entries and alerts share: every id up to it is
@@ -1167,7 +1155,6 @@ fn commit_loop(
                 (w.group, w.txn_id) = (group, group_txn_id);
                 w.unsynced_since.get_or_insert_with(Instant::now);
             }
-            written.group.send_replace(group);
             if durability == Durability::Sync {
                 written.wake.notify_one();
             } else {
@@ -1401,27 +1388,6 @@ mod tests {
         let mut cards: Vec<_> = recovered.cards.iter().map(|(k, r)| (k.0[0], r.balance_minor, r.last_txn_id)).collect();
         cards.sort();
         assert_eq!(cards, [(1, 300, 4), (2, 6, 5)]);
-        store.close();
-    }
-
-    /// `written` follows each group's write: it reaches a group no later than `durable` does, and
-    /// never falls behind it (job chunks are paced on it).
-    #[test]
-    fn the_written_group_leads_the_durable_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = open_without_checkpoints(dir.path(), Arc::new(Metrics::new()));
-        let (mut written, durable) = (store.written(), store.durable());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-        for key in 1..=20u8 {
-            let at = store.append(issue(CardKey([key; 32]), 100));
-            let reached = runtime.block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), written.wait_for(|w| *w >= at.group)).await.is_ok()
-            });
-            assert!(reached, "group {} was never written", at.group);
-            // Durable first: both may move on between the two reads, but never durable past written.
-            let synced = *durable.borrow();
-            assert!(*written.borrow() >= synced, "written behind durable");
-        }
         store.close();
     }
 
