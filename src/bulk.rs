@@ -292,3 +292,127 @@ pub async fn reverse(job: Job<'_>, progress: impl FnMut(u64, u64)) -> anyhow::Re
     drive(c, found.count as u64, found.chunk_cards as u64, window, request, count, progress).await?;
     Ok((found, summary))
 }
+
+/// Numbers for a new inventory: `count` distinct random numbers in a program's format (its
+/// `number_prefix`, random digits, then the Luhn check digit: `length` digits in all), the same
+/// format giftd's own generated numbers take. The format must leave at least
+/// `NUMBER_RANDOM_DIGITS_MIN` random digits: 10^9 values or more for at most `JOB_CARDS_MAX`
+/// numbers, so a repeat (skipped) is rare and the loop ends. From the operating system's generator
+/// through a CSPRNG: a number must not be guessable from the others on the same box of cards.
+pub fn generate(count: u64, prefix: &str, length: usize) -> anyhow::Result<Vec<CardNumber>> {
+    use crate::card_number::{CARD_NUMBER_DIGITS_MAX, CARD_NUMBER_DIGITS_MIN};
+    use crate::engine::program::NUMBER_RANDOM_DIGITS_MIN;
+    use rand::SeedableRng;
+    if !(1..=crate::wire::JOB_CARDS_MAX as u64).contains(&count) {
+        bail!("a job has 1 to {} cards", crate::wire::JOB_CARDS_MAX);
+    }
+    if !(CARD_NUMBER_DIGITS_MIN..=CARD_NUMBER_DIGITS_MAX).contains(&length) {
+        bail!("a card number has {CARD_NUMBER_DIGITS_MIN} to {CARD_NUMBER_DIGITS_MAX} digits");
+    }
+    if prefix.is_empty()
+        || !prefix.bytes().all(|b| b.is_ascii_digit())
+        || prefix.len() + NUMBER_RANDOM_DIGITS_MIN + 1 > length
+    {
+        bail!(
+            "the prefix must be digits leaving at least {NUMBER_RANDOM_DIGITS_MIN} random digits and the check digit"
+        );
+    }
+    let mut rng = rand::rngs::StdRng::from_rng(rand::rngs::OsRng)?;
+    let mut seen = std::collections::HashSet::with_capacity(count as usize);
+    let mut numbers = Vec::with_capacity(count as usize);
+    while (numbers.len() as u64) < count {
+        let n = CardNumber::generate(prefix, length, &mut rng);
+        if seen.insert(n.expose().to_string()) {
+            numbers.push(n);
+        }
+    }
+    Ok(numbers)
+}
+
+/// Writes `numbers` to a new manifest at `path`, one per line, readable by its owner only: they are
+/// the cards' full numbers, and this file is the only place they are kept (giftd keeps keyed hashes).
+/// Never replaces a file: the numbers go to a `.partial` file beside it, synced, which then takes
+/// the name only if nothing has it (a hard link), and the directory is synced; so after a crash the
+/// manifest is either whole or not there, and cards are issued only once it is durable.
+pub fn write_manifest(path: &std::path::Path, numbers: &[CardNumber]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let mut text = String::with_capacity(numbers.len() * (numbers.first().map_or(0, |n| n.expose().len()) + 1));
+    for n in numbers {
+        text.push_str(n.expose());
+        text.push('\n');
+    }
+    // A `.partial` left by an interrupted run held numbers no card was issued under: start over.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", partial.display()))?;
+    let linked = std::fs::hard_link(&partial, path).with_context(|| format!("creating {}", path.display()));
+    std::fs::remove_file(&partial).with_context(|| format!("removing {}", partial.display()))?;
+    linked?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_numbers_are_distinct_and_in_the_programs_format() {
+        let numbers = generate(20_000, "6035", 16).unwrap();
+        assert_eq!(numbers.len(), 20_000);
+        let distinct: std::collections::HashSet<&str> = numbers.iter().map(|n| n.expose()).collect();
+        assert_eq!(distinct.len(), numbers.len());
+        for n in &numbers {
+            assert!(n.expose().starts_with("6035") && n.expose().len() == 16 && n.luhn_ok());
+        }
+        // Random, not a sequence: consecutive numbers are far apart (a range's would differ by 1).
+        let body = |n: &CardNumber| n.expose()[..15].parse::<u64>().unwrap();
+        assert!(numbers.windows(2).filter(|w| body(&w[0]).abs_diff(body(&w[1])) < 1_000).count() < 10);
+    }
+
+    #[test]
+    fn a_format_without_nine_random_digits_or_a_bad_count_is_refused() {
+        assert!(generate(10, "603", 13).is_ok(), "3 + 9 random + 1 check digit: the shortest format");
+        for (count, prefix, length) in [
+            (10, "6035", 13),
+            (10, "603512", 15),
+            (10, "60a5", 16),
+            (10, "", 16),
+            (10, "6035", 20),
+            (10, "60", 11),
+            (0, "6035", 16),
+            (10_000_001, "6035", 16),
+        ] {
+            assert!(generate(count, prefix, length).is_err(), "{count} {prefix} {length}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_is_written_owner_only_and_never_replaces_a_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cards.csv");
+        let numbers = generate(3, "6035", 16).unwrap();
+        write_manifest(&path, &numbers).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, numbers.iter().map(|n| n.expose()).collect::<Vec<_>>());
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_manifest(&path, &generate(3, "6035", 16).unwrap()).is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the first manifest stays");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["cards.csv"], "no .partial file is left behind");
+    }
+}

@@ -407,6 +407,18 @@ enum BulkCmd {
         /// RFC 3339 time, or "never".
         #[arg(long, default_value = "never")]
         expires: String,
+        /// Make this many new random numbers, write them to --manifest (which must not exist yet,
+        /// and is readable by its owner only), then issue them. The same command again resumes:
+        /// the file's numbers are issued, and none is made.
+        #[arg(long, requires = "manifest", requires = "prefix")]
+        generate: Option<u64>,
+        /// Leading digits of the numbers --generate makes: the program's number_prefix.
+        #[arg(long, requires = "generate")]
+        prefix: Option<String>,
+        /// Digits of the numbers --generate makes, the check digit included: the program's
+        /// number_length.
+        #[arg(long, requires = "generate", default_value_t = 16)]
+        length: usize,
         #[command(flatten)]
         run: JobRun,
     },
@@ -426,6 +438,29 @@ enum BulkCmd {
         #[command(flatten)]
         run: JobRun,
     },
+}
+
+/// The cards of `bulk issue --generate count`: the manifest's, when it exists (a run resumed, which
+/// must name as many), else `count` new numbers, written to it before anything is issued. Returns
+/// them with how many were made by this run.
+fn generated_cards(c: &JobCards, count: u64, prefix: &str, length: usize) -> Result<(bulk::Cards, u64), Failure> {
+    let path = c.manifest.as_ref().ok_or_else(|| usage("--generate needs --manifest"))?;
+    if path.exists() {
+        let cards = job_cards(c)?;
+        if cards.count() != count {
+            return Err(usage(format!(
+                "--manifest {} exists and holds {} numbers, not {count}: run again with --generate {} to resume \
+                 that job, or name a new file",
+                path.display(),
+                cards.count(),
+                cards.count()
+            )));
+        }
+        return Ok((cards, 0));
+    }
+    let numbers = bulk::generate(count, prefix, length).map_err(|e| usage(format!("--generate: {e}")))?;
+    bulk::write_manifest(path, &numbers).map_err(Failure::Run)?;
+    Ok((bulk::Cards::Manifest(numbers), count))
 }
 
 fn job_cards(c: &JobCards) -> Result<bulk::Cards, Failure> {
@@ -475,9 +510,18 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         chunk: run.chunk,
         window: run.window,
     };
+    // With --generate: the numbers made by this run (0 when it resumed from the manifest).
+    let mut generated = None;
     let done = match cmd {
-        BulkCmd::Issue { cards, amount, currency: cur, program, expires, .. } => {
-            let cards = job_cards(cards)?;
+        BulkCmd::Issue { cards, amount, currency: cur, program, expires, generate, prefix, length, .. } => {
+            let cards = match generate {
+                Some(n) => {
+                    let (cards, made) = generated_cards(cards, *n, prefix.as_deref().unwrap_or(""), *length)?;
+                    generated = Some(made);
+                    cards
+                }
+                None => job_cards(cards)?,
+            };
             let work = bulk::Work::Issue {
                 program: program.clone(),
                 money: money(amount, currency(cur)?)?,
@@ -495,7 +539,7 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         }
         BulkCmd::Reverse { .. } => bulk::reverse(job, progress).await,
     };
-    let (job, summary) = done.map_err(Failure::Connection)?;
+    let (job, summary) = done.map_err(Failure::Run)?;
     if show {
         eprintln!();
     }
@@ -509,6 +553,9 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     } else if job.result == ResultCode::JobNotFound {
         obj.insert("reason".into(), json!("no job has this id (for this --merchant)"));
     }
+    if let Some(made) = generated {
+        obj.insert("generated".into(), json!(made));
+    }
     obj.insert("summary".into(), json!(summary.counts));
     let failures: Vec<Value> = summary
         .failures
@@ -520,6 +567,14 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         println!("{}", Value::Object(obj));
     } else {
         let counts: Vec<String> = summary.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        if let (Some(made), BulkCmd::Issue { cards, .. }) = (generated, cmd) {
+            let path = cards.manifest.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            if made == 0 {
+                println!("the numbers of {path}, made by an earlier run");
+            } else {
+                println!("{made} new numbers written to {path}");
+            }
+        }
         println!("{}: job {} of {} cards: {}", job.result.name(), run.job, job.count, counts.join(", "));
         for (i, last4, r) in &summary.failures {
             println!("  card #{i} …{last4}: {}", r.name());
@@ -577,8 +632,11 @@ fn merged_settings(current: &str, sets: &[String], unsets: &[String]) -> Result<
 }
 
 enum Failure {
+    /// Bad arguments (exit 2): nothing was sent.
     Usage(String),
-    Connection(anyhow::Error),
+    /// The command could not be carried out (exit 1): giftd unreachable, a connection lost, a file
+    /// not written.
+    Run(anyhow::Error),
 }
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -594,7 +652,7 @@ async fn main() -> ExitCode {
             eprintln!("giftctl: {m}");
             ExitCode::from(2)
         }
-        Err(Failure::Connection(e)) => {
+        Err(Failure::Run(e)) => {
             eprintln!("giftctl: {e:#}");
             ExitCode::FAILURE
         }
@@ -627,7 +685,7 @@ async fn card_currency(c: &mut Client, given: Option<&str>, n: &CardNumber) -> R
     if let Some(g) = given {
         return currency(g);
     }
-    match c.call(&Request::Balance { number: n.clone() }).await.map_err(Failure::Connection)? {
+    match c.call(&Request::Balance { number: n.clone() }).await.map_err(Failure::Run)? {
         Reply::Card(Outcome { card: Some(v), .. }) => Ok(v.currency),
         // Unknown card: any currency will do, giftd answers card_not_found.
         _ => currency("USD"),
@@ -800,7 +858,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let (now_vip, now_member) = match c.call(&Request::Lookup { number: n.clone() }).await {
                 Ok(Reply::Lookup(l)) => (l.vip, l.member),
                 Ok(_) => (false, String::new()),
-                Err(e) => return Err(Failure::Connection(e)),
+                Err(e) => return Err(Failure::Run(e)),
             };
             let vip = if *vip {
                 true
@@ -821,14 +879,14 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let current = match c.call(&Request::ProgramGet { name: name.clone() }).await {
                 Ok(Reply::Program(p)) if p.result == giftd::model::ResultCode::Approved => p.text,
                 Ok(_) => String::new(),
-                Err(e) => return Err(Failure::Connection(e)),
+                Err(e) => return Err(Failure::Run(e)),
             };
             let settings = merged_settings(&current, sets, unsets)?;
             Request::ProgramSet { idem: idem(who, key.as_deref()), name: name.clone(), settings }
         }
         (None, _) => unreachable!("every command without a server round trip is built above"),
     };
-    let reply = c.call(&req).await.map_err(Failure::Connection)?;
+    let reply = c.call(&req).await.map_err(Failure::Run)?;
     let obj = to_json(&reply);
     if cli.json {
         println!("{}", Value::Object(obj));
@@ -878,10 +936,9 @@ async fn events_command(
         };
     }
     let c = connect(cli).await?;
-    let mut sub =
-        c.subscribe(from, merchant.unwrap_or(""), program.unwrap_or(""), mask).await.map_err(Failure::Connection)?;
+    let mut sub = c.subscribe(from, merchant.unwrap_or(""), program.unwrap_or(""), mask).await.map_err(Failure::Run)?;
     loop {
-        let frame = sub.next().await.map_err(Failure::Connection)?;
+        let frame = sub.next().await.map_err(Failure::Run)?;
         for e in &frame.events {
             println!("{}", event_json(e));
         }
@@ -1012,7 +1069,7 @@ fn credentials(cli: &Cli) -> Result<Option<Credentials>, Failure> {
 
 /// Connects to giftd, authenticating when --client is given.
 async fn connect(cli: &Cli) -> Result<Client, Failure> {
-    Client::connect_as(&cli.addr, credentials(cli)?.as_ref()).await.map_err(Failure::Connection)
+    Client::connect_as(&cli.addr, credentials(cli)?.as_ref()).await.map_err(Failure::Run)
 }
 
 fn to_json(reply: &Reply) -> Map<String, Value> {

@@ -143,6 +143,88 @@ async fn jobs_by_range_and_manifest_are_idempotent_and_report_each_outcome() {
     assert_eq!(v["result"], "job_not_found", "{v}");
 }
 
+/// `giftctl bulk issue --generate`: new random numbers, written to the manifest before any is
+/// issued; the same command again resumes from the file; the file then drives the activation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let g = Giftd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("box-7.csv");
+    let file = path.to_str().unwrap();
+    let ctl = |args: &[&str]| crate::giftctl::json(&g, &[args, &["--merchant", "reseller-9"][..]].concat());
+    let issue = |count: &'static str| {
+        [
+            "bulk",
+            "issue",
+            "--generate",
+            count,
+            "--prefix",
+            "6035",
+            "--manifest",
+            file,
+            "--amount",
+            "10.00",
+            "--currency",
+            "USD",
+            "--job",
+            "gen-7",
+            "--chunk",
+            "1000",
+        ]
+    };
+    let v = ctl(&issue("2500"));
+    assert_eq!((v["generated"].as_u64(), v["summary"]["issued"].as_u64()), (Some(2_500), Some(2_500)), "{v}");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let numbers: Vec<&str> = text.lines().collect();
+    assert_eq!(numbers.len(), 2_500);
+    assert_eq!(numbers.iter().collect::<std::collections::HashSet<_>>().len(), 2_500, "distinct");
+    assert!(numbers.iter().all(|n| n.len() == 16 && n.starts_with("6035") && num(n).luhn_ok()));
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // Run again (after a lost connection, say): nothing is made, nothing is issued twice.
+    let again = ctl(&issue("2500"));
+    assert_eq!((again["generated"].as_u64(), &again["summary"]), (Some(0), &v["summary"]), "{again}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the manifest is kept as it was");
+    // Another count with the same file would be another job: refused, and the file kept.
+    let mut args = vec!["--addr", g.addr()];
+    args.extend_from_slice(&issue("100"));
+    args.extend_from_slice(&["--merchant", "reseller-9"]);
+    let (code, out, err) = crate::giftctl::run(&args);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.contains("holds 2500 numbers"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    // A format without nine random digits is refused before any file is written.
+    let short = dir.path().join("short.csv");
+    let (code, _, err) = crate::giftctl::run(&[
+        "--addr",
+        g.addr(),
+        "bulk",
+        "issue",
+        "--generate",
+        "5",
+        "--prefix",
+        "6035123",
+        "--manifest",
+        short.to_str().unwrap(),
+        "--amount",
+        "1.00",
+        "--currency",
+        "USD",
+        "--job",
+        "gen-8",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(!short.exists());
+
+    // The file is the reseller's list of the box's cards: it activates them.
+    let v = ctl(&["bulk", "activate", "--manifest", file, "--job", "act-7"]);
+    assert_eq!(v["summary"]["activated"], 2_500, "{v}");
+    let mut c = g.client().await;
+    let card = crate::view(&mut c, numbers[1_234]).await;
+    assert_eq!((card.status, card.balance_minor), (giftd::model::Status::Active, 1_000));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
     const N: u64 = 20_000;
