@@ -223,6 +223,18 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     let mut c = g.client().await;
     let card = crate::view(&mut c, numbers[1_234]).await;
     assert_eq!((card.status, card.balance_minor), (giftd::model::Status::Active, 1_000));
+
+    // A lost file is not made again: the job run with a new one sends other numbers, and every
+    // chunk is declined, issuing none of them.
+    let lost = dir.path().join("box-7-again.csv");
+    let mut args: Vec<&str> = issue("2500").to_vec();
+    args[7] = lost.to_str().unwrap();
+    let v = ctl(&args);
+    assert_eq!((v["generated"].as_u64(), v["summary"]["idempotency_mismatch"].as_u64()), (Some(2_500), Some(2_500)));
+    let other = std::fs::read_to_string(&lost).unwrap();
+    let other = other.lines().next().unwrap();
+    let o = call(&mut c, &Request::Balance { number: num(other) }).await;
+    assert_eq!(o.result, ResultCode::CardNotFound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
