@@ -495,11 +495,26 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     if !(1..=most).contains(&run.chunk) || run.window == 0 {
         return Err(usage(format!("--chunk must be 1 to {most} and --window at least 1")));
     }
+    // A bar on a terminal, none with --json or when stderr is a file or a pipe.
     let show = !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {human_pos}/{human_len} cards, {rate}, {eta} left",
+    )
+    .expect("a valid template")
+    .with_key("rate", |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = write!(w, "{:.0}/s", s.per_sec());
+    })
+    .progress_chars("=> ");
+    // Drawn from the first progress on, when the job's size is known.
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden())
+        .with_style(style)
+        .with_prefix(run.job.clone());
     let progress = |done: u64, total: u64| {
-        if show {
-            eprint!("\r{} {done}/{total} cards ({}%)", run.job, done * 100 / total.max(1));
+        if show && bar.is_hidden() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         }
+        bar.set_length(total);
+        bar.set_position(done);
     };
     let creds = credentials(cli)?;
     let job = bulk::Job {
@@ -539,10 +554,8 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         }
         BulkCmd::Reverse { .. } => bulk::reverse(job, progress).await,
     };
+    bar.finish_and_clear();
     let (job, summary) = done.map_err(Failure::Run)?;
-    if show {
-        eprintln!();
-    }
     let mut obj = Map::new();
     obj.insert("result".into(), json!(job.result.name()));
     obj.insert("code".into(), json!(job.result as u16));

@@ -237,6 +237,29 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     assert_eq!(o.result, ResultCode::CardNotFound);
 }
 
+/// On a terminal, giftctl draws a progress bar for a job (and clears it); with --json, nothing.
+#[test]
+fn giftctl_draws_a_progress_bar_on_a_terminal_only() {
+    let g = Giftd::start();
+    let issue = |job: &str, json: bool| {
+        // Each job its own cards.
+        let first = nth(if json { 80_000 } else { 30_000 });
+        let mut args = vec!["--addr", g.addr()];
+        args.extend(json.then_some("--json"));
+        args.extend(["bulk", "issue", "--count", "40000", "--amount", "1.00", "--currency", "USD", "--chunk", "256"]);
+        args.extend(["--first", &first, "--job", job, "--window", "1"]);
+        crate::giftctl::run_on_terminal(&args)
+    };
+    let (code, out, drawn) = issue("bar-1", false);
+    assert_eq!(code, 0, "{out} {drawn}");
+    assert!(out.contains("issued 40000"), "{out}");
+    assert!(drawn.contains("bar-1 [") && drawn.contains("/40,000 cards"), "no bar drawn: {drawn:?}");
+    let (code, out, drawn) = issue("bar-2", true);
+    assert_eq!(code, 0, "{out} {drawn}");
+    assert!(out.contains(r#""issued":40000"#), "{out}");
+    assert_eq!(drawn, "", "--json draws nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
     const N: u64 = 20_000;

@@ -27,6 +27,38 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
     (status.code().unwrap_or_else(|| panic!("giftctl {args:?} killed by a signal")), out, err)
 }
 
+/// Runs giftctl with `args` and its stderr on a terminal (a pseudo-terminal of 120 columns); returns
+/// its exit status, stdout and what it drew on the terminal.
+pub fn run_on_terminal(args: &[&str]) -> (i32, String, String) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize { ws_row: 24, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two descriptors, which are then owned by the files made of them.
+    let opened = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+    assert_eq!(opened, 0, "openpty");
+    let (master, slave) = unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_giftctl"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(slave));
+    let mut child = cmd.spawn().expect("spawn giftctl");
+    // The terminal reads to its end (EIO) once no one holds its other side: our copy goes here.
+    drop(cmd);
+    let terminal = std::thread::spawn(move || {
+        let (mut master, mut drawn, mut buf) = (master, Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            drawn.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&drawn).into_owned()
+    });
+    let status = wait_exit(&mut child, TIMEOUT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("giftctl {args:?} did not finish within {TIMEOUT:?}")
+    });
+    let mut out = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
+    (status.code().unwrap_or(-1), out, terminal.join().expect("terminal reader"))
+}
+
 /// Runs `giftctl --addr <g> --json <args>`, expects exit 0 and one JSON object.
 pub fn json(g: &Giftd, args: &[&str]) -> Value {
     let mut all = vec!["--addr", g.addr(), "--json"];
