@@ -30,7 +30,7 @@ impl Journal for DiscardJournal {
     fn find_settled(&self, _: &IdemKey) -> Option<Settled> {
         None
     }
-    fn effect_of(&self, _: (u64, u8), _: u64) -> Option<Effect> {
+    fn effect_of(&self, _: giftd::engine::EffectTxns, _: u64) -> Option<Effect> {
         None
     }
     fn cards_of(&self, _: u64, _: usize) -> Vec<giftd::card_number::CardKey> {

@@ -74,9 +74,8 @@ pub struct IdemRecord {
     /// engine's memory keeps it: the store keeps `effect_txns` instead, and rebuilds the effect from
     /// those history entries when a refund or reversal asks ([`Journal::effect_of`]).
     pub effect: Option<Effect>,
-    /// The history entries of the effect's card changes: the first id (assigned by
-    /// [`Journal::append`]) and how many follow it, one per part.
-    pub effect_txns: Option<(u64, u8)>,
+    /// Where the effect's history entries are.
+    pub effect_txns: Option<EffectTxns>,
     /// Written by a reversal that arrived before its original: the original, when it comes, is
     /// declined `original_reversed` whatever its content.
     pub tombstone: bool,
@@ -311,6 +310,31 @@ impl Effects {
     }
 }
 
+/// Where a mutation's history entries are: what the store keeps of its effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EffectTxns {
+    /// The first entry's id (assigned by [`Journal::append`]).
+    pub first: u64,
+    /// The entries of the effect's card changes, one per part, from `first` on.
+    pub parts: u8,
+    /// Every entry the decision appended, from `first` on: its parts', then any that a rule it
+    /// fired added (giftd's fraud lock on a card it suspended, or a reactivation's note).
+    pub entries: u8,
+}
+
+impl EffectTxns {
+    /// For an effect appended with `changes`, numbered from `first`.
+    pub fn of(first: u64, effect: &Effect, changes: &[CardChange]) -> EffectTxns {
+        // At most 64 parts, each with at most one entry more: well within a byte.
+        EffectTxns { first, parts: effect.parts.len() as u8, entries: changes.len().min(u8::MAX as usize) as u8 }
+    }
+
+    /// Whether `id` is one of the decision's own entries.
+    pub fn holds(&self, id: u64) -> bool {
+        (self.first..self.first + self.entries as u64).contains(&id)
+    }
+}
+
 /// Where [`Journal::append`] put a decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Appended {
@@ -358,7 +382,7 @@ pub trait Journal: Send + Sync + 'static {
     /// The effect of a durable mutation, rebuilt from its history entries (`effect_txns` of its
     /// record; `hold_id` from its outcome). Called only for records the store returned, whose
     /// history was written in the same batch.
-    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect>;
+    fn effect_of(&self, txns: EffectTxns, hold_id: u64) -> Option<Effect>;
     /// The cards of the `count` history entries from `first_txn_id` on, in order (a job chunk's
     /// changed cards, for its reversal).
     fn cards_of(&self, first_txn_id: u64, count: usize) -> Vec<CardKey>;
@@ -441,9 +465,9 @@ impl Journal for MemoryJournal {
         self.inner.lock().unwrap().settled.get(key).cloned()
     }
 
-    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect> {
+    fn effect_of(&self, txns: EffectTxns, hold_id: u64) -> Option<Effect> {
         let g = self.inner.lock().unwrap();
-        let entries: Vec<(TxnRecord, CardRecord)> = (txns.0..txns.0 + txns.1 as u64)
+        let entries: Vec<(TxnRecord, CardRecord)> = (txns.first..txns.first + txns.parts as u64)
             .map(|id| {
                 let t = g.txns.iter().find(|t| t.id == id)?;
                 let card = g.card_after.get(&id)?;
@@ -473,6 +497,11 @@ impl Journal for MemoryJournal {
         g.bulk_appends += usize::from(effects.bulk);
         let first_txn_id = if effects.changes.is_empty() { 0 } else { g.txn_id + 1 };
         g.txn_id = effects.assign_ids(g.txn_id + 1) - 1;
+        let effect_txns = effects
+            .idem
+            .as_ref()
+            .and_then(|(_, r)| r.effect.as_ref())
+            .map(|e| EffectTxns::of(first_txn_id, e, &effects.changes));
         for c in effects.changes {
             let id = c.txn.id;
             g.card_after.insert(id, c.record.clone());
@@ -481,8 +510,8 @@ impl Journal for MemoryJournal {
         }
         if let Some((k, mut r)) = effects.idem {
             // Kept as the store keeps it: the effect only by reference to its history entries.
-            if let Some(e) = r.effect.take() {
-                r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
+            if r.effect.take().is_some() {
+                r.effect_txns = effect_txns;
             }
             if let Some(Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
                 c.first_txn_id = first_txn_id;

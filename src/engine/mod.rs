@@ -18,8 +18,8 @@ pub mod rules;
 
 pub use card::{CardRecord, Lifecycle};
 pub use journal::{
-    Appended, Bulk, CardChange, Changes, ChunkKind, ChunkRecord, Effect, EffectParts, Effects, IdemKey, IdemRecord,
-    InvoiceKey, JobSpec, Journal, LedgerDelta, MemoryJournal, NoteRecord, Settled, TxnRecord,
+    Appended, Bulk, CardChange, Changes, ChunkKind, ChunkRecord, Effect, EffectParts, EffectTxns, Effects, IdemKey,
+    IdemRecord, InvoiceKey, JobSpec, Journal, LedgerDelta, MemoryJournal, NoteRecord, Settled, TxnRecord,
 };
 pub use program::{Program, ProgramSlot, Programs};
 pub use rules::{ChunkCard, ChunkWork, IssueNumber, KeyedItem, Op, SplitOrder};
@@ -740,11 +740,10 @@ impl Engine {
         };
         effects.idem = Some((m.idem.clone(), record.clone()));
         effects.batched = m.batched;
+        let own = record.effect.as_ref().map(|e| EffectTxns::of(0, e, &effects.changes));
         let at = self.journal.append(effects);
         // The journal points its copy at the history entries it numbered; so does memory's.
-        if let Some(e) = &record.effect {
-            record.effect_txns = Some((at.first_txn_id, e.parts.len() as u8));
-        }
+        record.effect_txns = own.map(|t| EffectTxns { first: at.first_txn_id, ..t });
         if let Some(Bulk::Chunk(c)) = record.bulk.as_deref_mut() {
             c.first_txn_id = at.first_txn_id;
         }
@@ -1292,7 +1291,7 @@ impl Engine {
         now_ms: i64,
     ) -> (IdemRecord, u64) {
         let orig = original.expect("a reversal always finds or claims its original");
-        let first_txn = orig.effect_txns.map(|(first, _)| first);
+        let txns = orig.effect_txns;
         let Some(effect) = orig.effect else {
             // Nothing to undo: the original was declined or never came (the tombstone now bars
             // it), and reversing what took no effect is a no-op that succeeds. An approved
@@ -1334,8 +1333,10 @@ impl Engine {
                 *amount,
                 refunded,
                 effect.hold_id,
-                // Changed since: its newest history entry is no longer the original's.
-                first_txn.is_some_and(|f| locked.card_ref(k).rec.last_txn_id != f + i as u64),
+                // Changed since: its newest history entry is no longer one the original appended
+                // (its own, or giftd's fraud lock when a rule the original fired suspended it: the
+                // holder did nothing since, and an activation is still taken back).
+                txns.is_some_and(|t| !t.holds(locked.card_ref(k).rec.last_txn_id)),
                 now_ms,
             ) {
                 Ok(d) => decisions.push(d),

@@ -1244,6 +1244,37 @@ fn an_activation_is_taken_back_only_from_a_card_untouched_since() {
 }
 
 #[test]
+fn an_activation_whose_large_load_suspended_the_card_is_still_taken_back() {
+    let (e, j) = engine();
+    e.set_alert_rules(rules(|r| {
+        r.large_amount_minor.insert(usd(0).currency, 5_000);
+        r.large_amount_suspend = true;
+    }));
+    for c in [1, 2, 3] {
+        issue(&e, card(c), "default", usd(1_000), None, false);
+        let done = run(&e, &format!("act{c}"), card(c), Op::Activate { load: Some(usd(9_000)) }, NOW);
+        assert_eq!(done.outcome.result, ResultCode::Approved);
+        assert!(done.alerts[0].suspended, "the load is large: giftd suspends the card in the same append");
+        assert_eq!(e.snapshot(&card(c)).unwrap().0.lock, LockReason::Fraud);
+    }
+    // The processor timed out and takes the activation back: the holder did nothing since, so
+    // giftd's own lock is no use of the card. The card goes back to inventory, still suspended.
+    let back = |key: &str, original: &str| run_hold(&e, key, Op::Reverse { original: original.into() }, NOW + 1);
+    let done = back("r1", "act1");
+    assert_eq!((done.outcome.result, done.outcome.approved_minor), (ResultCode::Approved, 9_000));
+    let rec = e.snapshot(&card(1)).unwrap().0;
+    assert_eq!((rec.lifecycle, rec.lock, rec.balance_minor), (Lifecycle::Inactive, LockReason::Fraud, 1_000));
+    // The same from the store's record (the memory's evicted): the own entries are recorded too.
+    e.evict_recent(u64::MAX, i64::MAX);
+    assert_eq!(back("r2", "act2").outcome.result, ResultCode::Approved);
+    // A change after the lock (an operator's note) is a change since: the card is left as it is.
+    run(&e, "note", card(3), Op::Note { text: "customer called".into() }, NOW + 1);
+    assert_eq!(back("r3", "act3").outcome.result, ResultCode::CardUsed);
+    assert_eq!(balance_of(&e, card(3)), 10_000);
+    assert!(j.txns().iter().filter(|t| t.kind == TxnKind::Reversal).count() == 2);
+}
+
+#[test]
 fn a_program_missing_from_the_configuration_issues_nothing_until_set() {
     let journal = Arc::new(MemoryJournal::default());
     let e = Engine::new(Programs::new([Program { pin_required: true, ..Program::new("gone") }]), journal.clone());

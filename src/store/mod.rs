@@ -22,7 +22,8 @@ mod stall;
 
 use crate::card_number::{CardKey, CardKeyState};
 use crate::engine::{
-    Appended, CardRecord, Effect, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled, TxnRecord,
+    Appended, CardRecord, Effect, EffectTxns, Effects, IdemKey, IdemRecord, InvoiceKey, Journal, NoteRecord, Settled,
+    TxnRecord,
 };
 use crate::metrics::{CommitStage, Metrics, StoreStats};
 use crate::model::{Currency, TxnKind};
@@ -627,8 +628,8 @@ impl Journal for Store {
         }
     }
 
-    fn effect_of(&self, txns: (u64, u8), hold_id: u64) -> Option<Effect> {
-        let entries = (txns.0..txns.0 + txns.1 as u64)
+    fn effect_of(&self, txns: EffectTxns, hold_id: u64) -> Option<Effect> {
+        let entries = (txns.first..txns.first + txns.parts as u64)
             .map(|id| {
                 let key = records::history_key(id);
                 let v = self.get(CF_HISTORY, &key)?;
@@ -693,7 +694,7 @@ impl Journal for Store {
         s.txn_id = effects.assign_ids(s.txn_id + 1) - 1;
         if let Some((_, r)) = &mut effects.idem {
             if let Some(e) = &r.effect {
-                r.effect_txns = Some((first_txn_id, e.parts.len() as u8));
+                r.effect_txns = Some(EffectTxns::of(first_txn_id, e, &effects.changes));
             }
             if let Some(crate::engine::Bulk::Chunk(c)) = r.bulk.as_deref_mut() {
                 c.first_txn_id = first_txn_id;

@@ -5,7 +5,8 @@ use crate::card_number::{CardKey, PinProof};
 use crate::engine::alerts::{AlertRecord, Rule};
 use crate::engine::card::{Hold, HOLDS_PER_CARD_MAX};
 use crate::engine::{
-    Bulk, CardRecord, ChunkKind, ChunkRecord, IdemRecord, JobSpec, Lifecycle, NoteRecord, Settled, TxnRecord,
+    Bulk, CardRecord, ChunkKind, ChunkRecord, EffectTxns, IdemRecord, JobSpec, Lifecycle, NoteRecord, Settled,
+    TxnRecord,
 };
 use crate::model::{CardView, Currency, HoldView, LockReason, Outcome, PartView, Parts, ResultCode, Status, TxnKind};
 use bytes::BufMut;
@@ -28,7 +29,10 @@ const NOTE_V1: u8 = 1;
 // v2 adds the client the enumeration rule counted; v1 (without it) is still read.
 const ALERT_V1: u8 = 1;
 const ALERT_V2: u8 = 2;
+// v8 adds how many entries the decision appended in all (`EffectTxns::entries`); v7 (without it:
+// its parts' only) is still read.
 const IDEM_V7: u8 = 7;
+const IDEM_V8: u8 = 8;
 /// Most cards a job chunk's record lists.
 const CHUNK_CARDS_MAX: usize = 4096;
 /// Most item answers an idempotency record holds (an all-or-nothing batch's).
@@ -437,7 +441,7 @@ impl Reader<'_> {
 }
 
 pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
-    dst.put_u8(IDEM_V7);
+    dst.put_u8(IDEM_V8);
     dst.put_slice(&rec.fingerprint);
     put_outcome(dst, &rec.outcome);
     put_parts(dst, rec.parts.as_deref());
@@ -448,10 +452,11 @@ pub fn encode_idem(dst: &mut Vec<u8>, rec: &IdemRecord) {
     // The effect itself is in the history entries this points at (see `IdemRecord::effect`).
     match rec.effect_txns {
         None => dst.put_u8(0),
-        Some((first, count)) => {
+        Some(t) => {
             dst.put_u8(1);
-            dst.put_u64_le(first);
-            dst.put_u8(count);
+            dst.put_u64_le(t.first);
+            dst.put_u8(t.parts);
+            dst.put_u8(t.entries);
         }
     }
     match &rec.items {
@@ -521,7 +526,10 @@ fn read_bulk(r: &mut Reader<'_>) -> Result<Option<Box<Bulk>>, Corrupt> {
 
 pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let mut r = Reader { buf, what: "idempotency" };
-    r.version(IDEM_V7)?;
+    let version = r.u8()?;
+    if version != IDEM_V7 && version != IDEM_V8 {
+        return Err(Corrupt { what: "idempotency" });
+    }
     let fingerprint = r.arr()?;
     let outcome = r.outcome()?;
     let parts = r.parts()?.map(Box::new);
@@ -529,7 +537,13 @@ pub fn decode_idem(buf: &[u8]) -> Result<IdemRecord, Corrupt> {
     let n = u16::from_le_bytes(r.arr()?) as usize;
     let reason = std::str::from_utf8(r.take(n)?).map_err(|_| Corrupt { what: "idempotency" })?;
     let reason = (!reason.is_empty()).then(|| reason.into());
-    let effect_txns = if r.u8()? == 1 { Some((r.i64()? as u64, r.u8()?)) } else { None };
+    let effect_txns = if r.u8()? == 1 {
+        let (first, parts) = (r.i64()? as u64, r.u8()?);
+        let entries = if version == IDEM_V7 { parts } else { r.u8()? };
+        Some(EffectTxns { first, parts, entries })
+    } else {
+        None
+    };
     let items = if r.u8()? == 1 {
         let n = u16::from_le_bytes(r.arr()?) as usize;
         if n > ITEMS_MAX {
@@ -824,7 +838,7 @@ mod tests {
             IdemRecord::new([4; 16], Outcome::declined(ResultCode::HoldNotFound, None)),
             IdemRecord {
                 parts: Some(Box::new(parts.clone())),
-                effect_txns: Some((41, 2)),
+                effect_txns: Some(EffectTxns { first: 41, parts: 2, entries: 3 }),
                 ..IdemRecord::new([5; 16], Outcome::approved(300, card))
             },
             IdemRecord {
@@ -884,12 +898,23 @@ mod tests {
         // The effect itself is not written: only where its history entries are.
         let with_effect = IdemRecord {
             effect: Some(effect),
-            effect_txns: Some((7, 1)),
+            effect_txns: Some(EffectTxns { first: 7, parts: 1, entries: 2 }),
             ..IdemRecord::new([6; 16], Outcome::approved(300, card))
         };
         let mut buf = Vec::new();
         encode_idem(&mut buf, &with_effect);
-        assert_eq!(decode_idem(&buf).unwrap(), IdemRecord { effect: None, ..with_effect });
+        assert_eq!(decode_idem(&buf).unwrap(), IdemRecord { effect: None, ..with_effect.clone() });
+        // A v7 record (written before the count of all the decision's entries) reads as one whose
+        // entries are its parts'.
+        let txns = [[1u8].as_slice(), &7u64.to_le_bytes(), &[1, 2]].concat();
+        let at = buf.windows(txns.len()).position(|w| w == txns).expect("the effect's entries in the record");
+        let mut v7 = buf.clone();
+        v7[0] = IDEM_V7;
+        v7.remove(at + txns.len() - 1);
+        let read = decode_idem(&v7).unwrap();
+        assert_eq!(read.effect_txns, Some(EffectTxns { first: 7, parts: 1, entries: 1 }));
+        v7[0] = 6;
+        assert!(decode_idem(&v7).is_err(), "an unknown version is corrupt");
         let settled =
             Settled { refunded_minor: vec![100, 0], reversal: Some((Outcome::approved(200, card), Some(parts))) };
         let mut buf = Vec::new();

@@ -488,6 +488,42 @@ async fn large_amounts_wrong_pins_and_reversals_fire_at_their_threshold_over_tcp
     );
 }
 
+/// A processor takes back an activation whose large load made giftd suspend the card: the holder
+/// did nothing since (the lock is giftd's own, in the activation's write), so the activation is
+/// undone, after a restart too, where the original is read back from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_that_tripped_a_suspending_rule_is_still_reversed() {
+    use crate::payments::{parts, reverse_req};
+    let mut g = Giftd::with_config(
+        "[alerts]
+large_amount_suspend = true
+[alerts.large_amount]
+USD = \"50.00\"\n",
+    );
+    let (a, b) = ("6035719980000129", "6035719980000137");
+    let mut c = g.client().await;
+    for (n, key) in [(a, "act-a"), (b, "act-b")] {
+        let mut issue = crate::issue_req(n, usd(0));
+        if let Request::Issue { active, .. } = &mut issue {
+            *active = false;
+        }
+        assert_eq!(call(&mut c, &issue).await.result, ResultCode::Approved);
+        let activate = Request::Activate { idem: idem(MERCHANT, key), number: num(n), load: Some(usd(9_000)) };
+        assert_eq!(call(&mut c, &activate).await.result, ResultCode::Approved);
+        assert_eq!(redeem(&mut c, n, &format!("spend-{key}"), usd(100), false).await.result, ResultCode::CardSuspended);
+    }
+    let back = parts(&mut c, &reverse_req("back-a", "act-a")).await;
+    assert_eq!((back.result, back.approved_minor), (ResultCode::Approved, 9_000));
+    let v = crate::view(&mut c, a).await;
+    assert_eq!((v.status, v.balance_minor), (giftd::model::Status::Suspended, 0), "back to no value, still locked");
+    drop(c);
+    g.kill9();
+    g.restart();
+    let mut c = g.client().await;
+    assert_eq!(parts(&mut c, &reverse_req("back-b", "act-b")).await.result, ResultCode::Approved);
+    assert_eq!(crate::view(&mut c, b).await.balance_minor, 0);
+}
+
 /// With `--log-format json` (here through its environment variable) every line giftd logs is one
 /// JSON object with its fields at the top level, for a log collector: a security alert can be
 /// filtered by rule, and still names its card by the last 4 digits only.
