@@ -1271,7 +1271,7 @@ fn an_activation_whose_large_load_suspended_the_card_is_still_taken_back() {
     run(&e, "note", card(3), Op::Note { text: "customer called".into() }, NOW + 1);
     assert_eq!(back("r3", "act3").outcome.result, ResultCode::CardUsed);
     assert_eq!(balance_of(&e, card(3)), 10_000);
-    assert!(j.txns().iter().filter(|t| t.kind == TxnKind::Reversal).count() == 2);
+    assert_eq!(j.txns().iter().filter(|t| t.kind == TxnKind::Reversal).count(), 2, "r1 and r2 only");
 }
 
 #[test]
