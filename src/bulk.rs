@@ -318,11 +318,12 @@ pub fn generate(count: u64, prefix: &str, length: usize) -> anyhow::Result<Vec<C
         );
     }
     let mut rng = rand::rngs::StdRng::from_rng(rand::rngs::OsRng)?;
+    // Seen numbers by value: at most 19 digits fit a u64, 8 bytes each for a job's 10M.
     let mut seen = std::collections::HashSet::with_capacity(count as usize);
     let mut numbers = Vec::with_capacity(count as usize);
     while (numbers.len() as u64) < count {
         let n = CardNumber::generate(prefix, length, &mut rng);
-        if seen.insert(n.expose().to_string()) {
+        if seen.insert(n.expose().parse::<u64>().expect("at most 19 digits")) {
             numbers.push(n);
         }
     }
