@@ -346,11 +346,17 @@ pub fn write_manifest(path: &std::path::Path, numbers: &[CardNumber]) -> anyhow:
         text.push_str(n.expose());
         text.push('\n');
     }
-    // A `.partial` left by an interrupted run held numbers no card was issued under: start over.
+    // A `.partial` left by an interrupted run held numbers no card was issued under: start over,
+    // in a file made now, so that its mode is ours whoever made the old one.
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", partial.display()))
+        }
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&partial)
         .with_context(|| format!("creating {}", partial.display()))?;
@@ -406,6 +412,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cards.csv");
         let numbers = generate(3, "6035", 16).unwrap();
+        // A stale `.partial`, readable by all, from an interrupted run: replaced, not reused.
+        std::fs::write(dir.path().join("cards.csv.partial"), "6035000000000006\n").unwrap();
+        std::fs::set_permissions(dir.path().join("cards.csv.partial"), std::fs::Permissions::from_mode(0o644)).unwrap();
         write_manifest(&path, &numbers).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();

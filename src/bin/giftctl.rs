@@ -556,6 +556,18 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     };
     bar.finish_and_clear();
     let (job, summary) = done.map_err(Failure::Run)?;
+    // A random number can be a card already (of another box in the same format): the job did not
+    // issue it, but the manifest lists it, and activating the file as it is would activate that card.
+    let taken = summary.counts.get("already_exists").copied().unwrap_or(0);
+    if let (Some(_), BulkCmd::Issue { cards: JobCards { manifest: Some(path), .. }, .. }) = (generated, cmd) {
+        if taken > 0 {
+            eprintln!(
+                "giftctl: warning: {taken} of the generated numbers in {} were cards already (failures: \
+                 already_exists); this job did not issue them: take their lines out before activating the file",
+                path.display()
+            );
+        }
+    }
     let mut obj = Map::new();
     obj.insert("result".into(), json!(job.result.name()));
     obj.insert("code".into(), json!(job.result as u16));

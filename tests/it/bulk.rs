@@ -217,6 +217,20 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     assert_eq!(code, 2, "{err}");
     assert!(!short.exists());
 
+    // A generated number that is a card already is not issued, and giftctl warns that the file
+    // lists it (here a file holding one of the box's numbers again, run as a resumed job).
+    let taken = dir.path().join("taken.csv");
+    std::fs::write(&taken, format!("{}\n{}\n", numbers[0], "6035000000000006")).unwrap();
+    let mut args = vec!["--addr", g.addr()];
+    args.extend_from_slice(&issue("2"));
+    args[9] = taken.to_str().unwrap();
+    args[15] = "gen-taken";
+    args.extend_from_slice(&["--merchant", "reseller-9"]);
+    let (code, out, err) = crate::giftctl::run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("issued 1") && out.contains("already_exists 1"), "{out}");
+    assert!(err.contains("warning: 1 of the generated numbers") && err.contains("taken.csv"), "{err}");
+
     // The file is the reseller's list of the box's cards: it activates them.
     let v = ctl(&["bulk", "activate", "--manifest", file, "--job", "act-7"]);
     assert_eq!(v["summary"]["activated"], 2_500, "{v}");
