@@ -485,7 +485,7 @@ fn job_cards(c: &JobCards) -> Result<bulk::Cards, Failure> {
     Ok(cards)
 }
 
-/// Runs a job command; prints a progress line on a terminal (not with --json) and the summary.
+/// Runs a job command; draws a progress bar on a terminal (not with --json) and prints the summary.
 async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     let run = match cmd {
         BulkCmd::Issue { run, .. } | BulkCmd::Activate { run, .. } | BulkCmd::Reverse { run } => run,
