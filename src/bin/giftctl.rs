@@ -442,8 +442,13 @@ enum BulkCmd {
 
 /// The cards of `bulk issue --generate count`: the manifest's, when it exists (a run resumed, which
 /// must name as many), else `count` new numbers, written to it before anything is issued. Returns
-/// them with how many were made by this run.
-fn generated_cards(c: &JobCards, count: u64, prefix: &str, length: usize) -> Result<(bulk::Cards, u64), Failure> {
+/// them with how many were made by this run and the manifest's path.
+fn generated_cards<'a>(
+    c: &'a JobCards,
+    count: u64,
+    prefix: &str,
+    length: usize,
+) -> Result<(bulk::Cards, u64, &'a std::path::Path), Failure> {
     let path = c.manifest.as_ref().ok_or_else(|| usage("--generate needs --manifest"))?;
     if path.exists() {
         let cards = job_cards(c)?;
@@ -456,11 +461,11 @@ fn generated_cards(c: &JobCards, count: u64, prefix: &str, length: usize) -> Res
                 cards.count()
             )));
         }
-        return Ok((cards, 0));
+        return Ok((cards, 0, path));
     }
     let numbers = bulk::generate(count, prefix, length).map_err(|e| usage(format!("--generate: {e}")))?;
     bulk::write_manifest(path, &numbers).map_err(Failure::Run)?;
-    Ok((bulk::Cards::Manifest(numbers), count))
+    Ok((bulk::Cards::Manifest(numbers), count, path))
 }
 
 fn job_cards(c: &JobCards) -> Result<bulk::Cards, Failure> {
@@ -525,14 +530,14 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         chunk: run.chunk,
         window: run.window,
     };
-    // With --generate: the numbers made by this run (0 when it resumed from the manifest).
+    // With --generate: the numbers made by this run (0 when it resumed) and the manifest's path.
     let mut generated = None;
     let done = match cmd {
         BulkCmd::Issue { cards, amount, currency: cur, program, expires, generate, prefix, length, .. } => {
             let cards = match generate {
                 Some(n) => {
-                    let (cards, made) = generated_cards(cards, *n, prefix.as_deref().unwrap_or(""), *length)?;
-                    generated = Some(made);
+                    let (cards, made, path) = generated_cards(cards, *n, prefix.as_deref().unwrap_or(""), *length)?;
+                    generated = Some((made, path));
                     cards
                 }
                 None => job_cards(cards)?,
@@ -558,8 +563,8 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     let (job, summary) = done.map_err(Failure::Run)?;
     // A random number can be a card already (of another box in the same format): the job did not
     // issue it, but the manifest lists it, and activating the file as it is would activate that card.
-    let taken = summary.counts.get("already_exists").copied().unwrap_or(0);
-    if let (Some(_), BulkCmd::Issue { cards: JobCards { manifest: Some(path), .. }, .. }) = (generated, cmd) {
+    if let Some((_, path)) = generated {
+        let taken = summary.counts.get("already_exists").copied().unwrap_or(0);
         if taken > 0 {
             eprintln!(
                 "giftctl: warning: {taken} of the generated numbers in {} were cards already (failures: \
@@ -578,7 +583,7 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     } else if job.result == ResultCode::JobNotFound {
         obj.insert("reason".into(), json!("no job has this id (for this --merchant)"));
     }
-    if let Some(made) = generated {
+    if let Some((made, _)) = generated {
         obj.insert("generated".into(), json!(made));
     }
     obj.insert("summary".into(), json!(summary.counts));
@@ -592,12 +597,11 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         println!("{}", Value::Object(obj));
     } else {
         let counts: Vec<String> = summary.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        if let (Some(made), BulkCmd::Issue { cards, .. }) = (generated, cmd) {
-            let path = cards.manifest.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        if let Some((made, path)) = generated {
             if made == 0 {
-                println!("the numbers of {path}, made by an earlier run");
+                println!("the numbers of {}, made by an earlier run", path.display());
             } else {
-                println!("{made} new numbers written to {path}");
+                println!("{made} new numbers written to {}", path.display());
             }
         }
         println!("{}: job {} of {} cards: {}", job.result.name(), run.job, job.count, counts.join(", "));
