@@ -11,7 +11,8 @@ use crate::engine::ChunkWork;
 use crate::model::{Money, ResultCode};
 use crate::wire::{IdemRef, JobKind, JobReply, Reply, Request, JOB_CHUNK_CARDS_MAX, STRING_BYTES_MAX};
 use anyhow::{bail, Context};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 
 /// Longest job id (a key).
 pub const JOB_ID_BYTES_MAX: usize = STRING_BYTES_MAX;
@@ -91,6 +92,9 @@ pub struct Summary {
     pub counts: BTreeMap<&'static str, u64>,
     /// (index in the job, last 4 digits, result) of the first failures.
     pub failures: Vec<(u64, String, ResultCode)>,
+    /// The index of every card an issue job found was a card already (`already_exists`): a
+    /// generated inventory replaces them (`issue_drawn`).
+    pub existing: Vec<u64>,
 }
 
 impl Summary {
@@ -260,6 +264,9 @@ pub async fn run(
         let (name, failed) = outcome_of(kind, result, changed);
         let last4 = || cards.get(i).map(|n| String::from_utf8_lossy(&n.last4()).into_owned()).unwrap_or_default();
         summary.add(name, failed.then(|| (i, last4(), result)));
+        if kind == Some(JobKind::Issue) && result == ResultCode::CardExists {
+            summary.existing.push(i);
+        }
     };
     drive(c, cards.count(), chunk_cards as u64, window, request, count, progress).await?;
     Ok((opened, summary))
@@ -295,11 +302,12 @@ pub async fn reverse(job: Job<'_>, progress: impl FnMut(u64, u64)) -> anyhow::Re
 
 /// Numbers for a new inventory: `count` distinct random numbers in a program's format (its
 /// `number_prefix`, random digits, then the Luhn check digit: `length` digits in all), the same
-/// format giftd's own generated numbers take. The format must leave at least
-/// `NUMBER_RANDOM_DIGITS_MIN` random digits: 10^9 values or more for at most `JOB_CARDS_MAX`
-/// numbers, so a repeat (skipped) is rare and the loop ends. From the operating system's generator
-/// through a CSPRNG: a number must not be guessable from the others on the same box of cards.
-pub fn generate(count: u64, prefix: &str, length: usize) -> anyhow::Result<Vec<CardNumber>> {
+/// format giftd's own generated numbers take, none of them in `taken` (numbers by value). The
+/// format must leave at least `NUMBER_RANDOM_DIGITS_MIN` random digits: 10^9 values or more for at
+/// most `JOB_CARDS_MAX` numbers, so a repeat (skipped) is rare and the loop ends. From the
+/// operating system's generator through a CSPRNG: a number must not be guessable from the others
+/// on the same box of cards.
+pub fn generate(count: u64, prefix: &str, length: usize, taken: &HashSet<u64>) -> anyhow::Result<Vec<CardNumber>> {
     use crate::card_number::{CARD_NUMBER_DIGITS_MAX, CARD_NUMBER_DIGITS_MIN};
     use crate::engine::program::NUMBER_RANDOM_DIGITS_MIN;
     use rand::SeedableRng;
@@ -318,12 +326,13 @@ pub fn generate(count: u64, prefix: &str, length: usize) -> anyhow::Result<Vec<C
         );
     }
     let mut rng = rand::rngs::StdRng::from_rng(rand::rngs::OsRng)?;
-    // Seen numbers by value: at most 19 digits fit a u64, 8 bytes each for a job's 10M.
-    let mut seen = std::collections::HashSet::with_capacity(count as usize);
+    // Seen numbers by value: 8 bytes each for a job's 10M.
+    let mut seen = HashSet::with_capacity(count as usize);
     let mut numbers = Vec::with_capacity(count as usize);
     while (numbers.len() as u64) < count {
         let n = CardNumber::generate(prefix, length, &mut rng);
-        if seen.insert(n.expose().parse::<u64>().expect("at most 19 digits")) {
+        let value = number_value(&n);
+        if !taken.contains(&value) && seen.insert(value) {
             numbers.push(n);
         }
     }
@@ -371,13 +380,177 @@ pub fn write_manifest(path: &std::path::Path, numbers: &[CardNumber]) -> anyhow:
     Ok(())
 }
 
+/// A card number by value: its digits (at most 19) as a u64, 8 bytes a number in the sets a
+/// generated inventory keeps.
+fn number_value(n: &CardNumber) -> u64 {
+    n.expose().parse().expect("a card number has at most 19 digits")
+}
+
+/// The card numbers of a manifest: a CSV file, the number first on each line, quoted or not (a
+/// header line is skipped, and so are empty lines). An error names the line, never its number.
+pub fn read_manifest(path: &Path) -> anyhow::Result<Vec<CardNumber>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut numbers = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let field = line.split(',').next().unwrap_or("").trim().trim_matches('"');
+        if field.is_empty() || (i == 0 && !field.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        numbers.push(CardNumber::parse(field).with_context(|| format!("line {}: not a card number", i + 1))?);
+    }
+    Ok(numbers)
+}
+
+/// Rounds a generated inventory may take to replace its numbers that were cards already. Each
+/// round replaces the few of the round before that were: unless a format is nearly full, the
+/// second round has none.
+pub const DRAW_ROUNDS_MAX: usize = 16;
+
+/// Where a generated inventory keeps the numbers it drew in `round`: beside its manifest.
+pub fn round_path(manifest: &Path, round: usize) -> PathBuf {
+    let mut path = manifest.as_os_str().to_owned();
+    path.push(format!(".round{round}"));
+    PathBuf::from(path)
+}
+
+/// The job that issues a generated inventory's `round`: round 0 is the job named, and each later
+/// round a job of its own (a job's cards are fixed when it opens), `JOB~1`, `JOB~2`, ….
+pub fn round_job(job: &str, round: usize) -> String {
+    if round == 0 {
+        job.to_string()
+    } else {
+        format!("{job}~{round}")
+    }
+}
+
+/// What a generated inventory came to, over its rounds.
+#[derive(Debug)]
+pub struct Drawn {
+    /// Round 0's job record: the job the command named.
+    pub job: JobReply,
+    /// Every round's outcomes together, but for the numbers that were cards already (replaced).
+    pub summary: Summary,
+    /// How many numbers drawn were cards already, each replaced by a number of the next round.
+    pub replaced: u64,
+    /// Numbers made by this run after round 0 (a round read back from its file makes none).
+    pub made: u64,
+    pub rounds: usize,
+    /// Whether the manifest lists the inventory: written only once every card of it was issued.
+    pub listed: bool,
+}
+
+/// Issues a generated inventory whose first round of numbers, `first`, is already in its file
+/// (`round_path(manifest, 0)`). A drawn number can be a card already (a box of another reseller,
+/// in the same format): its job does not issue it, and it is replaced by a new number, drawn in
+/// the next round and issued by that round's job (`round_job`), until a round has none. Each
+/// round's numbers are in their file before any is issued, so running this again (after a kill or
+/// a lost connection) runs the same jobs with the same numbers: nothing is issued twice, and the
+/// summary is the same. Then the manifest is written, listing only the inventory's cards: the
+/// numbers that were cards already would be another card's number printed on a second card.
+pub async fn issue_drawn(
+    job: Job<'_>,
+    manifest: &Path,
+    first: Vec<CardNumber>,
+    format: (&str, usize),
+    work: &Work,
+    mut progress: impl FnMut(u64, u64),
+) -> anyhow::Result<Drawn> {
+    check_job_id(&round_job(job.id, DRAW_ROUNDS_MAX - 1)).context("the job id leaves no room for a round's")?;
+    let count = first.len();
+    let mut taken: HashSet<u64> = first.iter().map(number_value).collect();
+    let mut rounds = vec![first];
+    let mut existing_by_round: Vec<HashSet<u64>> = Vec::new();
+    let mut drawn = Drawn {
+        // Round 0's, set before anything returns.
+        job: JobReply { result: ResultCode::JobNotFound, kind: None, count: 0, chunk_cards: 0 },
+        summary: Summary::default(),
+        replaced: 0,
+        made: 0,
+        rounds: 0,
+        listed: false,
+    };
+    loop {
+        let round = rounds.len() - 1;
+        let id = round_job(job.id, round);
+        let cards = Cards::Manifest(std::mem::take(&mut rounds[round]));
+        let (reply, summary) = run(Job { id: &id, ..job }, &cards, work, &mut progress).await?;
+        let Cards::Manifest(numbers) = cards else { unreachable!("a manifest was made") };
+        rounds[round] = numbers;
+        drawn.rounds = round + 1;
+        if round == 0 {
+            drawn.job = reply.clone();
+        }
+        if reply.result != ResultCode::Approved {
+            if round == 0 {
+                // The id is another job's: nothing was sent.
+                drawn.summary = summary;
+                return Ok(drawn);
+            }
+            bail!("job {id} (round {round} of the inventory's numbers) answered {}", reply.result.name());
+        }
+        for (outcome, n) in &summary.counts {
+            if *outcome != "already_exists" {
+                *drawn.summary.counts.entry(outcome).or_default() += n;
+            }
+        }
+        for failure in summary.failures.iter().filter(|f| f.2 != ResultCode::CardExists) {
+            if drawn.summary.failures.len() < FAILURES_LISTED_MAX {
+                drawn.summary.failures.push(failure.clone());
+            }
+        }
+        let replace = summary.existing.len();
+        drawn.replaced += replace as u64;
+        existing_by_round.push(summary.existing.into_iter().collect());
+        if replace == 0 {
+            break;
+        }
+        if round + 1 == DRAW_ROUNDS_MAX {
+            bail!("after {DRAW_ROUNDS_MAX} rounds, {replace} drawn numbers were still cards already: the format is nearly full");
+        }
+        let path = round_path(manifest, round + 1);
+        let next = if path.exists() {
+            let next = read_manifest(&path).with_context(|| format!("{}", path.display()))?;
+            if next.len() != replace {
+                bail!("{} holds {} numbers, not the {replace} round {round} replaces", path.display(), next.len());
+            }
+            next
+        } else {
+            let next = generate(replace as u64, format.0, format.1, &taken)?;
+            write_manifest(&path, &next)?;
+            drawn.made += replace as u64;
+            next
+        };
+        taken.extend(next.iter().map(number_value));
+        rounds.push(next);
+    }
+    if drawn.summary.counts.get("issued").copied().unwrap_or(0) != count as u64 {
+        // Some were declined for another reason (the summary says which): no manifest lists a
+        // box that is not whole.
+        return Ok(drawn);
+    }
+    let mut numbers = Vec::with_capacity(count);
+    for (round, existing) in rounds.into_iter().zip(&existing_by_round) {
+        numbers.extend(round.into_iter().enumerate().filter(|(i, _)| !existing.contains(&(*i as u64))).map(|(_, n)| n));
+    }
+    if manifest.exists() {
+        // Written by an earlier run of the same job, which this one has only read back.
+        if read_manifest(manifest).with_context(|| format!("{}", manifest.display()))? != numbers {
+            bail!("{} exists and lists other numbers than this job's cards", manifest.display());
+        }
+    } else {
+        write_manifest(manifest, &numbers)?;
+    }
+    drawn.listed = true;
+    Ok(drawn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn generated_numbers_are_distinct_and_in_the_programs_format() {
-        let numbers = generate(20_000, "6035", 16).unwrap();
+        let numbers = generate(20_000, "6035", 16, &HashSet::new()).unwrap();
         assert_eq!(numbers.len(), 20_000);
         let distinct: std::collections::HashSet<&str> = numbers.iter().map(|n| n.expose()).collect();
         assert_eq!(distinct.len(), numbers.len());
@@ -390,8 +563,28 @@ mod tests {
     }
 
     #[test]
+    fn generated_numbers_avoid_the_taken_ones() {
+        // The smallest format (10^9 numbers), and a first draw of 200,000 taken: a second draw
+        // blind to them would repeat about 40 of them.
+        let first = generate(200_000, "603", 13, &HashSet::new()).unwrap();
+        let taken: HashSet<u64> = first.iter().map(number_value).collect();
+        let second = generate(200_000, "603", 13, &taken).unwrap();
+        assert_eq!(second.len(), 200_000);
+        assert!(second.iter().all(|n| !taken.contains(&number_value(n))));
+    }
+
+    #[test]
+    fn rounds_have_their_own_files_and_jobs() {
+        let manifest = Path::new("/tmp/box 7.csv");
+        assert_eq!(round_path(manifest, 0), Path::new("/tmp/box 7.csv.round0"));
+        assert_eq!(round_path(manifest, 12), Path::new("/tmp/box 7.csv.round12"));
+        assert_eq!((round_job("inv-7", 0).as_str(), round_job("inv-7", 3).as_str()), ("inv-7", "inv-7~3"));
+        assert!(check_job_id(&round_job(&"j".repeat(JOB_ID_BYTES_MAX - 3), DRAW_ROUNDS_MAX - 1)).is_ok());
+    }
+
+    #[test]
     fn a_format_without_nine_random_digits_or_a_bad_count_is_refused() {
-        assert!(generate(10, "603", 13).is_ok(), "3 + 9 random + 1 check digit: the shortest format");
+        assert!(generate(10, "603", 13, &HashSet::new()).is_ok(), "3 + 9 random + 1 check digit: the shortest format");
         for (count, prefix, length) in [
             (10, "6035", 13),
             (10, "603512", 15),
@@ -402,7 +595,7 @@ mod tests {
             (0, "6035", 16),
             (10_000_001, "6035", 16),
         ] {
-            assert!(generate(count, prefix, length).is_err(), "{count} {prefix} {length}");
+            assert!(generate(count, prefix, length, &HashSet::new()).is_err(), "{count} {prefix} {length}");
         }
     }
 
@@ -411,7 +604,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cards.csv");
-        let numbers = generate(3, "6035", 16).unwrap();
+        let numbers = generate(3, "6035", 16, &HashSet::new()).unwrap();
         // A stale `.partial`, readable by all, from an interrupted run: replaced, not reused.
         std::fs::write(dir.path().join("cards.csv.partial"), "6035000000000006\n").unwrap();
         std::fs::set_permissions(dir.path().join("cards.csv.partial"), std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -420,7 +613,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines, numbers.iter().map(|n| n.expose()).collect::<Vec<_>>());
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(write_manifest(&path, &generate(3, "6035", 16).unwrap()).is_err());
+        assert!(write_manifest(&path, &generate(3, "6035", 16, &HashSet::new()).unwrap()).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the first manifest stays");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["cards.csv"], "no .partial file is left behind");

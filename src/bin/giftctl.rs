@@ -407,9 +407,10 @@ enum BulkCmd {
         /// RFC 3339 time, or "never".
         #[arg(long, default_value = "never")]
         expires: String,
-        /// Make this many new random numbers, write them to --manifest (which must not exist yet,
-        /// and is readable by its owner only), then issue them. The same command again resumes:
-        /// the file's numbers are issued, and none is made.
+        /// Make this many new random numbers (kept in MANIFEST.round0, readable by its owner only)
+        /// and issue them; replace any that was a card already (MANIFEST.round1, …, job ID~1, …);
+        /// then list the box's cards in --manifest, which must not exist yet. The same command
+        /// again resumes from the round files: nothing is issued twice, nothing made again.
         #[arg(long, requires = "manifest", requires = "prefix")]
         generate: Option<u64>,
         /// Leading digits of the numbers --generate makes: the program's number_prefix.
@@ -440,48 +441,45 @@ enum BulkCmd {
     },
 }
 
-/// The cards of `bulk issue --generate count`: the manifest's, when it exists (a run resumed, which
-/// must name as many), else `count` new numbers, written to it before anything is issued. Returns
-/// them with how many were made by this run and the manifest's path.
-fn generated_cards<'a>(
-    c: &'a JobCards,
+/// The first round of `bulk issue --generate count`'s numbers: its file's, when it exists (a run
+/// resumed, which must name as many), else `count` new numbers, written to it before anything is
+/// issued. Returns them with how many were made by this run.
+fn first_round(
+    manifest: &std::path::Path,
     count: u64,
     prefix: &str,
     length: usize,
-) -> Result<(bulk::Cards, u64, &'a std::path::Path), Failure> {
-    let path = c.manifest.as_ref().ok_or_else(|| usage("--generate needs --manifest"))?;
+) -> Result<(Vec<CardNumber>, u64), Failure> {
+    let path = bulk::round_path(manifest, 0);
     if path.exists() {
-        let cards = job_cards(c)?;
-        if cards.count() != count {
+        let numbers = bulk::read_manifest(&path).map_err(|e| usage(format!("{}: {e:#}", path.display())))?;
+        if numbers.len() as u64 != count {
             return Err(usage(format!(
-                "--manifest {} exists and holds {} numbers, not {count}: run again with --generate {} to resume \
-                 that job, or name a new file",
+                "{} exists and holds {} numbers, not {count}: run again with --generate {} to resume that job, \
+                 or name a new --manifest",
                 path.display(),
-                cards.count(),
-                cards.count()
+                numbers.len(),
+                numbers.len()
             )));
         }
-        return Ok((cards, 0, path));
+        return Ok((numbers, 0));
     }
-    let numbers = bulk::generate(count, prefix, length).map_err(|e| usage(format!("--generate: {e}")))?;
-    bulk::write_manifest(path, &numbers).map_err(Failure::Run)?;
-    Ok((bulk::Cards::Manifest(numbers), count, path))
+    if manifest.exists() {
+        return Err(usage(format!(
+            "--manifest {} exists, and {} (the numbers its job drew) does not: name a new file",
+            manifest.display(),
+            path.display()
+        )));
+    }
+    let numbers =
+        bulk::generate(count, prefix, length, &Default::default()).map_err(|e| usage(format!("--generate: {e}")))?;
+    bulk::write_manifest(&path, &numbers).map_err(Failure::Run)?;
+    Ok((numbers, count))
 }
 
 fn job_cards(c: &JobCards) -> Result<bulk::Cards, Failure> {
     if let Some(path) = &c.manifest {
-        let text = std::fs::read_to_string(path).map_err(|e| usage(format!("--manifest {}: {e}", path.display())))?;
-        let mut numbers = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let field = line.split(',').next().unwrap_or("").trim().trim_matches('"');
-            if field.is_empty() || (i == 0 && !field.bytes().all(|b| b.is_ascii_digit())) {
-                continue;
-            }
-            // The line number, never the number itself: it is a card number.
-            numbers.push(
-                CardNumber::parse(field).ok_or_else(|| usage(format!("manifest line {}: not a card number", i + 1)))?,
-            );
-        }
+        let numbers = bulk::read_manifest(path).map_err(|e| usage(format!("--manifest {}: {e:#}", path.display())))?;
         return Ok(bulk::Cards::Manifest(numbers));
     }
     let first = c.first.as_deref().map(number).transpose()?.ok_or_else(|| usage("--first or --manifest"))?;
@@ -530,24 +528,34 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         chunk: run.chunk,
         window: run.window,
     };
-    // With --generate: the numbers made by this run (0 when it resumed) and the manifest's path.
+    // With --generate: what its rounds came to (the numbers made by this run, 0 when it only
+    // resumed), and the manifest's path.
     let mut generated = None;
     let done = match cmd {
         BulkCmd::Issue { cards, amount, currency: cur, program, expires, generate, prefix, length, .. } => {
-            let cards = match generate {
-                Some(n) => {
-                    let (cards, made, path) = generated_cards(cards, *n, prefix.as_deref().unwrap_or(""), *length)?;
-                    generated = Some((made, path));
-                    cards
-                }
-                None => job_cards(cards)?,
-            };
             let work = bulk::Work::Issue {
                 program: program.clone(),
                 money: money(amount, currency(cur)?)?,
                 expiry_ms: parse_expiry(expires)?,
             };
-            bulk::run(job, &cards, &work, progress).await
+            match generate {
+                Some(n) => {
+                    let manifest = cards.manifest.as_deref().ok_or_else(|| usage("--generate needs --manifest"))?;
+                    // Every round's job id must be valid before a number is drawn.
+                    bulk::check_job_id(&bulk::round_job(&run.job, bulk::DRAW_ROUNDS_MAX - 1))
+                        .map_err(|e| usage(format!("--job with --generate: {e} (its rounds add up to 3)")))?;
+                    let prefix = prefix.as_deref().unwrap_or("");
+                    let (first, made) = first_round(manifest, *n, prefix, *length)?;
+                    bulk::issue_drawn(job, manifest, first, (prefix, *length), &work, progress).await.map(|mut d| {
+                        d.made += made;
+                        let summary = std::mem::take(&mut d.summary);
+                        let reply = d.job.clone();
+                        generated = Some((d, manifest));
+                        (reply, summary)
+                    })
+                }
+                None => bulk::run(job, &job_cards(cards)?, &work, progress).await,
+            }
         }
         BulkCmd::Activate { cards, amount, currency: cur, .. } => {
             let cards = job_cards(cards)?;
@@ -561,15 +569,14 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     };
     bar.finish_and_clear();
     let (job, summary) = done.map_err(Failure::Run)?;
-    // A random number can be a card already (of another box in the same format): the job did not
-    // issue it, but the manifest lists it, and activating the file as it is would activate that card.
-    if let Some((_, path)) = generated {
-        let taken = summary.counts.get("already_exists").copied().unwrap_or(0);
-        if taken > 0 {
+    // A box is listed only when whole: say where its numbers are meanwhile.
+    if let Some((d, path)) = &generated {
+        if !d.listed && job.result == ResultCode::Approved {
             eprintln!(
-                "giftctl: warning: {taken} of the generated numbers in {} were cards already (failures: \
-                 already_exists); this job did not issue them: take their lines out before activating the file",
-                path.display()
+                "giftctl: warning: not every card was issued (see the failures), so {} was not written; \
+                 the numbers drawn are in {}",
+                path.display(),
+                bulk::round_path(path, 0).display()
             );
         }
     }
@@ -583,8 +590,11 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     } else if job.result == ResultCode::JobNotFound {
         obj.insert("reason".into(), json!("no job has this id (for this --merchant)"));
     }
-    if let Some((made, _)) = generated {
-        obj.insert("generated".into(), json!(made));
+    if let Some((d, _)) = &generated {
+        obj.insert("generated".into(), json!(d.made));
+        obj.insert("replaced".into(), json!(d.replaced));
+        obj.insert("rounds".into(), json!(d.rounds));
+        obj.insert("listed".into(), json!(d.listed));
     }
     obj.insert("summary".into(), json!(summary.counts));
     let failures: Vec<Value> = summary
@@ -597,11 +607,23 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         println!("{}", Value::Object(obj));
     } else {
         let counts: Vec<String> = summary.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        if let Some((made, path)) = generated {
-            if made == 0 {
-                println!("the numbers of {}, made by an earlier run", path.display());
+        if let Some((d, path)) = &generated {
+            let made = match d.made {
+                0 => "all drawn by an earlier run".to_string(),
+                n => format!("{n} drawn by this run"),
+            };
+            let jobs = match d.rounds {
+                2 => format!("job {}~1", run.job),
+                n => format!("jobs {j}~1 to {j}~{}", n - 1, j = run.job),
+            };
+            let replaced = match d.replaced {
+                0 => String::new(),
+                n => format!("; {n} of them replace drawn numbers that were cards already, issued by {jobs}"),
+            };
+            if d.listed {
+                println!("the cards are listed in {} ({made}{replaced})", path.display());
             } else {
-                println!("{made} new numbers written to {}", path.display());
+                println!("{} was not written: not every card was issued ({made}{replaced})", path.display());
             }
         }
         println!("{}: job {} of {} cards: {}", job.result.name(), run.job, job.count, counts.join(", "));

@@ -143,8 +143,10 @@ async fn jobs_by_range_and_manifest_are_idempotent_and_report_each_outcome() {
     assert_eq!(v["result"], "job_not_found", "{v}");
 }
 
-/// `giftctl bulk issue --generate`: new random numbers, written to the manifest before any is
-/// issued; the same command again resumes from the file; the file then drives the activation.
+/// `giftctl bulk issue --generate`: new random numbers, kept in the first round's file before any
+/// is issued; the same command again resumes from it; a number that was a card already is
+/// replaced by a new one, in a round of its own; the manifest, written once every card is issued,
+/// lists the box's cards and then drives the activation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     use std::os::unix::fs::PermissionsExt;
@@ -175,7 +177,11 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     };
     let v = ctl(&issue("2500"));
     assert_eq!((v["generated"].as_u64(), v["summary"]["issued"].as_u64()), (Some(2_500), Some(2_500)), "{v}");
+    assert_eq!((v["replaced"].as_u64(), v["rounds"].as_u64(), v["listed"].as_bool()), (Some(0), Some(1), Some(true)));
     let text = std::fs::read_to_string(&path).unwrap();
+    let round0 = bulk::round_path(&path, 0);
+    assert_eq!(std::fs::read_to_string(&round0).unwrap(), text, "no number was a card: the box is round 0");
+    assert_eq!(std::fs::metadata(&round0).unwrap().permissions().mode() & 0o777, 0o600);
     let numbers: Vec<&str> = text.lines().collect();
     assert_eq!(numbers.len(), 2_500);
     assert_eq!(numbers.iter().collect::<std::collections::HashSet<_>>().len(), 2_500, "distinct");
@@ -215,37 +221,63 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
         "gen-8",
     ]);
     assert_eq!(code, 2, "{err}");
-    assert!(!short.exists());
-
-    // A generated number that is a card already is not issued, and giftctl warns that the file
-    // lists it (here a file holding one of the box's numbers again, run as a resumed job).
-    let taken = dir.path().join("taken.csv");
-    std::fs::write(&taken, format!("{}\n{}\n", numbers[0], "6035000000000006")).unwrap();
+    assert!(!short.exists() && !bulk::round_path(&short, 0).exists());
+    // A file of the same name not made by --generate is never taken for a box's list.
     let mut args = vec!["--addr", g.addr()];
-    args.extend_from_slice(&issue("2"));
-    args[9] = taken.to_str().unwrap();
-    args[15] = "gen-taken";
-    args.extend_from_slice(&["--merchant", "reseller-9"]);
-    let (code, out, err) = crate::giftctl::run(&args);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains("issued 1") && out.contains("already_exists 1"), "{out}");
-    assert!(err.contains("warning: 1 of the generated numbers") && err.contains("taken.csv"), "{err}");
+    args.extend_from_slice(&issue("2500"));
+    let foreign = dir.path().join("foreign.csv");
+    std::fs::write(&foreign, "6035000000000006\n").unwrap();
+    args[9] = foreign.to_str().unwrap();
+    let (code, _, err) = crate::giftctl::run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("foreign.csv exists"), "{err}");
+
+    // A drawn number that is a card already (here: round 0's file holds one of the box's numbers
+    // again, as if drawn) is not issued; a new number replaces it, drawn and issued in round 1
+    // under a job of its own, and the manifest lists the new number, never the other card's.
+    let taken = dir.path().join("taken.csv");
+    std::fs::write(bulk::round_path(&taken, 0), format!("{}\n{}\n", numbers[0], "6035000000000006")).unwrap();
+    let mut args: Vec<&str> = issue("2").to_vec();
+    args[7] = taken.to_str().unwrap();
+    args[13] = "gen-taken";
+    let v = ctl(&args);
+    assert_eq!(&v["summary"], &serde_json::json!({ "issued": 2 }), "{v}");
+    assert_eq!((v["replaced"].as_u64(), v["rounds"].as_u64(), v["generated"].as_u64()), (Some(1), Some(2), Some(1)));
+    let listed = std::fs::read_to_string(&taken).unwrap();
+    let listed: Vec<&str> = listed.lines().collect();
+    assert_eq!((listed.len(), listed[0]), (2, "6035000000000006"), "{listed:?}");
+    assert!(listed[1] != numbers[0] && listed[1].starts_with("6035") && num(listed[1]).luhn_ok());
+    assert_eq!(std::fs::read_to_string(bulk::round_path(&taken, 1)).unwrap(), format!("{}\n", listed[1]));
+    let mut c = g.client().await;
+    assert_eq!(
+        crate::view(&mut c, listed[1]).await.status,
+        giftd::model::Status::Inactive,
+        "the replacement is a card"
+    );
+    // Run again: the same jobs and numbers, nothing drawn, the list as it was.
+    let again = ctl(&args);
+    assert_eq!(
+        (again["generated"].as_u64(), &again["summary"], again["replaced"].as_u64()),
+        (Some(0), &v["summary"], Some(1))
+    );
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), format!("{}\n", listed.join("\n")));
 
     // The file is the reseller's list of the box's cards: it activates them.
     let v = ctl(&["bulk", "activate", "--manifest", file, "--job", "act-7"]);
     assert_eq!(v["summary"]["activated"], 2_500, "{v}");
-    let mut c = g.client().await;
     let card = crate::view(&mut c, numbers[1_234]).await;
     assert_eq!((card.status, card.balance_minor), (giftd::model::Status::Active, 1_000));
 
-    // A lost file is not made again: the job run with a new one sends other numbers, and every
-    // chunk is declined, issuing none of them.
+    // Lost files are not made again: the job run with a new one sends other numbers, and every
+    // chunk is declined, issuing none of them; no manifest lists them.
     let lost = dir.path().join("box-7-again.csv");
     let mut args: Vec<&str> = issue("2500").to_vec();
     args[7] = lost.to_str().unwrap();
     let v = ctl(&args);
     assert_eq!((v["generated"].as_u64(), v["summary"]["idempotency_mismatch"].as_u64()), (Some(2_500), Some(2_500)));
-    let other = std::fs::read_to_string(&lost).unwrap();
+    assert_eq!(v["listed"].as_bool(), Some(false), "{v}");
+    assert!(!lost.exists());
+    let other = std::fs::read_to_string(bulk::round_path(&lost, 0)).unwrap();
     let other = other.lines().next().unwrap();
     let o = call(&mut c, &Request::Balance { number: num(other) }).await;
     assert_eq!(o.result, ResultCode::CardNotFound);
