@@ -542,8 +542,11 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
                 Some(n) => {
                     let manifest = cards.manifest.as_deref().ok_or_else(|| usage("--generate needs --manifest"))?;
                     // Every round's job id must be valid before a number is drawn.
-                    bulk::check_job_id(&bulk::round_job(&run.job, bulk::DRAW_ROUNDS_MAX - 1))
-                        .map_err(|e| usage(format!("--job with --generate: {e} (its rounds add up to 3)")))?;
+                    bulk::check_job_id(&bulk::round_job(&run.job, bulk::DRAW_ROUNDS_MAX - 1)).map_err(|e| {
+                        usage(format!(
+                            "--job with --generate: {e} (a later round's job id adds up to 3 characters: ID~15)"
+                        ))
+                    })?;
                     let prefix = prefix.as_deref().unwrap_or("");
                     let (first, made) = first_round(manifest, *n, prefix, *length)?;
                     bulk::issue_drawn(job, manifest, first, (prefix, *length), &work, progress).await.map(|mut d| {
