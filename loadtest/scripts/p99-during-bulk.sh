@@ -3,6 +3,8 @@
 # NOBULK=1: the same run with no activation (the baseline). "job" is the p99 of the redeems sent
 # while the activation ran; "whole" of every redeem of the 12 s run. "job window, server": giftd's own
 # histograms over the activation (scraped as it starts and ends), with the bucket that holds their p99.
+# CTL_PREFIX="chrt -i 0": the activation's giftctl under SCHED_IDLE, standing in for a reseller's
+# client on a machine of its own (here it shares giftd's 2 cores with giftload).
 B=${BIN:-$HOME/.cache/giftd/target/release}
 CH=${1:-1024}; W=${2:-4}
 D=$(mktemp -d /tmp/gbench.XXXX)
@@ -13,7 +15,7 @@ $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --co
 sleep 20
 LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json --latency-log $D/lat"
 curl -s 127.0.0.1:9499/metrics > $D/m0
-( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e" -o $D/act.time $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
+( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e" -o $D/act.time $CTL_PREFIX $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null
 wait $A
