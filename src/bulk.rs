@@ -339,18 +339,23 @@ pub fn generate(count: u64, prefix: &str, length: usize, taken: &HashSet<u64>) -
     Ok(numbers)
 }
 
-/// Writes `numbers` to a new manifest at `path`, one per line, readable by its owner only: they are
+/// Writes `numbers` to a new manifest at `path` (after `header`, if any, as its first line), one per
+/// line, readable by its owner only: they are
 /// the cards' full numbers, and this file is the only place they are kept (giftd keeps keyed hashes).
 /// Never replaces a file: the numbers go to a `.partial` file beside it, synced, which then takes
 /// the name only if nothing has it (a hard link), and the directory is synced; so after a crash the
 /// manifest is either whole or not there, and cards are issued only once it is durable.
-pub fn write_manifest(path: &std::path::Path, numbers: &[CardNumber]) -> anyhow::Result<()> {
+pub fn write_manifest(path: &std::path::Path, header: Option<&str>, numbers: &[CardNumber]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
     let mut text = String::with_capacity(numbers.len() * (numbers.first().map_or(0, |n| n.expose().len()) + 1));
+    if let Some(header) = header {
+        text.push_str(header);
+        text.push('\n');
+    }
     for n in numbers {
         text.push_str(n.expose());
         text.push('\n');
@@ -389,7 +394,10 @@ fn number_value(n: &CardNumber) -> u64 {
 /// The card numbers of a manifest: a CSV file, the number first on each line, quoted or not (a
 /// header line is skipped, and so are empty lines). An error names the line, never its number.
 pub fn read_manifest(path: &Path) -> anyhow::Result<Vec<CardNumber>> {
-    let text = std::fs::read_to_string(path)?;
+    parse_manifest(&std::fs::read_to_string(path)?)
+}
+
+fn parse_manifest(text: &str) -> anyhow::Result<Vec<CardNumber>> {
     let mut numbers = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let field = line.split(',').next().unwrap_or("").trim().trim_matches('"');
@@ -414,7 +422,8 @@ pub fn round_path(manifest: &Path, round: usize) -> PathBuf {
 }
 
 /// The job that issues a generated inventory's `round`: round 0 is the job named, and each later
-/// round a job of its own (a job's cards are fixed when it opens), `JOB~1`, `JOB~2`, ….
+/// round a job of its own (a job's cards are fixed when it opens), `JOB~1`, `JOB~2`, …; so a
+/// generated inventory's job id has no `~` of its own.
 pub fn round_job(job: &str, round: usize) -> String {
     if round == 0 {
         job.to_string()
@@ -423,12 +432,61 @@ pub fn round_job(job: &str, round: usize) -> String {
     }
 }
 
+/// The first line of a round's file: what it was drawn for. A run reads a round back only for the
+/// same job, merchant, format and count; any other would issue cards a second time (the numbers of
+/// a box issued under another job id are all cards already, and would all be "replaced").
+pub fn round_header(job: Job<'_>, format: (&str, usize), round: usize, count: usize) -> String {
+    format!(
+        "# giftctl bulk issue --generate: round {round} of job {} of merchant {:?}, {count} numbers, prefix {}, {} digits",
+        job.id, job.merchant, format.0, format.1
+    )
+}
+
+/// A round's numbers, read back from its file if it exists (None if not), which must have been
+/// drawn for `header`. The error never quotes the file's lines: they may be card numbers.
+pub fn read_round(path: &Path, header: &str) -> anyhow::Result<Option<Vec<CardNumber>>> {
+    let text = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        other => other.with_context(|| format!("reading {}", path.display()))?,
+    };
+    if text.lines().next() != Some(header) {
+        bail!(
+            "{} was drawn for another job, merchant, format or count: its first line is not {header:?}",
+            path.display()
+        );
+    }
+    Ok(Some(parse_manifest(&text).with_context(|| format!("{}", path.display()))?))
+}
+
+/// Holds a generated inventory's lock (`MANIFEST.lock`, kept) until dropped: two runs for one box
+/// at once would each draw, and one's file could name the numbers the other issued.
+pub fn lock_box(manifest: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let mut path = manifest.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; the lock goes with the file.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("{} is held: another giftctl is working on this box", path.display());
+    }
+    Ok(f)
+}
+
 /// What a generated inventory came to, over its rounds.
 #[derive(Debug)]
 pub struct Drawn {
     /// Round 0's job record: the job the command named.
     pub job: JobReply,
-    /// Every round's outcomes together, but for the numbers that were cards already (replaced).
+    /// Every round's outcomes together, but for the numbers that were cards already (replaced);
+    /// a failure's index is its card's place in its round's job.
     pub summary: Summary,
     /// How many numbers drawn were cards already, each replaced by a number of the next round.
     pub replaced: u64,
@@ -440,13 +498,13 @@ pub struct Drawn {
 }
 
 /// Issues a generated inventory whose first round of numbers, `first`, is already in its file
-/// (`round_path(manifest, 0)`). A drawn number can be a card already (a box of another reseller,
-/// in the same format): its job does not issue it, and it is replaced by a new number, drawn in
-/// the next round and issued by that round's job (`round_job`), until a round has none. Each
-/// round's numbers are in their file before any is issued, so running this again (after a kill or
-/// a lost connection) runs the same jobs with the same numbers: nothing is issued twice, and the
-/// summary is the same. Then the manifest is written, listing only the inventory's cards: the
-/// numbers that were cards already would be another card's number printed on a second card.
+/// (`round_path(manifest, 0)`, under `round_header`). A drawn number can be a card already (a box
+/// of another reseller, in the same format): its job does not issue it, and it is replaced by a
+/// new number, drawn in the next round and issued by that round's job (`round_job`), until a round
+/// has none. Each round's numbers are in their file before any is issued, so running this again
+/// (after a kill or a lost connection) runs the same jobs with the same numbers: nothing is issued
+/// twice, and the summary is the same. Then the manifest is written, listing only the inventory's
+/// cards: a number that was a card already would be another card's number printed on a second card.
 pub async fn issue_drawn(
     job: Job<'_>,
     manifest: &Path,
@@ -456,10 +514,16 @@ pub async fn issue_drawn(
     mut progress: impl FnMut(u64, u64),
 ) -> anyhow::Result<Drawn> {
     check_job_id(&round_job(job.id, DRAW_ROUNDS_MAX - 1)).context("the job id leaves no room for a round's")?;
+    if job.id.contains('~') {
+        bail!("a generated inventory's job id has no '~': its rounds' jobs are JOB~1, JOB~2, …");
+    }
     let count = first.len();
-    let mut taken: HashSet<u64> = first.iter().map(number_value).collect();
+    // A listed box was drawn whole before: its rounds are read back, never drawn again.
+    let listed_before = manifest.exists();
     let mut rounds = vec![first];
     let mut existing_by_round: Vec<HashSet<u64>> = Vec::new();
+    // Every number drawn so far, by value: made only when a round has numbers to replace.
+    let mut taken: Option<HashSet<u64>> = None;
     let mut drawn = Drawn {
         // Round 0's, set before anything returns.
         job: JobReply { result: ResultCode::JobNotFound, kind: None, count: 0, chunk_cards: 0 },
@@ -498,27 +562,43 @@ pub async fn issue_drawn(
                 drawn.summary.failures.push(failure.clone());
             }
         }
-        let replace = summary.existing.len();
+        let (size, replace) = (rounds[round].len(), summary.existing.len());
+        let issued = summary.counts.get("issued").copied().unwrap_or(0) as usize;
         drawn.replaced += replace as u64;
         existing_by_round.push(summary.existing.into_iter().collect());
-        if replace == 0 {
+        if replace == 0 || issued + replace < size {
+            // Whole, or some cards were declined for another reason (replacing the others would
+            // not make the box whole: those declines are recorded for good).
             break;
+        }
+        if replace > size / 10 + 10 {
+            bail!(
+                "{replace} of round {round}'s {size} numbers were cards already, far more than chance: was this \
+                 box issued before under another job id or merchant? Nothing more was drawn"
+            );
         }
         if round + 1 == DRAW_ROUNDS_MAX {
             bail!("after {DRAW_ROUNDS_MAX} rounds, {replace} drawn numbers were still cards already: the format is nearly full");
         }
+        let taken = taken.get_or_insert_with(|| rounds.iter().flatten().map(number_value).collect());
         let path = round_path(manifest, round + 1);
-        let next = if path.exists() {
-            let next = read_manifest(&path).with_context(|| format!("{}", path.display()))?;
-            if next.len() != replace {
-                bail!("{} holds {} numbers, not the {replace} round {round} replaces", path.display(), next.len());
+        let header = round_header(job, format, round + 1, replace);
+        let next = match read_round(&path, &header)? {
+            Some(next) => {
+                if next.len() != replace || next.iter().any(|n| taken.contains(&number_value(n))) {
+                    bail!("{} does not hold {replace} new numbers", path.display());
+                }
+                next
             }
-            next
-        } else {
-            let next = generate(replace as u64, format.0, format.1, &taken)?;
-            write_manifest(&path, &next)?;
-            drawn.made += replace as u64;
-            next
+            None if listed_before => {
+                bail!("{} exists, but {} (numbers it lists) is missing", manifest.display(), path.display())
+            }
+            None => {
+                let next = generate(replace as u64, format.0, format.1, taken)?;
+                write_manifest(&path, Some(&header), &next)?;
+                drawn.made += replace as u64;
+                next
+            }
         };
         taken.extend(next.iter().map(number_value));
         rounds.push(next);
@@ -532,13 +612,13 @@ pub async fn issue_drawn(
     for (round, existing) in rounds.into_iter().zip(&existing_by_round) {
         numbers.extend(round.into_iter().enumerate().filter(|(i, _)| !existing.contains(&(*i as u64))).map(|(_, n)| n));
     }
-    if manifest.exists() {
+    if listed_before {
         // Written by an earlier run of the same job, which this one has only read back.
         if read_manifest(manifest).with_context(|| format!("{}", manifest.display()))? != numbers {
             bail!("{} exists and lists other numbers than this job's cards", manifest.display());
         }
     } else {
-        write_manifest(manifest, &numbers)?;
+        write_manifest(manifest, None, &numbers)?;
     }
     drawn.listed = true;
     Ok(drawn)
@@ -583,6 +663,33 @@ mod tests {
     }
 
     #[test]
+    fn a_round_is_read_back_only_for_its_own_job_and_a_box_is_worked_on_by_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("box.csv");
+        let job = Job { addr: "127.0.0.1:1", credentials: None, merchant: "r-9", id: "inv-9", chunk: 1, window: 1 };
+        let header = round_header(job, ("6035", 16), 0, 2);
+        let path = round_path(&manifest, 0);
+        assert!(read_round(&path, &header).unwrap().is_none(), "not drawn yet");
+        let numbers = generate(2, "6035", 16, &HashSet::new()).unwrap();
+        write_manifest(&path, Some(&header), &numbers).unwrap();
+        assert_eq!(read_round(&path, &header).unwrap(), Some(numbers.clone()));
+        assert_eq!(read_manifest(&path).unwrap(), numbers, "the header is skipped as a manifest's");
+        for other in [
+            round_header(Job { merchant: "r-10", ..job }, ("6035", 16), 0, 2),
+            round_header(Job { id: "inv-10", ..job }, ("6035", 16), 0, 2),
+            round_header(job, ("6036", 16), 0, 2),
+            round_header(job, ("6035", 16), 0, 3),
+        ] {
+            let e = read_round(&path, &other).unwrap_err().to_string();
+            assert!(e.contains("drawn for another") && !e.contains(numbers[0].expose()), "{e}");
+        }
+        let held = lock_box(&manifest).unwrap();
+        assert!(lock_box(&manifest).is_err(), "a second run is refused while the first holds the box");
+        drop(held);
+        assert!(lock_box(&manifest).is_ok());
+    }
+
+    #[test]
     fn a_format_without_nine_random_digits_or_a_bad_count_is_refused() {
         assert!(generate(10, "603", 13, &HashSet::new()).is_ok(), "3 + 9 random + 1 check digit: the shortest format");
         for (count, prefix, length) in [
@@ -608,12 +715,12 @@ mod tests {
         // A stale `.partial`, readable by all, from an interrupted run: replaced, not reused.
         std::fs::write(dir.path().join("cards.csv.partial"), "6035000000000006\n").unwrap();
         std::fs::set_permissions(dir.path().join("cards.csv.partial"), std::fs::Permissions::from_mode(0o644)).unwrap();
-        write_manifest(&path, &numbers).unwrap();
+        write_manifest(&path, None, &numbers).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines, numbers.iter().map(|n| n.expose()).collect::<Vec<_>>());
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(write_manifest(&path, &generate(3, "6035", 16, &HashSet::new()).unwrap()).is_err());
+        assert!(write_manifest(&path, None, &generate(3, "6035", 16, &HashSet::new()).unwrap()).is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the first manifest stays");
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, ["cards.csv"], "no .partial file is left behind");

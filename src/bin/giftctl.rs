@@ -410,7 +410,7 @@ enum BulkCmd {
         /// Make this many new random numbers (kept in MANIFEST.round0, readable by its owner only)
         /// and issue them; replace any that was a card already (MANIFEST.round1, …, job ID~1, …);
         /// then list the box's cards in --manifest, which must not exist yet. The same command
-        /// again resumes from the round files: nothing is issued twice, nothing made again.
+        /// again resumes from the round files: nothing is issued twice, no round drawn twice.
         #[arg(long, requires = "manifest", requires = "prefix")]
         generate: Option<u64>,
         /// Leading digits of the numbers --generate makes: the program's number_prefix.
@@ -442,25 +442,23 @@ enum BulkCmd {
 }
 
 /// The first round of `bulk issue --generate count`'s numbers: its file's, when it exists (a run
-/// resumed, which must name as many), else `count` new numbers, written to it before anything is
-/// issued. Returns them with how many were made by this run.
+/// resumed, which must be the same job of the same merchant, format and count), else `count` new
+/// numbers, written to it before anything is issued. Returns them with how many were made by this
+/// run.
 fn first_round(
+    job: bulk::Job<'_>,
     manifest: &std::path::Path,
     count: u64,
-    prefix: &str,
-    length: usize,
+    format: (&str, usize),
 ) -> Result<(Vec<CardNumber>, u64), Failure> {
     let path = bulk::round_path(manifest, 0);
-    if path.exists() {
-        let numbers = bulk::read_manifest(&path).map_err(|e| usage(format!("{}: {e:#}", path.display())))?;
+    let header = bulk::round_header(job, format, 0, count as usize);
+    let again = bulk::read_round(&path, &header).map_err(|e| {
+        usage(format!("{e:#}: to resume that box, run the command it was first run with; else name a new --manifest"))
+    })?;
+    if let Some(numbers) = again {
         if numbers.len() as u64 != count {
-            return Err(usage(format!(
-                "{} exists and holds {} numbers, not {count}: run again with --generate {} to resume that job, \
-                 or name a new --manifest",
-                path.display(),
-                numbers.len(),
-                numbers.len()
-            )));
+            return Err(usage(format!("{} holds {} numbers, not {count}", path.display(), numbers.len())));
         }
         return Ok((numbers, 0));
     }
@@ -471,9 +469,12 @@ fn first_round(
             path.display()
         )));
     }
-    let numbers =
-        bulk::generate(count, prefix, length, &Default::default()).map_err(|e| usage(format!("--generate: {e}")))?;
-    bulk::write_manifest(&path, &numbers).map_err(Failure::Run)?;
+    if let Some(stale) = (1..bulk::DRAW_ROUNDS_MAX).map(|r| bulk::round_path(manifest, r)).find(|p| p.exists()) {
+        return Err(usage(format!("{} is left from another box: name a new --manifest", stale.display())));
+    }
+    let numbers = bulk::generate(count, format.0, format.1, &Default::default())
+        .map_err(|e| usage(format!("--generate: {e}")))?;
+    bulk::write_manifest(&path, Some(&header), &numbers).map_err(Failure::Run)?;
     Ok((numbers, count))
 }
 
@@ -542,14 +543,17 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
                 Some(n) => {
                     let manifest = cards.manifest.as_deref().ok_or_else(|| usage("--generate needs --manifest"))?;
                     // Every round's job id must be valid before a number is drawn.
-                    bulk::check_job_id(&bulk::round_job(&run.job, bulk::DRAW_ROUNDS_MAX - 1)).map_err(|e| {
-                        usage(format!(
-                            "--job with --generate: {e} (a later round's job id adds up to 3 characters: ID~15)"
-                        ))
-                    })?;
-                    let prefix = prefix.as_deref().unwrap_or("");
-                    let (first, made) = first_round(manifest, *n, prefix, *length)?;
-                    bulk::issue_drawn(job, manifest, first, (prefix, *length), &work, progress).await.map(|mut d| {
+                    let most = bulk::JOB_ID_BYTES_MAX - 3;
+                    if run.job.contains('~') || run.job.len() > most {
+                        return Err(usage(format!(
+                            "--job with --generate: 1 to {most} printable characters without '/' or '~' (later \
+                             rounds' jobs are ID~1, ID~2, …)"
+                        )));
+                    }
+                    let _lock = bulk::lock_box(manifest).map_err(Failure::Run)?;
+                    let format = (prefix.as_deref().unwrap_or(""), *length);
+                    let (first, made) = first_round(job, manifest, *n, format)?;
+                    bulk::issue_drawn(job, manifest, first, format, &work, progress).await.map(|mut d| {
                         d.made += made;
                         let summary = std::mem::take(&mut d.summary);
                         let reply = d.job.clone();
@@ -572,17 +576,6 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
     };
     bar.finish_and_clear();
     let (job, summary) = done.map_err(Failure::Run)?;
-    // A box is listed only when whole: say where its numbers are meanwhile.
-    if let Some((d, path)) = &generated {
-        if !d.listed && job.result == ResultCode::Approved {
-            eprintln!(
-                "giftctl: warning: not every card was issued (see the failures), so {} was not written; \
-                 the numbers drawn are in {}",
-                path.display(),
-                bulk::round_path(path, 0).display()
-            );
-        }
-    }
     let mut obj = Map::new();
     obj.insert("result".into(), json!(job.result.name()));
     obj.insert("code".into(), json!(job.result as u16));
@@ -632,6 +625,17 @@ async fn bulk_command(cli: &Cli, cmd: &BulkCmd) -> Result<(), Failure> {
         println!("{}: job {} of {} cards: {}", job.result.name(), run.job, job.count, counts.join(", "));
         for (i, last4, r) in &summary.failures {
             println!("  card #{i} …{last4}: {}", r.name());
+        }
+    }
+    // A box is listed only when whole: say where its numbers are meanwhile, and fail.
+    if let Some((d, path)) = &generated {
+        if !d.listed && job.result == ResultCode::Approved {
+            return Err(Failure::Run(anyhow::anyhow!(
+                "not every card was issued (see the failures), so {} was not written; the numbers drawn are in \
+                 {} and any later round's file",
+                path.display(),
+                bulk::round_path(path, 0).display()
+            )));
         }
     }
     Ok(())

@@ -180,7 +180,10 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     assert_eq!((v["replaced"].as_u64(), v["rounds"].as_u64(), v["listed"].as_bool()), (Some(0), Some(1), Some(true)));
     let text = std::fs::read_to_string(&path).unwrap();
     let round0 = bulk::round_path(&path, 0);
-    assert_eq!(std::fs::read_to_string(&round0).unwrap(), text, "no number was a card: the box is round 0");
+    let round0_text = std::fs::read_to_string(&round0).unwrap();
+    let (header, rest) = round0_text.split_once('\n').unwrap();
+    assert!(header.starts_with("# giftctl bulk issue --generate: round 0 of job gen-7 of merchant \"reseller-9\""));
+    assert!(rest == text, "no number was a card: the box is round 0's numbers");
     assert_eq!(std::fs::metadata(&round0).unwrap().permissions().mode() & 0o777, 0o600);
     let numbers: Vec<&str> = text.lines().collect();
     assert_eq!(numbers.len(), 2_500);
@@ -198,8 +201,23 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     args.extend_from_slice(&["--merchant", "reseller-9"]);
     let (code, out, err) = crate::giftctl::run(&args);
     assert_eq!((code, out.as_str()), (2, ""), "{err}");
-    assert!(err.contains("holds 2500 numbers"), "{err}");
+    assert!(err.contains("was drawn for another job, merchant, format or count"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    // So would the same box under another merchant (or job id): its cards would all be cards
+    // already, and all be "replaced" by new ones. Refused.
+    args.truncate(args.len() - 2);
+    args[5] = "2500";
+    args.extend_from_slice(&["--merchant", "reseller-10"]);
+    let (code, _, err) = crate::giftctl::run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("was drawn for another job"), "{err}");
+    assert!(!err.contains(numbers[0]), "no number in the message");
+    // A '~' is the rounds' in a generated box's job id.
+    let mut args: Vec<&str> = issue("10").to_vec();
+    args[13] = "gen~9";
+    let (code, _, err) = crate::giftctl::run(&[&["--addr", g.addr()][..], &args].concat());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("without '/' or '~'"), "{err}");
     // A format without nine random digits is refused before any file is written.
     let short = dir.path().join("short.csv");
     let (code, _, err) = crate::giftctl::run(&[
@@ -233,13 +251,17 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     assert!(err.contains("foreign.csv exists"), "{err}");
 
     // A drawn number that is a card already (here: round 0's file holds one of the box's numbers
-    // again, as if drawn) is not issued; a new number replaces it, drawn and issued in round 1
-    // under a job of its own, and the manifest lists the new number, never the other card's.
+    // again, as if drawn, second of two, in a chunk of its own) is not issued; a new number
+    // replaces it, drawn and issued in round 1 under a job of its own, and the manifest lists the
+    // new number, never the other card's.
     let taken = dir.path().join("taken.csv");
-    std::fs::write(bulk::round_path(&taken, 0), format!("{}\n{}\n", numbers[0], "6035000000000006")).unwrap();
+    let j = Job { addr: g.addr(), credentials: None, merchant: "reseller-9", id: "gen-taken", chunk: 1, window: 1 };
+    let header = bulk::round_header(j, ("6035", 16), 0, 2);
+    std::fs::write(bulk::round_path(&taken, 0), format!("{header}\n6035000000000006\n{}\n", numbers[0])).unwrap();
     let mut args: Vec<&str> = issue("2").to_vec();
     args[7] = taken.to_str().unwrap();
     args[13] = "gen-taken";
+    args[15] = "1";
     let v = ctl(&args);
     assert_eq!(&v["summary"], &serde_json::json!({ "issued": 2 }), "{v}");
     assert_eq!((v["replaced"].as_u64(), v["rounds"].as_u64(), v["generated"].as_u64()), (Some(1), Some(2), Some(1)));
@@ -247,7 +269,17 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     let listed: Vec<&str> = listed.lines().collect();
     assert_eq!((listed.len(), listed[0]), (2, "6035000000000006"), "{listed:?}");
     assert!(listed[1] != numbers[0] && listed[1].starts_with("6035") && num(listed[1]).luhn_ok());
-    assert_eq!(std::fs::read_to_string(bulk::round_path(&taken, 1)).unwrap(), format!("{}\n", listed[1]));
+    let round1 = std::fs::read_to_string(bulk::round_path(&taken, 1)).unwrap();
+    assert_eq!(
+        round1,
+        format!("{}\n{}\n", bulk::round_header(Job { id: "gen-taken", ..j }, ("6035", 16), 1, 1), listed[1])
+    );
+    let j1 = ctl(&["bulk", "issue", "--manifest", bulk::round_path(&taken, 1).to_str().unwrap(), "--amount", "10.00"]
+        .iter()
+        .chain(&["--currency", "USD", "--job", "gen-taken~1"])
+        .copied()
+        .collect::<Vec<_>>());
+    assert_eq!(&j1["summary"], &serde_json::json!({ "issued": 1 }), "round 1's job issued it: {j1}");
     let mut c = g.client().await;
     assert_eq!(
         crate::view(&mut c, listed[1]).await.status,
@@ -273,12 +305,16 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
     let lost = dir.path().join("box-7-again.csv");
     let mut args: Vec<&str> = issue("2500").to_vec();
     args[7] = lost.to_str().unwrap();
-    let v = ctl(&args);
+    let (code, out, err) =
+        crate::giftctl::run(&[&["--addr", g.addr(), "--json"][..], &args, &["--merchant", "reseller-9"]].concat());
+    assert_eq!(code, 1, "a box not listed is a failure: {err}");
+    assert!(err.contains("was not written"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!((v["generated"].as_u64(), v["summary"]["idempotency_mismatch"].as_u64()), (Some(2_500), Some(2_500)));
     assert_eq!(v["listed"].as_bool(), Some(false), "{v}");
     assert!(!lost.exists());
     let other = std::fs::read_to_string(bulk::round_path(&lost, 0)).unwrap();
-    let other = other.lines().next().unwrap();
+    let other = other.lines().nth(1).unwrap(); // after the header
     let o = call(&mut c, &Request::Balance { number: num(other) }).await;
     assert_eq!(o.result, ResultCode::CardNotFound);
 }
