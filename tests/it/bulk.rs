@@ -293,6 +293,11 @@ async fn giftctl_generates_a_manifest_issues_it_and_resumes_from_it() {
         (Some(0), &v["summary"], Some(1))
     );
     assert_eq!(std::fs::read_to_string(&taken).unwrap(), format!("{}\n", listed.join("\n")));
+    // Cut off before the list was written (here: removed): the next run writes the same list.
+    std::fs::remove_file(&taken).unwrap();
+    let again = ctl(&args);
+    assert_eq!((again["generated"].as_u64(), again["listed"].as_bool()), (Some(0), Some(true)), "{again}");
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), format!("{}\n", listed.join("\n")));
 
     // The file is the reseller's list of the box's cards: it activates them.
     let v = ctl(&["bulk", "activate", "--manifest", file, "--job", "act-7"]);
