@@ -586,8 +586,9 @@ fn cf_options(name: &str) -> Options {
     o
 }
 
-/// The store's key for an idempotency key or an invoice: SHA-256 of its bytes, a fixed 32 bytes for
-/// the hash memtable. Neither is secret (no card number is in them), so the hash need not be keyed.
+/// The store's key for an idempotency key or an invoice: SHA-256 of its bytes, a fixed 32 bytes (the
+/// prefix its family's memtable bloom is keyed by). Neither is secret (no card number is in them), so
+/// the hash need not be keyed.
 fn hashed_key(bytes: &[u8]) -> [u8; KEY_BYTES] {
     Sha256::digest(bytes).into()
 }
