@@ -5,6 +5,9 @@
 # histograms over the activation (scraped as it starts and ends), with the bucket that holds their p99.
 # CTL_PREFIX="chrt -i 0": the activation's giftctl under SCHED_IDLE, standing in for a reseller's
 # client on a machine of its own (here it shares giftd's 2 cores with giftload).
+# HOG=N: N busy loops (`yes`) beside the load for its 12 s: plain CPU contention, no IO, the control
+# for what a job's CPU alone does to the tail. "job window, CPU": CPU seconds by thread (giftd's
+# grouped by name, from /proc) over the activation, against the 2 × its seconds the cores had.
 B=${BIN:-$HOME/.cache/giftd/target/release}
 CH=${1:-1024}; W=${2:-4}
 D=$(mktemp -d /tmp/gbench.XXXX)
@@ -15,7 +18,10 @@ $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --co
 sleep 20
 LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs 12 --cards 10000 --json --latency-log $D/lat"
 curl -s 127.0.0.1:9499/metrics > $D/m0
-( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e" -o $D/act.time $CTL_PREFIX $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
+# Each thread's stat line of giftd, and giftload's process line: utime and stime in clock ticks.
+cpu_snapshot() { cat /proc/$P/task/*/stat > $D/threads.$1; cat /proc/$(pgrep -n -x giftload)/stat > $D/load.$1; }
+for _ in $(seq ${HOG:-0}); do timeout 15 yes > /dev/null & done
+( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; cpu_snapshot a; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e %U %S" -o $D/act.time $CTL_PREFIX $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; cpu_snapshot b; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null
 wait $A
@@ -34,7 +40,24 @@ if os.path.exists('$D/act.start'):
     if lat:
         q=lambda p: lat[min(len(lat)-1,int(p*len(lat)))]
         print('job', {'redeems':len(lat),'p50_us':q(0.5),'p99_us':q(0.99),'p999_us':q(0.999),'max_us':lat[-1]})
-print('activation secs', open('$D/act.time').read().strip())
+act=open('$D/act.time').read().split()
+print('activation secs', act[0])
+def ticks(path):
+    # (tid, name) -> utime + stime; the name is between the first '(' and the last ')'.
+    r={}
+    for l in open(path):
+        tid,rest=l.split(' (',1); name,fields=rest.rsplit(') ',1); f=fields.split()
+        r[(tid,name)]=int(f[11])+int(f[12])
+    return r
+if os.path.exists('$D/threads.b'):
+    hz=os.sysconf('SC_CLK_TCK'); a=ticks('$D/threads.a'); b=ticks('$D/threads.b')
+    by={}
+    for k,v in b.items():
+        name=re.sub(r'[0-9]+$','',k[1]); by[name]=by.get(name,0)+(v-a.get(k,0))/hz
+    by['giftload']=(sum(ticks('$D/load.b').values())-sum(ticks('$D/load.a').values()))/hz
+    by['giftctl']=float(act[1])+float(act[2])
+    wall=(int(open('$D/act.end').read())-int(open('$D/act.start').read()))/1000
+    print('job window, CPU: %.2f s of %.2f on 2 cores;' % (sum(by.values()),2*wall), ', '.join('%s %.2f' % kv for kv in sorted(by.items(), key=lambda kv: -kv[1]) if kv[1]>0))
 def hist(path,name,labels):
     h={}
     for l in open(path):
