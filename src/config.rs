@@ -232,6 +232,10 @@ pub struct Limits {
     /// When clients are configured, a connection that has not authenticated this long after it
     /// opened is closed, so unauthenticated connections cannot hold the connection slots.
     pub auth_timeout_ms: u64,
+    /// While payments flow (a request other than a bulk job's within the last second), bulk job
+    /// chunks change at most this many cards a second; 0: no pace. A job's chunks cost payments
+    /// more than their own CPU (see `server::background`).
+    pub bulk_cards_per_sec_beside_payments: u64,
 }
 
 /// One program's settings, as the config file and the `program_set` operation write them. Every
@@ -486,6 +490,7 @@ impl Default for Limits {
             requests_per_second_per_connection: 0,
             shutdown_delay_ms: 0,
             auth_timeout_ms: 10_000,
+            bulk_cards_per_sec_beside_payments: 100_000,
         }
     }
 }

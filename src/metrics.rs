@@ -126,6 +126,10 @@ pub struct Metrics {
     pub rate_limited_connection: IntCounter,
     /// `auth` requests refused: an unknown client or a wrong proof.
     pub auth_failures: IntCounter,
+    /// Seconds the bulk thread waited for its pace while payments flowed
+    /// (`limits.bulk_cards_per_sec_beside_payments`): a job slowed so that payments keep their
+    /// latency.
+    pub bulk_paced_seconds: prometheus::Counter,
     /// When the census gauges were last refreshed: a scrape storm counts the cards at most once a
     /// second.
     census_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -304,6 +308,11 @@ impl Metrics {
             "Auth requests refused (unknown client or wrong proof); each closes its connection.",
         )
         .expect("metric");
+        let bulk_paced_seconds = prometheus::Counter::new(
+            "giftd_bulk_paced_seconds_total",
+            "Seconds bulk job chunks waited, while payments flowed, to stay within limits.bulk_cards_per_sec_beside_payments.",
+        )
+        .expect("metric");
         let build_info = IntGaugeVec::new(
             Opts::new("giftd_build_info", "Always 1; the labels say which giftd is running (version, git commit)."),
             &["version", "revision"],
@@ -346,6 +355,7 @@ impl Metrics {
             Box::new(alerts_vec),
             Box::new(rate_limited_vec.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(bulk_paced_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -393,6 +403,7 @@ impl Metrics {
             rate_limited_client: rate_limited_vec.with_label_values(&["client"]),
             rate_limited_connection: rate_limited_vec.with_label_values(&["connection"]),
             auth_failures,
+            bulk_paced_seconds,
             census_at: std::sync::Mutex::new(None),
         };
         // Each operation's approved count exists from the start: a rate over it then sees the

@@ -195,7 +195,15 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         metrics: metrics.clone(),
         limits: cfg.limits.clone(),
         access: giftd::server::access::Access::new(&cfg.clients, cfg.limits.requests_per_second_per_connection)?,
-        bulk: giftd::server::background::Background::start("giftd-bulk", BULK_NICE, BULK_QUEUE_MAX)?,
+        bulk: giftd::server::background::Background::start(
+            "giftd-bulk",
+            BULK_NICE,
+            BULK_QUEUE_MAX,
+            giftd::server::background::Pace::new(
+                cfg.limits.bulk_cards_per_sec_beside_payments,
+                metrics.bulk_paced_seconds.clone(),
+            ),
+        )?,
     });
     let _ = sources.set(shared.clone());
     if shared.access.required() {

@@ -7,21 +7,119 @@
 //! (measured: redeem p99 during a 1M-card activation 5.5 ms at nice 10, 3.8 ms under SCHED_IDLE,
 //! medians of 3 paired runs). The price: while payments keep both cores busy, a job barely
 //! advances.
+//!
+//! `SCHED_IDLE` governs only the thread's own CPU. What a chunk costs after its decision (the
+//! committer writing thousands of entries, a longer WAL sync, the flushes) runs at normal priority
+//! on the payments' path, so while payments flow the thread is also paced ([`Pace`]): it changes
+//! at most `limits.bulk_cards_per_sec_beside_payments` cards a second, and runs flat out again once
+//! no payment has come for [`PAYMENTS_QUIET_MS`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-type Work = Box<dyn FnOnce() + Send>;
+/// Bulk work runs unpaced once no payment request has arrived for this long: a job speeds up
+/// within a second of the payments stopping, and a payment every few hundred milliseconds keeps
+/// it paced.
+pub const PAYMENTS_QUIET_MS: u64 = 1000;
+
+/// A piece of work, returning how many cards it changed (what the pace charges it).
+type Work = Box<dyn FnOnce() -> u64 + Send>;
 
 pub struct Background {
     tx: mpsc::Sender<Work>,
+    pace: std::sync::Arc<Pace>,
+}
+
+/// The bulk thread's pace while payments flow: a card budget that refills at `cards_per_sec`.
+/// The thread is charged after each piece of work for the cards it changed (a replayed chunk
+/// changes none) and waits before the next until the budget is back. Hand-written rather than a
+/// rate limiter's `check_n`: the cost is known only once the work is done, and a piece of work must
+/// never be refused for being larger than a burst.
+pub struct Pace {
+    /// 0: never paced.
+    cards_per_sec: u64,
+    epoch: Instant,
+    /// When the last payment request arrived, in µs since `epoch` (`u64::MAX`: none yet). Written
+    /// at most once a millisecond, so the connections' cores do not pass its cache line around at
+    /// every request.
+    payment_at_us: AtomicU64,
+    /// When the bulk thread may start its next piece of work.
+    next_at: Mutex<Instant>,
+    /// Seconds the bulk thread has waited for its pace.
+    waited_seconds: prometheus::Counter,
+}
+
+impl Pace {
+    /// A pace of `cards_per_sec` (0: none) that counts its waits in `waited_seconds`.
+    pub fn new(cards_per_sec: u64, waited_seconds: prometheus::Counter) -> Pace {
+        let epoch = Instant::now();
+        Pace {
+            cards_per_sec,
+            epoch,
+            payment_at_us: AtomicU64::new(u64::MAX),
+            next_at: Mutex::new(epoch),
+            waited_seconds,
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// A payment (any request but a bulk job's) arrived.
+    pub fn payment(&self) {
+        let now = self.now_us();
+        let last = self.payment_at_us.load(Ordering::Relaxed);
+        if last == u64::MAX || now.saturating_sub(last) >= 1000 {
+            self.payment_at_us.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether payments are flowing: one arrived within the last [`PAYMENTS_QUIET_MS`].
+    fn paced(&self) -> bool {
+        let last = self.payment_at_us.load(Ordering::Relaxed);
+        self.cards_per_sec > 0 && last != u64::MAX && self.now_us().saturating_sub(last) < PAYMENTS_QUIET_MS * 1000
+    }
+
+    /// Blocks the calling (bulk) thread until its budget allows more work; returns when the work
+    /// starts.
+    fn wait(&self) -> Instant {
+        let now = Instant::now();
+        if !self.paced() {
+            return now;
+        }
+        let next_at = *self.next_at.lock().expect("pace lock");
+        if next_at <= now {
+            return now;
+        }
+        std::thread::sleep(next_at - now);
+        self.waited_seconds.inc_by((next_at - now).as_secs_f64());
+        Instant::now()
+    }
+
+    /// Charges the work that started at `started` for the `cards` it changed: the next may start
+    /// that many cards' time after it. Work done while payments were quiet is free, so that its
+    /// debt does not hold back a job when they start.
+    fn charge(&self, started: Instant, cards: u64) {
+        let mut next_at = self.next_at.lock().expect("pace lock");
+        *next_at = if self.paced() {
+            started + Duration::from_micros(cards.saturating_mul(1_000_000) / self.cards_per_sec)
+        } else {
+            started
+        };
+    }
 }
 
 impl Background {
     /// Starts the thread `name` under `SCHED_IDLE` (or, where that is refused, at nice
     /// `nice_fallback`), taking at most `queue_max` pieces of work waiting; callers beyond that
-    /// wait their turn.
-    pub fn start(name: &str, nice_fallback: i32, queue_max: usize) -> std::io::Result<Background> {
+    /// wait their turn. While payments flow, its work keeps to `pace`.
+    pub fn start(name: &str, nice_fallback: i32, queue_max: usize, pace: Pace) -> std::io::Result<Background> {
         let (tx, mut rx) = mpsc::channel::<Work>(queue_max.max(1));
+        let pace = std::sync::Arc::new(pace);
+        let paced = pace.clone();
         std::thread::Builder::new().name(name.into()).spawn(move || {
             // SAFETY: both calls only read their arguments (the parameter lives on this stack);
             // pid 0 and `gettid` name this thread (Linux: policy and nice value are per thread).
@@ -35,17 +133,32 @@ impl Background {
                 }
             }
             while let Some(work) = rx.blocking_recv() {
-                work();
+                let started = paced.wait();
+                let cards = work();
+                paced.charge(started, cards);
             }
         })?;
-        Ok(Background { tx })
+        Ok(Background { tx, pace })
     }
 
-    /// Runs `f` on the thread and returns its result (None if the thread is gone).
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    /// The pace of the thread's work, which the connections tell of every payment.
+    pub fn pace(&self) -> &Pace {
+        &self.pace
+    }
+
+    /// Runs `f` on the thread and returns its result (None if the thread is gone); `cards` says
+    /// how many cards the result changed.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+        cards: impl FnOnce(&T) -> u64 + Send + 'static,
+    ) -> Option<T> {
         let (done_tx, done_rx) = oneshot::channel();
         let work: Work = Box::new(move || {
-            let _ = done_tx.send(f());
+            let out = f();
+            let n = cards(&out);
+            let _ = done_tx.send(out);
+            n
         });
         self.tx.send(work).await.ok()?;
         done_rx.await.ok()
@@ -56,16 +169,67 @@ impl Background {
 mod tests {
     use super::*;
 
+    fn unpaced() -> prometheus::Counter {
+        prometheus::Counter::new("paced_seconds", "test").unwrap()
+    }
+
+    fn next_at(pace: &Pace) -> Instant {
+        *pace.next_at.lock().unwrap()
+    }
+
     /// The work runs on the bulk thread, under SCHED_IDLE (which needs no privilege to enter).
     #[tokio::test]
     async fn work_runs_on_its_thread_under_sched_idle() {
-        let bulk = Background::start("test-bulk", 10, 1).unwrap();
+        let bulk = Background::start("test-bulk", 10, 1, Pace::new(0, unpaced())).unwrap();
         // SAFETY: sched_getscheduler only reads its argument; pid 0 is the calling thread.
         let (name, policy) = bulk
-            .run(|| (std::thread::current().name().map(String::from), unsafe { libc::sched_getscheduler(0) }))
+            .run(|| (std::thread::current().name().map(String::from), unsafe { libc::sched_getscheduler(0) }), |_| 0)
             .await
             .expect("the thread runs");
         assert_eq!(name.as_deref(), Some("test-bulk"));
         assert_eq!(policy, libc::SCHED_IDLE);
+    }
+
+    /// Only while payments flow does work wait for its cards: 50,000 cards at 100,000 a second
+    /// hold the next piece half a second after the first began.
+    #[test]
+    fn work_is_charged_for_its_cards_only_while_payments_flow() {
+        let mut pace = Pace::new(100_000, unpaced());
+        // An epoch ten seconds back, so that a payment can be dated before the quiet time.
+        pace.epoch = Instant::now().checked_sub(Duration::from_secs(10)).expect("the clock is past 10 s");
+        let started = pace.wait();
+        pace.charge(started, 50_000);
+        assert_eq!(next_at(&pace), started, "no payment yet: the job runs flat out");
+
+        pace.payment();
+        let started = pace.wait();
+        pace.charge(started, 50_000);
+        assert_eq!(next_at(&pace), started + Duration::from_millis(500));
+
+        // A payment older than the quiet time no longer paces, and the debt is forgiven.
+        let quiet_us = PAYMENTS_QUIET_MS * 1000;
+        pace.payment_at_us.store(pace.now_us().saturating_sub(quiet_us + 1), Ordering::Relaxed);
+        let before = Instant::now();
+        let started = pace.wait();
+        assert!(started - before < Duration::from_millis(400), "a quiet pace does not wait for the debt");
+        pace.charge(started, 50_000);
+        assert_eq!(next_at(&pace), started);
+    }
+
+    /// The pace waits out the debt and counts the wait; 0 cards a second never paces.
+    #[test]
+    fn a_paced_wait_sleeps_until_the_budget_is_back_and_counts_it() {
+        let waited = unpaced();
+        let pace = Pace::new(1_000, waited.clone());
+        pace.payment();
+        let started = pace.wait();
+        pace.charge(started, 20);
+        let resumed = pace.wait();
+        assert!(resumed >= started + Duration::from_millis(20), "20 cards at 1,000 a second take 20 ms");
+        assert!(waited.get() > 0.0);
+
+        let never = Pace::new(0, unpaced());
+        never.payment();
+        assert!(!never.paced());
     }
 }

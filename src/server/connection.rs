@@ -292,6 +292,9 @@ async fn decide(
         Ok(req) => match admit(shared, gate, cost(&req)) {
             Err(code) => (Reply::Error(code), 0, false),
             Ok(()) => {
+                if !matches!(req, Request::JobOpen { .. } | Request::JobChunk { .. } | Request::JobGet { .. }) {
+                    shared.bulk.pace().payment();
+                }
                 let (reply, group) = match req {
                     Request::Batch { mode: wire::BatchMode::Items, items } => batch(shared, gate, items).await,
                     Request::Batch { mode: wire::BatchMode::AllOrNothing(idem), items } => {
@@ -438,7 +441,7 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
         unreachable!("job_chunk() is called for a job chunk")
     };
     let s = shared.clone();
-    let decided = shared.bulk.run(move || {
+    let decide = move || {
         let reversal = work == ChunkWork::Reverse;
         let cards = numbers
             .iter()
@@ -454,7 +457,16 @@ async fn job_chunk(shared: &Arc<Shared>, opcode: u8, body: bytes::Bytes, req: Re
             looked_up: None,
         };
         s.engine.execute(m, now_ms())
-    });
+    };
+    // What the pace charges: the cards this chunk changed (a replay changes none).
+    let changed = |done: &crate::engine::Executed| {
+        if done.replayed {
+            0
+        } else {
+            done.chunk.as_ref().map_or(0, |items| items.iter().filter(|(_, changed)| *changed).count() as u64)
+        }
+    };
+    let decided = shared.bulk.run(decide, changed);
     let Some(done) = decided.await else { return (Reply::Error(ResultCode::ShuttingDown), 0) };
     report(shared, &done);
     (Reply::Chunk(ChunkReply { result: done.outcome.result, items: done.chunk.unwrap_or_default() }), done.group)
