@@ -550,6 +550,12 @@ impl Config {
         if !(1..=600_000).contains(&l.auth_timeout_ms) {
             errs.push("limits.auth_timeout_ms must be between 1 and 600000".into());
         }
+        // Below a thousand cards a second, one 4,096-card chunk would hold the bulk thread (and a
+        // draining shutdown) for seconds.
+        let pace = l.bulk_cards_per_sec_beside_payments;
+        if pace != 0 && pace < 1_000 {
+            errs.push("limits.bulk_cards_per_sec_beside_payments must be 0 (no pace) or at least 1000".into());
+        }
         if l.shutdown_delay_ms > 600_000 {
             errs.push("limits.shutdown_delay_ms must be at most 600000".into());
         }
@@ -606,11 +612,11 @@ mod tests {
     fn bad_values_are_all_reported() {
         let cfg: Config = toml::from_str(
             "[durability]\nmode = \"fast\"\ntable_write_mib_per_sec = 8\n[limits]\nconnections_max = 0\n\
-             idem_memory_secs = 0\n[programs.x]\nmax_balance = \"-1\"\n[programs.y]\nmax_balance = \"1e30\"\n",
+             idem_memory_secs = 0\nbulk_cards_per_sec_beside_payments = 999\n[programs.x]\nmax_balance = \"-1\"\n[programs.y]\nmax_balance = \"1e30\"\n",
         )
         .unwrap();
         let errs = cfg.validate().unwrap_err();
-        assert_eq!(errs.len(), 6, "{errs:?}");
+        assert_eq!(errs.len(), 7, "{errs:?}");
     }
 
     #[test]

@@ -15,7 +15,6 @@
 //! no payment has come for [`PAYMENTS_QUIET_MS`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,7 +35,7 @@ pub struct Background {
 /// The thread is charged after each piece of work for the cards it changed (a replayed chunk
 /// changes none) and waits before the next until the budget is back. Hand-written rather than a
 /// rate limiter's `check_n`: the cost is known only once the work is done, and a piece of work must
-/// never be refused for being larger than a burst.
+/// never be refused for being larger than a burst. The thread keeps its own next start time.
 pub struct Pace {
     /// 0: never paced.
     cards_per_sec: u64,
@@ -45,8 +44,6 @@ pub struct Pace {
     /// at most once a millisecond, so the connections' cores do not pass its cache line around at
     /// every request.
     payment_at_us: AtomicU64,
-    /// When the bulk thread may start its next piece of work.
-    next_at: Mutex<Instant>,
     /// Seconds the bulk thread has waited for its pace.
     waited_seconds: prometheus::Counter,
 }
@@ -54,14 +51,7 @@ pub struct Pace {
 impl Pace {
     /// A pace of `cards_per_sec` (0: none) that counts its waits in `waited_seconds`.
     pub fn new(cards_per_sec: u64, waited_seconds: prometheus::Counter) -> Pace {
-        let epoch = Instant::now();
-        Pace {
-            cards_per_sec,
-            epoch,
-            payment_at_us: AtomicU64::new(u64::MAX),
-            next_at: Mutex::new(epoch),
-            waited_seconds,
-        }
+        Pace { cards_per_sec, epoch: Instant::now(), payment_at_us: AtomicU64::new(u64::MAX), waited_seconds }
     }
 
     fn now_us(&self) -> u64 {
@@ -83,15 +73,11 @@ impl Pace {
         self.cards_per_sec > 0 && last != u64::MAX && self.now_us().saturating_sub(last) < PAYMENTS_QUIET_MS * 1000
     }
 
-    /// Blocks the calling (bulk) thread until its budget allows more work; returns when the work
+    /// Blocks the calling (bulk) thread until `next_at`, if payments flow; returns when the work
     /// starts.
-    fn wait(&self) -> Instant {
+    fn wait(&self, next_at: Instant) -> Instant {
         let now = Instant::now();
-        if !self.paced() {
-            return now;
-        }
-        let next_at = *self.next_at.lock().expect("pace lock");
-        if next_at <= now {
+        if next_at <= now || !self.paced() {
             return now;
         }
         std::thread::sleep(next_at - now);
@@ -99,16 +85,15 @@ impl Pace {
         Instant::now()
     }
 
-    /// Charges the work that started at `started` for the `cards` it changed: the next may start
+    /// When the work after the one that started at `started` and changed `cards` cards may start:
     /// that many cards' time after it. Work done while payments were quiet is free, so that its
     /// debt does not hold back a job when they start.
-    fn charge(&self, started: Instant, cards: u64) {
-        let mut next_at = self.next_at.lock().expect("pace lock");
-        *next_at = if self.paced() {
+    fn next_start(&self, started: Instant, cards: u64) -> Instant {
+        if self.paced() {
             started + Duration::from_micros(cards.saturating_mul(1_000_000) / self.cards_per_sec)
         } else {
             started
-        };
+        }
     }
 }
 
@@ -132,10 +117,11 @@ impl Background {
                     tracing::warn!("could not lower the bulk thread's priority; bulk work competes with payments");
                 }
             }
+            let mut next_at = Instant::now();
             while let Some(work) = rx.blocking_recv() {
-                let started = paced.wait();
+                let started = paced.wait(next_at);
                 let cards = work();
-                paced.charge(started, cards);
+                next_at = paced.next_start(started, cards);
             }
         })?;
         Ok(Background { tx, pace })
@@ -173,10 +159,6 @@ mod tests {
         prometheus::Counter::new("paced_seconds", "test").unwrap()
     }
 
-    fn next_at(pace: &Pace) -> Instant {
-        *pace.next_at.lock().unwrap()
-    }
-
     /// The work runs on the bulk thread, under SCHED_IDLE (which needs no privilege to enter).
     #[tokio::test]
     async fn work_runs_on_its_thread_under_sched_idle() {
@@ -197,23 +179,19 @@ mod tests {
         let mut pace = Pace::new(100_000, unpaced());
         // An epoch ten seconds back, so that a payment can be dated before the quiet time.
         pace.epoch = Instant::now().checked_sub(Duration::from_secs(10)).expect("the clock is past 10 s");
-        let started = pace.wait();
-        pace.charge(started, 50_000);
-        assert_eq!(next_at(&pace), started, "no payment yet: the job runs flat out");
+        let started = Instant::now();
+        assert_eq!(pace.next_start(started, 50_000), started, "no payment yet: the job runs flat out");
 
         pace.payment();
-        let started = pace.wait();
-        pace.charge(started, 50_000);
-        assert_eq!(next_at(&pace), started + Duration::from_millis(500));
+        assert_eq!(pace.next_start(started, 50_000), started + Duration::from_millis(500));
 
-        // A payment older than the quiet time no longer paces, and the debt is forgiven.
+        // A payment older than the quiet time no longer paces: no wait, and the debt is forgiven.
         let quiet_us = PAYMENTS_QUIET_MS * 1000;
-        pace.payment_at_us.store(pace.now_us().saturating_sub(quiet_us + 1), Ordering::Relaxed);
+        pace.payment_at_us.store(pace.now_us() - quiet_us - 1, Ordering::Relaxed);
         let before = Instant::now();
-        let started = pace.wait();
-        assert!(started - before < Duration::from_millis(400), "a quiet pace does not wait for the debt");
-        pace.charge(started, 50_000);
-        assert_eq!(next_at(&pace), started);
+        let resumed = pace.wait(before + Duration::from_secs(60));
+        assert!(resumed - before < Duration::from_secs(30), "a quiet pace does not wait for the debt");
+        assert_eq!(pace.next_start(started, 50_000), started);
     }
 
     /// The pace waits out the debt and counts the wait; 0 cards a second never paces.
@@ -222,9 +200,9 @@ mod tests {
         let waited = unpaced();
         let pace = Pace::new(1_000, waited.clone());
         pace.payment();
-        let started = pace.wait();
-        pace.charge(started, 20);
-        let resumed = pace.wait();
+        let started = pace.wait(Instant::now());
+        let next_at = pace.next_start(started, 20);
+        let resumed = pace.wait(next_at);
         assert!(resumed >= started + Duration::from_millis(20), "20 cards at 1,000 a second take 20 ms");
         assert!(waited.get() > 0.0);
 
