@@ -127,7 +127,7 @@ pub struct Metrics {
     /// `auth` requests refused: an unknown client or a wrong proof.
     pub auth_failures: IntCounter,
     /// Seconds the bulk thread waited for its pace while payments flowed
-    /// (`limits.bulk_cards_per_sec_beside_payments`): a job slowed so that payments keep their
+    /// (`limits.bulk_beside_payments_cards_per_sec`): a job slowed so that payments keep their
     /// latency.
     pub bulk_paced_seconds: prometheus::Counter,
     /// When the census gauges were last refreshed: a scrape storm counts the cards at most once a
@@ -310,7 +310,7 @@ impl Metrics {
         .expect("metric");
         let bulk_paced_seconds = prometheus::Counter::new(
             "giftd_bulk_paced_seconds_total",
-            "Seconds bulk job chunks waited, while payments flowed, to stay within limits.bulk_cards_per_sec_beside_payments.",
+            "Seconds bulk job chunks waited, while payments flowed, to stay within limits.bulk_beside_payments_cards_per_sec.",
         )
         .expect("metric");
         let build_info = IntGaugeVec::new(

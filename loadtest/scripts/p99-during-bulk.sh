@@ -1,12 +1,12 @@
 #!/bin/bash
 # usage: p99-during-bulk.sh [chunk] [window] — redeem p99 during a 1M activation, with WAL fsync/write histograms (sync);
 # NOBULK=1: the same run with no activation (the baseline). "job" is the p99 of the redeems sent
-# while the activation ran; "whole" of every redeem of the 12 s run. "job window, server": giftd's own
+# while the activation ran; "whole" of every redeem of the run. "job window, server": giftd's own
 # histograms over the activation (scraped as it starts and ends), with the bucket that holds their p99.
 # CTL_PREFIX="chrt -i 0": the activation's giftctl under SCHED_IDLE, standing in for a reseller's
 # client on a machine of its own (here it shares giftd's 2 cores with giftload).
-# SECS=N: the redeem load's seconds (default 12; a paced activation needs about 10 s beside it).
-# HOG=N: N busy loops (`yes`) beside the load for its 12 s: plain CPU contention, no IO, the control
+# SECS=N: the redeem load's seconds (default 15: a paced activation takes about 10 s, from second 2).
+# HOG=N: N busy loops (`yes`) beside the load for its seconds: plain CPU contention, no IO, the control
 # for what a job's CPU alone does to the tail. "job window, CPU": CPU seconds by thread (giftd's
 # grouped by name, from /proc) over the activation, against the 2 × its seconds the cores had.
 B=${BIN:-$HOME/.cache/giftd/target/release}
@@ -17,11 +17,11 @@ P=$!
 sleep 1.5
 $B/giftctl --addr 127.0.0.1:7499 --json bulk issue --first 6035730000000000 --count 1000000 --amount 10.00 --currency USD --job inv --chunk $CH --window $W > /dev/null
 sleep 20
-LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs ${SECS:-12} --cards 10000 --json --latency-log $D/lat"
+LOAD="$B/giftload --addr 127.0.0.1:7499 --connections 8 --pipeline 16 --rate 4000 --duration-secs ${SECS:-15} --cards 10000 --json --latency-log $D/lat"
 curl -s 127.0.0.1:9499/metrics > $D/m0
 # Each thread's stat line of giftd, and giftload's process line: utime and stime in clock ticks.
 cpu_snapshot() { cat /proc/$P/task/*/stat > $D/threads.$1; cat /proc/$(pgrep -n -x giftload)/stat > $D/load.$1; }
-for _ in $(seq ${HOG:-0}); do timeout $((${SECS:-12} + 3)) yes > /dev/null & done
+for _ in $(seq ${HOG:-0}); do timeout $((${SECS:-15} + 3)) yes > /dev/null & done
 ( sleep 2; [ -n "$NOBULK" ] && echo 0 > $D/act.time && echo '{}' > $D/act.json && exit; date +%s%3N > $D/act.start; cpu_snapshot a; curl -s 127.0.0.1:9499/metrics > $D/ma; /usr/bin/time -f "%e %U %S" -o $D/act.time $CTL_PREFIX $B/giftctl --addr 127.0.0.1:7499 --json bulk activate --first 6035730000000000 --count 1000000 --amount 5.00 --currency USD --job act --chunk $CH --window $W > $D/act.json; date +%s%3N > $D/act.end; cpu_snapshot b; curl -s 127.0.0.1:9499/metrics > $D/mb ) &
 A=$!
 $LOAD > $D/during.json 2>/dev/null

@@ -200,7 +200,7 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             BULK_NICE,
             BULK_QUEUE_MAX,
             giftd::server::background::Pace::new(
-                cfg.limits.bulk_cards_per_sec_beside_payments,
+                cfg.limits.bulk_beside_payments_cards_per_sec,
                 metrics.bulk_paced_seconds.clone(),
             ),
         )?,

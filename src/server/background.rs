@@ -11,7 +11,7 @@
 //! `SCHED_IDLE` governs only the thread's own CPU. What a chunk costs after its decision (the
 //! committer writing thousands of entries, a longer WAL sync, the flushes) runs at normal priority
 //! on the payments' path, so while payments flow the thread is also paced ([`Pace`]): it changes
-//! at most `limits.bulk_cards_per_sec_beside_payments` cards a second, and runs flat out again once
+//! at most `limits.bulk_beside_payments_cards_per_sec` cards a second, and runs flat out again once
 //! no payment has come for [`PAYMENTS_QUIET_MS`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,16 +31,17 @@ pub struct Background {
     pace: std::sync::Arc<Pace>,
 }
 
-/// The bulk thread's pace while payments flow: a card budget that refills at `cards_per_sec`.
-/// The thread is charged after each piece of work for the cards it changed (a replayed chunk
-/// changes none) and waits before the next until the budget is back. Hand-written rather than a
-/// rate limiter's `check_n`: the cost is known only once the work is done, and a piece of work must
-/// never be refused for being larger than a burst. The thread keeps its own next start time.
+/// The bulk thread's pace while payments flow: a piece of work that changed n cards holds the
+/// next one until n / `cards_per_sec` seconds after it started (a replayed chunk changes none,
+/// and holds nothing back). No budget is saved up: after a pause the next piece starts at once,
+/// but never early. Hand-written rather than a rate limiter's `check_n`: the cost is known only
+/// once the work is done, and a piece of work must never be refused for being larger than a burst.
+/// The bulk thread keeps its own next start time.
 pub struct Pace {
-    /// 0: never paced.
+    /// The pace; 0 turns it off, so that the connections skip even the clock.
     cards_per_sec: u64,
     epoch: Instant,
-    /// When the last payment request arrived, in µs since `epoch` (`u64::MAX`: none yet). Written
+    /// When the last payment request arrived, in µs since `epoch`, plus one (0: none yet). Written
     /// at most once a millisecond, so the connections' cores do not pass its cache line around at
     /// every request.
     payment_at_us: AtomicU64,
@@ -51,26 +52,31 @@ pub struct Pace {
 impl Pace {
     /// A pace of `cards_per_sec` (0: none) that counts its waits in `waited_seconds`.
     pub fn new(cards_per_sec: u64, waited_seconds: prometheus::Counter) -> Pace {
-        Pace { cards_per_sec, epoch: Instant::now(), payment_at_us: AtomicU64::new(u64::MAX), waited_seconds }
+        Pace { cards_per_sec, epoch: Instant::now(), payment_at_us: AtomicU64::new(0), waited_seconds }
     }
 
     fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// A payment (any request but a bulk job's) arrived.
-    pub fn payment(&self) {
-        let now = self.now_us();
+    /// A payment (an admitted request other than a bulk job's) arrived at `at`.
+    pub fn payment(&self, at: Instant) {
+        if self.cards_per_sec == 0 {
+            return;
+        }
+        let now = at.saturating_duration_since(self.epoch).as_micros() as u64 + 1;
         let last = self.payment_at_us.load(Ordering::Relaxed);
-        if last == u64::MAX || now.saturating_sub(last) >= 1000 {
-            self.payment_at_us.store(now, Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last) >= 1000 {
+            // `fetch_max`, not a store: a connection preempted after reading its clock must not
+            // date the last payment back.
+            self.payment_at_us.fetch_max(now, Ordering::Relaxed);
         }
     }
 
     /// Whether payments are flowing: one arrived within the last [`PAYMENTS_QUIET_MS`].
     fn paced(&self) -> bool {
         let last = self.payment_at_us.load(Ordering::Relaxed);
-        self.cards_per_sec > 0 && last != u64::MAX && self.now_us().saturating_sub(last) < PAYMENTS_QUIET_MS * 1000
+        self.cards_per_sec > 0 && last != 0 && (self.now_us() + 1).saturating_sub(last) < PAYMENTS_QUIET_MS * 1000
     }
 
     /// Blocks the calling (bulk) thread until `next_at`, if payments flow; returns when the work
@@ -81,8 +87,9 @@ impl Pace {
             return now;
         }
         std::thread::sleep(next_at - now);
-        self.waited_seconds.inc_by((next_at - now).as_secs_f64());
-        Instant::now()
+        let resumed = Instant::now();
+        self.waited_seconds.inc_by((resumed - now).as_secs_f64());
+        resumed
     }
 
     /// When the work after the one that started at `started` and changed `cards` cards may start:
@@ -117,6 +124,7 @@ impl Background {
                     tracing::warn!("could not lower the bulk thread's priority; bulk work competes with payments");
                 }
             }
+            // When the next piece of work may start, if payments flow then.
             let mut next_at = Instant::now();
             while let Some(work) = rx.blocking_recv() {
                 let started = paced.wait(next_at);
@@ -155,14 +163,14 @@ impl Background {
 mod tests {
     use super::*;
 
-    fn unpaced() -> prometheus::Counter {
+    fn waits() -> prometheus::Counter {
         prometheus::Counter::new("paced_seconds", "test").unwrap()
     }
 
     /// The work runs on the bulk thread, under SCHED_IDLE (which needs no privilege to enter).
     #[tokio::test]
     async fn work_runs_on_its_thread_under_sched_idle() {
-        let bulk = Background::start("test-bulk", 10, 1, Pace::new(0, unpaced())).unwrap();
+        let bulk = Background::start("test-bulk", 10, 1, Pace::new(0, waits())).unwrap();
         // SAFETY: sched_getscheduler only reads its argument; pid 0 is the calling thread.
         let (name, policy) = bulk
             .run(|| (std::thread::current().name().map(String::from), unsafe { libc::sched_getscheduler(0) }), |_| 0)
@@ -176,38 +184,39 @@ mod tests {
     /// hold the next piece half a second after the first began.
     #[test]
     fn work_is_charged_for_its_cards_only_while_payments_flow() {
-        let mut pace = Pace::new(100_000, unpaced());
+        let mut pace = Pace::new(100_000, waits());
         // An epoch ten seconds back, so that a payment can be dated before the quiet time.
         pace.epoch = Instant::now().checked_sub(Duration::from_secs(10)).expect("the clock is past 10 s");
         let started = Instant::now();
         assert_eq!(pace.next_start(started, 50_000), started, "no payment yet: the job runs flat out");
 
-        pace.payment();
+        pace.payment(Instant::now());
         assert_eq!(pace.next_start(started, 50_000), started + Duration::from_millis(500));
 
         // A payment older than the quiet time no longer paces: no wait, and the debt is forgiven.
         let quiet_us = PAYMENTS_QUIET_MS * 1000;
-        pace.payment_at_us.store(pace.now_us() - quiet_us - 1, Ordering::Relaxed);
+        pace.payment_at_us.store(pace.now_us() - quiet_us, Ordering::Relaxed);
         let before = Instant::now();
         let resumed = pace.wait(before + Duration::from_secs(60));
         assert!(resumed - before < Duration::from_secs(30), "a quiet pace does not wait for the debt");
         assert_eq!(pace.next_start(started, 50_000), started);
     }
 
-    /// The pace waits out the debt and counts the wait; 0 cards a second never paces.
+    /// A paced wait sleeps until its start and counts the wait; 0 cards a second never paces.
     #[test]
-    fn a_paced_wait_sleeps_until_the_budget_is_back_and_counts_it() {
-        let waited = unpaced();
+    fn a_paced_wait_sleeps_until_its_start_and_counts_it() {
+        let waited = waits();
         let pace = Pace::new(1_000, waited.clone());
-        pace.payment();
+        pace.payment(Instant::now());
         let started = pace.wait(Instant::now());
         let next_at = pace.next_start(started, 20);
+        pace.payment(Instant::now());
         let resumed = pace.wait(next_at);
         assert!(resumed >= started + Duration::from_millis(20), "20 cards at 1,000 a second take 20 ms");
         assert!(waited.get() > 0.0);
 
-        let never = Pace::new(0, unpaced());
-        never.payment();
+        let never = Pace::new(0, waits());
+        never.payment(Instant::now());
         assert!(!never.paced());
     }
 }

@@ -293,7 +293,7 @@ async fn decide(
             Err(code) => (Reply::Error(code), 0, false),
             Ok(()) => {
                 if !matches!(req, Request::JobOpen { .. } | Request::JobChunk { .. } | Request::JobGet { .. }) {
-                    shared.bulk.pace().payment();
+                    shared.bulk.pace().payment(started);
                 }
                 let (reply, group) = match req {
                     Request::Batch { mode: wire::BatchMode::Items, items } => batch(shared, gate, items).await,

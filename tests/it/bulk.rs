@@ -381,35 +381,35 @@ async fn a_job_killed_midway_finishes_exactly_once_when_run_again() {
     }
 }
 
-/// While payments flow, a job keeps to `limits.bulk_cards_per_sec_beside_payments` (and the scrape
+/// While payments flow, a job keeps to `limits.bulk_beside_payments_cards_per_sec` (and the scrape
 /// counts its waits); with no payment it runs flat out. Lower bounds only: the pace makes a job at
 /// least so slow, whatever the machine.
 #[tokio::test]
 async fn a_job_beside_payments_keeps_to_its_pace() {
     const N: u64 = 6_000;
     const CARDS_PER_SEC: u64 = 20_000;
-    let g = Giftd::with_config(&format!("[limits]\nbulk_cards_per_sec_beside_payments = {CARDS_PER_SEC}\n"));
+    let g = Giftd::with_config(&format!("[limits]\nbulk_beside_payments_cards_per_sec = {CARDS_PER_SEC}\n"));
     let issue = Work::Issue { program: "default".into(), money: usd(1_000), expiry_ms: None };
     bulk::run(job(&g, "inv-p", 1_000), &range(N), &issue, |_, _| {}).await.expect("issue job");
     let paced = "giftd_bulk_paced_seconds_total";
     assert_eq!(crate::metric(&g, paced).await, 0.0, "no payment came: the issue ran unpaced");
 
-    // A balance inquiry every 10 ms, until the activation is done.
+    // Payments flow from here to the end: one balance inquiry now, so that giftd has seen one
+    // before the job starts, then one every 10 ms.
+    let mut c = g.client().await;
+    crate::balance(&mut c, &nth(0)).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (mut c, halt) = (g.client().await, stop.clone());
+    let halt = stop.clone();
     let payments = tokio::spawn(async move {
         while !halt.load(Ordering::SeqCst) {
             crate::balance(&mut c, &nth(0)).await;
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let started = std::time::Instant::now();
     let (_, s) =
         bulk::run(job(&g, "act-p", 1_000), &range(N), &Work::Activate { load: None }, |_, _| {}).await.unwrap();
     let took = started.elapsed();
-    stop.store(true, Ordering::SeqCst);
-    timed("payments", payments).await.expect("payments task");
     assert_eq!(s.counts.get("activated"), Some(&N), "{s:?}");
     // Each chunk after the first waits for the one before: 5,000 cards at 20,000 a second.
     let floor = std::time::Duration::from_millis((N - 1_000) * 1_000 / CARDS_PER_SEC);
@@ -418,12 +418,12 @@ async fn a_job_beside_payments_keeps_to_its_pace() {
     assert!(waited > 0.0, "the scrape counts the pace's waits");
 
     // Run again once the last chunk's 50 ms are over, it changes nothing and so waits for
-    // nothing, though payments flow.
+    // nothing, though payments still flow.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let mut c = g.client().await;
-    crate::balance(&mut c, &nth(0)).await;
     let (_, again) =
         bulk::run(job(&g, "act-p", 1_000), &range(N), &Work::Activate { load: None }, |_, _| {}).await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    timed("payments", payments).await.expect("payments task");
     assert_eq!(again.counts, s.counts);
     assert_eq!(crate::metric(&g, paced).await, waited, "a replayed job is not paced");
 }
