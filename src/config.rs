@@ -232,8 +232,9 @@ pub struct Limits {
     /// When clients are configured, a connection that has not authenticated this long after it
     /// opened is closed, so unauthenticated connections cannot hold the connection slots.
     pub auth_timeout_ms: u64,
-    /// While payments flow (a request other than a bulk job's within the last second), bulk job
-    /// chunks change at most this many cards a second; 0: no pace. A job's chunks cost payments
+    /// While payments flow (within the last second, an admitted request other than hello, auth,
+    /// subscribe and a bulk job's own), bulk job chunks change at most this many cards a second;
+    /// 0: no pace. A job's chunks cost payments
     /// more than their own CPU (see `server::background`).
     pub bulk_beside_payments_cards_per_sec: u64,
 }
